@@ -1,0 +1,28 @@
+# Everything a fresh machine needs: `make demo` (installs, then runs a real example), `make test`.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+SHARED ?= ../shared
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-fast clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+demo: setup
+	$(BIN)/compress inspect $(SHARED)/data/models/vit_cifar10
+	$(BIN)/compress apply recipes/vit_strip_half.yaml $(SHARED)/data/models/vit_cifar10 -o compressed/demo --overwrite
+
+test: setup
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) compressed .pytest_cache

@@ -1,0 +1,100 @@
+"""Thin typer app: apply, inspect, schema. Errors print one line and exit non-zero (see README)."""
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .errors import CompressError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Turn pretrained ViT/ResNet checkpoints into smaller, faster, verified models.")
+
+
+@contextmanager
+def _errors(debug: bool):
+    try:
+        yield
+    except CompressError as e:
+        if debug:
+            raise
+        record = getattr(e, "record", None)
+        if record is not None:
+            from .report import terminal_table
+
+            print(terminal_table(record), file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
+        raise typer.Exit(e.exit_code) from None
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was published", file=sys.stderr)
+        raise typer.Exit(130) from None
+    except Exception as e:  # noqa: BLE001 - a bug: one line, and the traceback on request
+        if debug:
+            raise
+        print(f"internal error: {type(e).__name__}: {e}; rerun with --debug for the traceback and report it", file=sys.stderr)
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def apply(recipe: Path = typer.Argument(..., help="recipe YAML"),
+          ckpt: str = typer.Argument(..., help="timm directory, weights file (+ model: in the recipe), or timm:NAME"),
+          out: Optional[Path] = typer.Option(None, "-o", "--out", help="output directory [./compressed/<name>]"),
+          data: Optional[str] = typer.Option(None, "--data", help="calibration images (ImageFolder dir or zip)"),
+          dry_run: bool = typer.Option(False, "--dry-run", help="plan and print params/FLOPs; write nothing"),
+          overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output directory"),
+          as_json: bool = typer.Option(False, "--json", help="print the report as JSON on stdout"),
+          debug: bool = typer.Option(False, "--debug", help="show tracebacks")):
+    """Run a recipe on a checkpoint: rewrite, verify, export, measure, report."""
+    with _errors(debug):
+        from .pipeline import apply as run
+        from .recipe import load_recipe
+        from .report import terminal_table
+
+        r = load_recipe(recipe)
+        name = r.name or f"{Path(ckpt.rstrip('/')).stem}-{recipe.stem}"
+        out = out or Path("compressed") / name
+        log = (lambda m: print(m, file=sys.stderr)) if as_json else (lambda m: print(m))
+        record = run(r, ckpt, out, data=data, dry_run=dry_run, overwrite=overwrite, log=log)
+        if as_json:
+            print(json.dumps(record, indent=2))
+            return
+        print()
+        print(terminal_table(record))
+        print()
+        print("dry run: nothing written" if dry_run else f"wrote {out}/ (model.safetensors, model.onnx, report.md, report.json, report.png)")
+
+
+@app.command()
+def inspect(ckpt: str = typer.Argument(..., help="timm directory, weights file, or timm:NAME"),
+            recipe: Optional[Path] = typer.Option(None, "--recipe", help="recipe whose model: section describes a weights file"),
+            as_json: bool = typer.Option(False, "--json"),
+            debug: bool = typer.Option(False, "--debug")):
+    """Family, blocks, params, FLOPs, and what each pass would change."""
+    with _errors(debug):
+        from .inspect import format_inspect, inspect_model
+        from .load import load
+        from .recipe import load_recipe
+
+        spec = load_recipe(recipe).model if recipe else None
+        info = inspect_model(load(ckpt, spec))
+        print(json.dumps(info, indent=2) if as_json else format_inspect(info))
+
+
+@app.command()
+def schema():
+    """Print the recipe JSON Schema (for editor validation)."""
+    from .recipe import json_schema
+
+    print(json.dumps(json_schema(), indent=2))
+
+
+def main():
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,25 @@
+"""User-facing failures: one line that names the problem and the fix, and a documented exit code."""
+
+
+class CompressError(Exception):
+    """Base class; the CLI prints `error: <message>` and exits with `exit_code` (no traceback)."""
+
+    exit_code = 2
+
+
+class InputError(CompressError):
+    """Bad checkpoint, recipe, data or output path (exit 2)."""
+
+    exit_code = 2
+
+
+class VerificationError(CompressError):
+    """A pass declared exact changed the outputs, or an export failed its parity check (exit 3)."""
+
+    exit_code = 3
+
+
+class GateError(CompressError):
+    """The run worked but missed a target in the recipe's `gates:` (exit 4)."""
+
+    exit_code = 4

@@ -1,0 +1,188 @@
+"""Checkpoint readers -> (model, adapter, data config). Never executes pickled code."""
+from __future__ import annotations
+
+import difflib
+import json
+import pickle
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import timm
+import timm.data
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+from .adapters import Adapter, detect
+from .errors import InputError
+from .recipe import ModelSpec
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pth", "model.pt")
+
+
+@dataclass
+class Loaded:
+    model: nn.Module
+    adapter: Adapter
+    data_cfg: dict  # timm data config: input_size, mean, std, interpolation, crop_pct
+    source: dict = field(default_factory=dict)  # what was read and how, for the report
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Read a .safetensors or a .pth/.bin/.pt state dict (weights_only: no code runs)."""
+    if not path.is_file():
+        raise InputError(f"checkpoint not found: {path}; check the path")
+    if path.stat().st_size == 0:
+        raise InputError(f"checkpoint {path} is empty (0 bytes); re-export or re-download it")
+    if path.suffix == ".safetensors":
+        try:
+            sd = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise InputError(f"cannot read {path}: not a valid safetensors file, truncated or corrupt ({e}); "
+                             "re-export or re-download it") from None
+    elif path.suffix in (".pth", ".pt", ".bin"):
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            first = str(e).strip().splitlines()[0][:160]
+            raise InputError(f"refusing to load {path}: it holds pickled objects beyond tensors, which could run code "
+                             f"({first}); re-save it as a plain state dict or as .safetensors") from None
+        except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+            raise InputError(f"cannot read {path}: truncated or not a PyTorch checkpoint "
+                             f"({str(e).strip().splitlines()[0][:160]}); re-export it") from None
+    else:
+        raise InputError(f"unsupported checkpoint format '{path.suffix}' ({path}); "
+                         "use .safetensors, .pth, .pt or .bin, or a model directory")
+    return _unwrap(sd, path)
+
+
+def _unwrap(sd, path: Path) -> dict[str, torch.Tensor]:
+    if isinstance(sd, dict):
+        for key in ("state_dict", "model", "model_state_dict", "module"):
+            if isinstance(sd.get(key), dict) and all(isinstance(v, torch.Tensor) for v in sd[key].values()):
+                sd = sd[key]
+                break
+    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise InputError(f"{path} is not a state dict of tensors; save model.state_dict() (or safetensors) instead")
+    if all(k.startswith("module.") for k in sd):  # saved from DataParallel/DDP
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    for k, v in sd.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise InputError(f"{path}: tensor '{k}' contains NaN or Inf; the checkpoint is broken, use another one")
+    return sd
+
+
+def _timm_name(arch: str) -> str:
+    kind, _, name = arch.partition(":")
+    if not name:
+        return arch
+    if kind == "timm":
+        return name
+    raise InputError(f"model.arch '{arch}': only timm architectures ('timm:NAME') are supported in this version")
+
+
+def _create(name: str, num_classes, img_size, kwargs: dict) -> nn.Module:
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        hint = f" (close: {', '.join(close)})" if close else ""
+        raise InputError(f"unknown timm architecture '{name}'{hint}; see timm.list_models()")
+    args = dict(kwargs)
+    if num_classes is not None:
+        args["num_classes"] = num_classes
+    if img_size is not None:
+        args["img_size"] = img_size
+    try:
+        try:
+            return timm.create_model(name, pretrained=False, **args)
+        except TypeError as e:
+            if img_size is None or "img_size" not in str(e):
+                raise
+            args.pop("img_size")  # convnets take any size: img_size then only sets the input size
+            return timm.create_model(name, pretrained=False, **args)
+    except (TypeError, ValueError, AssertionError, RuntimeError) as e:
+        raise InputError(f"cannot build timm '{name}' with {args}: {e}; check model kwargs") from None
+
+
+def _fit(model: nn.Module, sd: dict, what: str, path: Path) -> None:
+    """load_state_dict(strict) with a one-line summary of every mismatch."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [f"{k} {list(sd[k].shape)} vs {list(v.shape)}" for k, v in own.items()
+              if k in sd and sd[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        parts = []
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch (checkpoint vs model)", shapes)):
+            if items:
+                parts.append(f"{len(items)} {label}: {', '.join(items[:3])}{', ...' if len(items) > 3 else ''}")
+        raise InputError(f"weights in {path} do not fit {what}: {'; '.join(parts)}; "
+                         "check model.arch, num_classes, img_size and kwargs")
+    model.load_state_dict(sd, strict=True)
+
+
+def _data_cfg(model: nn.Module, adapter: Adapter, pretrained_cfg: dict | None, img_size: int | None = None) -> dict:
+    if pretrained_cfg:
+        model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}), **pretrained_cfg}
+    cfg = timm.data.resolve_data_config(model=model)
+    size = adapter.input_size(model)
+    if size is not None:  # a ViT's patch embedding fixes its input size, whatever the config says
+        cfg["input_size"] = tuple(size)
+    elif img_size is not None:
+        cfg["input_size"] = (cfg["input_size"][0], img_size, img_size)
+    cfg["crop_pct"] = cfg.get("crop_pct") if pretrained_cfg else 1.0  # no config: no implied crop
+    return cfg
+
+
+def load(ckpt: str, spec: ModelSpec | None = None) -> Loaded:
+    """Load a timm directory (config.json + weights), a weights file plus `spec`, or a timm: hub id."""
+    if ckpt.startswith(("timm:", "hf:")) and not Path(ckpt).exists():
+        return _load_hub(ckpt)
+    path = Path(ckpt)
+    config = None
+    if path.is_dir():
+        cfg_path = path / "config.json"
+        if not cfg_path.is_file():
+            raise InputError(f"{path} is a directory without config.json; pass the weights file and set model.arch in the recipe")
+        try:
+            config = json.loads(cfg_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise InputError(f"{cfg_path}: not valid JSON ({e}); repair or regenerate it") from None
+        if "architecture" not in config:
+            kind = "Hugging Face transformers" if ("architectures" in config or "model_type" in config) else "unknown"
+            raise InputError(f"{cfg_path}: a {kind} model directory (keys: {', '.join(sorted(config)[:8])}); "
+                             "this version reads timm directories (config.json with 'architecture')")
+        weights = next((path / n for n in WEIGHT_FILES if (path / n).is_file()), None)
+        if weights is None:
+            raise InputError(f"{path}: no weights file ({', '.join(WEIGHT_FILES)})")
+    else:
+        weights = path
+    if spec is None and config is None:
+        raise InputError(f"{path} holds weights only; add a 'model:' section with arch (e.g. timm:resnet18) to the recipe")
+    sd = read_state_dict(weights)
+    if spec is not None:
+        name, nc, size, kwargs = _timm_name(spec.arch), spec.num_classes, spec.img_size, spec.kwargs
+    else:
+        name, nc, size, kwargs = config["architecture"], config.get("num_classes"), None, config.get("model_args", {})
+    model = _create(name, nc, size, kwargs)
+    _fit(model, sd, f"timm '{name}'", weights)
+    model.eval()
+    adapter = detect(model)
+    pcfg = (config or {}).get("pretrained_cfg")
+    source = {"path": str(path), "weights": str(weights), "arch": f"timm:{name}", "kwargs": {**kwargs, **({"num_classes": nc} if nc else {}), **({"img_size": size} if size else {})},
+              "bytes": weights.stat().st_size, "adapter": adapter.name, "family": adapter.family}
+    return Loaded(model, adapter, _data_cfg(model, adapter, pcfg, size), source)
+
+
+def _load_hub(ckpt: str) -> Loaded:
+    kind, _, name = ckpt.partition(":")
+    if kind != "timm":
+        raise InputError(f"{ckpt}: Hugging Face hub ids are not supported in this version; pass a local timm checkpoint")
+    try:
+        model = timm.create_model(name, pretrained=True).eval()
+    except Exception as e:  # noqa: BLE001 - any hub/network failure ends the same way for the user
+        raise InputError(f"could not fetch {ckpt} from the hub ({type(e).__name__}); offline? pass a local checkpoint path instead") from None
+    adapter = detect(model)
+    source = {"path": ckpt, "arch": f"timm:{name}", "kwargs": {}, "adapter": adapter.name, "family": adapter.family}
+    return Loaded(model, adapter, _data_cfg(model, adapter, None), source)

@@ -1,0 +1,101 @@
+"""Measurements used by the report and the tests: params, FLOPs, logit fidelity, ORT latency, top-1."""
+from __future__ import annotations
+
+import copy
+import time
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())  # shared parameters count once
+
+
+def count_flops(model: nn.Module, input_size) -> int:
+    """FLOPs of one image (a multiply-add counts 2), via torch.utils.flop_counter.
+
+    The math SDPA backend is forced so fused attention kernels are counted too (the
+    flop counter has no formula for the CPU flash kernel and would skip attention).
+    """
+    x = torch.zeros((1, *input_size))
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+        model(x)
+    return int(fc.get_total_flops())
+
+
+@torch.no_grad()
+def logits64(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Logits computed in float64 on a copy, so an exactness check measures the maths, not rounding."""
+    m = copy.deepcopy(model).double().eval()
+    with sdpa_kernel(SDPBackend.MATH):
+        return m(x.double())
+
+
+def fidelity(ref: torch.Tensor, out: torch.Tensor) -> dict:
+    """max |Δlogit| relative to the reference's logit scale, top-1 agreement and KL(ref || out)."""
+    ref, out = ref.double(), out.double()
+    scale = ref.abs().max().clamp_min(1e-12)
+    kl = torch.nn.functional.kl_div(out.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="batchmean")
+    return {"max_abs_diff": float((ref - out).abs().max()), "rel_diff": float((ref - out).abs().max() / scale),
+            "agreement": float((ref.argmax(-1) == out.argmax(-1)).double().mean()), "kl": float(kl)}
+
+
+def ort_session(path, threads: int):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # Spinning worker threads of one session steal the cores of the next when sessions are
+    # interleaved on a small machine (measured here: p50 2x slower, p90 3x); disable it.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def ort_run(session, x: np.ndarray) -> np.ndarray:
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+def latency(paths: dict[str, str], input_size, *, batch_sizes, threads: int, warmup: int, runs: int, seed: int = 0) -> dict:
+    """p50/p90 ms per model and batch size; models run interleaved (alternating order) in one process."""
+    sessions = {k: ort_session(p, threads) for k, p in paths.items()}
+    rng = np.random.default_rng(seed)
+    out: dict = {k: {} for k in paths}
+    for bs in batch_sizes:
+        x = rng.standard_normal((bs, *input_size), dtype=np.float32)
+        for s in sessions.values():
+            for _ in range(warmup):
+                ort_run(s, x)
+        times: dict[str, list[float]] = {k: [] for k in sessions}
+        for r in range(runs):
+            order = list(sessions) if r % 2 == 0 else list(reversed(sessions))
+            for k in order:
+                t0 = time.perf_counter()
+                ort_run(sessions[k], x)
+                times[k].append((time.perf_counter() - t0) * 1e3)
+        for k, t in times.items():
+            out[k][str(bs)] = {"p50_ms": float(np.percentile(t, 50)), "p90_ms": float(np.percentile(t, 90)), "runs": runs}
+    return out
+
+
+@torch.no_grad()
+def evaluate(teacher: nn.Module, student: nn.Module, dl) -> dict:
+    """Top-1 of both models against labels, and their top-1 agreement, on one pass over the data."""
+    n = t_ok = s_ok = agree = 0
+    for batch in dl:
+        if batch is None:
+            continue
+        x, y = batch
+        t, s = teacher(x).argmax(-1), student(x).argmax(-1)
+        n += len(y)
+        t_ok += int((t == y).sum())
+        s_ok += int((s == y).sum())
+        agree += int((t == s).sum())
+    skipped = len(dl.dataset.skipped)
+    if n == 0:
+        return {"images": 0, "skipped": skipped}
+    return {"images": n, "skipped": skipped, "teacher_top1": t_ok / n, "student_top1": s_ok / n, "agreement": agree / n}

@@ -1,0 +1,122 @@
+"""Family-neutral ViT building blocks that passes rewrite.
+
+Adapters convert a family's block (timm, HF, ...) into `ViTBlock` once, exactly; passes
+then swap the attention's score or value part, or drop the MLP branch. The attribute
+names follow timm (norm1, attn, ls1, norm2, mlp, ls2) so untouched weights keep their keys.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, N, H*dh) -> (B, H, N, dh)."""
+    b, n, _ = t.shape
+    return t.view(b, n, heads, -1).transpose(1, 2)
+
+
+class SeparateQK(nn.Module):
+    """Standard scores: softmax input = (x Wq + bq)(x Wk + bk)^T / sqrt(dh), per head."""
+
+    def __init__(self, q: nn.Linear, k: nn.Linear, heads: int):
+        super().__init__()
+        self.q, self.k, self.heads = q, k, heads
+        self.scale = (q.out_features // heads) ** -0.5
+
+    def forward(self, x):
+        q, k = _heads(self.q(x), self.heads), _heads(self.k(x), self.heads)
+        return (q * self.scale) @ k.transpose(-2, -1)
+
+
+class MergedQK(nn.Module):
+    """Merged scores: logits_h = (x M_h + u_h) x^T with M_h = Wq_h^T Wk_h / sqrt(dh) (d x d).
+
+    Query-only bias terms are constant along each softmax row and are dropped; the
+    key-side term survives as u_h = Wk_h^T bq_h / sqrt(dh) (None without a query bias).
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.weight = nn.Parameter(weight)  # (H, d, d)
+        self.bias = nn.Parameter(bias) if bias is not None else None  # (H, 1, d)
+
+    @property
+    def heads(self) -> int:
+        return self.weight.shape[0]
+
+    def forward(self, x):
+        xs = x.unsqueeze(1)  # (B, 1, N, d)
+        t = xs @ self.weight
+        if self.bias is not None:
+            t = t + self.bias
+        return t @ xs.transpose(-2, -1)
+
+
+class SeparateVO(nn.Module):
+    """Standard values and output: proj(concat_h A_h (x Wv_h + bv_h))."""
+
+    def __init__(self, v: nn.Linear, proj: nn.Linear, heads: int):
+        super().__init__()
+        self.v, self.proj, self.heads = v, proj, heads
+
+    def forward(self, attn, x):
+        o = attn @ _heads(self.v(x), self.heads)  # (B, H, N, dh)
+        b, _, n, _ = o.shape
+        return self.proj(o.transpose(1, 2).reshape(b, n, -1))
+
+
+class FoldedVO(nn.Module):
+    """Folded values: sum_h A_h x W_h + b with W_h = Wv_h^T Wo_h^T (d x d_out).
+
+    Rows of A_h sum to one, so the value bias folds exactly into b: b = bo + sum_h Wo_h bv_h.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.weight = nn.Parameter(weight)  # (H, d, d_out)
+        self.bias = nn.Parameter(bias) if bias is not None else None
+
+    @property
+    def heads(self) -> int:
+        return self.weight.shape[0]
+
+    def forward(self, attn, x):
+        out = (attn @ (x.unsqueeze(1) @ self.weight)).sum(1)
+        return out + self.bias if self.bias is not None else out
+
+
+class Attention(nn.Module):
+    """softmax(score(x)) feeds value(A, x); any score part combines with any value part."""
+
+    def __init__(self, score: nn.Module, value: nn.Module, attn_drop: nn.Module, proj_drop: nn.Module):
+        super().__init__()
+        self.score, self.value = score, value
+        self.attn_drop, self.proj_drop = attn_drop, proj_drop
+
+    def forward(self, x, attn_mask=None, is_causal: bool = False):
+        if is_causal:
+            raise NotImplementedError("causal attention is not used by vision models")
+        logits = self.score(x)
+        if attn_mask is not None:
+            logits = logits.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else logits + attn_mask
+        attn = self.attn_drop(logits.softmax(dim=-1))
+        return self.proj_drop(self.value(attn, x))
+
+
+class ViTBlock(nn.Module):
+    """Pre-norm transformer block; `mlp is None` means the MLP branch was stripped."""
+
+    def __init__(self, norm1, attn, ls1, drop_path1, norm2, mlp, ls2, drop_path2):
+        super().__init__()
+        self.norm1, self.attn, self.ls1, self.drop_path1 = norm1, attn, ls1, drop_path1
+        self.norm2, self.mlp, self.ls2, self.drop_path2 = norm2, mlp, ls2, drop_path2
+
+    def strip_mlp(self) -> None:
+        self.norm2 = self.mlp = self.ls2 = self.drop_path2 = None
+
+    def forward(self, x, attn_mask=None, is_causal: bool = False):
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
+        if self.mlp is not None:
+            x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x

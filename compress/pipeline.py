@@ -1,0 +1,258 @@
+"""load -> rewrite (each exact pass verified) -> export (each file verified) -> measure -> report.
+
+Owns the teacher (the loaded model, never modified) and the staging directory that
+becomes the output only when everything passed.
+"""
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import json
+import os
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import yaml
+
+from . import __version__
+from .data import calibration_batch, loader
+from .errors import GateError, InputError, VerificationError
+from .export import write_onnx, write_safetensors
+from .load import load
+from .metrics import count_flops, count_params, evaluate, fidelity, latency, logits64
+from .recipe import Recipe
+from .registry import PassContext, get_pass
+from .report import machine_info, write_reports
+
+EXACT_TOL = 1e-4  # max |Δlogit| / max |logit| allowed for a pass that declares itself exact
+
+
+class Stages:
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        yield
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - t0, 3)
+
+
+def _check_inputs_untouched(ckpt: str, out: Path) -> None:
+    src, dst = Path(ckpt).resolve(), out.resolve()
+    if src == dst or dst in src.parents or src in dst.parents:
+        raise InputError(f"output {out} overlaps the checkpoint {ckpt}; choose an -o outside the input")
+
+
+def _stage(out: Path, overwrite: bool) -> tuple[Path, list[Path]]:
+    """A fresh staging directory beside OUT; returns it and the parent dirs this run created."""
+    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+        raise InputError(f"output {out} already exists; pass --overwrite to replace it or choose another -o")
+    created = []
+    parent = out.parent
+    try:
+        for p in reversed([parent, *parent.parents]):
+            if not p.exists():
+                p.mkdir()
+                created.append(p)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+    except OSError as e:
+        _remove(created)
+        raise InputError(f"cannot write to {out}: {e.strerror or e}; choose a writable -o") from None
+    return staging, created
+
+
+def _remove(created: list[Path]) -> None:
+    for p in reversed(created):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """Swap the verified staging dir into place; a previous OUT is removed only after the swap."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(staging, out)
+    if old is not None:
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+
+
+def _check_gates_measurable(recipe: Recipe) -> None:
+    g, r = recipe.gates, recipe.report
+    if (g.max_top1_drop is not None or g.min_agreement is not None) and r.eval_data is None:
+        raise InputError("gates max_top1_drop/min_agreement need report.eval_data; add it or drop the gate")
+    if (g.min_speedup is not None or g.max_size_ratio is not None) and "onnx" not in recipe.export.formats:
+        raise InputError("gates min_speedup/max_size_ratio are measured on the ONNX file; add onnx to export.formats")
+    if g.min_speedup is not None and r.latency is None:
+        raise InputError("gate min_speedup needs report.latency; do not set it to null")
+
+
+def rewrite(loaded, recipe: Recipe, calib, log) -> tuple:
+    """Apply the passes in order to a copy of the teacher; verify exact ones, measure the rest."""
+    teacher, adapter = loaded.model, loaded.adapter
+    size = loaded.data_cfg["input_size"]
+    student = copy.deepcopy(teacher)
+    ref = prev = logits64(teacher, calib)
+    params, flops = count_params(student), count_flops(student, size)
+    ledger = []
+    for step in recipe.steps:
+        spec = get_pass(step.name)
+        if adapter.family not in spec.families:
+            msg = (f"pass '{step.name}' does not apply to {adapter.name} models (it needs family "
+                   f"{'/'.join(sorted(spec.families))})")
+            if not recipe.skip_inapplicable:
+                raise InputError(f"{msg}; remove it from the recipe or set skip_inapplicable: true")
+            log(f"skipped {step.name}: {msg}")
+            ledger.append({"pass": step.name, "skipped": msg})
+            continue
+        t0 = time.perf_counter()
+        result = spec.fn(student, adapter, step.config, PassContext(calib))
+        student = result.model.eval()
+        now = logits64(student, calib)
+        p1, f1 = count_params(student), count_flops(student, size)
+        exact = step.config.is_exact()
+        entry = {"pass": step.name, "config": step.config.model_dump(mode="json"), "exact": exact,
+                 "params": [params, p1], "flops": [flops, f1], "changes": result.changes, "details": result.details}
+        if exact:
+            check = fidelity(prev, now)
+            entry["verified"] = {**check, "tolerance": EXACT_TOL}
+            if not check["rel_diff"] <= EXACT_TOL:
+                raise VerificationError(f"pass '{step.name}' is declared exact but moved the logits by {check['rel_diff']:.2e} "
+                                        f"of their scale (> {EXACT_TOL:.0e}) on the calibration batch; nothing was written. "
+                                        "This is a bug: please report it with the recipe")
+        entry["vs_teacher"] = fidelity(ref, now)
+        entry["seconds"] = round(time.perf_counter() - t0, 3)
+        ledger.append(entry)
+        for line in result.changes:
+            log(f"{step.name}: {line}")
+        params, flops, prev = p1, f1, now
+    return student, ledger
+
+
+def _gates(recipe: Recipe, summary: dict) -> list[dict]:
+    g = recipe.gates
+    checks = []
+
+    def add(name, target, measured, ok):
+        checks.append({"gate": name, "target": target, "measured": measured, "ok": bool(ok)})
+
+    if g.max_params_ratio is not None:
+        r = summary["params"]["ratio"]
+        add("max_params_ratio", g.max_params_ratio, r, r <= g.max_params_ratio)
+    if g.max_flops_ratio is not None:
+        r = summary["flops"]["ratio"]
+        add("max_flops_ratio", g.max_flops_ratio, r, r <= g.max_flops_ratio)
+    if g.max_size_ratio is not None:
+        r = summary["onnx_bytes"]["ratio"]
+        add("max_size_ratio", g.max_size_ratio, r, r <= g.max_size_ratio)
+    if g.min_speedup is not None:
+        bs = str(max(recipe.report.latency.batch_sizes))
+        s = summary["latency"][bs]["speedup"]
+        add(f"min_speedup (batch {bs}, p50)", g.min_speedup, s, s >= g.min_speedup)
+    ev = summary.get("eval") or {}
+    if g.max_top1_drop is not None:
+        drop = 100 * (ev["teacher_top1"] - ev["student_top1"])
+        add("max_top1_drop (points)", g.max_top1_drop, drop, drop <= g.max_top1_drop)
+    if g.min_agreement is not None:
+        add("min_agreement", g.min_agreement, ev["agreement"], ev["agreement"] >= g.min_agreement)
+    return checks
+
+
+def _ratio(a, b) -> dict:
+    return {"teacher": a, "student": b, "ratio": b / a if a else None}
+
+
+def apply(recipe: Recipe, ckpt: str, out: Path, *, data: str | None = None, dry_run: bool = False,
+          overwrite: bool = False, log=print) -> dict:
+    stages = Stages()
+    _check_gates_measurable(recipe)
+    with stages("load"):
+        loaded = load(ckpt, recipe.model)
+    _check_inputs_untouched(ckpt, out)
+    staging, created = (None, []) if dry_run else _stage(out, overwrite)
+    try:
+        record = _run(recipe, loaded, staging, data, dry_run, stages, log)
+        if staging is not None:
+            _publish(staging, out)
+        return record
+    except BaseException:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        _remove(created)
+        raise
+
+
+def _run(recipe: Recipe, loaded, staging: Path | None, data, dry_run: bool, stages: Stages, log) -> dict:
+    teacher, cfg = loaded.model, loaded.data_cfg
+    size = tuple(cfg["input_size"])
+    calib_path = data if data is not None else recipe.calibration.data
+    calib, calib_desc = calibration_batch(calib_path, cfg, recipe.calibration.images, recipe.calibration.seed)
+    with stages("rewrite"):
+        student, ledger = rewrite(loaded, recipe, calib, log)
+    record = {"compress_version": __version__, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+              "source": loaded.source, "input_size": list(size), "calibration": calib_desc,
+              "recipe": recipe.resolved(), "passes": ledger}
+    summary = {"params": _ratio(count_params(teacher), count_params(student)),
+               "flops": _ratio(count_flops(teacher, size), count_flops(student, size))}
+    record["summary"] = summary
+    if dry_run:
+        record["stages_s"] = stages.seconds
+        return record
+
+    ex = recipe.export
+    artifacts = {}
+    with stages("export"):
+        meta = {"compress_version": __version__, "source_arch": loaded.source["arch"],
+                "recipe": json.dumps(recipe.resolved()), "family": loaded.adapter.family}
+        if "safetensors" in ex.formats:
+            artifacts["safetensors"] = write_safetensors(student, staging / "model.safetensors", meta)
+        if "onnx" in ex.formats:
+            artifacts["onnx"] = write_onnx(student, staging / "model.onnx", calib, opset=ex.opset,
+                                           dynamic_batch=ex.dynamic_batch, tol=ex.parity_tol)
+    record["artifacts"] = artifacts
+
+    with stages("measure"), tempfile.TemporaryDirectory(prefix="compress-teacher-") as tmp:
+        # The teacher goes through the same writers, so sizes and latency compare like with like.
+        if "safetensors" in ex.formats:
+            t = write_safetensors(teacher, Path(tmp) / "teacher.safetensors", {})
+            summary["safetensors_bytes"] = _ratio(t["bytes"], artifacts["safetensors"]["bytes"])
+        if "onnx" in ex.formats:
+            t = write_onnx(teacher, Path(tmp) / "teacher.onnx", calib, opset=ex.opset,
+                           dynamic_batch=ex.dynamic_batch, tol=ex.parity_tol)
+            summary["onnx_bytes"] = _ratio(t["bytes"], artifacts["onnx"]["bytes"])
+            lat = recipe.report.latency
+            if lat is not None:
+                log(f"timing onnxruntime: batch {lat.batch_sizes}, {lat.threads} threads, {lat.runs} interleaved runs")
+                res = latency({"teacher": Path(tmp) / "teacher.onnx", "student": staging / "model.onnx"}, size,
+                              batch_sizes=lat.batch_sizes if ex.dynamic_batch else [1], threads=lat.threads,
+                              warmup=lat.warmup, runs=lat.runs)
+                summary["latency"] = {bs: {"teacher": res["teacher"][bs], "student": res["student"][bs],
+                                           "speedup": res["teacher"][bs]["p50_ms"] / res["student"][bs]["p50_ms"]}
+                                      for bs in res["student"]}
+        if recipe.report.eval_data is not None:
+            log(f"evaluating on {recipe.report.eval_data}")
+            _, dl = loader(recipe.report.eval_data, cfg, limit=recipe.report.eval_images)
+            summary["eval"] = {"data": str(recipe.report.eval_data), **evaluate(teacher, student, dl)}
+    if summary.get("eval", {}).get("images") == 0:
+        raise InputError(f"{recipe.report.eval_data}: none of the evaluation images could be read; check the data")
+
+    record["gates"] = _gates(recipe, summary)
+    record["machine"] = machine_info(recipe.report.latency.threads if recipe.report.latency else None)
+    record["stages_s"] = stages.seconds
+    with stages("report"):
+        (staging / "recipe.yaml").write_text(yaml.safe_dump(recipe.resolved(), sort_keys=False))
+        write_reports(record, staging)
+    record["stages_s"] = stages.seconds
+    failed = [g for g in record["gates"] if not g["ok"]]
+    if failed:
+        record["failed_gates"] = failed
+        g = failed[0]
+        err = GateError(f"gate {g['gate']} missed: measured {g['measured']:.4g}, target {g['target']}; "
+                        f"nothing was published ({len(failed)} gate(s) missed)")
+        err.record = record  # the CLI still shows what was measured
+        raise err
+    return record

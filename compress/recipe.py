@@ -1,0 +1,193 @@
+"""The recipe: YAML parsed once, here, into typed pydantic models; unknown keys are errors."""
+from __future__ import annotations
+
+import difflib
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError
+
+from . import passes as _passes  # noqa: F401  (registers the passes)
+from .errors import InputError
+from .registry import PassConfig, all_passes, get_pass
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(_Strict):
+    """Architecture for a bare weights file (a checkpoint directory's config.json says it itself)."""
+
+    arch: str = Field(description="timm:NAME (or a bare timm name)")
+    num_classes: Optional[PositiveInt] = None
+    img_size: Optional[PositiveInt] = None
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="extra model constructor arguments")
+
+
+class CalibrationSpec(_Strict):
+    data: Optional[Path] = Field(None, description="ImageFolder dir or zip; random inputs when absent")
+    images: PositiveInt = 16
+    seed: int = 0
+
+
+class ExportSpec(_Strict):
+    formats: list[Literal["safetensors", "onnx"]] = Field(default_factory=lambda: ["safetensors", "onnx"], min_length=1)
+    opset: int = Field(18, ge=14, le=21)
+    dynamic_batch: bool = True
+    parity_tol: PositiveFloat = Field(1e-4, description="max |ONNX - PyTorch| relative to the logit scale")
+
+
+class LatencySpec(_Strict):
+    batch_sizes: list[PositiveInt] = Field(default_factory=lambda: [1, 8], min_length=1)
+    threads: PositiveInt = 2
+    warmup: int = Field(5, ge=0)
+    runs: PositiveInt = 30
+
+
+class ReportSpec(_Strict):
+    eval_data: Optional[Path] = Field(None, description="ImageFolder dir or zip for top-1 and teacher agreement")
+    eval_images: Optional[PositiveInt] = Field(1000, description="evenly spaced subset; null = all")
+    latency: Optional[LatencySpec] = Field(default_factory=LatencySpec, description="null skips latency")
+
+
+class Gates(_Strict):
+    """Targets the run must meet, else it fails (exit 4) and publishes nothing."""
+
+    max_size_ratio: Optional[PositiveFloat] = Field(None, description="student/teacher ONNX bytes")
+    max_params_ratio: Optional[PositiveFloat] = None
+    max_flops_ratio: Optional[PositiveFloat] = None
+    min_speedup: Optional[PositiveFloat] = Field(None, description="teacher/student p50 latency at the largest batch")
+    max_top1_drop: Optional[float] = Field(None, description="percentage points; needs report.eval_data")
+    min_agreement: Optional[float] = Field(None, ge=0, le=1, description="top-1 agreement with the teacher")
+
+
+@dataclass(frozen=True)
+class PassStep:
+    name: str
+    config: PassConfig
+
+
+class Recipe(_Strict):
+    version: Literal[1]
+    name: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9._-]+$")
+    model: Optional[ModelSpec] = None
+    passes: list[Any] = Field(default_factory=list, description="ordered list of {pass_name: {config}}")
+    skip_inapplicable: bool = Field(False, description="skip passes that do not apply to the model's family instead of failing")
+    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
+    export: ExportSpec = Field(default_factory=ExportSpec)
+    report: ReportSpec = Field(default_factory=ReportSpec)
+    gates: Gates = Field(default_factory=Gates)
+
+    @property
+    def steps(self) -> list[PassStep]:
+        return self.passes  # validated into PassStep by parse_recipe
+
+    def resolved(self) -> dict:
+        """The recipe with every default filled in, as plain data (written next to the model)."""
+        d = self.model_dump(mode="json", exclude={"passes"})
+        d["passes"] = [{s.name: s.config.model_dump(mode="json")} for s in self.steps]
+        return {"version": d.pop("version"), **d}
+
+
+def _model_of(annotation) -> Optional[type[BaseModel]]:
+    """The pydantic model class inside Optional[...] / list[...] annotations, if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_of(arg)
+        if found:
+            return found
+    return None
+
+
+def _check_keys(data: Any, cls: type[BaseModel], path: str) -> None:
+    """Reject unknown keys with the key path, the allowed keys and the closest match."""
+    if not isinstance(data, dict):
+        return  # a type error: pydantic reports it
+    allowed = list(cls.model_fields)
+    for key, value in data.items():
+        where = f"{path}.{key}" if path else str(key)
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise InputError(f"recipe: unknown key '{where}'{hint}; allowed here: {', '.join(allowed)}")
+        sub = _model_of(cls.model_fields[key].annotation)
+        if sub is not None:
+            for item in value if isinstance(value, list) else [value]:
+                _check_keys(item, sub, where)
+
+
+def _fmt(err: ValidationError, prefix: str) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) if isinstance(x, str) else f"[{x}]" for x in e["loc"]).replace(".[", "[")
+        where = f"{prefix}.{loc}" if prefix and loc else (prefix or loc)
+        got = f" (got {e['input']!r})" if e["type"] != "missing" and not isinstance(e["input"], dict) else ""
+        parts.append(f"{where}: {e['msg']}{got}")
+    return "; ".join(parts)
+
+
+def _parse_step(i: int, item: Any) -> PassStep:
+    where = f"passes[{i}]"
+    if isinstance(item, str):
+        item = {item: {}}
+    if not isinstance(item, dict) or len(item) != 1:
+        raise InputError(f"recipe: {where} must be one mapping like '- mlp_strip: {{blocks: [0, 1]}}'; got {item!r}")
+    (name, cfg), = item.items()
+    spec = get_pass(str(name))
+    cfg = {} if cfg is None else cfg
+    _check_keys(cfg, spec.config_cls, f"{where}.{name}")
+    try:
+        return PassStep(spec.name, spec.config_cls.model_validate(cfg))
+    except ValidationError as e:
+        raise InputError(f"recipe: {_fmt(e, f'{where}.{name}')}") from None
+
+
+def parse_recipe(data: Any) -> Recipe:
+    if not isinstance(data, dict):
+        raise InputError(f"recipe: the top level must be a mapping with at least 'version: 1'; got {type(data).__name__}")
+    _check_keys(data, Recipe, "")
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as e:
+        raise InputError(f"recipe: {_fmt(e, '')}") from None
+    recipe.passes = [_parse_step(i, item) for i, item in enumerate(recipe.passes)]
+    return recipe
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"recipe file not found: {path}; check the path (recipes/ has examples)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise InputError(f"recipe {path}: not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
+    recipe = parse_recipe(data)
+    base = path.resolve().parent  # relative data paths are relative to the recipe file, not the cwd
+    if recipe.calibration.data is not None and not recipe.calibration.data.is_absolute():
+        recipe.calibration.data = (base / recipe.calibration.data).resolve()
+    if recipe.report.eval_data is not None and not recipe.report.eval_data.is_absolute():
+        recipe.report.eval_data = (base / recipe.report.eval_data).resolve()
+    return recipe
+
+
+def json_schema() -> dict:
+    """JSON Schema for editors: the Recipe plus one alternative per registered pass."""
+    schema = Recipe.model_json_schema()
+    defs = schema.setdefault("$defs", {})
+    options = []
+    for name, spec in sorted(all_passes().items()):
+        sub = spec.config_cls.model_json_schema(ref_template="#/$defs/{model}")
+        defs.update(sub.pop("$defs", {}))
+        defs[spec.config_cls.__name__] = sub
+        options.append({"type": "object", "properties": {name: {"$ref": f"#/$defs/{spec.config_cls.__name__}"}},
+                        "required": [name], "additionalProperties": False, "description": spec.summary})
+    schema["properties"]["passes"]["items"] = {"oneOf": options}
+    return schema

@@ -1,0 +1,68 @@
+"""Pass registry: recipe name -> (function, config class, exactness, families it applies to)."""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from .errors import InputError
+
+
+class PassConfig(BaseModel):
+    """Base for pass configs: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    def is_exact(self) -> bool:  # overridden by passes whose exactness depends on the mode
+        raise NotImplementedError
+
+
+@dataclass
+class PassContext:
+    """What a pass may read besides the model: a calibration batch (already preprocessed)."""
+
+    calib: torch.Tensor
+
+
+@dataclass
+class PassResult:
+    model: torch.nn.Module
+    changes: list[str] = field(default_factory=list)  # human-readable ledger lines
+    details: dict[str, Any] = field(default_factory=dict)  # machine-readable, goes to report.json
+
+
+@dataclass(frozen=True)
+class PassSpec:
+    name: str
+    fn: Callable[..., PassResult]
+    config_cls: type[PassConfig]
+    families: frozenset[str]
+    summary: str
+
+
+_PASSES: dict[str, PassSpec] = {}
+
+
+def register_pass(name: str, config_cls: type[PassConfig], *, families: set[str], summary: str):
+    def deco(fn):
+        if name in _PASSES:
+            raise RuntimeError(f"pass {name!r} registered twice")
+        _PASSES[name] = PassSpec(name, fn, config_cls, frozenset(families), summary)
+        return fn
+
+    return deco
+
+
+def get_pass(name: str) -> PassSpec:
+    if name not in _PASSES:
+        close = difflib.get_close_matches(name, list(_PASSES), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise InputError(f"unknown pass '{name}'{hint}; known passes: {', '.join(sorted(_PASSES))}")
+    return _PASSES[name]
+
+
+def all_passes() -> dict[str, PassSpec]:
+    return dict(_PASSES)

@@ -1,0 +1,146 @@
+"""Formats a run record into the terminal table, report.json, report.md and report.png. No logic."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+
+
+def machine_info(threads: int | None) -> dict:
+    import numpy
+    import onnx
+    import onnxruntime
+    import timm
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "ort_threads": threads, "torch_threads": __import__("torch").get_num_threads(),
+            "os": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "timm": timm.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "numpy": numpy.__version__}
+
+
+def _num(n) -> str:
+    if n is None:
+        return "-"
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(n)
+
+
+def _bytes(n) -> str:
+    for unit, div in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f} {unit}"
+    return f"{n} B"
+
+
+def rows(record: dict) -> list[tuple[str, str, str, str]]:
+    """(metric, teacher, student, change) rows shared by the terminal and Markdown tables."""
+    s = record["summary"]
+    out = []
+
+    def ratio(d, fmt):
+        change = f"{100 * (d['ratio'] - 1):+.1f}%" if d["ratio"] is not None else "-"
+        return fmt(d["teacher"]), fmt(d["student"]), change
+
+    out.append(("params", *ratio(s["params"], _num)))
+    out.append(("FLOPs / image", *ratio(s["flops"], _num)))
+    for key, label in (("safetensors_bytes", "safetensors size"), ("onnx_bytes", "ONNX size")):
+        if key in s:
+            out.append((label, *ratio(s[key], _bytes)))
+    for bs, d in s.get("latency", {}).items():
+        for q in ("p50_ms", "p90_ms"):
+            out.append((f"ORT latency b{bs} {q[:3]}", f"{d['teacher'][q]:.2f} ms", f"{d['student'][q]:.2f} ms",
+                        f"{d['teacher'][q] / d['student'][q]:.2f}x speedup" if q == "p50_ms" else ""))
+    ev = s.get("eval")
+    if ev and ev.get("images"):
+        out.append((f"top-1 ({ev['images']} images)", f"{100 * ev['teacher_top1']:.2f}%", f"{100 * ev['student_top1']:.2f}%",
+                    f"{100 * (ev['student_top1'] - ev['teacher_top1']):+.2f} pts"))
+        out.append(("agreement with teacher", "", f"{100 * ev['agreement']:.2f}%", ""))
+    return out
+
+
+def terminal_table(record: dict) -> str:
+    r = [("", "teacher", "student", "change"), *rows(record)]
+    w = [max(len(x[i]) for x in r) for i in range(4)]
+    lines = ["  ".join(c.ljust(w[i]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(x)) for x in r]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def _ledger_md(record: dict) -> list[str]:
+    out = ["| # | pass | exact | params | FLOPs | check | what changed |", "|---|---|---|---|---|---|---|"]
+    for i, e in enumerate(record["passes"]):
+        if "skipped" in e:
+            out.append(f"| {i} | {e['pass']} | | | | skipped | {e['skipped']} |")
+            continue
+        if e["exact"]:
+            check = f"exact: max rel Δlogit {e['verified']['rel_diff']:.1e} (tol {e['verified']['tolerance']:.0e})"
+        else:
+            check = f"approx: agreement {100 * e['vs_teacher']['agreement']:.1f}%, KL {e['vs_teacher']['kl']:.3g}"
+        out.append(f"| {i} | {e['pass']} | {'yes' if e['exact'] else 'no'} | {_num(e['params'][0])} → {_num(e['params'][1])} "
+                   f"| {_num(e['flops'][0])} → {_num(e['flops'][1])} | {check} | {'; '.join(e['changes'])} |")
+    return out
+
+
+def markdown(record: dict) -> str:
+    src, m = record["source"], record["machine"]
+    lines = [f"# compress report: {src['path']}", "",
+             f"Source `{src['arch']}` ({src['adapter']}), input {record['input_size']}, created {record['created']} "
+             f"by compress {record['compress_version']}. Every figure below was measured in this run.", "",
+             "| metric | teacher | student | change |", "|---|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows(record)]
+    lines += ["", "## Passes", "", f"Calibration: {record['calibration']}.", "", *_ledger_md(record)]
+    if record.get("gates"):
+        lines += ["", "## Gates", "", "| gate | target | measured | result |", "|---|---|---|---|"]
+        lines += [f"| {g['gate']} | {g['target']} | {g['measured']:.4g} | {'pass' if g['ok'] else '**FAIL**'} |" for g in record["gates"]]
+    lines += ["", "## Artifacts", ""]
+    for kind, a in record.get("artifacts", {}).items():
+        extra = ""
+        if "parity" in a:
+            p = a["parity"]
+            extra = (f"; onnxruntime vs PyTorch on {p['images']} inputs: max |Δ| {p['max_abs_diff']:.2e} "
+                     f"({p['rel_diff']:.1e} of logit scale, tol {p['tolerance']:.0e}), top-1 agreement {100 * p['agreement']:.1f}%; "
+                     f"opset {a['opset']}, operators: {', '.join(a['operators'])}")
+        lines.append(f"- `{a['path']}`: {_bytes(a['bytes'])}{extra}")
+    lines += ["", "## Machine", "", f"{m['cpu']}, {m['cores']} cores; onnxruntime {m['onnxruntime']} with "
+              f"{m['ort_threads']} intra-op threads (latency: warm-up, then teacher and student interleaved); "
+              f"torch {m['torch']}, timm {m['timm']}, onnx {m['onnx']}, Python {m['python']}, {m['os']}.", "",
+              "Seconds per stage: " + ", ".join(f"{k} {v:.1f}" for k, v in record["stages_s"].items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def chart(record: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = record["summary"]
+    items = [("params", s["params"]), ("FLOPs", s["flops"])]
+    items += [(lbl, s[k]) for k, lbl in (("onnx_bytes", "ONNX bytes"), ("safetensors_bytes", "safetensors bytes")) if k in s]
+    items += [(f"latency b{bs}", {"ratio": d["student"]["p50_ms"] / d["teacher"]["p50_ms"]}) for bs, d in s.get("latency", {}).items()]
+    fig, ax = plt.subplots(figsize=(7, 0.5 + 0.45 * len(items)))
+    names, vals = [n for n, _ in items][::-1], [100 * d["ratio"] for _, d in items][::-1]
+    ax.barh(names, vals, color="#4878a8")
+    ax.axvline(100, color="k", lw=0.8)
+    for y, v in enumerate(vals):
+        ax.text(v, y, f" {v:.0f}%", va="center", fontsize=8)
+    ax.set_xlabel("student as % of teacher (measured in this run)")
+    ax.set_title(f"compress: {Path(record['source']['path']).name}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_reports(record: dict, folder: Path) -> None:
+    (folder / "report.json").write_text(json.dumps(record, indent=2) + "\n")
+    (folder / "report.md").write_text(markdown(record))
+    chart(record, folder / "report.png")

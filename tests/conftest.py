@@ -1,0 +1,84 @@
+"""Shared fixtures: tiny seeded timm models saved the way users save them, and the CLI runner."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("COMPRESS_SHARED", REPO.parent / "shared"))
+VIT_TEACHER = SHARED / "data" / "models" / "vit_cifar10"
+RESNET_TEACHER = SHARED / "data" / "models" / "resnet26_cifar10"
+CIFAR_TEST = SHARED / "data" / "cifar10" / "test.zip"
+CIFAR_TRAIN = SHARED / "data" / "cifar10" / "train.zip"
+
+
+def need_shared(path: Path) -> Path:
+    """The shared data is part of CI's contract: missing there is a failure, elsewhere a skip."""
+    if not path.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{path} is missing; CI runs with ../shared beside the clone")
+        pytest.skip(f"{path} not available")
+    return path
+
+
+def tiny_vit_args(heads: int = 3, qkv_bias: bool = True, depth: int = 2) -> dict:
+    return {"img_size": 16, "patch_size": 8, "embed_dim": 8 * heads, "depth": depth, "num_heads": heads,
+            "mlp_ratio": 2.0, "qkv_bias": qkv_bias, "num_classes": 5}
+
+
+def tiny_vit(seed: int = 0, **kw) -> torch.nn.Module:
+    """A seeded timm ViT small enough for unit tests.
+
+    timm's init (std 0.02, zero biases) gives near-uniform attention and input-independent
+    logits, which would make any exactness test vacuous; use fan-in scaled weights and random
+    biases instead, so attention is peaked and every bias path is exercised.
+    """
+    torch.manual_seed(seed)
+    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, **tiny_vit_args(**kw))
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 1.5 / p[0].numel() ** 0.5)
+            elif "norm" in name and name.endswith("weight"):
+                p.normal_(1, 0.1)
+            elif name != "head.bias":
+                p.normal_(0, 0.5)
+    return m.eval()
+
+
+def save_timm_dir(model: torch.nn.Module, arch: str, model_args: dict, folder: Path) -> Path:
+    """A timm-style directory: config.json (architecture, num_classes, model_args) + model.safetensors."""
+    folder.mkdir(parents=True, exist_ok=True)
+    args = {k: v for k, v in model_args.items() if k != "num_classes"}
+    cfg = {"architecture": arch, "num_classes": model_args.get("num_classes"), "model_args": args}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+    return folder
+
+
+@pytest.fixture
+def vit_dir(tmp_path) -> Path:
+    """A 3-head tiny ViT as a timm directory."""
+    return save_timm_dir(tiny_vit(heads=3), "vit_tiny_patch16_224", tiny_vit_args(heads=3), tmp_path / "vit")
+
+
+def write_recipe(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+FAST = "report: {latency: {batch_sizes: [1, 2], threads: 1, warmup: 1, runs: 3}}\n"
+
+
+def run_cli(*args, cwd=None) -> subprocess.CompletedProcess:
+    """Run the real console entry point in a subprocess (exit codes and stderr as users see them)."""
+    return subprocess.run([sys.executable, "-m", "compress", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd or REPO, timeout=600)

@@ -1,0 +1,58 @@
+"""Recipe parsing: shipped recipes parse, unknown keys name their path, the JSON Schema is complete."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from compress.errors import InputError
+from compress.recipe import load_recipe, parse_recipe
+from compress.registry import all_passes
+from tests.conftest import REPO, run_cli
+
+SHIPPED = sorted((REPO / "recipes").glob("*.yaml"))
+
+
+def test_recipes_are_shipped():
+    assert len(SHIPPED) >= 3
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_recipe_parses_and_resolves(path: Path):
+    r = load_recipe(path)
+    resolved = r.resolved()
+    assert resolved["version"] == 1
+    assert parse_recipe(resolved).resolved() == resolved  # the written recipe.yaml replays identically
+    for p in (r.calibration.data, r.report.eval_data):
+        assert p is None or p.is_absolute()
+
+
+def test_unknown_top_level_key_suggests_the_right_one():
+    with pytest.raises(InputError, match=r"unknown key 'pases' \(did you mean 'passes'\?\); allowed here: version, name"):
+        parse_recipe({"version": 1, "pases": []})
+
+
+def test_unknown_nested_key_names_the_path():
+    with pytest.raises(InputError, match=r"unknown key 'report\.latency\.thread' \(did you mean 'threads'\?\)"):
+        parse_recipe({"version": 1, "report": {"latency": {"thread": 2}}})
+
+
+def test_unknown_pass_option_names_the_pass():
+    with pytest.raises(InputError, match=r"unknown key 'passes\[0\]\.mlp_strip\.fraction'; allowed here: blocks"):
+        parse_recipe({"version": 1, "passes": [{"mlp_strip": {"blocks": [0], "fraction": 0.5}}]})
+
+
+def test_bad_value_names_the_path_and_value():
+    with pytest.raises(InputError, match=r"passes\[0\]\.qk_merge\.mode: Input should be 'exact' \(got 'sideways'\)"):
+        parse_recipe({"version": 1, "passes": [{"qk_merge": {"mode": "sideways"}}]})
+
+
+def test_schema_command_lists_every_pass():
+    res = run_cli("schema")
+    assert res.returncode == 0
+    schema = json.loads(res.stdout)
+    names = {next(iter(o["properties"])) for o in schema["properties"]["passes"]["items"]["oneOf"]}
+    assert names == set(all_passes())
+    assert schema["additionalProperties"] is False
+    assert "version" in schema["required"]
