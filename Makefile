@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 SHARED ?= ../shared
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup demo demo-distill test test-fast clean
 
 setup: $(VENV)/.installed
 
@@ -17,6 +17,9 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/compress inspect $(SHARED)/data/models/vit_cifar10
 	$(BIN)/compress apply recipes/vit_strip_half.yaml $(SHARED)/data/models/vit_cifar10 -o compressed/demo --overwrite
+
+demo-distill: setup
+	$(BIN)/compress apply recipes/vit_strip_half_distill.yaml $(SHARED)/data/models/vit_cifar10 -o compressed/demo-distill --overwrite
 
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from .errors import CompressError
+from .errors import CompressError, InputError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Turn pretrained ViT/ResNet checkpoints into smaller, faster, verified models.")
@@ -43,7 +43,10 @@ def _errors(debug: bool):
 def apply(recipe: Path = typer.Argument(..., help="recipe YAML"),
           ckpt: str = typer.Argument(..., help="timm directory, weights file (+ model: in the recipe), or timm:NAME"),
           out: Optional[Path] = typer.Option(None, "-o", "--out", help="output directory [./compressed/<name>]"),
-          data: Optional[str] = typer.Option(None, "--data", help="calibration images (ImageFolder dir or zip)"),
+          data: Optional[str] = typer.Option(None, "--data", help="images (ImageFolder dir or zip) for calibration and "
+                                             "distillation where the recipe names none"),
+          device: Optional[str] = typer.Option(None, "--device", help="distillation device: auto, cpu or cuda"),
+          resume: bool = typer.Option(False, "--resume", help="continue an interrupted distillation from its checkpoint"),
           dry_run: bool = typer.Option(False, "--dry-run", help="plan and print params/FLOPs; write nothing"),
           overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output directory"),
           as_json: bool = typer.Option(False, "--json", help="print the report as JSON on stdout"),
@@ -54,11 +57,16 @@ def apply(recipe: Path = typer.Argument(..., help="recipe YAML"),
         from .recipe import load_recipe
         from .report import terminal_table
 
+        if device not in (None, "auto", "cpu", "cuda"):
+            raise InputError(f"--device {device!r}: use auto, cpu or cuda")
         r = load_recipe(recipe)
+        _init_distributed(device or (r.distill.device if r.distill else "cpu"))
         name = r.name or f"{Path(ckpt.rstrip('/')).stem}-{recipe.stem}"
         out = out or Path("compressed") / name
         log = (lambda m: print(m, file=sys.stderr)) if as_json else (lambda m: print(m))
-        record = run(r, ckpt, out, data=data, dry_run=dry_run, overwrite=overwrite, log=log)
+        record = run(r, ckpt, out, data=data, dry_run=dry_run, overwrite=overwrite, resume=resume, device=device, log=log)
+        if _rank() != 0:
+            return
         if as_json:
             print(json.dumps(record, indent=2))
             return
@@ -66,6 +74,27 @@ def apply(recipe: Path = typer.Argument(..., help="recipe YAML"),
         print(terminal_table(record))
         print()
         print("dry run: nothing written" if dry_run else f"wrote {out}/ (model.safetensors, model.onnx, report.md, report.json, report.png)")
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _init_distributed(device: str) -> None:
+    """Under torchrun (WORLD_SIZE > 1) join the process group: NCCL on GPUs, gloo on CPUs."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    import torch
+    import torch.distributed as dist
+
+    gpu = device != "cpu" and torch.cuda.is_available()
+    if gpu:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if gpu else "gloo")
 
 
 @app.command()

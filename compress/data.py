@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from timm.data import create_transform
 
@@ -18,8 +19,9 @@ IMAGE_EXT = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 class ImageFolderData(torch.utils.data.Dataset):
     """`<class>/<image>` under a directory or inside a zip (an optional top folder is allowed).
 
-    Classes are the sorted folder names, as in torchvision's ImageFolder. Returns
-    (tensor, label) or None for an image that cannot be decoded (see `collate`).
+    Classes are the sorted folder names, as in torchvision's ImageFolder; images that sit in
+    no class folder make the set unlabeled (label -1). An item is (tensor, label), or None
+    for an image that cannot be decoded (`collate` drops and counts those).
     """
 
     def __init__(self, path: str | Path, transform, limit: int | None = None):
@@ -35,15 +37,16 @@ class ImageFolderData(torch.utils.data.Dataset):
                     names = [n for n in z.namelist() if Path(n).suffix.lower() in IMAGE_EXT]
             except (zipfile.BadZipFile, OSError) as e:
                 raise InputError(f"cannot read {self.path}: not a valid zip ({e}); pass an ImageFolder directory or zip") from None
-        names = sorted(n for n in names if len(Path(n).parts) >= 2)
+        names = sorted(names)
         if not names:
-            raise InputError(f"{self.path} holds no images in <class>/<image> folders; check the data layout")
-        self.classes = sorted({Path(n).parts[-2] for n in names})
+            raise InputError(f"{self.path} holds no images (.jpg, .png, ...); check the data layout")
+        self.labeled = all(len(Path(n).parts) >= 2 for n in names)
+        self.classes = sorted({Path(n).parts[-2] for n in names}) if self.labeled else []
         if limit is not None and limit < len(names):  # evenly spaced, so every class is represented
             names = [names[i] for i in np.linspace(0, len(names) - 1, limit).round().astype(int)]
         self.names = names
-        self.labels = [self.classes.index(Path(n).parts[-2]) for n in names]
-        self.skipped: list[str] = []
+        index = {c: i for i, c in enumerate(self.classes)}
+        self.labels = [index[Path(n).parts[-2]] for n in names] if self.labeled else [-1] * len(names)
 
     def __len__(self) -> int:
         return len(self.names)
@@ -59,27 +62,61 @@ class ImageFolderData(torch.utils.data.Dataset):
         try:
             img = Image.open(io.BytesIO(self._read(self.names[i])))
             img = img.convert("RGB")
-        except (UnidentifiedImageError, OSError, ValueError, zipfile.BadZipFile):
-            self.skipped.append(self.names[i])
+        except (UnidentifiedImageError, OSError, ValueError, zipfile.BadZipFile, Image.DecompressionBombError):
             return None
         return self.transform(img), self.labels[i]
 
 
+class Augmented(torch.utils.data.Dataset):
+    """Light training augmentation (reflect-pad random crop, horizontal flip) on the eval tensor.
+
+    Items are addressed as (index, key): the key seeds the randomness, so a sample looks the
+    same whichever process, worker or resumed run draws it.
+    """
+
+    def __init__(self, base: ImageFolderData):
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, item):
+        i, key = item
+        got = self.base[i]
+        if got is None:
+            return None
+        x, y = got
+        g = torch.Generator().manual_seed(int(key))
+        h, w = x.shape[-2:]
+        pad = max(1, min(h, w) // 8)
+        x = F.pad(x.unsqueeze(0), (pad, pad, pad, pad), mode="reflect").squeeze(0)
+        top, left = (int(torch.randint(0, 2 * pad + 1, (1,), generator=g)) for _ in range(2))
+        x = x[:, top:top + h, left:left + w]
+        if torch.rand(1, generator=g) < 0.5:
+            x = x.flip(-1)
+        return x, y
+
+
 def collate(batch):
-    """Drop unreadable images (None) from a batch."""
-    batch = [b for b in batch if b is not None]
-    if not batch:
-        return None
-    return torch.stack([b[0] for b in batch]), torch.tensor([b[1] for b in batch])
+    """Stack readable items; returns (images, labels, number of unreadable images dropped)."""
+    good = [b for b in batch if b is not None]
+    if not good:
+        return None, None, len(batch)
+    return torch.stack([b[0] for b in good]), torch.tensor([b[1] for b in good]), len(batch) - len(good)
 
 
 def eval_transform(data_cfg: dict):
-    return create_transform(**{k: data_cfg[k] for k in ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode") if k in data_cfg}, is_training=False)
+    keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+    return create_transform(**{k: data_cfg[k] for k in keys if k in data_cfg}, is_training=False)
 
 
-def loader(path, data_cfg: dict, *, limit: int | None, batch_size: int = 64) -> tuple[ImageFolderData, torch.utils.data.DataLoader]:
-    ds = ImageFolderData(path, eval_transform(data_cfg), limit)
-    return ds, torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=collate)
+def dataset(path, data_cfg: dict, limit: int | None = None) -> ImageFolderData:
+    return ImageFolderData(path, eval_transform(data_cfg), limit)
+
+
+def loader(path, data_cfg: dict, *, limit: int | None, batch_size: int = 64, workers: int = 0):
+    ds = dataset(path, data_cfg, limit)
+    return ds, torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=collate, num_workers=workers)
 
 
 def calibration_batch(path, data_cfg: dict, n: int, seed: int) -> tuple[torch.Tensor, str]:
@@ -88,7 +125,7 @@ def calibration_batch(path, data_cfg: dict, n: int, seed: int) -> tuple[torch.Te
         g = torch.Generator().manual_seed(seed)
         return torch.randn((n, *data_cfg["input_size"]), generator=g), f"{n} random N(0,1) inputs (seed {seed})"
     ds, dl = loader(path, data_cfg, limit=n, batch_size=n)
-    batch = next((b for b in dl if b is not None), None)
-    if batch is None:
+    x, _, bad = next(iter(dl))
+    if x is None:
         raise InputError(f"{path}: none of the {len(ds)} calibration images could be read; check the data")
-    return batch[0], f"{len(batch[0])} images from {path}"
+    return x, f"{len(x)} images from {path}" + (f" ({bad} unreadable skipped)" if bad else "")

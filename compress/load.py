@@ -3,21 +3,27 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 import pickle
+import socket
+import threading
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlparse
 
 import timm
 import timm.data
 import torch
 from safetensors import SafetensorError
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
 from .adapters import Adapter, detect
 from .errors import InputError
-from .recipe import ModelSpec
+from .recipe import ModelSpec, parse_recipe
+from .registry import PassContext, get_pass
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pth", "model.pt")
 
@@ -175,10 +181,31 @@ def load(ckpt: str, spec: ModelSpec | None = None) -> Loaded:
     return Loaded(model, adapter, _data_cfg(model, adapter, pcfg, size), source)
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A name lookup of the hub host, bounded in time, so offline runs fail at once, not after minutes of retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return True  # the user asked for the local cache; the hub client then fails fast by itself
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    result: list = []
+    t = threading.Thread(target=lambda: result.append(_resolves(host)), daemon=True)
+    t.start()
+    t.join(timeout)
+    return bool(result and result[0])
+
+
+def _resolves(host: str) -> bool:
+    try:
+        return bool(socket.getaddrinfo(host, 443))
+    except OSError:
+        return False
+
+
 def _load_hub(ckpt: str) -> Loaded:
     kind, _, name = ckpt.partition(":")
     if kind != "timm":
         raise InputError(f"{ckpt}: Hugging Face hub ids are not supported in this version; pass a local timm checkpoint")
+    if not _hub_reachable():
+        raise InputError(f"cannot reach the model hub to fetch {ckpt} (offline?); pass a local checkpoint path instead")
     try:
         model = timm.create_model(name, pretrained=True).eval()
     except Exception as e:  # noqa: BLE001 - any hub/network failure ends the same way for the user
@@ -186,3 +213,32 @@ def _load_hub(ckpt: str) -> Loaded:
     adapter = detect(model)
     source = {"path": ckpt, "arch": f"timm:{name}", "kwargs": {}, "adapter": adapter.name, "family": adapter.family}
     return Loaded(model, adapter, _data_cfg(model, adapter, None), source)
+
+
+def load_compressed(path: str | Path) -> nn.Module:
+    """Rebuild a model written by `compress apply` (its directory or model.safetensors).
+
+    The base architecture is built from the metadata, the recipe's passes are replayed on it
+    for their structure (resolved configs make that deterministic), then the weights load strictly.
+    """
+    path = Path(path)
+    file = path / "model.safetensors" if path.is_dir() else path
+    if not file.is_file():
+        raise InputError(f"{file} not found; pass a directory written by `compress apply` or its model.safetensors")
+    try:
+        with safe_open(str(file), "pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise InputError(f"cannot read {file}: {e}") from None
+    if "recipe" not in meta or "source_kwargs" not in meta:
+        raise InputError(f"{file} was not written by compress apply (no recipe metadata); load it with timm instead")
+    recipe = parse_recipe(json.loads(meta["recipe"]))
+    kwargs = json.loads(meta["source_kwargs"])
+    model = _create(_timm_name(meta["source_arch"]), kwargs.pop("num_classes", None), kwargs.pop("img_size", None), kwargs)
+    adapter = detect(model)
+    for step in recipe.steps:
+        spec = get_pass(step.name)
+        if adapter.family in spec.families:
+            model = spec.fn(model, adapter, step.config, PassContext(calib=None)).model
+    _fit(model, read_state_dict(file), "the structure its recipe describes", file)
+    return model.eval()

@@ -85,17 +85,19 @@ def latency(paths: dict[str, str], input_size, *, batch_sizes, threads: int, war
 @torch.no_grad()
 def evaluate(teacher: nn.Module, student: nn.Module, dl) -> dict:
     """Top-1 of both models against labels, and their top-1 agreement, on one pass over the data."""
-    n = t_ok = s_ok = agree = 0
-    for batch in dl:
-        if batch is None:
+    n = t_ok = s_ok = agree = skipped = 0
+    for x, y, bad in dl:
+        skipped += bad
+        if x is None:
             continue
-        x, y = batch
         t, s = teacher(x).argmax(-1), student(x).argmax(-1)
         n += len(y)
         t_ok += int((t == y).sum())
         s_ok += int((s == y).sum())
         agree += int((t == s).sum())
-    skipped = len(dl.dataset.skipped)
     if n == 0:
         return {"images": 0, "skipped": skipped}
-    return {"images": n, "skipped": skipped, "teacher_top1": t_ok / n, "student_top1": s_ok / n, "agreement": agree / n}
+    out = {"images": n, "skipped": skipped, "agreement": agree / n}
+    if dl.dataset.labeled:
+        out.update(teacher_top1=t_ok / n, student_top1=s_ok / n)
+    return out

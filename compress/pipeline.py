@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -15,10 +17,13 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
 import yaml
 
 from . import __version__
-from .data import calibration_batch, loader
+from .data import calibration_batch, dataset, loader
+from .distill import distill
 from .errors import GateError, InputError, VerificationError
 from .export import write_onnx, write_safetensors
 from .load import load
@@ -58,11 +63,31 @@ def _stage(out: Path, overwrite: bool) -> tuple[Path, list[Path]]:
             if not p.exists():
                 p.mkdir()
                 created.append(p)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+        _clear_stale(parent, out.name)
+        staging = parent / f".{out.name}.tmp-{os.getpid()}"
+        staging.mkdir()
     except OSError as e:
         _remove(created)
         raise InputError(f"cannot write to {out}: {e.strerror or e}; choose a writable -o") from None
     return staging, created
+
+
+def _clear_stale(parent: Path, name: str) -> None:
+    """Remove staging dirs left by runs that were killed (their process is gone)."""
+    for p in parent.glob(f".{name}.tmp-*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _remove(created: list[Path]) -> None:
@@ -133,6 +158,55 @@ def rewrite(loaded, recipe: Recipe, calib, log) -> tuple:
     return student, ledger
 
 
+def distill_data(recipe: Recipe, data: str | None, data_cfg: dict):
+    """The training set, opened (and so checked) before anything is written; None without distill."""
+    d = recipe.distill
+    if d is None:
+        return None
+    path = d.data if d.data is not None else data
+    if path is None:
+        raise InputError("distill: no training data; set distill.data in the recipe or pass --data")
+    return dataset(path, data_cfg, d.limit)
+
+
+def _device(name: str) -> torch.device:
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise InputError("distill.device is cuda but no CUDA device is visible; use --device cpu or auto")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def run_distill(recipe: Recipe, loaded, student, train, calib, work: Path, *, resume: bool, device: str | None,
+                ckpt: str, log) -> dict:
+    d = recipe.distill
+    steps = d.steps or (math.ceil(d.epochs * len(train) / d.batch_size) if d.epochs else 500)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    what = {k: v for k, v in recipe.resolved().items() if k in ("model", "passes", "distill", "calibration")}
+    fingerprint = hashlib.sha256(json.dumps([what, str(Path(ckpt).resolve()), world], sort_keys=True).encode()).hexdigest()
+    checkpoint = None
+    if d.checkpoint_every:
+        work.mkdir(exist_ok=True)
+        checkpoint = work / "distill.pt"
+    teacher, adapter = loaded.model, loaded.adapter
+    feats = (adapter.feature_modules(teacher), adapter.feature_modules(student)) if d.feature_weight > 0 else None
+    ref = logits64(teacher, calib)
+    before = fidelity(ref, logits64(student, calib))
+    dev = _device(device or d.device)
+    log(f"distill: {steps} steps of {d.batch_size} images on {dev} x{world} from {train.path}")
+    stats = distill(student, teacher, train, steps=steps, batch_size=d.batch_size, lr=d.lr, weight_decay=d.weight_decay,
+                    warmup_steps=min(d.warmup_steps, steps), temperature=d.temperature, feature_weight=d.feature_weight,
+                    label_weight=d.label_weight, features=feats, seed=d.seed, device=dev, amp=d.amp, workers=d.workers,
+                    checkpoint=checkpoint, checkpoint_every=d.checkpoint_every, resume=resume,
+                    fingerprint=fingerprint, log=log)
+    if checkpoint is not None:  # training finished: nothing left to resume
+        shutil.rmtree(work, ignore_errors=True)
+    after = fidelity(ref, logits64(student, calib))
+    log(f"distill: done in {stats['seconds']:.0f} s ({stats['images_per_s']:.0f} images/s), final loss "
+        f"{stats['final_loss']:.4f}; calibration agreement {100 * before['agreement']:.1f}% -> {100 * after['agreement']:.1f}%")
+    return {**stats, "data": str(train.path), "images": len(train), "calib_before": before, "calib_after": after}
+
+
 def _gates(recipe: Recipe, summary: dict) -> list[dict]:
     g = recipe.gates
     checks = []
@@ -155,6 +229,8 @@ def _gates(recipe: Recipe, summary: dict) -> list[dict]:
         add(f"min_speedup (batch {bs}, p50)", g.min_speedup, s, s >= g.min_speedup)
     ev = summary.get("eval") or {}
     if g.max_top1_drop is not None:
+        if "teacher_top1" not in ev:
+            raise InputError(f"gate max_top1_drop needs labels, but {ev['data']} has no class folders; drop the gate")
         drop = 100 * (ev["teacher_top1"] - ev["student_top1"])
         add("max_top1_drop (points)", g.max_top1_drop, drop, drop <= g.max_top1_drop)
     if g.min_agreement is not None:
@@ -167,17 +243,24 @@ def _ratio(a, b) -> dict:
 
 
 def apply(recipe: Recipe, ckpt: str, out: Path, *, data: str | None = None, dry_run: bool = False,
-          overwrite: bool = False, log=print) -> dict:
+          overwrite: bool = False, resume: bool = False, device: str | None = None, log=print) -> dict:
+    """Run a recipe. Under torchrun every rank rewrites and distills; rank 0 alone writes."""
     stages = Stages()
+    primary = not dist.is_initialized() or dist.get_rank() == 0
     _check_gates_measurable(recipe)
     with stages("load"):
         loaded = load(ckpt, recipe.model)
     _check_inputs_untouched(ckpt, out)
-    staging, created = (None, []) if dry_run else _stage(out, overwrite)
+    train = distill_data(recipe, data, loaded.data_cfg)  # bad data fails here, before anything is written
+    staging, created = _stage(out, overwrite) if primary and not dry_run else (None, [])
+    work = out.parent / f".{out.name}.work"  # resumable distillation checkpoints live here until publish
+    if primary and not dry_run and not resume:
+        shutil.rmtree(work, ignore_errors=True)
     try:
-        record = _run(recipe, loaded, staging, data, dry_run, stages, log)
+        record = _run(recipe, loaded, staging, data, train, work, dry_run, resume, device, ckpt, stages, log)
         if staging is not None:
             _publish(staging, out)
+            shutil.rmtree(work, ignore_errors=True)
         return record
     except BaseException:
         if staging is not None:
@@ -186,7 +269,8 @@ def apply(recipe: Recipe, ckpt: str, out: Path, *, data: str | None = None, dry_
         raise
 
 
-def _run(recipe: Recipe, loaded, staging: Path | None, data, dry_run: bool, stages: Stages, log) -> dict:
+def _run(recipe: Recipe, loaded, staging: Path | None, data, train, work: Path, dry_run: bool, resume: bool,
+         device: str | None, ckpt: str, stages: Stages, log) -> dict:
     teacher, cfg = loaded.model, loaded.data_cfg
     size = tuple(cfg["input_size"])
     calib_path = data if data is not None else recipe.calibration.data
@@ -202,11 +286,18 @@ def _run(recipe: Recipe, loaded, staging: Path | None, data, dry_run: bool, stag
     if dry_run:
         record["stages_s"] = stages.seconds
         return record
+    if recipe.distill is not None:
+        with stages("distill"):
+            record["distill"] = run_distill(recipe, loaded, student, train, calib, work, resume=resume,
+                                            device=device, ckpt=ckpt, log=log)
+        if staging is None:  # a torchrun rank other than 0: its share of the training is done
+            return record
 
     ex = recipe.export
     artifacts = {}
     with stages("export"):
         meta = {"compress_version": __version__, "source_arch": loaded.source["arch"],
+                "source_kwargs": json.dumps(loaded.source["kwargs"]),
                 "recipe": json.dumps(recipe.resolved()), "family": loaded.adapter.family}
         if "safetensors" in ex.formats:
             artifacts["safetensors"] = write_safetensors(student, staging / "model.safetensors", meta)

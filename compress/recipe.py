@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
 
 from . import passes as _passes  # noqa: F401  (registers the passes)
 from .errors import InputError
@@ -54,6 +54,33 @@ class ReportSpec(_Strict):
     latency: Optional[LatencySpec] = Field(default_factory=LatencySpec, description="null skips latency")
 
 
+class DistillSpec(_Strict):
+    """Knowledge distillation after the passes; teacher = the loaded model. Absent section: no fine-tune."""
+
+    data: Optional[Path] = Field(None, description="ImageFolder dir or zip (labels optional); else --data")
+    steps: Optional[PositiveInt] = Field(None, description="optimizer steps (default 500 when epochs is not set)")
+    epochs: Optional[PositiveFloat] = Field(None, description="alternative to steps: passes over the data")
+    limit: Optional[PositiveInt] = Field(None, description="use an evenly spaced subset of this many images")
+    batch_size: PositiveInt = 64
+    lr: PositiveFloat = 5e-4
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_steps: int = Field(50, ge=0)
+    temperature: PositiveFloat = 2.0
+    feature_weight: float = Field(0.0, ge=0, description="MSE between teacher and student block outputs")
+    label_weight: float = Field(0.0, ge=0, description="cross-entropy on labels (needs class folders)")
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")
+    workers: int = Field(2, ge=0, description="data loader processes")
+    checkpoint_every: Optional[PositiveInt] = Field(100, description="steps between resumable checkpoints; null: none")
+
+    @model_validator(mode="after")
+    def _one_length(self):
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError("set steps or epochs, not both")
+        return self
+
+
 class Gates(_Strict):
     """Targets the run must meet, else it fails (exit 4) and publishes nothing."""
 
@@ -78,6 +105,7 @@ class Recipe(_Strict):
     passes: list[Any] = Field(default_factory=list, description="ordered list of {pass_name: {config}}")
     skip_inapplicable: bool = Field(False, description="skip passes that do not apply to the model's family instead of failing")
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
+    distill: Optional[DistillSpec] = None
     export: ExportSpec = Field(default_factory=ExportSpec)
     report: ReportSpec = Field(default_factory=ReportSpec)
     gates: Gates = Field(default_factory=Gates)
@@ -175,6 +203,8 @@ def load_recipe(path: str | Path) -> Recipe:
         recipe.calibration.data = (base / recipe.calibration.data).resolve()
     if recipe.report.eval_data is not None and not recipe.report.eval_data.is_absolute():
         recipe.report.eval_data = (base / recipe.report.eval_data).resolve()
+    if recipe.distill is not None and recipe.distill.data is not None and not recipe.distill.data.is_absolute():
+        recipe.distill.data = (base / recipe.distill.data).resolve()
     return recipe
 
 

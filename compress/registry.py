@@ -24,7 +24,7 @@ class PassConfig(BaseModel):
 class PassContext:
     """What a pass may read besides the model: a calibration batch (already preprocessed)."""
 
-    calib: torch.Tensor
+    calib: torch.Tensor | None  # None when a pass is replayed for structure only (load_compressed)
 
 
 @dataclass

@@ -61,9 +61,10 @@ def rows(record: dict) -> list[tuple[str, str, str, str]]:
                         f"{d['teacher'][q] / d['student'][q]:.2f}x speedup" if q == "p50_ms" else ""))
     ev = s.get("eval")
     if ev and ev.get("images"):
-        out.append((f"top-1 ({ev['images']} images)", f"{100 * ev['teacher_top1']:.2f}%", f"{100 * ev['student_top1']:.2f}%",
-                    f"{100 * (ev['student_top1'] - ev['teacher_top1']):+.2f} pts"))
-        out.append(("agreement with teacher", "", f"{100 * ev['agreement']:.2f}%", ""))
+        if "teacher_top1" in ev:
+            out.append((f"top-1 ({ev['images']} images)", f"{100 * ev['teacher_top1']:.2f}%", f"{100 * ev['student_top1']:.2f}%",
+                        f"{100 * (ev['student_top1'] - ev['teacher_top1']):+.2f} pts"))
+        out.append((f"agreement with teacher ({ev['images']} images)", "", f"{100 * ev['agreement']:.2f}%", ""))
     return out
 
 
@@ -98,6 +99,18 @@ def markdown(record: dict) -> str:
              "| metric | teacher | student | change |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows(record)]
     lines += ["", "## Passes", "", f"Calibration: {record['calibration']}.", "", *_ledger_md(record)]
+    d = record.get("distill")
+    if d:
+        b, a = d["calib_before"], d["calib_after"]
+        notes = ["bf16 autocast" if d["amp_bf16"] else "", f"resumed from step {d['resumed_from']}" if d["resumed_from"] else "",
+                 f"{d['skipped_images']} unreadable images skipped" if d["skipped_images"] else ""]
+        notes = "; ".join(n for n in notes if n)
+        lines += ["", "## Distillation", "",
+                  f"{d['steps']} steps of {d['batch_size']} images from `{d['data']}` ({d['images']} images) on "
+                  f"{d['device']} x{d['world_size']}: {d['seconds']:.1f} s, {d['images_per_s']:.0f} images/s, "
+                  f"final loss {d['final_loss']:.4f}{f' ({notes})' if notes else ''}.",
+                  f"Teacher agreement on the calibration batch: {100 * b['agreement']:.1f}% before, "
+                  f"{100 * a['agreement']:.1f}% after (KL {b['kl']:.3g} -> {a['kl']:.3g})."]
     if record.get("gates"):
         lines += ["", "## Gates", "", "| gate | target | measured | result |", "|---|---|---|---|"]
         lines += [f"| {g['gate']} | {g['target']} | {g['measured']:.4g} | {'pass' if g['ok'] else '**FAIL**'} |" for g in record["gates"]]
@@ -111,7 +124,7 @@ def markdown(record: dict) -> str:
                      f"opset {a['opset']}, operators: {', '.join(a['operators'])}")
         lines.append(f"- `{a['path']}`: {_bytes(a['bytes'])}{extra}")
     lines += ["", "## Machine", "", f"{m['cpu']}, {m['cores']} cores; onnxruntime {m['onnxruntime']} with "
-              f"{m['ort_threads']} intra-op threads (latency: warm-up, then teacher and student interleaved); "
+              f"{m['ort_threads'] or '-'} intra-op threads (latency: warm-up, then teacher and student interleaved); "
               f"torch {m['torch']}, timm {m['timm']}, onnx {m['onnx']}, Python {m['python']}, {m['os']}.", "",
               "Seconds per stage: " + ", ".join(f"{k} {v:.1f}" for k, v in record["stages_s"].items()) + "."]
     return "\n".join(lines) + "\n"

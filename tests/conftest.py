@@ -82,3 +82,28 @@ def run_cli(*args, cwd=None) -> subprocess.CompletedProcess:
     """Run the real console entry point in a subprocess (exit codes and stderr as users see them)."""
     return subprocess.run([sys.executable, "-m", "compress", *map(str, args)], capture_output=True, text=True,
                           cwd=cwd or REPO, timeout=600)
+
+
+def make_image_zip(path: Path, classes: int = 3, per_class: int = 16, size: int = 16, corrupt: int = 1, seed: int = 0) -> Path:
+    """A small ImageFolder zip of random PNGs (+ `corrupt` files that are not images) for data tests."""
+    import io
+    import zipfile
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    with zipfile.ZipFile(path, "w") as z:
+        for c in range(classes):
+            for i in range(per_class):
+                buf = io.BytesIO()
+                Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buf, format="PNG")
+                z.writestr(f"data/class{c}/{i:03d}.png", buf.getvalue())
+        for i in range(corrupt):
+            z.writestr(f"data/class0/broken{i}.png", b"\x89PNG not really an image")
+    return path
+
+
+@pytest.fixture
+def image_zip(tmp_path) -> Path:
+    return make_image_zip(tmp_path / "images.zip")

@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 import compress.passes.qk_merge as qk_mod
-from compress.errors import GateError, VerificationError
+from compress.errors import InputError, VerificationError
+from compress.load import load_compressed
 from compress.pipeline import apply
 from compress.recipe import parse_recipe
 from tests.conftest import FAST, run_cli, save_timm_dir, tiny_vit, tiny_vit_args, write_recipe
@@ -45,6 +46,12 @@ def test_cli_exact_one_head_end_to_end(tmp_path, one_head_dir):
     assert "blocks.0.attn.score.weight" in keys and not any("qkv" in k for k in keys)
     assert sum(v.numel() for v in load_file(str(out / "model.safetensors")).values()) == s["params"]["student"]
     assert "| qk_merge | yes |" in (out / "report.md").read_text()
+    # the written model reloads (structure replayed from the recipe) and matches the ONNX file
+    model = load_compressed(out)
+    x = torch.randn(3, 3, 16, 16)
+    onnx_out = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(model(x).numpy(), onnx_out, atol=1e-4)
     assert "FLOPs / image" in res.stdout and "ORT latency b1 p50" in res.stdout
 
 
@@ -135,3 +142,20 @@ def test_inspect_vit_measures_each_pass(vit_dir):
     assert p["vo"]["exact"] and p["vo"]["flops_change"] > 0
     text = run_cli("inspect", vit_dir).stdout
     assert "mlp_strip" in text and "approximate" in text
+
+
+def test_load_compressed_refuses_foreign_file(tmp_path, vit_dir):
+    with pytest.raises(InputError, match="not written by compress apply"):
+        load_compressed(vit_dir / "model.safetensors")
+
+
+def test_hub_id_offline_fails_at_once(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # no network traffic from the test
+    res = subprocess.run([sys.executable, "-m", "compress", "inspect", "timm:resnet18"], capture_output=True, text=True,
+                         env=env, timeout=120, cwd=tmp_path)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [res.stderr.strip()] and "pass a local checkpoint path" in res.stderr

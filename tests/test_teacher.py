@@ -90,3 +90,18 @@ def test_export_only_recipe_on_resnet_teacher(tmp_path):
     rep = json.loads((tmp_path / "o" / "report.json").read_text())
     assert rep["source"]["family"] == "resnet" and rep["input_size"] == [3, 64, 64]
     assert rep["artifacts"]["onnx"]["parity"]["rel_diff"] <= 1e-4
+
+
+def test_real_teacher_distillation_short(tmp_path):
+    """One real teacher-based distillation kept in CI: few steps, but the real data and model."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "version: 1\npasses:\n  - mlp_strip: {blocks: [2, 3, 4]}\n"
+        f"calibration: {{data: {need_shared(CIFAR_TEST.parent / 'train.zip')}, images: 64}}\n"
+        f"distill: {{data: {CIFAR_TEST.parent / 'train.zip'}, steps: 25, batch_size: 32, warmup_steps: 5, device: cpu}}\n"
+        f"report: {{latency: null, eval_data: {CIFAR_TEST}, eval_images: 500}}\n")
+    res = run_cli("apply", recipe, need_shared(VIT_TEACHER), "-o", tmp_path / "o")
+    assert res.returncode == 0, res.stderr
+    d = json.loads((tmp_path / "o" / "report.json").read_text())["distill"]
+    assert d["images"] == 50000 and len(d["loss_history"]) == 25
+    assert d["calib_after"]["kl"] < d["calib_before"]["kl"]

@@ -17,6 +17,9 @@ class TimmResNetAdapter:
     def vit_blocks(self, model):
         raise InputError("a ResNet has no transformer blocks")
 
+    def feature_modules(self, model: ResNet) -> list[nn.Module]:
+        return [getattr(model, f"layer{i}") for i in range(1, 5)]
+
     def input_size(self, model: ResNet):
         return None  # any size works; the checkpoint's pretrained_cfg says which it was trained at
 

@@ -48,6 +48,9 @@ class TimmViTAdapter:
                                        blk.drop_path1, blk.norm2, blk.mlp, blk.ls2, blk.drop_path2)
         return list(model.blocks)
 
+    def feature_modules(self, model: VisionTransformer) -> list[nn.Module]:
+        return list(model.blocks)
+
     def input_size(self, model: VisionTransformer):
         h, w = model.patch_embed.img_size
         return (model.patch_embed.proj.in_channels, h, w)

@@ -1,11 +1,13 @@
 """Block selection and growth accounting shared by the ViT passes."""
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Callable, Literal, Union
 
+import torch
 from pydantic import NonNegativeInt
 
 from ..errors import InputError
+from ..registry import PassResult
 
 BlockSel = Union[Literal["all"], list[NonNegativeInt]]
 
@@ -31,3 +33,26 @@ def guard_growth(where: str, d_params: int, d_flops: int, total_params: int, hea
     if not allow:
         raise InputError(f"{msg}; set allow_growth: true in the pass to apply it anyway")
     return msg + "; applied because allow_growth: true"
+
+
+def rewrite_attention(model, adapter, cfg, *, part: str, kind: type, convert: Callable, cost: Callable,
+                      label: str, verb: str) -> PassResult:
+    """Replace the `part` ("score" or "value") of each selected block's attention that is still `kind`.
+
+    `cost(module, tokens)` gives (params before, after, FLOPs before, after) so the growth
+    guard can refuse before anything changes.
+    """
+    blocks = adapter.vit_blocks(model)
+    idx = [i for i in select(cfg.blocks, len(blocks), label) if isinstance(getattr(blocks[i].attn, part), kind)]
+    tokens = adapter.describe(model)["tokens"]
+    costs = [cost(getattr(blocks[i].attn, part), tokens) for i in idx]
+    d_params = sum(c[1] - c[0] for c in costs)
+    d_flops = sum(c[3] - c[2] for c in costs)
+    heads = getattr(blocks[idx[0]].attn, part).heads if idx else 0
+    total = sum(p.numel() for p in model.parameters())
+    note = guard_growth(label, d_params, d_flops, total, heads, cfg.allow_growth) if idx else None
+    with torch.no_grad():
+        for i in idx:
+            setattr(blocks[i].attn, part, convert(getattr(blocks[i].attn, part)))
+    changes = [f"{verb} in blocks {idx} ({heads} heads): params {d_params:+,}, FLOPs {d_flops:+,}"]
+    return PassResult(model, changes + ([note] if note else []), {"blocks": idx, "heads": heads})

@@ -7,11 +7,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
-
 from ..modules import MergedQK, SeparateQK
 from ..registry import PassConfig, PassContext, PassResult, register_pass
-from ._blocks import BlockSel, guard_growth, select
+from ._blocks import BlockSel, rewrite_attention
 
 
 class QKMergeConfig(PassConfig):
@@ -49,17 +47,5 @@ def _cost(score: SeparateQK, tokens: int) -> tuple[int, int, int, int]:
 @register_pass("qk_merge", QKMergeConfig, families={"vit"},
                summary="merge W_Q, W_K into one bilinear form per head (exact; shrinks only 1-head models)")
 def qk_merge(model, adapter, cfg: QKMergeConfig, ctx: PassContext) -> PassResult:
-    blocks = adapter.vit_blocks(model)
-    idx = [i for i in select(cfg.blocks, len(blocks), "qk_merge") if isinstance(blocks[i].attn.score, SeparateQK)]
-    tokens = adapter.describe(model)["tokens"]
-    costs = [_cost(blocks[i].attn.score, tokens) for i in idx]
-    d_params = sum(c[1] - c[0] for c in costs)
-    d_flops = sum(c[3] - c[2] for c in costs)
-    heads = blocks[idx[0]].attn.score.heads if idx else 0
-    total = sum(p.numel() for p in model.parameters())
-    note = guard_growth("qk_merge", d_params, d_flops, total, heads, cfg.allow_growth) if idx else None
-    with torch.no_grad():
-        for i in idx:
-            blocks[i].attn.score = merge_qk(blocks[i].attn.score)
-    changes = [f"merged Q/K in blocks {idx} ({heads} heads): params {d_params:+,}, FLOPs {d_flops:+,}"]
-    return PassResult(model, changes + ([note] if note else []), {"blocks": idx, "heads": heads})
+    return rewrite_attention(model, adapter, cfg, part="score", kind=SeparateQK, convert=merge_qk, cost=_cost,
+                             label="qk_merge", verb="merged Q/K")

@@ -11,7 +11,7 @@ import torch
 
 from ..modules import FoldedVO, SeparateVO
 from ..registry import PassConfig, PassContext, PassResult, register_pass
-from ._blocks import BlockSel, guard_growth, select
+from ._blocks import BlockSel, rewrite_attention
 
 
 class VOConfig(PassConfig):
@@ -53,17 +53,5 @@ def _cost(value: SeparateVO, tokens: int) -> tuple[int, int, int, int]:
 @register_pass("vo", VOConfig, families={"vit"},
                summary="fold W_V and W_O into one map per head (exact; shrinks only 1-head models)")
 def vo(model, adapter, cfg: VOConfig, ctx: PassContext) -> PassResult:
-    blocks = adapter.vit_blocks(model)
-    idx = [i for i in select(cfg.blocks, len(blocks), "vo") if isinstance(blocks[i].attn.value, SeparateVO)]
-    tokens = adapter.describe(model)["tokens"]
-    costs = [_cost(blocks[i].attn.value, tokens) for i in idx]
-    d_params = sum(c[1] - c[0] for c in costs)
-    d_flops = sum(c[3] - c[2] for c in costs)
-    heads = blocks[idx[0]].attn.value.heads if idx else 0
-    total = sum(p.numel() for p in model.parameters())
-    note = guard_growth("vo fold", d_params, d_flops, total, heads, cfg.allow_growth) if idx else None
-    with torch.no_grad():
-        for i in idx:
-            blocks[i].attn.value = fold_vo(blocks[i].attn.value)
-    changes = [f"folded V/O in blocks {idx} ({heads} heads): params {d_params:+,}, FLOPs {d_flops:+,}"]
-    return PassResult(model, changes + ([note] if note else []), {"blocks": idx, "heads": heads})
+    return rewrite_attention(model, adapter, cfg, part="value", kind=SeparateVO, convert=fold_vo, cost=_cost,
+                             label="vo fold", verb="folded V/O")

@@ -1,0 +1,175 @@
+"""Knowledge distillation: the original model teaches the rewritten one.
+
+Loss = T^2 * KL(teacher || student) on logits [+ w_f * MSE of block outputs] [+ w_l * CE on labels].
+Data order and augmentation are a pure function of (seed, step), so a resumed run, or the
+same global batch split over DDP ranks, sees exactly the samples an uninterrupted single
+process would.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from .data import Augmented, ImageFolderData, collate
+from .errors import InputError
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """Yields, for steps [start, steps), this rank's share of the global batch as (index, aug key) pairs.
+
+    Global sample positions run through successive seeded permutations (one per epoch).
+    """
+
+    def __init__(self, n: int, batch: int, seed: int, start: int, steps: int, rank: int = 0, world: int = 1):
+        self.n, self.batch, self.seed, self.start, self.steps = n, batch, seed, start, steps
+        self.rank, self.per = rank, batch // world
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def _index(self, pos: int) -> int:
+        epoch = pos // self.n
+        if epoch not in self._perms:
+            self._perms = {epoch: torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))}
+        return int(self._perms[epoch][pos % self.n])
+
+    def __len__(self) -> int:
+        return self.steps - self.start
+
+    def __iter__(self):
+        for step in range(self.start, self.steps):
+            first = step * self.batch + self.rank * self.per
+            yield [(self._index(p), (self.seed * 1_000_003 + p) % 2**63) for p in range(first, first + self.per)]
+
+
+def kd_loss(student_logits, teacher_logits, temperature: float, reduction: str = "mean"):
+    """T^2 * KL(teacher || student) at temperature T, per sample or averaged."""
+    t = temperature
+    per = F.kl_div(F.log_softmax(student_logits / t, -1), F.log_softmax(teacher_logits / t, -1),
+                   log_target=True, reduction="none").sum(-1) * t * t
+    return per.mean() if reduction == "mean" else per
+
+
+def _schedule(warmup: int, steps: int):
+    """Linear warm-up, then cosine to zero."""
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+    return f
+
+
+def _capture(modules: list[nn.Module], store: list):
+    return [m.register_forward_hook(lambda _m, _i, out: store.append(out)) for m in modules]
+
+
+def _save(path: Path, state: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # a kill leaves the previous checkpoint or the new one, never half of one
+
+
+def distill(student: nn.Module, teacher: nn.Module, data: ImageFolderData, *, steps: int, batch_size: int,
+            lr: float, weight_decay: float, warmup_steps: int, temperature: float, feature_weight: float,
+            label_weight: float, features: tuple[list, list] | None, seed: int, device: torch.device,
+            amp: bool, workers: int, checkpoint: Path | None, checkpoint_every: int | None, resume: bool,
+            fingerprint: str, log=print) -> dict:
+    """Train `student` in place; returns the figures for the report (loss per step included)."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if batch_size % world:
+        raise InputError(f"distill.batch_size {batch_size} must divide evenly over {world} processes")
+    if label_weight > 0 and not data.labeled:
+        raise InputError(f"distill.label_weight > 0 needs labels, but {data.path} has no class folders; set it to 0")
+    torch.manual_seed(seed)
+    student.to(device).train()
+    teacher.to(device).eval().requires_grad_(False)
+    model = nn.parallel.DistributedDataParallel(student) if world > 1 else student
+    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(warmup_steps, steps))
+    start, history, skipped = 0, [], 0
+    if resume:
+        if checkpoint is None or not checkpoint.is_file():
+            raise InputError("--resume: no distillation checkpoint to resume from; run without --resume")
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        if state["fingerprint"] != fingerprint:
+            raise InputError("--resume: the checkpoint was made by a different recipe, checkpoint or world size; "
+                             "run without --resume to start over")
+        student.load_state_dict(state["student"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start, history, skipped = state["step"], list(state["history"]), state["skipped"]
+        log(f"distill: resuming from step {start} of {steps}")
+
+    sampler = StepBatches(len(data), batch_size, seed, start, steps, rank, world)
+    dl = torch.utils.data.DataLoader(Augmented(data), batch_sampler=sampler, collate_fn=collate, num_workers=workers,
+                                     pin_memory=device.type == "cuda")
+    batches = iter(dl)  # draws a worker seed from the global RNG: restore the RNG after it, as it was saved
+    if resume:
+        torch.set_rng_state(state["rng"])
+    t_feats, s_feats = [], []
+    hooks = _capture(features[0], t_feats) + _capture(features[1], s_feats) if feature_weight > 0 else []
+    use_amp = amp and device.type == "cuda"
+    bar = tqdm(total=steps, initial=start, disable=rank != 0, desc="distill", unit="step", file=sys.stderr,
+               mininterval=2.0, dynamic_ncols=True)
+    t0, images = time.perf_counter(), 0
+    try:
+        for step, (x, y, bad) in zip(range(start, steps), batches):
+            skipped += bad
+            if x is None:
+                continue
+            x = x.to(device, non_blocking=True)
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            y = y.to(device)
+            t_feats.clear()
+            s_feats.clear()
+            count = torch.tensor(float(len(x)), device=device)
+            if world > 1:  # ranks may hold different numbers of readable images: weight by the global count
+                dist.all_reduce(count)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                with torch.no_grad():
+                    t_logits = teacher(x)
+                s_logits = model(x)
+                per = kd_loss(s_logits.float(), t_logits.float(), temperature, reduction="none")
+                if feature_weight > 0:
+                    per = per + feature_weight * sum((s.float() - t.float()).pow(2).flatten(1).mean(1)
+                                                     for s, t in zip(s_feats, t_feats)) / len(s_feats)
+                if label_weight > 0:
+                    per = per + label_weight * F.cross_entropy(s_logits.float(), y, reduction="none")
+                # DDP averages gradients over ranks, so scale by world: the result is the global-batch mean
+                loss = per.sum() * world / count
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            value = loss.detach() / world
+            if world > 1:
+                dist.all_reduce(value)
+            history.append(float(value))
+            images += len(x) * world
+            bar.update(1)
+            bar.set_postfix(loss=f"{history[-1]:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}",
+                            img_s=f"{images / (time.perf_counter() - t0):.0f}", refresh=False)
+            done = step + 1
+            if rank == 0 and checkpoint is not None and checkpoint_every and done % checkpoint_every == 0 and done < steps:
+                _save(checkpoint, {"fingerprint": fingerprint, "step": done, "student": student.state_dict(),
+                                   "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                                   "rng": torch.get_rng_state(), "history": history, "skipped": skipped})
+    finally:
+        bar.close()
+        for h in hooks:
+            h.remove()
+    seconds = time.perf_counter() - t0
+    student.eval().cpu()
+    teacher.cpu()
+    tail = history[-max(1, min(20, len(history) // 10)):] if history else [float("nan")]
+    return {"steps": steps, "resumed_from": start, "batch_size": batch_size, "world_size": world, "device": str(device),
+            "amp_bf16": use_amp, "seconds": round(seconds, 2), "images_per_s": images / seconds if seconds else None,
+            "final_loss": sum(tail) / len(tail), "skipped_images": skipped, "loss_history": history}

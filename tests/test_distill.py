@@ -1,0 +1,141 @@
+"""Distillation: deterministic batches, a real kill + --resume, DDP over 2 gloo processes, report and gates."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from compress.data import ImageFolderData
+from compress.distill import StepBatches, kd_loss
+from compress.load import load_compressed
+from tests.conftest import REPO, run_cli, write_recipe
+
+STRIP = "version: 1\npasses:\n  - mlp_strip: {blocks: [0]}\n"
+NO_LATENCY = "report: {latency: null}\n"
+
+
+def _distill(data, steps, *, batch=8, every="null", workers=0, extra=""):
+    return (STRIP + f"distill: {{data: {data}, steps: {steps}, batch_size: {batch}, lr: 2.0e-3, warmup_steps: 2, "
+            f"checkpoint_every: {every}, workers: {workers}, device: cpu{extra}}}\n" + NO_LATENCY)
+
+
+def _weights(folder):
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_step_batches_split_and_resume_consistently():
+    full = list(StepBatches(n=10, batch=4, seed=3, start=0, steps=7))
+    assert all(len(b) == 4 for b in full)
+    first_epoch = [i for b in full for i, _ in b][:10]
+    assert sorted(first_epoch) == list(range(10))  # one permutation per epoch: every image once
+    assert list(StepBatches(10, 4, 3, start=4, steps=7)) == full[4:]  # resume sees the same batches
+    ranks = [list(StepBatches(10, 4, 3, 0, 7, rank=r, world=2)) for r in (0, 1)]
+    assert [a + b for a, b in zip(*ranks)] == full  # two ranks split the same global batch
+    assert list(StepBatches(10, 4, 4, 0, 7)) != full  # the seed matters
+
+
+def test_kd_loss_is_zero_only_for_identical_logits():
+    t = torch.randn(5, 7)
+    assert float(kd_loss(t, t, 2.0)) == pytest.approx(0.0, abs=1e-6)
+    assert float(kd_loss(t + torch.randn(5, 7), t, 2.0)) > 1e-3
+
+
+def test_image_folder_counts_corrupt_and_labels(image_zip):
+    ds = ImageFolderData(image_zip, lambda im: torch.zeros(1))
+    assert ds.classes == ["class0", "class1", "class2"] and ds.labeled and len(ds) == 49
+    assert sum(ds[i] is None for i in range(len(ds))) == 1
+
+
+def test_distill_improves_fidelity_and_reports(tmp_path, vit_dir, image_zip):
+    recipe = write_recipe(tmp_path / "r.yaml", _distill(image_zip, 40, extra=", label_weight: 0.1, feature_weight: 0.5")
+                          .replace(NO_LATENCY, f"report: {{latency: null, eval_data: {image_zip}}}\n"))
+    res = run_cli("apply", recipe, vit_dir, "-o", tmp_path / "out")
+    assert res.returncode == 0, res.stderr
+    rep = json.loads((tmp_path / "out" / "report.json").read_text())
+    d = rep["distill"]
+    assert d["steps"] == 40 and len(d["loss_history"]) == 40 and d["resumed_from"] == 0
+    assert d["calib_after"]["kl"] < d["calib_before"]["kl"]
+    assert d["skipped_images"] >= 1  # the corrupt file was drawn, skipped and counted, not fatal
+    assert d["images_per_s"] > 0 and d["device"] == "cpu"
+    assert rep["summary"]["eval"]["images"] == 48 and rep["summary"]["eval"]["skipped"] == 1
+    assert "## Distillation" in (tmp_path / "out" / "report.md").read_text()
+    assert not list(tmp_path.glob(".out.work*"))  # finished: no checkpoint left behind
+
+
+def test_distill_gates_fail_cleanly(tmp_path, vit_dir, image_zip):
+    recipe = write_recipe(tmp_path / "r.yaml", _distill(image_zip, 3).replace(
+        NO_LATENCY, f"report: {{latency: null, eval_data: {image_zip}}}\ngates: {{max_top1_drop: -50}}\n"))
+    res = run_cli("apply", recipe, vit_dir, "-o", tmp_path / "out")
+    assert res.returncode == 4
+    assert "error: gate max_top1_drop (points) missed" in res.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_kill_then_resume_equals_uninterrupted(tmp_path, vit_dir, image_zip):
+    """A real SIGKILL mid-distillation; --resume must end with the same weights as a clean run."""
+    steps = 300
+    recipe = write_recipe(tmp_path / "r.yaml", _distill(image_zip, steps, batch=16, every=10))
+    clean = run_cli("apply", recipe, vit_dir, "-o", tmp_path / "clean")
+    assert clean.returncode == 0, clean.stderr
+
+    out = tmp_path / "out"
+    ckpt = tmp_path / ".out.work" / "distill.pt"
+    proc = subprocess.Popen([sys.executable, "-m", "compress", "apply", str(recipe), str(vit_dir), "-o", str(out)],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed; make it longer"
+    step = torch.load(ckpt, weights_only=True)["step"]
+    assert 0 < step < steps
+    assert not out.exists()  # a killed run publishes nothing
+
+    bad = run_cli("apply", recipe, vit_dir, "-o", tmp_path / "elsewhere", "--resume")
+    assert bad.returncode == 2 and "no distillation checkpoint" in bad.stderr
+
+    res = run_cli("apply", recipe, vit_dir, "-o", out, "--resume")
+    assert res.returncode == 0, res.stderr
+    assert "resuming from step" in res.stdout
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["distill"]["resumed_from"] >= step
+    a, b = _weights(tmp_path / "clean"), _weights(out)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
+    clean_loss = json.loads((tmp_path / "clean" / "report.json").read_text())["distill"]["loss_history"]
+    assert rep["distill"]["loss_history"] == clean_loss
+    assert not list(tmp_path.glob(".out.tmp-*")) and not (tmp_path / ".out.work").exists()
+
+
+def test_ddp_two_gloo_processes_match_one_process(tmp_path, vit_dir, image_zip):
+    recipe = write_recipe(tmp_path / "r.yaml", _distill(image_zip, 6, batch=8, workers=1))
+    single = run_cli("apply", recipe, vit_dir, "-o", tmp_path / "one")
+    assert single.returncode == 0, single.stderr
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "compress", "apply", str(recipe), str(vit_dir), "-o", str(tmp_path / "two")],
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    one = json.loads((tmp_path / "one" / "report.json").read_text())["distill"]
+    two = json.loads((tmp_path / "two" / "report.json").read_text())["distill"]
+    assert two["world_size"] == 2 and one["world_size"] == 1
+    assert len(two["loss_history"]) == 6
+    torch.testing.assert_close(torch.tensor(two["loss_history"]), torch.tensor(one["loss_history"]), rtol=1e-4, atol=1e-6)
+    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    for k in a:
+        if k.endswith("attn.score.k.bias"):
+            # the key bias cancels in the softmax: its gradient is rounding noise, which Adam's
+            # normalisation amplifies to +-lr per step, so it differs without changing the function
+            continue
+        torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-5, msg=k)
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(load_compressed(tmp_path / "two")(x), load_compressed(tmp_path / "one")(x),
+                                   rtol=1e-4, atol=1e-5)
