@@ -64,7 +64,8 @@ def apply(recipe: Path = typer.Argument(..., help="recipe YAML"),
         name = r.name or f"{Path(ckpt.rstrip('/')).stem}-{recipe.stem}"
         out = out or Path("compressed") / name
         log = (lambda m: print(m, file=sys.stderr)) if as_json else (lambda m: print(m))
-        record = run(r, ckpt, out, data=data, dry_run=dry_run, overwrite=overwrite, resume=resume, device=device, log=log)
+        record = run(r, ckpt, out, data=data, dry_run=dry_run, overwrite=overwrite, resume=resume, device=device,
+                     inputs=(recipe,), log=log)
         if _rank() != 0:
             return
         if as_json:

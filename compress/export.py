@@ -15,6 +15,9 @@ from .metrics import fidelity, ort_run, ort_session
 
 
 def _publish(tmp: Path, final: Path) -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # some writers create 0600 files; give every artifact the usual mode
     os.replace(tmp, final)
     return final.stat().st_size
 

@@ -5,6 +5,7 @@ import difflib
 import json
 import os
 import pickle
+import re
 import socket
 import threading
 import zipfile
@@ -52,9 +53,10 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
-            first = str(e).strip().splitlines()[0][:160]
-            raise InputError(f"refusing to load {path}: it holds pickled objects beyond tensors, which could run code "
-                             f"({first}); re-save it as a plain state dict or as .safetensors") from None
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+            what = f" (it references {found.group(1)})" if found else ""
+            raise InputError(f"refusing to load {path}: it holds pickled Python objects beyond tensors, which could run "
+                             f"code{what}; re-save it as a plain state dict or as .safetensors") from None
         except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
             raise InputError(f"cannot read {path}: truncated or not a PyTorch checkpoint "
                              f"({str(e).strip().splitlines()[0][:160]}); re-export it") from None
@@ -146,6 +148,8 @@ def load(ckpt: str, spec: ModelSpec | None = None) -> Loaded:
     if ckpt.startswith(("timm:", "hf:")) and not Path(ckpt).exists():
         return _load_hub(ckpt)
     path = Path(ckpt)
+    if not path.exists():
+        raise InputError(f"checkpoint not found: {path}; check the path")
     config = None
     if path.is_dir():
         cfg_path = path / "config.json"
@@ -164,6 +168,9 @@ def load(ckpt: str, spec: ModelSpec | None = None) -> Loaded:
             raise InputError(f"{path}: no weights file ({', '.join(WEIGHT_FILES)})")
     else:
         weights = path
+        if path.suffix not in (".safetensors", ".pth", ".pt", ".bin"):
+            raise InputError(f"unsupported checkpoint format '{path.suffix}' ({path}); "
+                             "use .safetensors, .pth, .pt or .bin, or a model directory")
     if spec is None and config is None:
         raise InputError(f"{path} holds weights only; add a 'model:' section with arch (e.g. timm:resnet18) to the recipe")
     sd = read_state_dict(weights)

@@ -46,10 +46,15 @@ class Stages:
         self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - t0, 3)
 
 
-def _check_inputs_untouched(ckpt: str, out: Path) -> None:
-    src, dst = Path(ckpt).resolve(), out.resolve()
-    if src == dst or dst in src.parents or src in dst.parents:
-        raise InputError(f"output {out} overlaps the checkpoint {ckpt}; choose an -o outside the input")
+def _check_inputs_untouched(inputs: list, out: Path) -> None:
+    """The output may neither be, contain, nor sit inside any input (checkpoint, recipe, data)."""
+    dst = out.resolve()
+    if out.exists() and not out.is_dir():
+        raise InputError(f"output {out} exists and is not a directory; choose a directory path for -o")
+    for item in inputs:
+        src = Path(item).resolve()
+        if src == dst or dst in src.parents or src in dst.parents:
+            raise InputError(f"output {out} overlaps the input {item}; choose an -o outside the inputs")
 
 
 def _stage(out: Path, overwrite: bool) -> tuple[Path, list[Path]]:
@@ -68,7 +73,7 @@ def _stage(out: Path, overwrite: bool) -> tuple[Path, list[Path]]:
         staging.mkdir()
     except OSError as e:
         _remove(created)
-        raise InputError(f"cannot write to {out}: {e.strerror or e}; choose a writable -o") from None
+        raise InputError(f"cannot create the output directory {out} ({e.strerror or e}); choose a writable -o") from None
     return staging, created
 
 
@@ -124,7 +129,7 @@ def rewrite(loaded, recipe: Recipe, calib, log) -> tuple:
     ref = prev = logits64(teacher, calib)
     params, flops = count_params(student), count_flops(student, size)
     ledger = []
-    for step in recipe.steps:
+    for i, step in enumerate(recipe.steps):
         spec = get_pass(step.name)
         if adapter.family not in spec.families:
             msg = (f"pass '{step.name}' does not apply to {adapter.name} models (it needs family "
@@ -135,7 +140,10 @@ def rewrite(loaded, recipe: Recipe, calib, log) -> tuple:
             ledger.append({"pass": step.name, "skipped": msg})
             continue
         t0 = time.perf_counter()
-        result = spec.fn(student, adapter, step.config, PassContext(calib))
+        try:
+            result = spec.fn(student, adapter, step.config, PassContext(calib))
+        except InputError as e:
+            raise InputError(f"recipe passes[{i}]: {e}") from None
         student = result.model.eval()
         now = logits64(student, calib)
         p1, f1 = count_params(student), count_flops(student, size)
@@ -243,14 +251,16 @@ def _ratio(a, b) -> dict:
 
 
 def apply(recipe: Recipe, ckpt: str, out: Path, *, data: str | None = None, dry_run: bool = False,
-          overwrite: bool = False, resume: bool = False, device: str | None = None, log=print) -> dict:
+          overwrite: bool = False, resume: bool = False, device: str | None = None, inputs: tuple = (),
+          log=print) -> dict:
     """Run a recipe. Under torchrun every rank rewrites and distills; rank 0 alone writes."""
     stages = Stages()
     primary = not dist.is_initialized() or dist.get_rank() == 0
     _check_gates_measurable(recipe)
     with stages("load"):
         loaded = load(ckpt, recipe.model)
-    _check_inputs_untouched(ckpt, out)
+    data_paths = [recipe.calibration.data, recipe.report.eval_data, recipe.distill and recipe.distill.data, data]
+    _check_inputs_untouched([*inputs, *([ckpt] if Path(ckpt).exists() else []), *[p for p in data_paths if p]], out)
     train = distill_data(recipe, data, loaded.data_cfg)  # bad data fails here, before anything is written
     staging, created = _stage(out, overwrite) if primary and not dry_run else (None, [])
     work = out.parent / f".{out.name}.work"  # resumable distillation checkpoints live here until publish

@@ -154,8 +154,9 @@ def _fmt(err: ValidationError, prefix: str) -> str:
     for e in err.errors():
         loc = ".".join(str(x) if isinstance(x, str) else f"[{x}]" for x in e["loc"]).replace(".[", "[")
         where = f"{prefix}.{loc}" if prefix and loc else (prefix or loc)
-        got = f" (got {e['input']!r})" if e["type"] != "missing" and not isinstance(e["input"], dict) else ""
-        parts.append(f"{where}: {e['msg']}{got}")
+        msg = e["msg"].removeprefix("Value error, ")
+        got = f" (got {e['input']!r})" if e["type"] not in ("missing", "value_error") and not isinstance(e["input"], dict) else ""
+        parts.append(f"{where}: {msg}{got}")
     return "; ".join(parts)
 
 
@@ -197,6 +198,8 @@ def load_recipe(path: str | Path) -> Recipe:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise InputError(f"recipe {path}: not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
+    if data is None:
+        raise InputError(f"recipe {path} is empty; start from one in recipes/ (it needs at least 'version: 1')")
     recipe = parse_recipe(data)
     base = path.resolve().parent  # relative data paths are relative to the recipe file, not the cwd
     if recipe.calibration.data is not None and not recipe.calibration.data.is_absolute():

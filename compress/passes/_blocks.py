@@ -1,15 +1,21 @@
 """Block selection and growth accounting shared by the ViT passes."""
 from __future__ import annotations
 
-from typing import Callable, Literal, Union
+from typing import Annotated, Callable, Literal, Union
 
 import torch
-from pydantic import NonNegativeInt
+from pydantic import BeforeValidator, NonNegativeInt
 
 from ..errors import InputError
 from ..registry import PassResult
 
-BlockSel = Union[Literal["all"], list[NonNegativeInt]]
+def _blocks(v):
+    if v == "all" or (isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in v)):
+        return v
+    raise ValueError(f"blocks must be 'all' or a list of block indices 0, 1, ... (got {v!r})")
+
+
+BlockSel = Annotated[Union[Literal["all"], list[NonNegativeInt]], BeforeValidator(_blocks)]
 
 
 def select(sel: BlockSel, n: int, where: str) -> list[int]:
