@@ -74,7 +74,10 @@ def apply(recipe: Path = typer.Argument(..., help="recipe YAML"),
         print()
         print(terminal_table(record))
         print()
-        print("dry run: nothing written" if dry_run else f"wrote {out}/ (model.safetensors, model.onnx, report.md, report.json, report.png)")
+        if dry_run:
+            print("dry run: nothing written")
+        else:
+            print(f"wrote {out}/ ({', '.join(sorted(p.name for p in out.iterdir()))})")
 
 
 def _rank() -> int:

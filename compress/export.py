@@ -46,20 +46,105 @@ def to_onnx(model: nn.Module, path: Path, input_size, *, opset: int, dynamic_bat
     onnx.checker.check_model(str(path))
 
 
+TRAINING_ONLY = {"Dropout", "Gradient", "SoftmaxCrossEntropyLoss", "NegativeLogLikelihoodLoss"}
+
+
+def _graph(path: Path) -> tuple[list[str], int]:
+    """Operator set and node count; a graph with training-only nodes is refused."""
+    g = onnx.load(str(path), load_external_data=False).graph
+    ops = sorted({n.op_type for n in g.node})
+    training = [n.name or n.op_type for n in g.node if n.op_type in TRAINING_ONLY
+                or any(a.name == "training_mode" and a.i == 1 for a in n.attribute)]
+    if training:
+        path.unlink()
+        raise VerificationError(f"{path.name}: training-only nodes left in the graph ({', '.join(training[:3])}); "
+                                "export the model in eval mode")
+    return ops, len(g.node)
+
+
+def _parity(path: Path, ref: torch.Tensor, x: torch.Tensor, threads: int) -> dict:
+    got = torch.from_numpy(ort_run(ort_session(path, threads), x.numpy()))
+    return {**fidelity(ref, got), "images": len(x)}
+
+
+def _verify(tmp: Path, name: str, parity: dict, *, tol: float | None = None, min_agreement: float | None = None) -> dict:
+    """Delete `tmp` and fail unless it meets its precision's bar against the PyTorch student."""
+    if tol is not None and not parity["rel_diff"] <= tol:
+        tmp.unlink()
+        raise VerificationError(f"{name}: onnxruntime differs from PyTorch by {parity['rel_diff']:.2e} of the logit "
+                                f"scale (tolerance {tol:.0e}); not written. Try another export.opset or precision")
+    if min_agreement is not None and not parity["agreement"] >= min_agreement:
+        tmp.unlink()
+        raise VerificationError(f"{name}: top-1 agreement with PyTorch is {100 * parity['agreement']:.1f}% on the "
+                                f"calibration batch (needs {100 * min_agreement:.0f}%); not written. Drop this variant "
+                                "or give calibration.data real images")
+    return {**parity, "tolerance": tol, "min_agreement": min_agreement}
+
+
 def write_onnx(model: nn.Module, path: Path, calib: torch.Tensor, *, opset: int, dynamic_batch: bool,
-               tol: float, threads: int = 2) -> dict:
-    """Export, run in onnxruntime against PyTorch on the calibration batch, rename only if they agree."""
+               tol: float, slim: bool = False, threads: int = 2) -> dict:
+    """Export (+ onnxslim when it keeps the outputs), run in onnxruntime against PyTorch, rename if they agree."""
     tmp = path.with_name(path.name + ".tmp")
     to_onnx(model, tmp, tuple(calib.shape[1:]), opset=opset, dynamic_batch=dynamic_batch)
     x = calib if dynamic_batch else calib[:1]
     with torch.no_grad():
         ref = model(x)
-    got = torch.from_numpy(ort_run(ort_session(tmp, threads), x.numpy()))
-    parity = fidelity(ref, got)
-    if not parity["rel_diff"] <= tol:
-        tmp.unlink()
-        raise VerificationError(f"{path.name}: onnxruntime differs from PyTorch by {parity['rel_diff']:.2e} of the logit "
-                                f"scale (tolerance {tol:.0e}); not written. Try another export.opset")
-    ops = sorted({n.op_type for n in onnx.load(str(tmp), load_external_data=False).graph.node})
-    return {"path": path.name, "bytes": _publish(tmp, path), "opset": opset, "dynamic_batch": dynamic_batch,
-            "parity": {**parity, "images": len(x), "tolerance": tol}, "operators": ops}
+    parity = _verify(tmp, path.name, _parity(tmp, ref, x, threads), tol=tol)
+    slimmed = None
+    if slim:
+        import onnxslim
+
+        nodes = _graph(tmp)[1]
+        cand = path.with_name(path.name + ".slim.tmp")
+        onnx.save(onnxslim.slim(onnx.load(str(tmp))), str(cand))
+        p2 = _parity(cand, ref, x, threads)
+        if p2["rel_diff"] <= tol:
+            os.replace(cand, tmp)
+            parity, slimmed = {**parity, **p2}, {"nodes_before": nodes, "applied": True}
+        else:  # keep the plain export: slimming is an optimisation, never a reason to change outputs
+            cand.unlink()
+            slimmed = {"nodes_before": nodes, "applied": False, "why": f"changed outputs by {p2['rel_diff']:.1e}"}
+    ops, nodes = _graph(tmp)
+    return {"path": path.name, "precision": "fp32", "bytes": _publish(tmp, path), "opset": opset,
+            "dynamic_batch": dynamic_batch, "parity": parity, "operators": ops, "nodes": nodes, "slim": slimmed}
+
+
+def write_fp16(base: Path, path: Path, ref: torch.Tensor, x: torch.Tensor, *, tol: float, threads: int = 2) -> dict:
+    """fp16 weights and activations inside, fp32 input and output (so callers feed the same tensors)."""
+    from onnxconverter_common import float16
+
+    tmp = path.with_name(path.name + ".tmp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        onnx.save(float16.convert_float_to_float16(onnx.load(str(base)), keep_io_types=True), str(tmp))
+    parity = _verify(tmp, path.name, _parity(tmp, ref, x, threads), tol=tol)
+    ops, nodes = _graph(tmp)
+    return {"path": path.name, "precision": "fp16", "bytes": _publish(tmp, path), "parity": parity,
+            "operators": ops, "nodes": nodes}
+
+
+def write_int8(base: Path, path: Path, mode: str, ref: torch.Tensor, x: torch.Tensor, *, min_agreement: float,
+               threads: int = 2) -> dict:
+    """onnxruntime quantization: dynamic (weights int8, activations at run time) or static (QDQ, calibrated on x)."""
+    import logging
+
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    tmp = path.with_name(path.name + ".tmp")
+    logging.getLogger().setLevel(logging.ERROR)  # the quantizer logs advice at WARNING on the root logger
+    if mode == "int8_dynamic":
+        quantize_dynamic(str(base), str(tmp), weight_type=QuantType.QInt8)
+    else:
+        class Reader(CalibrationDataReader):
+            def __init__(self):
+                self.batches = iter([{"input": x[i:i + 8].numpy()} for i in range(0, len(x), 8)])
+
+            def get_next(self):
+                return next(self.batches, None)
+
+        quantize_static(str(base), str(tmp), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    parity = _verify(tmp, path.name, _parity(tmp, ref, x, threads), min_agreement=min_agreement)
+    ops, nodes = _graph(tmp)
+    return {"path": path.name, "precision": mode, "bytes": _publish(tmp, path), "parity": parity,
+            "operators": ops, "nodes": nodes}

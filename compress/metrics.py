@@ -82,22 +82,37 @@ def latency(paths: dict[str, str], input_size, *, batch_sizes, threads: int, war
     return out
 
 
+def ort_predictor(path, dynamic_batch: bool, threads: int = 2):
+    """An ONNX file as a function from an image batch to logits (row by row for a fixed batch of 1)."""
+    session = ort_session(path, threads)
+
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        rows = [x] if dynamic_batch else list(x.split(1))
+        return torch.cat([torch.from_numpy(ort_run(session, r.numpy())) for r in rows])
+
+    return predict
+
+
 @torch.no_grad()
-def evaluate(teacher: nn.Module, student: nn.Module, dl) -> dict:
-    """Top-1 of both models against labels, and their top-1 agreement, on one pass over the data."""
-    n = t_ok = s_ok = agree = skipped = 0
+def evaluate(models: dict, dl) -> dict:
+    """Top-1 of every model (when labeled) and its top-1 agreement with models['teacher'], in one pass."""
+    n = skipped = 0
+    ok = {k: 0 for k in models}
+    agree = {k: 0 for k in models}
     for x, y, bad in dl:
         skipped += bad
         if x is None:
             continue
-        t, s = teacher(x).argmax(-1), student(x).argmax(-1)
+        preds = {k: m(x).argmax(-1) for k, m in models.items()}
         n += len(y)
-        t_ok += int((t == y).sum())
-        s_ok += int((s == y).sum())
-        agree += int((t == s).sum())
+        for k, p in preds.items():
+            ok[k] += int((p == y).sum())
+            agree[k] += int((p == preds["teacher"]).sum())
     if n == 0:
         return {"images": 0, "skipped": skipped}
-    out = {"images": n, "skipped": skipped, "agreement": agree / n}
+    out = {"images": n, "skipped": skipped, "agreement": agree["student"] / n}
     if dl.dataset.labeled:
-        out.update(teacher_top1=t_ok / n, student_top1=s_ok / n)
+        out.update(teacher_top1=ok["teacher"] / n, student_top1=ok["student"] / n)
+    out["variants"] = {k: {"agreement": agree[k] / n, **({"top1": ok[k] / n} if dl.dataset.labeled else {})}
+                       for k in models if k not in ("teacher", "student")}
     return out

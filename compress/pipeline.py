@@ -25,9 +25,10 @@ from . import __version__
 from .data import calibration_batch, dataset, loader
 from .distill import distill
 from .errors import GateError, InputError, VerificationError
-from .export import write_onnx, write_safetensors
+from .export import write_fp16, write_int8, write_onnx, write_safetensors
+from .outdir import check_inputs_untouched, publish, remove_created, stage
 from .load import load
-from .metrics import count_flops, count_params, evaluate, fidelity, latency, logits64
+from .metrics import count_flops, count_params, evaluate, fidelity, latency, logits64, ort_predictor
 from .recipe import Recipe
 from .registry import PassContext, get_pass
 from .report import machine_info, write_reports
@@ -46,72 +47,7 @@ class Stages:
         self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - t0, 3)
 
 
-def _check_inputs_untouched(inputs: list, out: Path) -> None:
-    """The output may neither be, contain, nor sit inside any input (checkpoint, recipe, data)."""
-    dst = out.resolve()
-    if out.exists() and not out.is_dir():
-        raise InputError(f"output {out} exists and is not a directory; choose a directory path for -o")
-    for item in inputs:
-        src = Path(item).resolve()
-        if src == dst or dst in src.parents or src in dst.parents:
-            raise InputError(f"output {out} overlaps the input {item}; choose an -o outside the inputs")
-
-
-def _stage(out: Path, overwrite: bool) -> tuple[Path, list[Path]]:
-    """A fresh staging directory beside OUT; returns it and the parent dirs this run created."""
-    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
-        raise InputError(f"output {out} already exists; pass --overwrite to replace it or choose another -o")
-    created = []
-    parent = out.parent
-    try:
-        for p in reversed([parent, *parent.parents]):
-            if not p.exists():
-                p.mkdir()
-                created.append(p)
-        _clear_stale(parent, out.name)
-        staging = parent / f".{out.name}.tmp-{os.getpid()}"
-        staging.mkdir()
-    except OSError as e:
-        _remove(created)
-        raise InputError(f"cannot create the output directory {out} ({e.strerror or e}); choose a writable -o") from None
-    return staging, created
-
-
-def _clear_stale(parent: Path, name: str) -> None:
-    """Remove staging dirs left by runs that were killed (their process is gone)."""
-    for p in parent.glob(f".{name}.tmp-*"):
-        pid = p.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(p, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _remove(created: list[Path]) -> None:
-    for p in reversed(created):
-        shutil.rmtree(p, ignore_errors=True)
-
-
-def _publish(staging: Path, out: Path) -> None:
-    """Swap the verified staging dir into place; a previous OUT is removed only after the swap."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(staging, out)
-    if old is not None:
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
-
-
-def _check_gates_measurable(recipe: Recipe) -> None:
+def _check_recipe_needs(recipe: Recipe, data) -> None:
     g, r = recipe.gates, recipe.report
     if (g.max_top1_drop is not None or g.min_agreement is not None) and r.eval_data is None:
         raise InputError("gates max_top1_drop/min_agreement need report.eval_data; add it or drop the gate")
@@ -119,6 +55,10 @@ def _check_gates_measurable(recipe: Recipe) -> None:
         raise InputError("gates min_speedup/max_size_ratio are measured on the ONNX file; add onnx to export.formats")
     if g.min_speedup is not None and r.latency is None:
         raise InputError("gate min_speedup needs report.latency; do not set it to null")
+    if "int8_static" in recipe.export.quantize and recipe.calibration.data is None and data is None:
+        raise InputError("export.quantize int8_static calibrates on real images; set calibration.data or pass --data")
+    if variants(recipe.export) and "onnx" not in recipe.export.formats:
+        raise InputError("export.precision fp16 / export.quantize make ONNX variants; add onnx to export.formats")
 
 
 def rewrite(loaded, recipe: Recipe, calib, log) -> tuple:
@@ -215,6 +155,70 @@ def run_distill(recipe: Recipe, loaded, student, train, calib, work: Path, *, re
     return {**stats, "data": str(train.path), "images": len(train), "calib_before": before, "calib_after": after}
 
 
+def _export(recipe: Recipe, loaded, student, staging: Path, calib, log) -> dict:
+    """Write every artifact the recipe asks for; each is verified before it gets its final name."""
+    ex, artifacts = recipe.export, {}
+    meta = {"compress_version": __version__, "source_arch": loaded.source["arch"],
+            "source_kwargs": json.dumps(loaded.source["kwargs"]),
+            "recipe": json.dumps(recipe.resolved()), "family": loaded.adapter.family}
+    if "safetensors" in ex.formats:
+        artifacts["safetensors"] = write_safetensors(student, staging / "model.safetensors", meta)
+        if "fp16" in ex.precision:
+            artifacts["safetensors.fp16"] = write_safetensors(copy.deepcopy(student).half(),
+                                                              staging / "model.fp16.safetensors", meta)
+    if "onnx" in ex.formats:
+        base = staging / "model.onnx"
+        artifacts["onnx"] = write_onnx(student, base, calib, opset=ex.opset, dynamic_batch=ex.dynamic_batch,
+                                       tol=ex.parity_tol, slim=ex.slim)
+        x = calib if ex.dynamic_batch else calib[:1]
+        with torch.no_grad():
+            ref = student(x)
+        for v in variants(ex):
+            log(f"export: {v} variant")
+            path = staging / f"model.{v}.onnx"
+            artifacts[f"onnx.{v}"] = (write_fp16(base, path, ref, x, tol=ex.fp16_tol) if v == "fp16" else
+                                      write_int8(base, path, v, ref, x, min_agreement=ex.int8_min_agreement))
+    return artifacts
+
+
+def variants(ex) -> list[str]:
+    return [p for p in ex.precision if p != "fp32"] + list(ex.quantize)
+
+
+def _measure(recipe: Recipe, loaded, student, staging: Path, calib, artifacts: dict, summary: dict, log) -> None:
+    """Sizes, onnxruntime latency (teacher and every variant interleaved) and accuracy, into `summary`."""
+    ex, teacher, cfg = recipe.export, loaded.model, loaded.data_cfg
+    size = tuple(cfg["input_size"])
+    onnx_files = {}
+    with tempfile.TemporaryDirectory(prefix="compress-teacher-") as tmp:
+        # The teacher goes through the same writers, so sizes and latency compare like with like.
+        if "safetensors" in ex.formats:
+            t = write_safetensors(teacher, Path(tmp) / "teacher.safetensors", {})
+            summary["safetensors_bytes"] = _ratio(t["bytes"], artifacts["safetensors"]["bytes"])
+        if "onnx" in ex.formats:
+            t = write_onnx(teacher, Path(tmp) / "teacher.onnx", calib, opset=ex.opset,
+                           dynamic_batch=ex.dynamic_batch, tol=ex.parity_tol, slim=ex.slim)
+            summary["onnx_bytes"] = _ratio(t["bytes"], artifacts["onnx"]["bytes"])
+            onnx_files = {"teacher": Path(tmp) / "teacher.onnx", "student": staging / "model.onnx",
+                          **{v: staging / f"model.{v}.onnx" for v in variants(ex)}}
+            lat = recipe.report.latency
+            if lat is not None:
+                log(f"timing onnxruntime: batch {lat.batch_sizes}, {lat.threads} threads, {lat.runs} interleaved runs")
+                res = latency(onnx_files, size, batch_sizes=lat.batch_sizes if ex.dynamic_batch else [1],
+                              threads=lat.threads, warmup=lat.warmup, runs=lat.runs)
+                summary["latency"] = {bs: {"teacher": res["teacher"][bs], "student": res["student"][bs],
+                                           "speedup": res["teacher"][bs]["p50_ms"] / res["student"][bs]["p50_ms"],
+                                           "variants": {v: {**res[v][bs], "speedup": res["teacher"][bs]["p50_ms"] / res[v][bs]["p50_ms"]}
+                                                        for v in variants(ex)}}
+                                      for bs in res["student"]}
+        if recipe.report.eval_data is not None:
+            log(f"evaluating on {recipe.report.eval_data}")
+            _, dl = loader(recipe.report.eval_data, cfg, limit=recipe.report.eval_images)
+            models = {"teacher": teacher, "student": student,
+                      **{v: ort_predictor(onnx_files[v], ex.dynamic_batch) for v in variants(ex) if v in onnx_files}}
+            summary["eval"] = {"data": str(recipe.report.eval_data), **evaluate(models, dl)}
+
+
 def _gates(recipe: Recipe, summary: dict) -> list[dict]:
     g = recipe.gates
     checks = []
@@ -256,26 +260,26 @@ def apply(recipe: Recipe, ckpt: str, out: Path, *, data: str | None = None, dry_
     """Run a recipe. Under torchrun every rank rewrites and distills; rank 0 alone writes."""
     stages = Stages()
     primary = not dist.is_initialized() or dist.get_rank() == 0
-    _check_gates_measurable(recipe)
+    _check_recipe_needs(recipe, data)
     with stages("load"):
         loaded = load(ckpt, recipe.model)
     data_paths = [recipe.calibration.data, recipe.report.eval_data, recipe.distill and recipe.distill.data, data]
-    _check_inputs_untouched([*inputs, *([ckpt] if Path(ckpt).exists() else []), *[p for p in data_paths if p]], out)
+    check_inputs_untouched([*inputs, *([ckpt] if Path(ckpt).exists() else []), *[p for p in data_paths if p]], out)
     train = distill_data(recipe, data, loaded.data_cfg)  # bad data fails here, before anything is written
-    staging, created = _stage(out, overwrite) if primary and not dry_run else (None, [])
+    staging, created = stage(out, overwrite) if primary and not dry_run else (None, [])
     work = out.parent / f".{out.name}.work"  # resumable distillation checkpoints live here until publish
     if primary and not dry_run and not resume:
         shutil.rmtree(work, ignore_errors=True)
     try:
         record = _run(recipe, loaded, staging, data, train, work, dry_run, resume, device, ckpt, stages, log)
         if staging is not None:
-            _publish(staging, out)
+            publish(staging, out)
             shutil.rmtree(work, ignore_errors=True)
         return record
     except BaseException:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
-        _remove(created)
+        remove_created(created)
         raise
 
 
@@ -303,41 +307,10 @@ def _run(recipe: Recipe, loaded, staging: Path | None, data, train, work: Path, 
         if staging is None:  # a torchrun rank other than 0: its share of the training is done
             return record
 
-    ex = recipe.export
-    artifacts = {}
     with stages("export"):
-        meta = {"compress_version": __version__, "source_arch": loaded.source["arch"],
-                "source_kwargs": json.dumps(loaded.source["kwargs"]),
-                "recipe": json.dumps(recipe.resolved()), "family": loaded.adapter.family}
-        if "safetensors" in ex.formats:
-            artifacts["safetensors"] = write_safetensors(student, staging / "model.safetensors", meta)
-        if "onnx" in ex.formats:
-            artifacts["onnx"] = write_onnx(student, staging / "model.onnx", calib, opset=ex.opset,
-                                           dynamic_batch=ex.dynamic_batch, tol=ex.parity_tol)
-    record["artifacts"] = artifacts
-
-    with stages("measure"), tempfile.TemporaryDirectory(prefix="compress-teacher-") as tmp:
-        # The teacher goes through the same writers, so sizes and latency compare like with like.
-        if "safetensors" in ex.formats:
-            t = write_safetensors(teacher, Path(tmp) / "teacher.safetensors", {})
-            summary["safetensors_bytes"] = _ratio(t["bytes"], artifacts["safetensors"]["bytes"])
-        if "onnx" in ex.formats:
-            t = write_onnx(teacher, Path(tmp) / "teacher.onnx", calib, opset=ex.opset,
-                           dynamic_batch=ex.dynamic_batch, tol=ex.parity_tol)
-            summary["onnx_bytes"] = _ratio(t["bytes"], artifacts["onnx"]["bytes"])
-            lat = recipe.report.latency
-            if lat is not None:
-                log(f"timing onnxruntime: batch {lat.batch_sizes}, {lat.threads} threads, {lat.runs} interleaved runs")
-                res = latency({"teacher": Path(tmp) / "teacher.onnx", "student": staging / "model.onnx"}, size,
-                              batch_sizes=lat.batch_sizes if ex.dynamic_batch else [1], threads=lat.threads,
-                              warmup=lat.warmup, runs=lat.runs)
-                summary["latency"] = {bs: {"teacher": res["teacher"][bs], "student": res["student"][bs],
-                                           "speedup": res["teacher"][bs]["p50_ms"] / res["student"][bs]["p50_ms"]}
-                                      for bs in res["student"]}
-        if recipe.report.eval_data is not None:
-            log(f"evaluating on {recipe.report.eval_data}")
-            _, dl = loader(recipe.report.eval_data, cfg, limit=recipe.report.eval_images)
-            summary["eval"] = {"data": str(recipe.report.eval_data), **evaluate(teacher, student, dl)}
+        record["artifacts"] = artifacts = _export(recipe, loaded, student, staging, calib, log)
+    with stages("measure"):
+        _measure(recipe, loaded, student, staging, calib, artifacts, summary, log)
     if summary.get("eval", {}).get("images") == 0:
         raise InputError(f"{recipe.report.eval_data}: none of the evaluation images could be read; check the data")
 

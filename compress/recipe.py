@@ -5,10 +5,10 @@ import difflib
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
 
 from . import passes as _passes  # noqa: F401  (registers the passes)
 from .errors import InputError
@@ -34,11 +34,27 @@ class CalibrationSpec(_Strict):
     seed: int = 0
 
 
+def _as_list(v):
+    """Accept a scalar where a list is expected ('none' means an empty list)."""
+    if v is None or v == "none":
+        return []
+    return [v] if isinstance(v, str) else v
+
+
 class ExportSpec(_Strict):
+    """fp32 model.onnx / model.safetensors are always written; `precision` and `quantize` add variants."""
+
     formats: list[Literal["safetensors", "onnx"]] = Field(default_factory=lambda: ["safetensors", "onnx"], min_length=1)
+    precision: Annotated[list[Literal["fp32", "fp16"]], BeforeValidator(_as_list)] = Field(
+        default_factory=lambda: ["fp32"], description="fp16 adds model.fp16.onnx and model.fp16.safetensors")
+    quantize: Annotated[list[Literal["int8_dynamic", "int8_static"]], BeforeValidator(_as_list)] = Field(
+        default_factory=list, description="none, or int8 ONNX variants (static calibrates on calibration.data)")
+    slim: bool = Field(True, description="onnxslim the graphs, kept only when outputs stay within parity_tol")
     opset: int = Field(18, ge=14, le=21)
     dynamic_batch: bool = True
-    parity_tol: PositiveFloat = Field(1e-4, description="max |ONNX - PyTorch| relative to the logit scale")
+    parity_tol: PositiveFloat = Field(1e-4, description="fp32: max |ONNX - PyTorch| relative to the logit scale")
+    fp16_tol: PositiveFloat = Field(1e-2, description="fp16: the same bound")
+    int8_min_agreement: float = Field(0.9, ge=0, le=1, description="int8: top-1 agreement with PyTorch on calibration")
 
 
 class LatencySpec(_Strict):

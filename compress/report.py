@@ -68,12 +68,42 @@ def rows(record: dict) -> list[tuple[str, str, str, str]]:
     return out
 
 
-def terminal_table(record: dict) -> str:
-    r = [("", "teacher", "student", "change"), *rows(record)]
-    w = [max(len(x[i]) for x in r) for i in range(4)]
+def variant_rows(record: dict) -> list[tuple]:
+    """One row per ONNX file of the student (fp32 first): size, parity, p50 latency per batch, top-1, agreement."""
+    s, arts = record["summary"], record.get("artifacts", {})
+    ev = s.get("eval") or {}
+    out = []
+    for key, a in arts.items():
+        if not key.startswith("onnx"):
+            continue
+        v = key.partition(".")[2] or "fp32"
+        name = "student" if v == "fp32" else v
+        lat = [(bs, d["student"] if v == "fp32" else d["variants"][v]) for bs, d in s.get("latency", {}).items()]
+        acc = ev if v == "fp32" else (ev.get("variants") or {}).get(v, {})
+        top1 = acc.get("student_top1", acc.get("top1"))
+        p = a["parity"]
+        check = f"max rel Δ {p['rel_diff']:.1e}, agree {100 * p['agreement']:.1f}%"
+        out.append((v, a["path"], _bytes(a["bytes"]), check,
+                    "  ".join(f"b{bs} {d['p50_ms']:.2f} ms" for bs, d in lat) or "-",
+                    f"{100 * top1:.2f}%" if top1 is not None else "-",
+                    f"{100 * acc['agreement']:.2f}%" if "agreement" in acc else "-", name))
+    return out
+
+
+def _align(r: list[tuple]) -> str:
+    w = [max(len(x[i]) for x in r) for i in range(len(r[0]))]
     lines = ["  ".join(c.ljust(w[i]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(x)) for x in r]
     lines.insert(1, "-" * len(lines[0]))
     return "\n".join(lines)
+
+
+def terminal_table(record: dict) -> str:
+    text = _align([("", "teacher", "student", "change"), *rows(record)])
+    v = variant_rows(record)
+    if len(v) > 1:
+        text += "\n\n" + _align([("ONNX variant", "size", "p50 latency", "top-1", "agreement"),
+                                   *[(x[0], x[2], x[4], x[5], x[6]) for x in v]])
+    return text
 
 
 def _ledger_md(record: dict) -> list[str]:
@@ -114,14 +144,25 @@ def markdown(record: dict) -> str:
     if record.get("gates"):
         lines += ["", "## Gates", "", "| gate | target | measured | result |", "|---|---|---|---|"]
         lines += [f"| {g['gate']} | {g['target']} | {g['measured']:.4g} | {'pass' if g['ok'] else '**FAIL**'} |" for g in record["gates"]]
+    v = variant_rows(record)
+    if len(v) > 1:
+        lines += ["", "## ONNX variants", "", "Each checked against the PyTorch student on the calibration batch before it was "
+                  "written; latency from the same interleaved runs as above; top-1 and teacher agreement on the eval data.", "",
+                  "| variant | file | size | parity vs PyTorch | p50 latency | top-1 | agreement |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {x[0]} | `{x[1]}` | {x[2]} | {x[3]} | {x[4]} | {x[5]} | {x[6]} |" for x in v]
     lines += ["", "## Artifacts", ""]
     for kind, a in record.get("artifacts", {}).items():
         extra = ""
         if "parity" in a:
             p = a["parity"]
+            bar = f"tol {p['tolerance']:.0e}" if p.get("tolerance") else f"needs {100 * p['min_agreement']:.0f}% agreement"
+            slim = a.get("slim") or {}
             extra = (f"; onnxruntime vs PyTorch on {p['images']} inputs: max |Δ| {p['max_abs_diff']:.2e} "
-                     f"({p['rel_diff']:.1e} of logit scale, tol {p['tolerance']:.0e}), top-1 agreement {100 * p['agreement']:.1f}%; "
-                     f"opset {a['opset']}, operators: {', '.join(a['operators'])}")
+                     f"({p['rel_diff']:.1e} of logit scale, {bar}), top-1 agreement {100 * p['agreement']:.1f}%; "
+                     f"{a['nodes']} nodes"
+                     + (f" (onnxslim: {slim['nodes_before']} before)" if slim.get("applied") else
+                        f" (onnxslim not applied: {slim['why']})" if slim else "")
+                     + f"; operators: {', '.join(a['operators'])}")
         lines.append(f"- `{a['path']}`: {_bytes(a['bytes'])}{extra}")
     lines += ["", "## Machine", "", f"{m['cpu']}, {m['cores']} cores; onnxruntime {m['onnxruntime']} with "
               f"{m['ort_threads'] or '-'} intra-op threads (latency: warm-up, then teacher and student interleaved); "

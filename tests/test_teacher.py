@@ -29,7 +29,8 @@ def _reference_teacher():
 def _real_images(n=64):
     cfg = timm.data.resolve_data_config(model=_reference_teacher())
     _, dl = loader(need_shared(CIFAR_TEST), cfg, limit=n, batch_size=n)
-    return next(iter(dl))
+    x, y, _ = next(iter(dl))
+    return x, y
 
 
 def test_loader_matches_timm_local_dir():
@@ -98,10 +99,26 @@ def test_real_teacher_distillation_short(tmp_path):
     recipe.write_text(
         "version: 1\npasses:\n  - mlp_strip: {blocks: [2, 3, 4]}\n"
         f"calibration: {{data: {need_shared(CIFAR_TEST.parent / 'train.zip')}, images: 64}}\n"
-        f"distill: {{data: {CIFAR_TEST.parent / 'train.zip'}, steps: 25, batch_size: 32, warmup_steps: 5, device: cpu}}\n"
+        f"distill: {{data: {CIFAR_TEST.parent / 'train.zip'}, steps: 40, batch_size: 32, lr: 2.0e-4, warmup_steps: 10, device: cpu}}\n"
         f"report: {{latency: null, eval_data: {CIFAR_TEST}, eval_images: 500}}\n")
     res = run_cli("apply", recipe, need_shared(VIT_TEACHER), "-o", tmp_path / "o")
     assert res.returncode == 0, res.stderr
     d = json.loads((tmp_path / "o" / "report.json").read_text())["distill"]
-    assert d["images"] == 50000 and len(d["loss_history"]) == 25
+    assert d["images"] == 50000 and len(d["loss_history"]) == 40
     assert d["calib_after"]["kl"] < d["calib_before"]["kl"]
+
+
+def test_edge_recipe_writes_fp32_fp16_int8_with_accuracy(tmp_path):
+    out = tmp_path / "edge"
+    res = run_cli("apply", REPO / "recipes" / "vit_strip_half_edge.yaml", need_shared(VIT_TEACHER), "-o", out)
+    assert res.returncode == 0, res.stderr
+    rep = json.loads((out / "report.json").read_text())
+    arts = rep["artifacts"]
+    fp32, fp16, dyn = arts["onnx"]["bytes"], arts["onnx.fp16"]["bytes"], arts["onnx.int8_dynamic"]["bytes"]
+    assert fp16 < 0.55 * fp32 and dyn < 0.35 * fp32  # weights dominate a real model's file
+    ev = rep["summary"]["eval"]
+    assert ev["images"] == 2000
+    for v in ("fp16", "int8_dynamic", "int8_static"):
+        assert abs(ev["variants"][v]["top1"] - ev["student_top1"]) < 0.03, v  # measured, near the fp32 student
+        assert rep["summary"]["latency"]["8"]["variants"][v]["p50_ms"] > 0
+    assert "| int8_static | `model.int8_static.onnx` |" in (out / "report.md").read_text()
