@@ -62,7 +62,10 @@ def _check_recipe_needs(recipe: Recipe, data) -> None:
 
 
 def rewrite(loaded, recipe: Recipe, calib, log) -> tuple:
-    """Apply the passes in order to a copy of the teacher; verify exact ones, measure the rest."""
+    """Apply the passes in order to a copy of the teacher; verify exact ones, measure the rest.
+
+    Returns the student, the per-pass ledger and the teacher's float64 logits on `calib`.
+    """
     teacher, adapter = loaded.model, loaded.adapter
     size = loaded.data_cfg["input_size"]
     student = copy.deepcopy(teacher)
@@ -103,7 +106,7 @@ def rewrite(loaded, recipe: Recipe, calib, log) -> tuple:
         for line in result.changes:
             log(f"{step.name}: {line}")
         params, flops, prev = p1, f1, now
-    return student, ledger
+    return student, ledger, ref
 
 
 def distill_data(recipe: Recipe, data: str | None, data_cfg: dict):
@@ -125,8 +128,8 @@ def _device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
-def run_distill(recipe: Recipe, loaded, student, train, calib, work: Path, *, resume: bool, device: str | None,
-                ckpt: str, log) -> dict:
+def run_distill(recipe: Recipe, loaded, student, train, calib, ref, work: Path, *, resume: bool,
+                device: str | None, ckpt: str, log) -> dict:
     d = recipe.distill
     steps = d.steps or (math.ceil(d.epochs * len(train) / d.batch_size) if d.epochs else 500)
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -138,7 +141,6 @@ def run_distill(recipe: Recipe, loaded, student, train, calib, work: Path, *, re
         checkpoint = work / "distill.pt"
     teacher, adapter = loaded.model, loaded.adapter
     feats = (adapter.feature_modules(teacher), adapter.feature_modules(student)) if d.feature_weight > 0 else None
-    ref = logits64(teacher, calib)
     before = fidelity(ref, logits64(student, calib))
     dev = _device(device or d.device)
     log(f"distill: {steps} steps of {d.batch_size} images on {dev} x{world} from {train.path}")
@@ -147,8 +149,8 @@ def run_distill(recipe: Recipe, loaded, student, train, calib, work: Path, *, re
                     label_weight=d.label_weight, features=feats, seed=d.seed, device=dev, amp=d.amp, workers=d.workers,
                     checkpoint=checkpoint, checkpoint_every=d.checkpoint_every, resume=resume,
                     fingerprint=fingerprint, log=log)
-    if checkpoint is not None:  # training finished: nothing left to resume
-        shutil.rmtree(work, ignore_errors=True)
+    if checkpoint is not None and (not dist.is_initialized() or dist.get_rank() == 0):
+        shutil.rmtree(work, ignore_errors=True)  # training finished: nothing left to resume
     after = fidelity(ref, logits64(student, calib))
     log(f"distill: done in {stats['seconds']:.0f} s ({stats['images_per_s']:.0f} images/s), final loss "
         f"{stats['final_loss']:.4f}; calibration agreement {100 * before['agreement']:.1f}% -> {100 * after['agreement']:.1f}%")
@@ -290,7 +292,7 @@ def _run(recipe: Recipe, loaded, staging: Path | None, data, train, work: Path, 
     calib_path = data if data is not None else recipe.calibration.data
     calib, calib_desc = calibration_batch(calib_path, cfg, recipe.calibration.images, recipe.calibration.seed)
     with stages("rewrite"):
-        student, ledger = rewrite(loaded, recipe, calib, log)
+        student, ledger, ref = rewrite(loaded, recipe, calib, log)
     record = {"compress_version": __version__, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "source": loaded.source, "input_size": list(size), "calibration": calib_desc,
               "recipe": recipe.resolved(), "passes": ledger}
@@ -302,7 +304,7 @@ def _run(recipe: Recipe, loaded, staging: Path | None, data, train, work: Path, 
         return record
     if recipe.distill is not None:
         with stages("distill"):
-            record["distill"] = run_distill(recipe, loaded, student, train, calib, work, resume=resume,
+            record["distill"] = run_distill(recipe, loaded, student, train, calib, ref, work, resume=resume,
                                             device=device, ckpt=ckpt, log=log)
         if staging is None:  # a torchrun rank other than 0: its share of the training is done
             return record

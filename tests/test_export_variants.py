@@ -106,3 +106,16 @@ def test_training_only_nodes_are_refused(tmp_path):
     with pytest.raises(VerificationError, match="training-only nodes left in the graph \\(drop\\)"):
         _graph(path)
     assert not path.exists()
+
+
+def test_fixed_batch_export(tmp_path, vit_dir, image_zip):
+    recipe = write_recipe(tmp_path / "r.yaml", _recipe(image_zip, "{dynamic_batch: false, quantize: int8_dynamic}"))
+    res = run_cli("apply", recipe, vit_dir, "-o", tmp_path / "out")
+    assert res.returncode == 0, res.stderr
+    rep = json.loads((tmp_path / "out" / "report.json").read_text())
+    for name in ("model.onnx", "model.int8_dynamic.onnx"):
+        dims = onnx.load(str(tmp_path / "out" / name)).graph.input[0].type.tensor_type.shape.dim
+        assert [d.dim_value for d in dims] == [1, 3, 16, 16]
+    assert rep["artifacts"]["onnx"]["parity"]["images"] == 1
+    assert set(rep["summary"]["latency"]) == {"1"}  # a fixed-batch graph is timed at batch 1 only
+    assert rep["summary"]["eval"]["variants"]["int8_dynamic"]["top1"] >= 0  # evaluated image by image
