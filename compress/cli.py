@@ -29,6 +29,8 @@ def _errors(debug: bool):
             print(terminal_table(record), file=sys.stderr)
         print(f"error: {e}", file=sys.stderr)
         raise typer.Exit(e.exit_code) from None
+    except (typer.Exit, typer.Abort):
+        raise
     except KeyboardInterrupt:
         print("error: interrupted; nothing was published", file=sys.stderr)
         raise typer.Exit(130) from None
@@ -47,6 +49,7 @@ def apply(recipe: Path = typer.Argument(..., help="recipe YAML"),
                                              "distillation where the recipe names none"),
           device: Optional[str] = typer.Option(None, "--device", help="distillation device: auto, cpu or cuda"),
           resume: bool = typer.Option(False, "--resume", help="continue an interrupted distillation from its checkpoint"),
+          override: Optional[str] = typer.Option(None, "--override", help='JSON merged into the recipe, e.g. \'{"report": {"latency": null}}\''),
           dry_run: bool = typer.Option(False, "--dry-run", help="plan and print params/FLOPs; write nothing"),
           overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output directory"),
           as_json: bool = typer.Option(False, "--json", help="print the report as JSON on stdout"),
@@ -59,7 +62,7 @@ def apply(recipe: Path = typer.Argument(..., help="recipe YAML"),
 
         if device not in (None, "auto", "cpu", "cuda"):
             raise InputError(f"--device {device!r}: use auto, cpu or cuda")
-        r = load_recipe(recipe)
+        r = load_recipe(recipe, _json_arg(override, "--override"))
         _init_distributed(device or (r.distill.device if r.distill else "cpu"))
         name = r.name or f"{Path(ckpt.rstrip('/')).stem}-{recipe.stem}"
         out = out or Path("compressed") / name
@@ -78,6 +81,18 @@ def apply(recipe: Path = typer.Argument(..., help="recipe YAML"),
             print("dry run: nothing written")
         else:
             print(f"wrote {out}/ ({', '.join(sorted(p.name for p in out.iterdir()))})")
+
+
+def _json_arg(text: Optional[str], flag: str) -> Optional[dict]:
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{flag}: not valid JSON ({e}); pass an object such as '{{\"report\": {{\"latency\": null}}}}'") from None
+    if not isinstance(value, dict):
+        raise InputError(f"{flag}: expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 def _rank() -> int:
@@ -115,6 +130,27 @@ def inspect(ckpt: str = typer.Argument(..., help="timm directory, weights file, 
         spec = load_recipe(recipe).model if recipe else None
         info = inspect_model(load(ckpt, spec))
         print(json.dumps(info, indent=2) if as_json else format_inspect(info))
+
+
+@app.command()
+def batch(zoo: Path = typer.Argument(..., help="zoo YAML: version, entries (checkpoint, recipe, name, overrides)"),
+          out: Path = typer.Option(Path("compressed/batch"), "-o", "--out", help="output directory"),
+          jobs: int = typer.Option(1, "--jobs", help="entries converted at once, each in its own process"),
+          resume: bool = typer.Option(False, "--resume", help="skip entries done and verified; retry the rest"),
+          debug: bool = typer.Option(False, "--debug")):
+    """Convert every entry of a model zoo; a failing entry never stops the others."""
+    with _errors(debug):
+        from .batch import PARTIAL_FAILURE, run_batch, summary_rows
+        from .report import align
+
+        summary = run_batch(zoo, out, jobs=jobs, resume=resume)
+        print()
+        print(align(summary_rows(summary)))
+        failed = [n for n, e in summary["entries"].items() if e["state"] != "done"]
+        print(f"\nwrote {out}/summary.md, summary.json, manifest.json")
+        if failed:
+            print(f"error: {len(failed)} of {len(summary['entries'])} entries failed: {', '.join(failed)}", file=sys.stderr)
+            raise typer.Exit(PARTIAL_FAILURE)
 
 
 @app.command()

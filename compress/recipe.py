@@ -204,7 +204,15 @@ def parse_recipe(data: Any) -> Recipe:
     return recipe
 
 
-def load_recipe(path: str | Path) -> Recipe:
+def merge(base: dict, overrides: dict) -> dict:
+    """Nested-dict update: overrides win key by key; lists and scalars are replaced whole."""
+    out = dict(base)
+    for k, v in overrides.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_recipe(path: str | Path, overrides: dict | None = None) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"recipe file not found: {path}; check the path (recipes/ has examples)")
@@ -216,6 +224,10 @@ def load_recipe(path: str | Path) -> Recipe:
         raise InputError(f"recipe {path}: not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
     if data is None:
         raise InputError(f"recipe {path} is empty; start from one in recipes/ (it needs at least 'version: 1')")
+    if overrides:
+        if not isinstance(data, dict):
+            raise InputError(f"recipe: the top level must be a mapping with at least 'version: 1'; got {type(data).__name__}")
+        data = merge(data, overrides)
     recipe = parse_recipe(data)
     base = path.resolve().parent  # relative data paths are relative to the recipe file, not the cwd
     if recipe.calibration.data is not None and not recipe.calibration.data.is_absolute():

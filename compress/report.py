@@ -90,18 +90,20 @@ def variant_rows(record: dict) -> list[tuple]:
     return out
 
 
-def _align(r: list[tuple]) -> str:
+def align(r: list[tuple]) -> str:
     w = [max(len(x[i]) for x in r) for i in range(len(r[0]))]
-    lines = ["  ".join(c.ljust(w[i]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(x)) for x in r]
-    lines.insert(1, "-" * len(lines[0]))
+    last = len(w) - 1
+    lines = ["  ".join(c.ljust(w[i]) if i in (0, last) and i else c.ljust(w[i]) if i == 0 else c.rjust(w[i])
+                       for i, c in enumerate(x)).rstrip() for x in r]
+    lines.insert(1, "-" * max(len(x) for x in lines))
     return "\n".join(lines)
 
 
 def terminal_table(record: dict) -> str:
-    text = _align([("", "teacher", "student", "change"), *rows(record)])
+    text = align([("", "teacher", "student", "change"), *rows(record)])
     v = variant_rows(record)
     if len(v) > 1:
-        text += "\n\n" + _align([("ONNX variant", "size", "p50 latency", "top-1", "agreement"),
+        text += "\n\n" + align([("ONNX variant", "size", "p50 latency", "top-1", "agreement"),
                                    *[(x[0], x[2], x[4], x[5], x[6]) for x in v]])
     return text
 

@@ -1,0 +1,125 @@
+"""`compress batch`: broken entries never stop good ones; --resume redoes only what is not done and verified."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from compress.batch import verified
+from tests.conftest import FAST, REPO, run_cli, save_timm_dir, tiny_vit, tiny_vit_args, write_recipe
+
+RECIPE = "version: 1\npasses:\n  - mlp_strip: {blocks: [0]}\n" + FAST
+
+
+def _zoo(tmp_path, n_good=3):
+    for i in range(n_good):
+        save_timm_dir(tiny_vit(seed=i, heads=2), "vit_tiny_patch16_224", tiny_vit_args(heads=2), tmp_path / f"m{i}")
+    write_recipe(tmp_path / "r.yaml", RECIPE)
+    (tmp_path / "broken.safetensors").write_bytes(b"not a safetensors file")
+    entries = [f"  - {{checkpoint: m{i}}}" for i in range(n_good)]
+    args = tiny_vit_args(heads=2)
+    model = json.dumps({"arch": "timm:vit_tiny_patch16_224", "num_classes": args.pop("num_classes"),
+                        "img_size": args.pop("img_size"), "kwargs": args})
+    entries += [f"  - {{checkpoint: broken.safetensors, name: broken, overrides: {{model: {model}}}}}",
+                "  - {checkpoint: m0, name: badpass, overrides: {passes: [{mlp_strip: {blocks: [9]}}]}}"]
+    return write_recipe(tmp_path / "zoo.yaml", "version: 1\nrecipe: r.yaml\nentries:\n" + "\n".join(entries) + "\n")
+
+
+def _manifest(out):
+    return json.loads((out / "manifest.json").read_text())["entries"]
+
+
+def _no_partial_files(out):
+    leftovers = [p for p in out.rglob("*") if ".tmp" in p.name or p.name.startswith(".")]
+    assert leftovers == [], leftovers
+
+
+def test_broken_entries_fail_alone_and_resume_converts_only_the_fixed_one(tmp_path):
+    zoo, out = _zoo(tmp_path), tmp_path / "out"
+    res = run_cli("batch", zoo, "-o", out, "--jobs", "2")
+    assert res.returncode == 5
+    m = _manifest(out)
+    assert {n: e["state"] for n, e in m.items()} == {"m0": "done", "m1": "done", "m2": "done",
+                                                     "broken": "failed", "badpass": "failed"}
+    for n in ("m0", "m1", "m2"):
+        assert verified(n, m[n], out) and (out / n / "model.onnx").is_file()
+    assert m["broken"]["error"].startswith("error: cannot read") and "broken.safetensors" in m["broken"]["error"]
+    assert m["badpass"]["error"] == ("error: recipe passes[0]: mlp_strip.blocks: index 9 is out of range; "
+                                     "this model has 2 blocks (0..1)")
+    assert not (out / "broken").exists() and not (out / "badpass").exists()
+    summary = (out / "summary.md").read_text()
+    assert "| m0 | done | -" in summary and "| broken | failed |" in summary
+    assert res.stderr.strip().splitlines()[-1] == "error: 2 of 5 entries failed: broken, badpass"
+    assert json.loads((out / "summary.json").read_text())["entries"]["m1"]["result"]["params_ratio"] < 1
+    _no_partial_files(out)
+
+    # fix one input: the broken checkpoint becomes a real one
+    save_timm_dir(tiny_vit(seed=9, heads=2), "vit_tiny_patch16_224", tiny_vit_args(heads=2), tmp_path / "fixed")
+    (tmp_path / "broken.safetensors").write_bytes((tmp_path / "fixed" / "model.safetensors").read_bytes())
+    stamp = {n: (out / n / "model.onnx").stat().st_mtime_ns for n in ("m0", "m1", "m2")}
+    res = run_cli("batch", zoo, "-o", out, "--resume")
+    assert res.returncode == 5  # badpass is still broken
+    assert "batch: 2 of 5 entries to run" in res.stdout
+    m = _manifest(out)
+    assert m["broken"]["state"] == "done" and m["broken"]["attempts"] == 2 and verified("broken", m["broken"], out)
+    assert m["badpass"]["state"] == "failed"
+    assert {n: (out / n / "model.onnx").stat().st_mtime_ns for n in stamp} == stamp  # the good ones were not redone
+    assert all(m[n]["attempts"] == 1 for n in stamp)
+
+
+def test_resume_redoes_an_entry_whose_files_changed(tmp_path):
+    zoo, out = _zoo(tmp_path, n_good=1), tmp_path / "out"
+    assert run_cli("batch", zoo, "-o", out).returncode == 5
+    with open(out / "m0" / "model.onnx", "ab") as f:
+        f.write(b"corruption")
+    res = run_cli("batch", zoo, "-o", out, "--resume")
+    assert "batch: 3 of 3 entries to run" in res.stdout
+    assert verified("m0", _manifest(out)["m0"], out)
+
+
+def test_kill_batch_then_resume_leaves_nothing_partial(tmp_path):
+    zoo, out = _zoo(tmp_path, n_good=4), tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "compress", "batch", str(zoo), "-o", str(out)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        m = (out / "manifest.json").is_file() and _manifest(out)
+        if m and any(e.get("state") == "done" for e in m.values()) and any(e.get("state") == "running" for e in m.values()):
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the batch finished before it could be killed"
+    time.sleep(1)  # the running child dies with its parent (PR_SET_PDEATHSIG)
+    m = _manifest(out)
+    states = [e["state"] for e in m.values()]
+    assert "running" in states and "done" in states
+    for name, e in m.items():  # whatever exists now is either verified or never published
+        if (out / name).is_dir() and e["state"] == "done":
+            assert verified(name, e, out)
+
+    res = run_cli("batch", zoo, "-o", out, "--resume")
+    assert res.returncode == 5
+    m = _manifest(out)
+    assert [n for n, e in m.items() if e["state"] == "done"] == ["m0", "m1", "m2", "m3"]
+    assert all(verified(n, m[n], out) for n in ("m0", "m1", "m2", "m3"))
+    _no_partial_files(out)
+
+
+@pytest.mark.parametrize("text,expect", [
+    ("version: 1\nentries: []\n", "entries: List should have at least 1 item"),
+    ("version: 1\nentries:\n  - {checkpoint: a, recipe: r.yaml, nmae: x}\n", "unknown key 'entries.nmae' (did you mean 'name'?)"),
+    ("version: 1\nentries:\n  - {checkpoint: a}\n", "entries[0] names no recipe"),
+    ("version: 1\nrecipe: r.yaml\nentries:\n  - {checkpoint: a, name: x}\n  - {checkpoint: b, name: x}\n", "name 'x' is used twice"),
+    ("version: 1\nrecipe: r.yaml\nentries:\n  - {checkpoint: a, name: ../escape}\n", "entries[0].name: String should match pattern"),
+])
+def test_bad_zoo_files(tmp_path, text, expect):
+    zoo = write_recipe(tmp_path / "zoo.yaml", text)
+    res = run_cli("batch", zoo, "-o", tmp_path / "out")
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [res.stderr.strip()] and expect in res.stderr
+    assert not (tmp_path / "out").exists()
