@@ -20,11 +20,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import InputError
-from .recipe import _check_keys, _fmt
+from .recipe import _check_keys, _fmt, read_yaml
 
 PARTIAL_FAILURE = 5  # exit code: the batch ran, and at least one entry failed
 
@@ -48,12 +47,7 @@ class Zoo(BaseModel):
 
 def load_zoo(path: Path) -> tuple[Zoo, list[dict]]:
     """Parse and check the zoo file; returns it and one resolved job per entry (paths absolute)."""
-    if not path.is_file():
-        raise InputError(f"zoo file not found: {path}; check the path")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise InputError(f"zoo {path}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+    data = read_yaml(path, "zoo", "see the README's batch section")
     if not isinstance(data, dict):
         raise InputError(f"zoo {path}: the top level must be a mapping with 'version: 1' and 'entries:'")
     try:

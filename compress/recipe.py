@@ -204,6 +204,18 @@ def parse_recipe(data: Any) -> Recipe:
     return recipe
 
 
+def read_yaml(path: Path, what: str, hint: str) -> Any:
+    """A YAML file's data, or one line naming the file, the line and the problem."""
+    if not path.is_file():
+        raise InputError(f"{what} file not found: {path}; check the path ({hint})")
+    try:
+        return yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise InputError(f"{what} {path}: not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
+
+
 def merge(base: dict, overrides: dict) -> dict:
     """Nested-dict update: overrides win key by key; lists and scalars are replaced whole."""
     out = dict(base)
@@ -214,14 +226,7 @@ def merge(base: dict, overrides: dict) -> dict:
 
 def load_recipe(path: str | Path, overrides: dict | None = None) -> Recipe:
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"recipe file not found: {path}; check the path (recipes/ has examples)")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise InputError(f"recipe {path}: not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
+    data = read_yaml(path, "recipe", "recipes/ has examples")
     if data is None:
         raise InputError(f"recipe {path} is empty; start from one in recipes/ (it needs at least 'version: 1')")
     if overrides:
