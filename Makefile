@@ -22,7 +22,7 @@ demo-distill: setup
 	$(BIN)/compress apply recipes/vit_strip_half_distill.yaml $(SHARED)/data/models/vit_cifar10 -o compressed/demo-distill --overwrite
 
 test: setup
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q --durations=8 $(PYTEST_ARGS)
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)

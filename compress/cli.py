@@ -145,7 +145,7 @@ def batch(zoo: Path = typer.Argument(..., help="zoo YAML: version, entries (chec
 
         summary = run_batch(zoo, out, jobs=jobs, resume=resume)
         print()
-        print(align(summary_rows(summary)))
+        print(align(summary_rows(summary), left=(0, 6)))
         failed = [n for n, e in summary["entries"].items() if e["state"] != "done"]
         print(f"\nwrote {out}/summary.md, summary.json, manifest.json")
         if failed:

@@ -90,11 +90,10 @@ def variant_rows(record: dict) -> list[tuple]:
     return out
 
 
-def align(r: list[tuple]) -> str:
+def align(r: list[tuple], left: tuple[int, ...] = (0,)) -> str:
+    """A plain-text table: columns in `left` are left-justified, the others right-justified."""
     w = [max(len(x[i]) for x in r) for i in range(len(r[0]))]
-    last = len(w) - 1
-    lines = ["  ".join(c.ljust(w[i]) if i in (0, last) and i else c.ljust(w[i]) if i == 0 else c.rjust(w[i])
-                       for i, c in enumerate(x)).rstrip() for x in r]
+    lines = ["  ".join(c.ljust(w[i]) if i in left else c.rjust(w[i]) for i, c in enumerate(x)).rstrip() for x in r]
     lines.insert(1, "-" * max(len(x) for x in lines))
     return "\n".join(lines)
 
