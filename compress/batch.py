@@ -23,6 +23,7 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import InputError
+from .outdir import check_inputs_untouched, write_text_atomic
 from .recipe import _check_keys, _fmt, read_yaml
 
 PARTIAL_FAILURE = 5  # exit code: the batch ran, and at least one entry failed
@@ -45,8 +46,8 @@ class Zoo(BaseModel):
     entries: list[ZooEntry] = Field(min_length=1)
 
 
-def load_zoo(path: Path) -> tuple[Zoo, list[dict]]:
-    """Parse and check the zoo file; returns it and one resolved job per entry (paths absolute)."""
+def load_zoo(path: Path) -> list[dict]:
+    """Parse and check the zoo file; returns one resolved job per entry (paths absolute)."""
     data = read_yaml(path, "zoo", "see the README's batch section")
     if not isinstance(data, dict):
         raise InputError(f"zoo {path}: the top level must be a mapping with 'version: 1' and 'entries:'")
@@ -69,7 +70,7 @@ def load_zoo(path: Path) -> tuple[Zoo, list[dict]]:
             raise InputError(f"zoo {path.name}: entries[{i}]: name '{name}' is used twice; give each entry a unique name")
         seen.add(name)
         jobs.append({"name": name, "checkpoint": ckpt, "recipe": str((base / recipe).resolve()), "overrides": e.overrides})
-    return zoo, jobs
+    return jobs
 
 
 def _fingerprint(job: dict) -> str:
@@ -120,9 +121,7 @@ class Manifest:
     def update(self, name: str, **fields) -> None:
         with self.lock:
             self.entries.setdefault(name, {}).update(fields)
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text(json.dumps({"version": 1, "entries": self.entries}, indent=2))
-            os.replace(tmp, self.path)
+            write_text_atomic(self.path, json.dumps({"version": 1, "entries": self.entries}, indent=2))
 
 
 def _die_with_parent() -> None:
@@ -173,12 +172,9 @@ def _result(record: dict) -> dict:
 def run_batch(zoo_path: Path, out: Path, *, jobs: int, resume: bool, log=print) -> dict:
     if jobs < 1:
         raise InputError(f"--jobs {jobs}: use 1 or more")
-    _, entries = load_zoo(zoo_path)
-    dst = out.resolve()
-    for item in [zoo_path, *[j["recipe"] for j in entries], *[j["checkpoint"] for j in entries if Path(j["checkpoint"]).exists()]]:
-        src = Path(item).resolve()
-        if src == dst or dst in src.parents or src in dst.parents:
-            raise InputError(f"output {out} overlaps the input {item}; choose an -o outside the inputs")
+    entries = load_zoo(zoo_path)
+    check_inputs_untouched([zoo_path, *[j["recipe"] for j in entries],
+                            *[j["checkpoint"] for j in entries if Path(j["checkpoint"]).exists()]], out)
     if out.exists() and not resume and any(out.iterdir()):
         raise InputError(f"output {out} already exists; pass --resume to continue that batch or choose another -o")
     try:
@@ -223,8 +219,6 @@ def _write_summary(summary: dict, out: Path) -> None:
     md = ["# compress batch summary", "", f"Zoo `{summary['zoo']}`; every figure comes from that entry's own report.", "",
           "| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
     md += ["| " + " | ".join(r) + " |" for r in rows[1:]]
-    for name, text in (("summary.md", "\n".join(md) + "\n"), ("summary.json", json.dumps(summary, indent=2) + "\n")):
-        tmp = out / (name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, out / name)
+    write_text_atomic(out / "summary.md", "\n".join(md) + "\n")
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
 

@@ -12,6 +12,13 @@ from pathlib import Path
 from .errors import InputError
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write beside, then rename: a reader sees the old file or the new one, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def check_inputs_untouched(inputs: list, out: Path) -> None:
     """The output may neither be, contain, nor sit inside any input (checkpoint, recipe, data)."""
     dst = out.resolve()

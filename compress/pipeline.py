@@ -64,7 +64,8 @@ def _check_recipe_needs(recipe: Recipe, data) -> None:
 def rewrite(loaded, recipe: Recipe, calib, log) -> tuple:
     """Apply the passes in order to a copy of the teacher; verify exact ones, measure the rest.
 
-    Returns the student, the per-pass ledger and the teacher's float64 logits on `calib`.
+    Returns the student, the per-pass ledger, and the float64 logits on `calib` of the teacher
+    and of the student.
     """
     teacher, adapter = loaded.model, loaded.adapter
     size = loaded.data_cfg["input_size"]
@@ -106,7 +107,7 @@ def rewrite(loaded, recipe: Recipe, calib, log) -> tuple:
         for line in result.changes:
             log(f"{step.name}: {line}")
         params, flops, prev = p1, f1, now
-    return student, ledger, ref
+    return student, ledger, ref, prev
 
 
 def distill_data(recipe: Recipe, data: str | None, data_cfg: dict):
@@ -128,7 +129,7 @@ def _device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
-def run_distill(recipe: Recipe, loaded, student, train, calib, ref, work: Path, *, resume: bool,
+def run_distill(recipe: Recipe, loaded, student, train, calib, ref, start, work: Path, *, resume: bool,
                 device: str | None, ckpt: str, log) -> dict:
     d = recipe.distill
     steps = d.steps or (math.ceil(d.epochs * len(train) / d.batch_size) if d.epochs else 500)
@@ -141,7 +142,7 @@ def run_distill(recipe: Recipe, loaded, student, train, calib, ref, work: Path, 
         checkpoint = work / "distill.pt"
     teacher, adapter = loaded.model, loaded.adapter
     feats = (adapter.feature_modules(teacher), adapter.feature_modules(student)) if d.feature_weight > 0 else None
-    before = fidelity(ref, logits64(student, calib))
+    before = fidelity(ref, start)
     dev = _device(device or d.device)
     log(f"distill: {steps} steps of {d.batch_size} images on {dev} x{world} from {train.path}")
     stats = distill(student, teacher, train, steps=steps, batch_size=d.batch_size, lr=d.lr, weight_decay=d.weight_decay,
@@ -292,7 +293,7 @@ def _run(recipe: Recipe, loaded, staging: Path | None, data, train, work: Path, 
     calib_path = data if data is not None else recipe.calibration.data
     calib, calib_desc = calibration_batch(calib_path, cfg, recipe.calibration.images, recipe.calibration.seed)
     with stages("rewrite"):
-        student, ledger, ref = rewrite(loaded, recipe, calib, log)
+        student, ledger, ref, rewritten = rewrite(loaded, recipe, calib, log)
     record = {"compress_version": __version__, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "source": loaded.source, "input_size": list(size), "calibration": calib_desc,
               "recipe": recipe.resolved(), "passes": ledger}
@@ -304,7 +305,7 @@ def _run(recipe: Recipe, loaded, staging: Path | None, data, train, work: Path, 
         return record
     if recipe.distill is not None:
         with stages("distill"):
-            record["distill"] = run_distill(recipe, loaded, student, train, calib, ref, work, resume=resume,
+            record["distill"] = run_distill(recipe, loaded, student, train, calib, ref, rewritten, work, resume=resume,
                                             device=device, ckpt=ckpt, log=log)
         if staging is None:  # a torchrun rank other than 0: its share of the training is done
             return record
