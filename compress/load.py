@@ -243,9 +243,10 @@ def load_compressed(path: str | Path) -> nn.Module:
     kwargs = json.loads(meta["source_kwargs"])
     model = _create(_timm_name(meta["source_arch"]), kwargs.pop("num_classes", None), kwargs.pop("img_size", None), kwargs)
     adapter = detect(model)
-    for step in recipe.steps:
+    structure = json.loads(meta.get("structure", "null")) or [{} for _ in recipe.steps]
+    for step, details in zip(recipe.steps, structure):
         spec = get_pass(step.name)
         if adapter.family in spec.families:
-            model = spec.fn(model, adapter, step.config, PassContext(calib=None)).model
+            model = spec.fn(model, adapter, step.config, PassContext(calib=None, replay=details)).model
     _fit(model, read_state_dict(file), "the structure its recipe describes", file)
     return model.eval()

@@ -158,12 +158,13 @@ def run_distill(recipe: Recipe, loaded, student, train, calib, ref, start, work:
     return {**stats, "data": str(train.path), "images": len(train), "calib_before": before, "calib_after": after}
 
 
-def _export(recipe: Recipe, loaded, student, staging: Path, calib, log) -> dict:
+def _export(recipe: Recipe, loaded, student, staging: Path, calib, ledger: list, log) -> dict:
     """Write every artifact the recipe asks for; each is verified before it gets its final name."""
     ex, artifacts = recipe.export, {}
     meta = {"compress_version": __version__, "source_arch": loaded.source["arch"],
             "source_kwargs": json.dumps(loaded.source["kwargs"]),
-            "recipe": json.dumps(recipe.resolved()), "family": loaded.adapter.family}
+            "recipe": json.dumps(recipe.resolved()), "family": loaded.adapter.family,
+            "structure": json.dumps([entry.get("details", {}) for entry in ledger])}  # what load_compressed replays
     if "safetensors" in ex.formats:
         artifacts["safetensors"] = write_safetensors(student, staging / "model.safetensors", meta)
         if "fp16" in ex.precision:
@@ -311,7 +312,7 @@ def _run(recipe: Recipe, loaded, staging: Path | None, data, train, work: Path, 
             return record
 
     with stages("export"):
-        record["artifacts"] = artifacts = _export(recipe, loaded, student, staging, calib, log)
+        record["artifacts"] = artifacts = _export(recipe, loaded, student, staging, calib, ledger, log)
     with stages("measure"):
         _measure(recipe, loaded, student, staging, calib, artifacts, summary, log)
     if summary.get("eval", {}).get("images") == 0:

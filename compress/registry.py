@@ -22,9 +22,17 @@ class PassConfig(BaseModel):
 
 @dataclass
 class PassContext:
-    """What a pass may read besides the model: a calibration batch (already preprocessed)."""
+    """What a pass may read besides the model: a calibration batch (already preprocessed).
+
+    `replay` is set only when `load_compressed` rebuilds a result's structure: it is the
+    `details` dict this pass returned in the original run (calib is then None). A pass whose
+    structure depends on data (ranks chosen by a budget, blocks chosen by analysis) must put
+    what it chose into `details` (JSON-serialisable) and, given `replay`, rebuild exactly that;
+    weight values do not matter then, they are loaded strictly afterwards.
+    """
 
     calib: torch.Tensor | None  # None when a pass is replayed for structure only (load_compressed)
+    replay: dict | None = None
 
 
 @dataclass

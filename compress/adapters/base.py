@@ -1,11 +1,13 @@
 """What a pass may ask of a model family: its blocks in neutral form, its input size, a summary."""
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Literal, Protocol
 
 from torch import nn
 
 from ..modules import ViTBlock
+
+LayerKind = Literal["attn", "mlp", "conv", "stem", "head"]
 
 
 class Adapter(Protocol):
@@ -18,6 +20,24 @@ class Adapter(Protocol):
         """The transformer blocks, converted in place to `ViTBlock` on first call (exactly)."""
         ...
 
+    def res_blocks(self, model: nn.Module) -> list[nn.Module]:
+        """The residual blocks in torchvision/timm naming, converted in place on first call if needed.
+
+        Each block has conv1, bn1, conv2, bn2 (+ conv3, bn3 for a bottleneck) and `downsample`
+        (None or a module); a pass may replace those conv/bn attributes with modules of the
+        same signature. Raises InputError for a family without residual conv blocks.
+        """
+        ...
+
+    def layers(self, model: nn.Module) -> list[tuple[str, LayerKind]]:
+        """Qualified names of the Linear / Conv2d layers a pass may rewrite, with their kind.
+
+        ViT: attn (q, k, v, proj of still-separate attention), mlp (fc1, fc2); ResNet: conv
+        (convs inside residual blocks, downsample included), stem; both: head. Names are
+        valid for `model.get_submodule` after `vit_blocks` / `res_blocks` conversion.
+        """
+        ...
+
     def feature_modules(self, model: nn.Module) -> list[nn.Module]:
         """Modules whose outputs feature distillation matches between teacher and student."""
         ...
@@ -25,3 +45,9 @@ class Adapter(Protocol):
     def input_size(self, model: nn.Module) -> tuple[int, int, int] | None: ...
 
     def describe(self, model: nn.Module) -> dict: ...
+
+
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule at dotted `name` (e.g. 'blocks.3.mlp.fc1', 'layer2.0.conv3')."""
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, new)
