@@ -35,15 +35,28 @@ def write_safetensors(model: nn.Module, path: Path, metadata: dict[str, str]) ->
     return {"path": path.name, "bytes": _publish(tmp, path), "tensors": len(back)}
 
 
-def to_onnx(model: nn.Module, path: Path, input_size, *, opset: int, dynamic_batch: bool) -> None:
-    """torch.onnx.export (TorchScript exporter: fast and mature for these graphs) + onnx.checker."""
+def to_onnx(model: nn.Module, path: Path, input_size, *, opset: int, dynamic_batch: bool,
+            fold_batchnorm: bool = True) -> None:
+    """torch.onnx.export (TorchScript exporter: fast and mature for these graphs) + onnx.checker.
+
+    fold_batchnorm=False keeps BatchNormalization nodes: folding gives each conv of a shared
+    (tied) weight its own rescaled copy; onnxruntime still fuses them in memory at load.
+    """
     sample = torch.zeros((1, *input_size))
     axes = {"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
+    mode = torch.onnx.TrainingMode.EVAL if fold_batchnorm else torch.onnx.TrainingMode.PRESERVE  # model is in eval
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model.eval(), (sample,), str(path), dynamo=False, opset_version=opset,
+        torch.onnx.export(model.eval(), (sample,), str(path), dynamo=False, opset_version=opset, training=mode,
                           input_names=["input"], output_names=["logits"], dynamic_axes=axes)
     onnx.checker.check_model(str(path))
+
+
+def _weights(path: Path) -> int:
+    """Number of stored initializer elements (weights as the file holds them)."""
+    import numpy as np
+
+    return sum(int(np.prod(i.dims)) for i in onnx.load(str(path), load_external_data=False).graph.initializer)
 
 
 TRAINING_ONLY = {"Dropout", "Gradient", "SoftmaxCrossEntropyLoss", "NegativeLogLikelihoodLoss"}
@@ -85,7 +98,8 @@ def write_onnx(model: nn.Module, path: Path, calib: torch.Tensor, *, opset: int,
                tol: float, slim: bool = False, threads: int = 2) -> dict:
     """Export (+ onnxslim when it keeps the outputs), run in onnxruntime against PyTorch, rename if they agree."""
     tmp = path.with_name(path.name + ".tmp")
-    to_onnx(model, tmp, tuple(calib.shape[1:]), opset=opset, dynamic_batch=dynamic_batch)
+    tied = any(getattr(m, "ties_weights", False) for m in model.modules())  # one weight used by several convs
+    to_onnx(model, tmp, tuple(calib.shape[1:]), opset=opset, dynamic_batch=dynamic_batch, fold_batchnorm=not tied)
     x = calib if dynamic_batch else calib[:1]
     with torch.no_grad():
         ref = model(x)
@@ -98,12 +112,14 @@ def write_onnx(model: nn.Module, path: Path, calib: torch.Tensor, *, opset: int,
         cand = path.with_name(path.name + ".slim.tmp")
         onnx.save(onnxslim.slim(onnx.load(str(tmp))), str(cand))
         p2 = _parity(cand, ref, x, threads)
-        if p2["rel_diff"] <= tol:
+        grew = _weights(cand) > _weights(tmp)  # e.g. Conv+BN fusion giving each use of a tied weight its own copy
+        if p2["rel_diff"] <= tol and not grew:
             os.replace(cand, tmp)
             parity, slimmed = {**parity, **p2}, {"nodes_before": nodes, "applied": True}
-        else:  # keep the plain export: slimming is an optimisation, never a reason to change outputs
+        else:  # keep the plain export: slimming is an optimisation, never a reason to change outputs or size
             cand.unlink()
-            slimmed = {"nodes_before": nodes, "applied": False, "why": f"changed outputs by {p2['rel_diff']:.1e}"}
+            why = "it would store shared weights twice" if grew else f"changed outputs by {p2['rel_diff']:.1e}"
+            slimmed = {"nodes_before": nodes, "applied": False, "why": why}
     ops, nodes = _graph(tmp)
     return {"path": path.name, "precision": "fp32", "bytes": _publish(tmp, path), "opset": opset,
             "dynamic_batch": dynamic_batch, "parity": parity, "operators": ops, "nodes": nodes, "slim": slimmed}
