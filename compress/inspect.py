@@ -14,6 +14,7 @@ PROBES = {
     "vo": {"mode": "fold", "allow_growth": True},
     "mlp_strip": {"blocks": "all"},
     "lowrank": {"target": 0.5, "layers": ["attn", "mlp", "conv"]},
+    "tie_rowcol": {"blocks": "all"},
 }
 
 

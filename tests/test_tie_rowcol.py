@@ -178,3 +178,29 @@ def test_apply_stores_the_tied_matrix_once_and_reloads(tmp_path, family):
     onnx_out = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
     with torch.no_grad():
         np.testing.assert_allclose(reloaded(x).numpy(), onnx_out, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_resnet50_runs_through_both_passes_and_exports(tmp_path):
+    """A random-weight timm resnet50: tie_rowcol (staged) then lowrank, ONNX verified in onnxruntime, reloads."""
+    torch.manual_seed(0)
+    full = timm.create_model("resnet50", num_classes=10).eval()
+    with torch.no_grad():  # full width; random BN statistics as in _resnet (timm zero-inits the last BN)
+        for mod in full.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.weight.uniform_(0.5, 1.5)
+                mod.running_var.uniform_(0.5, 1.5)
+    ckpt = tmp_path / "r50.safetensors"
+    save_file(full.state_dict(), str(ckpt))
+    rec = parse_recipe({"version": 1, "model": {"arch": "timm:resnet50", "num_classes": 10, "img_size": 64},
+                        "passes": [{"tie_rowcol": {"staged": True}}, {"lowrank": {"target": 0.5, "layers": ["conv"]}}],
+                        "export": {"slim": True}, "report": {"latency": None}})
+    out = tmp_path / "out"
+    record = apply(rec, str(ckpt), out, log=lambda msg: None)
+    assert record["artifacts"]["onnx"]["parity"]["rel_diff"] <= 1e-4
+    assert record["passes"][0]["flops"][0] == record["passes"][0]["flops"][1]  # tying: FLOPs unchanged
+    assert record["summary"]["flops"]["ratio"] < 0.6 and record["summary"]["params"]["ratio"] < 0.8
+    x = torch.randn(2, 3, 64, 64)
+    onnx_out = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(load_compressed(out)(x).numpy(), onnx_out, atol=1e-4, rtol=1e-3)

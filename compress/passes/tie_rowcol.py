@@ -52,7 +52,7 @@ def fit_scale(x: torch.Tensor, w1: torch.Tensor, b1, w2: torch.Tensor, b2, act: 
     hc, yc = h - h.mean(0), y - y.mean(0)
     gram = (hc.T @ hc) * (w1 @ w1.T)
     g = (hc * (yc @ w1.T)).sum(0)
-    gram = gram + 1e-8 * gram.diagonal().mean() * torch.eye(len(g), dtype=gram.dtype)
+    gram = gram + (1e-8 * gram.diagonal().mean() + 1e-30) * torch.eye(len(g), dtype=gram.dtype)  # constant tokens: s = 0
     free = torch.ones(len(g), dtype=torch.bool)
     s = torch.zeros_like(g)
     for _ in range(20):
