@@ -204,3 +204,24 @@ def test_resnet50_runs_through_both_passes_and_exports(tmp_path):
     onnx_out = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
     with torch.no_grad():
         np.testing.assert_allclose(load_compressed(out)(x).numpy(), onnx_out, atol=1e-4, rtol=1e-3)
+
+
+def test_passes_need_only_the_shared_resnet_names_torchvision():
+    """torchvision's ResNet uses the same conv1/bn1/.../downsample names: the duck-typed helpers serve it as is."""
+    from types import SimpleNamespace
+
+    import torchvision
+
+    from compress.adapters.timm_resnet import resnet_blocks, resnet_layers
+    from compress.passes.lowrank import LowRankConfig, lowrank
+
+    torch.manual_seed(0)
+    m = torchvision.models.resnet18(weights=None, num_classes=10).eval()
+    adapter = SimpleNamespace(family="resnet", res_blocks=resnet_blocks, layers=resnet_layers)
+    x = torch.randn(2, 3, 32, 32)
+    before = count_params(m)
+    res = tie_rowcol(m, adapter, TieRowColConfig(), PassContext(x))
+    assert res.details["groups"] == [[0], [1], [3], [5], [7]]
+    res = lowrank(m, adapter, LowRankConfig(rank=0.25, layers=["conv"]), PassContext(x))
+    assert res.details["layers"] and count_params(m) < before
+    assert m(x).shape == (2, 10)
