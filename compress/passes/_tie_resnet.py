@@ -2,7 +2,8 @@
 
 Bottleneck: conv3 (1x1, C x m) := conv1^T (1x1, m x C); BasicBlock: conv2 := ConvTranspose with
 conv1's 3x3 weight. Eval-mode BN absorbs any nonzero per-channel scale of its conv's output
-exactly (mean *= s, gamma /= s), so we fit diag(r) W1 ~ W ~ T^-1(W3) diag(c), average, refold.
+exactly, so we fit diag(r) W1 ~ W ~ T^-1(W3) diag(c), average, and refold each BN by the
+least-squares scale of the old conv output on the new one.
 """
 from __future__ import annotations
 
@@ -48,32 +49,34 @@ def _fit(pairs: list[tuple[torch.Tensor, torch.Tensor]], iters: int = 30):
     """
     w = pairs[0][0].clone()
     norm = w.norm()
-
-    def scales(w):
+    for _ in range(iters):
         rs = [(a * w).sum((1, 2, 3)) / (a * a).sum((1, 2, 3)).clamp_min(1e-300) for a, _ in pairs]
         cs = [(b * w).sum((0, 2, 3)) / (b * b).sum((0, 2, 3)).clamp_min(1e-300) for _, b in pairs]
-        return rs, cs
-
-    for _ in range(iters):
-        rs, cs = scales(w)
         w = sum(r[:, None, None, None] * a + b * c[None, :, None, None] for (a, b), r, c in zip(pairs, rs, cs)) / (2 * len(pairs))
         w = w * (norm / w.norm().clamp_min(1e-300))
-    rs, cs = scales(w)
-    return w, [_safe(r) for r in rs], [_safe(c) for c in cs]
+    return w
 
 
-def _safe(s: torch.Tensor) -> torch.Tensor:
-    """A near-zero scale would blow gamma up (gamma /= s): keep its sign, floor its size."""
-    floor = 1e-2 * s.abs().median().clamp_min(1e-12)
-    sign = torch.where(s < 0, -1.0, 1.0).to(s.dtype)
-    return sign * s.abs().clamp_min(floor)
+def _old_per_new(old: torch.Tensor, w: torch.Tensor, dims: tuple) -> torch.Tensor:
+    """beta with old ~ beta * W per output channel of the conv (least squares): the conv's old output ~ beta * new.
+
+    Regressing old on new (not new on old) damps a channel the shared W cannot express
+    (beta -> 0) instead of amplifying it; exact when old = W / r.
+    """
+    return (old * w).sum(dims) / (w * w).sum(dims).clamp_min(1e-300)
 
 
 @torch.no_grad()
-def _absorb(bn: nn.BatchNorm2d, s: torch.Tensor) -> None:
-    """The conv before `bn` now outputs s * (its old output): bn(s z) with mean*s, gamma/s equals bn(z)."""
-    bn.running_mean.copy_((bn.running_mean.double() * s).to(bn.running_mean.dtype))
-    bn.weight.copy_((bn.weight.double() / s).to(bn.weight.dtype))
+def _absorb(bn: nn.BatchNorm2d, beta: torch.Tensor) -> None:
+    """The conv before `bn` now gives y with old ~ beta * y: bn(beta * y) = (gamma beta / sd) y + bias - gamma mean / sd.
+
+    Written with mean 0 and the shift in the bias, so beta may be zero or negative.
+    """
+    sd = (bn.running_var.double() + bn.eps).sqrt()
+    gamma, mean = bn.weight.double(), bn.running_mean.double()
+    bn.bias.copy_((bn.bias.double() - gamma * mean / sd).to(bn.bias.dtype))
+    bn.weight.copy_((gamma * beta).to(bn.weight.dtype))
+    bn.running_mean.zero_()
 
 
 def _install(blocks, group: list[int], weight: torch.Tensor) -> nn.Parameter:
@@ -124,13 +127,14 @@ def tie_resnet(model, adapter, cfg, ctx, note: str):
             names = [_pair(blocks[b]) for b in group]
             convs = [(getattr(blocks[b], n[0]), getattr(blocks[b], n[1])) for b, n in zip(group, names)]
             pairs = [(f.weight.double(), l.weight.double().flip(2, 3).transpose(0, 1)) for f, l in convs]
-            w, rs, cs = _fit(pairs)
+            w = _fit(pairs)
             before = sum(f.weight.numel() + l.weight.numel() for f, l in convs)
-            for b, n, (a, bb), r, c in zip(group, names, pairs, rs, cs):
+            for b, n, (a, bb) in zip(group, names, pairs):
+                r, c = _old_per_new(a, w, (1, 2, 3)), _old_per_new(bb, w, (0, 2, 3))
                 _absorb(getattr(blocks[b], n[2]), r)
                 _absorb(getattr(blocks[b], n[3]), c)
-                err = max(float((r[:, None, None, None] * a - w).norm() / w.norm()),
-                          float((bb * c[None, :, None, None] - w).norm() / w.norm()))
+                err = max(float((a - r[:, None, None, None] * w).norm() / a.norm()),
+                          float((bb - c[None, :, None, None] * w).norm() / bb.norm()))
                 details["fit_error"][str(b)] = err
             dtype = convs[0][0].weight.dtype
             _install(blocks, group, w.to(dtype))
