@@ -199,7 +199,8 @@ def test_resnet50_runs_through_both_passes_and_exports(tmp_path):
     record = apply(rec, str(ckpt), out, log=lambda msg: None)
     assert record["artifacts"]["onnx"]["parity"]["rel_diff"] <= 1e-4
     assert record["passes"][0]["flops"][0] == record["passes"][0]["flops"][1]  # tying: FLOPs unchanged
-    assert record["summary"]["flops"]["ratio"] < 0.6 and record["summary"]["params"]["ratio"] < 0.8
+    # lowrank halves the FLOPs of the convs it may still rewrite: the tied ones are no longer plain convs
+    assert record["summary"]["flops"]["ratio"] < 0.7 and record["summary"]["params"]["ratio"] < 0.8
     x = torch.randn(2, 3, 64, 64)
     onnx_out = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
     with torch.no_grad():
