@@ -172,6 +172,8 @@ def run(ckpt: str, data: str | None, images: int, eps: float, out, seed: int = 0
 
     if images < 2:
         raise InputError(f"--images {images}: need at least 2 images")
+    if eps <= 0:
+        raise InputError(f"--eps {eps}: the coding-rate epsilon must be positive")
     out = Path(out)
     check_inputs_untouched([p for p in (ckpt, data) if p and Path(p).exists()], out)
     loaded = load(ckpt)
