@@ -61,4 +61,4 @@ def test_inspect_resnet_says_which_passes_do_not_apply(tmp_path):
     assert res.returncode == 0, res.stderr
     info = json.loads(res.stdout)
     assert info["family"] == "resnet" and info["blocks"] == 8 and info["block_type"] == "BasicBlock"
-    assert {k: v["applies"] for k, v in info["passes"].items()} == {"mlp_strip": False, "qk_merge": False, "vo": False}
+    assert {"mlp_strip", "qk_merge", "vo"} <= set(info["passes"]) and not any(v["applies"] for v in info["passes"].values())
