@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from compress.adapters import detect
-from compress.analysis import analyze, coding_rate, run
+from compress.analysis import analyze, coding_rate, greedy_mlp_skip, run
 from compress.errors import InputError
 from compress.passes.mlp_strip import MLPStripConfig, mlp_strip
 from compress.registry import PassContext
@@ -73,3 +73,27 @@ def test_analyze_cli_writes_json_and_chart(tmp_path):
     with pytest.raises(InputError, match="--eps 0"):
         run(str(vit), None, 16, 0.0, tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.slow
+def test_greedy_choice_on_the_teacher_costs_no_more_kl_than_first_or_last():
+    """On the real teacher, the auto choice's skip-KL is at most that of stripping the first or last blocks."""
+    from compress.data import calibration_batch
+    from compress.load import load
+    from compress.probe import kl, zeroed
+    from tests.conftest import CIFAR_TRAIN, VIT_TEACHER, need_shared
+
+    loaded = load(str(need_shared(VIT_TEACHER)))
+    x, _ = calibration_batch(need_shared(CIFAR_TRAIN), loaded.data_cfg, 32, 0)
+    m, adapter = loaded.model, loaded.adapter
+    chosen = greedy_mlp_skip(m, adapter, x, 3)
+    blocks = adapter.vit_blocks(m)
+    with torch.no_grad():
+        ref = m(x)
+
+    def cost(idx):
+        with zeroed([blocks[i].ls2 for i in idx]), torch.no_grad():
+            return kl(ref, m(x))
+
+    assert cost([c["block"] for c in chosen]) == pytest.approx(chosen[-1]["kl"], abs=1e-6)  # recorded to 6 decimals
+    assert chosen[-1]["kl"] <= min(cost([0, 1, 2]), cost([3, 4, 5]))
