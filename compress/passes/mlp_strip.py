@@ -39,7 +39,7 @@ def _auto(model, adapter, cfg: MLPStripConfig, ctx: PassContext) -> tuple[list[i
     from ..analysis import greedy_mlp_skip
 
     blocks = adapter.vit_blocks(model)
-    k = round(cfg.fraction * len(blocks))
+    k = int(cfg.fraction * len(blocks) + 0.5)  # round half up: 0.5 of 5 blocks strips 3
     order = greedy_mlp_skip(model, adapter, ctx.calib, k)
     scores = ", ".join(f"{s['block']} (KL {s['kl']:.4g})" for s in order)
     return [s["block"] for s in order], [f"auto: greedy skip-KL chose, in order, blocks {scores}"], {"scores": order}
