@@ -1,4 +1,4 @@
-"""Thin typer app: apply, inspect, schema. Errors print one line and exit non-zero (see README)."""
+"""Thin typer app: apply, inspect, analyze, batch, schema. Errors print one line and exit non-zero (see README)."""
 from __future__ import annotations
 
 import json
@@ -130,6 +130,33 @@ def inspect(ckpt: str = typer.Argument(..., help="timm directory, weights file, 
         spec = load_recipe(recipe).model if recipe else None
         info = inspect_model(load(ckpt, spec))
         print(json.dumps(info, indent=2) if as_json else format_inspect(info))
+
+
+@app.command()
+def analyze(ckpt: str = typer.Argument(..., help="timm directory, weights file, or timm:NAME (a ViT)"),
+            data: Optional[str] = typer.Option(None, "--data", help="calibration images (ImageFolder dir or zip); "
+                                               "random inputs without it"),
+            images: int = typer.Option(128, "--images", help="calibration images"),
+            eps: float = typer.Option(0.5, "--eps", help="coding-rate distortion epsilon"),
+            out: Optional[Path] = typer.Option(None, "-o", "--out", help="output directory [./analysis/<name>]"),
+            as_json: bool = typer.Option(False, "--json", help="print analysis.json on stdout"),
+            debug: bool = typer.Option(False, "--debug")):
+    """Per-block influence, skip-KL, coding rate, sparsity and similarity: where a ViT can be cut."""
+    with _errors(debug):
+        from .analysis import run, table
+        from .report import align
+
+        out = out or Path("analysis") / Path(ckpt.rstrip("/")).stem
+        result = run(ckpt, data, images, eps, out)
+        if as_json:
+            print(json.dumps(result, indent=2))
+            return
+        print(f"{result['calibration']}; {result['tokens']} tokens; coding-rate eps {result['eps']:g}")
+        print(align(table(result)))
+        print(f"\nMLP least important first (skip-KL): {result['mlp_rank']}; greedy removal order: "
+              + ", ".join(f"{g['block']} (KL {g['kl']:.4f})" for g in result["greedy_mlp"]))
+        print(f"attention least important first (skip-KL): {result['attn_rank']}")
+        print(f"wrote {out}/analysis.json, analysis.png")
 
 
 @app.command()

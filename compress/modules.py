@@ -120,3 +120,93 @@ class ViTBlock(nn.Module):
         if self.mlp is not None:
             x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x
+
+
+class SymmetricQK(nn.Module):
+    """Symmetric scores: logits_h = (x P_h) diag(s_h) (x P_h)^T + u_h x^T, P_h = V_h |L_h|^(1/2) (d x r).
+
+    One shared projection for queries and keys per head; the sign vector s_h (a buffer) keeps
+    negative eigenvalues; u_h is the key-side bias term of the merged form.
+    """
+
+    def __init__(self, weight: torch.Tensor, sign: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.weight = nn.Parameter(weight)  # (H, d, r)
+        self.register_buffer("sign", sign)  # (H, 1, r), entries +-1
+        self.bias = nn.Parameter(bias) if bias is not None else None  # (H, 1, d)
+
+    @property
+    def heads(self) -> int:
+        return self.weight.shape[0]
+
+    def forward(self, x):
+        xs = x.unsqueeze(1)  # (B, 1, N, d)
+        p = xs @ self.weight  # (B, H, N, r)
+        logits = (p * self.sign) @ p.transpose(-2, -1)
+        if self.bias is not None:
+            logits = logits + (xs @ self.bias.transpose(-2, -1)).transpose(-2, -1)  # (B, H, 1, N): per key
+        return logits
+
+
+class RemovedVO(nn.Module):
+    """No value or output projection: out = (sum_h alpha_h A_h) x + b, the maps combined first."""
+
+    def __init__(self, alpha: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.alpha = nn.Parameter(alpha)  # (H,)
+        self.bias = nn.Parameter(bias) if bias is not None else None  # (d,)
+
+    @property
+    def heads(self) -> int:
+        return self.alpha.shape[0]
+
+    def forward(self, attn, x):
+        a = (attn * self.alpha.view(1, -1, 1, 1)).sum(1)  # (B, N, N): one map, so one product with x
+        out = a @ x
+        return out + self.bias if self.bias is not None else out
+
+
+class DiffusedValue(nn.Module):
+    """One graph-diffusion step: the value part sees A - gamma*I (gamma learnable, 0 = unchanged)."""
+
+    def __init__(self, value: nn.Module, gamma: float = 0.0):
+        super().__init__()
+        self.inner = value
+        self.gamma = nn.Parameter(torch.tensor([float(gamma)]))
+
+    @property
+    def heads(self) -> int:
+        return self.inner.heads
+
+    def learned_params(self) -> dict:
+        return {"gamma": float(self.gamma.detach())}
+
+    def forward(self, attn, x):
+        eye = torch.eye(attn.shape[-1], dtype=attn.dtype, device=attn.device)
+        return self.inner(attn - self.gamma * eye, x)
+
+
+class MSSA(nn.Module):
+    """CRATE's multi-head subspace self-attention: Q = K = V = x U_h per head, untied output projection."""
+
+    def __init__(self, basis: nn.Linear, proj: nn.Linear, heads: int, attn_drop: nn.Module, proj_drop: nn.Module):
+        super().__init__()
+        self.basis, self.proj, self.heads = basis, proj, heads  # basis: d -> H*dh, no bias
+        self.scale = (basis.out_features // heads) ** -0.5
+        self.attn_drop, self.proj_drop = attn_drop, proj_drop
+
+    def forward(self, x, attn_mask=None, is_causal: bool = False):
+        if is_causal:
+            raise NotImplementedError("causal attention is not used by vision models")
+        p = _heads(self.basis(x), self.heads)  # (B, H, N, dh)
+        logits = (p * self.scale) @ p.transpose(-2, -1)
+        if attn_mask is not None:
+            logits = logits.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else logits + attn_mask
+        o = self.attn_drop(logits.softmax(dim=-1)) @ p
+        b, _, n, _ = o.shape
+        return self.proj_drop(self.proj(o.transpose(1, 2).reshape(b, n, -1)))
+
+
+def learned_parameters(model: nn.Module) -> dict[str, dict]:
+    """Parameters that passes leave for training to decide (e.g. diffusion gamma), by module name."""
+    return {name: m.learned_params() for name, m in model.named_modules() if hasattr(m, "learned_params")}

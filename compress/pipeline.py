@@ -29,6 +29,7 @@ from .export import write_fp16, write_int8, write_onnx, write_safetensors
 from .outdir import check_inputs_untouched, publish, remove_created, stage
 from .load import load
 from .metrics import count_flops, count_params, evaluate, fidelity, latency, logits64, ort_predictor
+from .modules import learned_parameters
 from .recipe import Recipe
 from .registry import PassContext, get_pass
 from .report import machine_info, write_reports
@@ -310,6 +311,9 @@ def _run(recipe: Recipe, loaded, staging: Path | None, data, train, work: Path, 
                                             device=device, ckpt=ckpt, log=log)
         if staging is None:  # a torchrun rank other than 0: its share of the training is done
             return record
+    learned = learned_parameters(student)
+    if learned:  # values a pass left to training (e.g. attn_diffusion's gamma), as they are now
+        record["learned"] = learned
 
     with stages("export"):
         record["artifacts"] = artifacts = _export(recipe, loaded, student, staging, calib, ledger, log)

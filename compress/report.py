@@ -142,6 +142,11 @@ def markdown(record: dict) -> str:
                   f"final loss {d['final_loss']:.4f}{f' ({notes})' if notes else ''}.",
                   f"Teacher agreement on the calibration batch: {100 * b['agreement']:.1f}% before, "
                   f"{100 * a['agreement']:.1f}% after (KL {b['kl']:.3g} -> {a['kl']:.3g})."]
+    if record.get("learned"):
+        lines += ["", "## Learned pass parameters", "", "Values the passes left to training, as exported"
+                  + (" (after distillation)." if d else " (no distillation: still their start values)."), "",
+                  "| module | values |", "|---|---|"]
+        lines += [f"| `{k}` | {', '.join(f'{n} {x:.4g}' for n, x in v.items())} |" for k, v in record["learned"].items()]
     if record.get("gates"):
         lines += ["", "## Gates", "", "| gate | target | measured | result |", "|---|---|---|---|"]
         lines += [f"| {g['gate']} | {g['target']} | {g['measured']:.4g} | {'pass' if g['ok'] else '**FAIL**'} |" for g in record["gates"]]

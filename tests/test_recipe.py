@@ -39,12 +39,12 @@ def test_unknown_nested_key_names_the_path():
 
 
 def test_unknown_pass_option_names_the_pass():
-    with pytest.raises(InputError, match=r"unknown key 'passes\[0\]\.mlp_strip\.fraction'; allowed here: blocks"):
-        parse_recipe({"version": 1, "passes": [{"mlp_strip": {"blocks": [0], "fraction": 0.5}}]})
+    with pytest.raises(InputError, match=r"unknown key 'passes\[0\]\.mlp_strip\.colour'; allowed here: blocks, fraction"):
+        parse_recipe({"version": 1, "passes": [{"mlp_strip": {"blocks": [0], "colour": 0.5}}]})
 
 
 def test_bad_value_names_the_path_and_value():
-    with pytest.raises(InputError, match=r"passes\[0\]\.qk_merge\.mode: Input should be 'exact' \(got 'sideways'\)"):
+    with pytest.raises(InputError, match=r"passes\[0\]\.qk_merge\.mode: Input should be 'exact' or 'symmetric' \(got 'sideways'\)"):
         parse_recipe({"version": 1, "passes": [{"qk_merge": {"mode": "sideways"}}]})
 
 

@@ -1,7 +1,9 @@
-"""Value/output folding (Bermeitinger et al.): W_VO_h = Wv_h^T Wo_h^T, one d x d map per head.
+"""Value/output folding and removal (Bermeitinger et al.).
 
-`fold` is exact: rows of A_h sum to one, so the value bias folds into the output bias.
-It costs H*d^2 parameters instead of 2*d*d, so it only shrinks models with one head.
+`fold` is exact: W_VO_h = Wv_h^T Wo_h^T, one d x d map per head; rows of A_h sum to one, so
+the value bias folds into the output bias. It costs H*d^2 parameters instead of 2*d*d, so it
+only shrinks one-head models. `remove` drops V and O: out = (sum_h alpha_h A_h) x + b, with
+alpha and b fitted by least squares on calibration data (approximate).
 """
 from __future__ import annotations
 
@@ -9,13 +11,15 @@ from typing import Literal
 
 import torch
 
-from ..modules import FoldedVO, SeparateVO
+from ..errors import InputError
+from ..modules import FoldedVO, RemovedVO, SeparateVO
+from ..probe import capture
 from ..registry import PassConfig, PassContext, PassResult, register_pass
-from ._blocks import BlockSel, rewrite_attention
+from ._blocks import BlockSel, rewrite_attention, select
 
 
 class VOConfig(PassConfig):
-    mode: Literal["fold"] = "fold"
+    mode: Literal["fold", "remove"] = "fold"
     blocks: BlockSel = "all"
     allow_growth: bool = False
 
@@ -50,8 +54,50 @@ def _cost(value: SeparateVO, tokens: int) -> tuple[int, int, int, int]:
     return p0, p1, f0, f1
 
 
+@torch.no_grad()
+def fit_removed(attn: torch.Tensor, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Least squares for alpha (H,) and b (d,) in (sum_h alpha_h A_h x) + b ~ target, in float64."""
+    feats = (attn.double() @ x.double().unsqueeze(1)).transpose(0, 1).reshape(attn.shape[1], -1, x.shape[-1])  # (H, BN, d)
+    y = target.double().reshape(-1, x.shape[-1])
+    fc, yc = feats - feats.mean(1, keepdim=True), y - y.mean(0)  # centring over tokens separates b from alpha
+    gram = torch.einsum("hnd,knd->hk", fc, fc)
+    rhs = torch.einsum("hnd,nd->h", fc, yc)
+    alpha = torch.linalg.lstsq(gram, rhs.unsqueeze(-1)).solution.squeeze(-1)
+    bias = y.mean(0) - torch.einsum("h,hd->d", alpha, feats.mean(1))
+    return alpha, bias
+
+
+def remove_vo(model, adapter, cfg: VOConfig, ctx: PassContext) -> PassResult:
+    blocks = adapter.vit_blocks(model)
+    idx = [i for i in select(cfg.blocks, len(blocks), "vo") if isinstance(blocks[i].attn.value, SeparateVO)]
+    if ctx.calib is None and ctx.replay is None:
+        raise InputError("vo remove fits alpha on calibration data; give the recipe calibration images")
+    total_before = sum(p.numel() for p in model.parameters())
+    fits = {}
+    for i in idx:  # in order, so each block is fitted on the inputs the already-rewritten blocks produce
+        value = blocks[i].attn.value
+        if value.proj.out_features != value.v.in_features:
+            raise InputError(f"vo remove: block {i} maps width {value.v.in_features} to {value.proj.out_features}; "
+                             "remove needs equal widths")
+        h, d = value.heads, value.v.in_features
+        alpha, bias = torch.zeros(h, dtype=torch.float64), torch.zeros(d, dtype=torch.float64)
+        if ctx.replay is None:
+            x = capture(model, [blocks[i].attn], ctx.calib, inputs=True)[0]
+            with torch.no_grad():
+                attn = blocks[i].attn.score(x).softmax(-1)
+                alpha, bias = fit_removed(attn, x, value(attn, x))
+        dtype = value.v.weight.dtype
+        blocks[i].attn.value = RemovedVO(alpha.to(dtype), bias.to(dtype))
+        fits[str(i)] = [round(float(a), 4) for a in alpha]
+    after = sum(p.numel() for p in model.parameters())
+    changes = [f"removed V/O in blocks {idx} (alpha fitted by least squares): params {after - total_before:+,}"]
+    return PassResult(model, changes, {"blocks": idx, "alpha": fits})
+
+
 @register_pass("vo", VOConfig, families={"vit"},
-               summary="fold W_V and W_O into one map per head (exact; shrinks only 1-head models)")
+               summary="fold W_V, W_O into one map per head (exact; 1-head models) or remove them (fitted; approximate)")
 def vo(model, adapter, cfg: VOConfig, ctx: PassContext) -> PassResult:
+    if cfg.mode == "remove":
+        return remove_vo(model, adapter, cfg, ctx)
     return rewrite_attention(model, adapter, cfg, part="value", kind=SeparateVO, convert=fold_vo, cost=_cost,
                              label="vo fold", verb="folded V/O")

@@ -1,0 +1,43 @@
+"""Forward hooks shared by the analysis and the data-driven passes: capture, and skip (ablate) a branch."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+@torch.no_grad()
+def capture(model: nn.Module, modules: list[nn.Module], x: torch.Tensor, *, inputs: bool = False) -> list[torch.Tensor]:
+    """Each module's output (or its first input) when `model` runs on x, detached."""
+    got: dict[int, torch.Tensor] = {}
+
+    def hook(i):
+        def fn(mod, args, out):
+            got[i] = (args[0] if inputs else out).detach()
+        return fn
+
+    handles = [m.register_forward_hook(hook(i)) for i, m in enumerate(modules)]
+    try:
+        model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return [got[i] for i in range(len(modules))]
+
+
+@contextmanager
+def zeroed(modules: list[nn.Module]):
+    """Within the block, each module's output is replaced by zeros: a residual branch is skipped."""
+    handles = [m.register_forward_hook(lambda mod, args, out: torch.zeros_like(out)) for m in modules]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def kl(ref_logits: torch.Tensor, logits: torch.Tensor) -> float:
+    """KL(teacher || model) per image, in float64."""
+    return float(torch.nn.functional.kl_div(logits.double().log_softmax(-1), ref_logits.double().log_softmax(-1),
+                                            log_target=True, reduction="batchmean"))
