@@ -1,0 +1,275 @@
+"""Your own architecture: `package.module:factory` + a weights file.
+
+ViT-like blocks (two LayerNorms, attention with a fused qkv / separate q, k, v Linears or an
+nn.MultiheadAttention, and a two-Linear MLP) become the neutral `ViTBlock`; ResNet-like
+blocks (2 or 3 conv+BN pairs and an optional conv+BN shortcut) become timm BasicBlock /
+Bottleneck around your own layers. Each block is checked numerically on the inputs it sees
+in a forward pass; what cannot be mapped is named, and only block-rewriting passes refuse it.
+"""
+from __future__ import annotations
+
+import copy
+import importlib
+import math
+import os
+import sys
+from functools import partial
+
+import torch
+from timm.layers import Mlp
+from timm.models.resnet import BasicBlock, Bottleneck
+from torch import nn
+
+from ..adapters.base import set_module
+from ..adapters.user import UserAdapter
+from ..errors import InputError
+from ..modules import Attention, SeparateQK, SeparateVO, ViTBlock
+from .common import CONVERT_TOL, Converted, check_same, fit, random_input, rel_diff
+
+ACTS = {"gelu": nn.GELU, "gelu_tanh": partial(nn.GELU, approximate="tanh"), "relu": nn.ReLU, "silu": nn.SiLU}
+HEAD_ATTRS = ("num_heads", "heads", "n_heads", "num_attention_heads", "nhead", "n_head")
+
+
+def make(arch: str, kwargs: dict, num_classes=None) -> nn.Module:
+    mod_name, _, fn_name = arch.partition(":")
+    cwd = os.getcwd()
+    added = cwd not in sys.path
+    if added:  # the console script does not put the current directory on the path; `python -m` does
+        sys.path.insert(0, cwd)
+    try:
+        module = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise InputError(f"model.arch '{arch}': cannot import {mod_name} ({e}); run from its folder or add it to PYTHONPATH") from None
+    finally:
+        if added:
+            sys.path.remove(cwd)
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise InputError(f"model.arch '{arch}': {mod_name} has no callable {fn_name!r}")
+    args = {**kwargs, **({"num_classes": num_classes} if num_classes else {})}
+    try:
+        model = fn(**args)
+    except TypeError as e:
+        raise InputError(f"model.arch '{arch}': calling {fn_name}(**{args}) failed ({e}); check model.kwargs") from None
+    if not isinstance(model, nn.Module):
+        raise InputError(f"model.arch '{arch}': {fn_name}() returned {type(model).__name__}, not a torch nn.Module")
+    return model.eval()
+
+
+def _input_size(model: nn.Module, img_size) -> tuple[int, int, int]:
+    """Channels from the first conv; the side from model.img_size, else a ViT's position embedding, else 224."""
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    chans = conv.in_channels if conv is not None else 3
+    if img_size:
+        return (chans, img_size, img_size)
+    if conv is not None and conv.kernel_size == conv.stride and conv.stride[0] > 1:
+        for p in model.parameters():
+            if p.dim() == 3 and p.shape[0] == 1 and p.shape[2] == conv.out_channels:
+                for prefix in (0, 1, 2):
+                    side = math.isqrt(p.shape[1] - prefix)
+                    if side * side == p.shape[1] - prefix:
+                        return (chans, side * conv.stride[0], side * conv.stride[0])
+    return (chans, 224, 224)
+
+
+# ----------------------------------------------------------------------------- ViT-like blocks
+
+def _split(w: torch.Tensor, b, parts: int) -> list[nn.Linear]:
+    out = []
+    for i, wi in enumerate(w.chunk(parts)):
+        lin = nn.Linear(wi.shape[1], wi.shape[0], bias=b is not None)
+        lin.weight.data.copy_(wi)
+        if b is not None:
+            lin.bias.data.copy_(b.chunk(parts)[i])
+        out.append(lin)
+    return out
+
+
+def _attention_parts(m: nn.Module, d: int):
+    """(q, k, v, proj, heads or None) of an attention module, or None if it does not look like one."""
+    mha = m if isinstance(m, nn.MultiheadAttention) else next((c for c in m.children() if isinstance(c, nn.MultiheadAttention)), None)
+    if mha is not None and mha.in_proj_weight is not None and mha.embed_dim == d:
+        return (*_split(mha.in_proj_weight, mha.in_proj_bias, 3), mha.out_proj, mha.num_heads)
+    lins = [c for c in m.children() if isinstance(c, nn.Linear)]
+    heads = next((getattr(m, a) for a in HEAD_ATTRS if isinstance(getattr(m, a, None), int)), None)
+    fused = [c for c in lins if c.in_features == d and c.out_features == 3 * d]
+    square = [c for c in lins if c.in_features == d and c.out_features == d]
+    if len(fused) == 1 and len(square) == 1:
+        return (*_split(fused[0].weight, fused[0].bias, 3), square[0], heads)
+    if len(lins) == 4 and len(square) == 4:  # q, k, v, out in the order they were defined
+        return (*[copy.deepcopy(c) for c in square[:3]], square[3], heads)
+    return None
+
+
+def _vit_parts(blk: nn.Module):
+    """(norm1, norm2, attention parts, fc1, fc2) of a ViT-like block, or None."""
+    norms = [c for c in blk.children() if isinstance(c, nn.LayerNorm)]
+    if len(norms) != 2:
+        return None
+    d = norms[0].normalized_shape[0]
+    others = [c for c in blk.children() if not isinstance(c, (nn.LayerNorm, nn.Dropout, nn.Identity))]
+    attn = next(((c, p) for c in others if (p := _attention_parts(c, d))), None)
+    mlps = [[m for m in c.modules() if isinstance(m, nn.Linear)] for c in others if attn and c is not attn[0]]
+    mlp = next((l for l in mlps if len(l) == 2 and l[0].in_features == d == l[1].out_features
+                and l[0].out_features == l[1].in_features), None)
+    if attn is None or mlp is None:
+        return None
+    return norms[0], norms[1], attn[1], mlp[0], mlp[1]
+
+
+def _vit_block(parts, heads: int, act: str) -> ViTBlock:
+    norm1, norm2, (q, k, v, proj, _), fc1, fc2 = parts
+    attn = Attention(SeparateQK(q, k, heads), SeparateVO(v, proj, heads), nn.Identity(), nn.Identity())
+    mlp = Mlp(fc1.in_features, fc1.out_features, act_layer=ACTS[act])
+    mlp.fc1, mlp.fc2 = fc1, fc2
+    return ViTBlock(norm1, attn, nn.Identity(), nn.Identity(), norm2, mlp, nn.Identity(), nn.Identity())
+
+
+def _fit_vit_block(blk, x, parts) -> tuple[ViTBlock, dict] | str:
+    """The head count and MLP activation that reproduce `blk` on its real input `x`, or why none does."""
+    d = parts[0].normalized_shape[0]
+    given = parts[2][4]
+    heads = [given] if given else [h for h in range(1, d + 1) if d % h == 0]
+    with torch.no_grad():
+        ref = blk(x)
+        for h in heads:
+            for act in ACTS:
+                new = _vit_block(parts, h, act)
+                if rel_diff(ref, new(x)) <= CONVERT_TOL:
+                    return new, {"heads": h, "act": act}
+    return "its output differs from a pre-norm block (x + attn(norm1 x), then + mlp(norm2 x)) for every head count and activation tried"
+
+
+# ----------------------------------------------------------------------------- ResNet-like blocks
+
+def _res_parts(blk: nn.Module):
+    """([(conv, bn)...], shortcut or None) of a ResNet-like block, or None."""
+    kids = list(blk.named_children())
+    pairs, shortcut = [], None
+    for i, (name, c) in enumerate(kids):
+        if isinstance(c, nn.Conv2d):
+            nxt = kids[i + 1][1] if i + 1 < len(kids) else None
+            if not isinstance(nxt, nn.BatchNorm2d):
+                return None
+            pairs.append((c, nxt))
+        elif not isinstance(c, (nn.BatchNorm2d, nn.ReLU, nn.Identity)):
+            inner = list(c.modules())
+            if sum(isinstance(m, nn.Conv2d) for m in inner) == 1 and sum(isinstance(m, nn.BatchNorm2d) for m in inner) == 1:
+                shortcut = c
+            else:
+                return None
+    return (pairs, shortcut) if len(pairs) in (2, 3) else None
+
+
+def _res_block(parts) -> nn.Module:
+    pairs, shortcut = parts
+    new = (BasicBlock if len(pairs) == 2 else Bottleneck)(4, 1)  # sizes are placeholders: the layers are yours
+    for i, (conv, bn) in enumerate(pairs, 1):
+        setattr(new, f"conv{i}", conv)
+        setattr(new, f"bn{i}", bn)
+    new.downsample = shortcut
+    return new.eval()
+
+
+# ----------------------------------------------------------------------------- conversion
+
+def _inputs(model: nn.Module, names: list[str], input_size) -> dict[str, torch.Tensor]:
+    """What each named block receives in a forward pass on seeded random images."""
+    seen, hooks = {}, []
+    for n in names:
+        hooks.append(model.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: seen.setdefault(n, a[0].detach())))
+    try:
+        with torch.no_grad():
+            model(random_input(input_size))
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def _find(model: nn.Module):
+    """('vit', list path, {index: parts}) for the longest block list with ViT-like blocks, else ('resnet', ...)."""
+    lists = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.ModuleList, nn.Sequential)) and len(m)]
+    best = None
+    for n, m in lists:
+        found = {i: p for i, b in enumerate(m) if (p := _vit_parts(b)) is not None}
+        if 2 * len(found) > len(m) and (best is None or len(m) > len(best[1])):
+            best = (n, m, found)
+    if best is not None:
+        return "vit", best
+    res = {n: p for n, m in model.named_modules() if n and (p := _res_parts(m)) is not None}
+    return ("resnet", res) if res else (None, None)
+
+
+def convert(model: nn.Module, arch: str, input_size, choices: dict | None = None) -> tuple[UserAdapter, dict]:
+    """Convert recognised blocks in place (search and verify, or replay recorded `choices`)."""
+    family, found = _find(model)
+    if family is None:
+        kinds = sorted({type(m).__name__ for m in model.modules()})[:6]
+        raise InputError(f"model.arch '{arch}': no ViT-like (2 LayerNorms + attention + 2-Linear MLP) or ResNet-like "
+                         f"(conv+BN pairs + shortcut) blocks found (module types: {', '.join(kinds)}); passes need one of them")
+    unmapped, done, tokens = [], {}, None
+    if family == "vit":
+        path, blocks, parts = found
+        names = [f"{path}.{i}" if path else str(i) for i in range(len(blocks))]
+        unmapped = [names[i] for i in range(len(blocks)) if i not in parts]
+        xs = _inputs(model, names, input_size) if choices is None else {}
+        tokens = next(iter(xs.values())).shape[1] if xs else (choices or {}).get("tokens")
+        for i, p in parts.items():
+            if choices is not None:
+                if names[i] not in choices["blocks"]:
+                    continue  # it could not be mapped in the original run either
+                how = choices["blocks"][names[i]]
+                new = _vit_block(p, **how)
+            else:
+                got = _fit_vit_block(blocks[i], xs[names[i]], p)
+                if isinstance(got, str):
+                    unmapped.append(f"{names[i]} ({got})")
+                    continue
+                new, how = got
+            blocks[i], done[names[i]] = new, how
+    else:
+        xs = _inputs(model, list(found), input_size) if choices is None else {}
+        for n, p in found.items():
+            new = _res_block(p)
+            if choices is None:
+                with torch.no_grad():
+                    d = rel_diff(model.get_submodule(n)(xs[n]), new(xs[n]))
+                if not d <= CONVERT_TOL:
+                    unmapped.append(f"{n} (differs from conv-BN-ReLU ... + shortcut, then ReLU, by {d:.1e})")
+                    continue
+            elif n not in choices["blocks"]:
+                continue
+            set_module(model, n, new)
+            done[n] = {}
+    mapped = [n for n in done]
+    record = {"family": family, "blocks": done, "unmapped": unmapped, "tokens": tokens, "input_size": list(input_size)}
+    return UserAdapter(family, mapped, unmapped, input_size, tokens), record
+
+
+def read(arch: str, kwargs: dict, num_classes, img_size, sd: dict, weights) -> Converted:
+    model = make(arch, kwargs, num_classes)
+    fit(model, sd, f"{arch}({kwargs or ''})", weights)
+    size = _input_size(model, img_size)
+    original = copy.deepcopy(model)
+    adapter, record = convert(model, arch, size)
+    diff = check_same(original, model, size, f"model.arch '{arch}'")
+    note = (f"blocks {', '.join(record['unmapped'])} could not be mapped; passes that rewrite {record['family']} blocks "
+            "cannot run on this model" if record["unmapped"] else None)
+    source = {"read_as": f"user:{arch}", "converted": f"{len(adapter.blocks)} {record['family']} blocks converted in place, "
+              f"each checked on its real input; whole model max |Δlogit| {diff:.1e} of the scale", "note": note}
+    base = {"builder": "user", "arch": arch, "kwargs": {**kwargs, **({"num_classes": num_classes} if num_classes else {})},
+            "conversion": record}
+    conv = Converted(model, base, {k: v for k, v in source.items() if v is not None},
+                     {"input_size": size, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "crop_pct": 1.0})
+    conv.adapter = adapter
+    return conv
+
+
+def rebuild(base: dict) -> tuple[nn.Module, UserAdapter]:
+    """The converted structure for load_compressed: factory, then the recorded conversion choices."""
+    model = make(base["arch"], base["kwargs"])
+    rec = base["conversion"]
+    adapter, _ = convert(model, base["arch"], tuple(rec["input_size"]), choices=rec)
+    adapter.unmapped = rec["unmapped"]
+    return model, adapter
