@@ -18,7 +18,7 @@ from compress.sources import hf
 
 transformers = pytest.importorskip("transformers")
 
-LAT = {"latency": {"batch_sizes": [1, 2], "threads": 1, "warmup": 1, "runs": 2}}
+LAT = {"latency": None}  # timing is tested elsewhere; these tests are about reading and converting
 VIT_PASSES = [{"qk_merge": {"mode": "exact", "allow_growth": True}}, {"vo": {"mode": "fold", "allow_growth": True}},
               {"mlp_strip": {"blocks": [1]}}]
 VIT_HF = dict(image_size=16, patch_size=8, hidden_size=24, num_hidden_layers=2, num_attention_heads=3,
@@ -53,8 +53,9 @@ def hf_dir(tmp_path, cls: str, config: dict, image_size: int | None = None):
     return folder, model
 
 
-def run(tmp_path, ckpt, passes, model=None, name="out"):
-    recipe = {"version": 1, "passes": passes, "report": LAT, **({"model": model} if model else {})}
+def run(tmp_path, ckpt, passes, model=None, name="out", onnx=True):
+    recipe = {"version": 1, "passes": passes, "report": LAT, **({"model": model} if model else {}),
+              **({} if onnx else {"export": {"formats": ["safetensors"]}})}
     out = tmp_path / name
     rep = apply(parse_recipe(recipe), str(ckpt), out, log=lambda *_: None)
     return out, rep
@@ -90,7 +91,7 @@ def test_hf_checkpoint_compresses_and_saves_back(tmp_path, cls):
     if not resnet:  # the passes changed the structure: no HF directory, and the report says why
         assert "skipped" in rep["family_layout"] and not (out / "hf").exists()
     # structure unchanged (export only): an HF directory that from_pretrained reads, same logits as the original
-    out2, rep2 = run(tmp_path, folder, [], name="plain")
+    out2, rep2 = run(tmp_path, folder, [], name="plain", onnx=False)
     assert rep2["family_layout"]["path"] == "hf"
     again = getattr(transformers, cls).from_pretrained(str(out2 / "hf")).eval()
     x = torch.randn(2, *size)
@@ -130,7 +131,7 @@ def test_torchvision_vit(tmp_path):
     model = {"arch": "torchvision:vit_b_16", "kwargs": {"num_heads": 2}}
     out, rep = run(tmp_path, ckpt, VIT_PASSES, model=model)
     check_result(out, rep, (3, 32, 32))
-    out2, rep2 = run(tmp_path, ckpt, [], model=model, name="plain")
+    out2, rep2 = run(tmp_path, ckpt, [], model=model, name="plain", onnx=False)
     assert rep2["family_layout"]["path"] == "model.torchvision.safetensors"
     back = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16,
                                                 mlp_dim=32, num_classes=10).eval()
@@ -148,11 +149,13 @@ def test_user_architecture(tmp_path, factory):
     ckpt = tmp_path / "w.safetensors"
     save_file(m.state_dict(), str(ckpt))
     vit = factory == "vit"
-    out, rep = run(tmp_path, ckpt, VIT_PASSES if vit else [], model={"arch": f"user_models:{factory}"})
+    spec = {"arch": f"user_models:{factory}", **({} if vit else {"img_size": 32})}  # a ViT's size is in its weights
+    out, rep = run(tmp_path, ckpt, VIT_PASSES if vit else [], model=spec)
     assert rep["source"]["family"] == ("vit" if vit else "resnet") and rep["source"]["adapter"].startswith("user-")
-    size = (3, 16, 16) if vit else (3, 224, 224)
+    size = (3, 16, 16) if vit else (3, 32, 32)
+    assert rep["input_size"] == list(size)
     check_result(out, rep, size)
-    loaded = load(str(ckpt), parse_recipe({"version": 1, "model": {"arch": f"user_models:{factory}"}}).model)
+    loaded = load(str(ckpt), parse_recipe({"version": 1, "model": spec}).model)
     if vit:  # heads and activation were found numerically for the fused-qkv blocks, read for the nn.MultiheadAttention one
         conv = loaded.source["base"]["conversion"]
         assert conv["blocks"] == {f"layers.{i}": {"heads": 2, "act": "gelu_tanh"} for i in range(3)}

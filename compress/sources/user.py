@@ -63,12 +63,12 @@ def _input_size(model: nn.Module, img_size) -> tuple[int, int, int]:
     if img_size:
         return (chans, img_size, img_size)
     if conv is not None and conv.kernel_size == conv.stride and conv.stride[0] > 1:
-        for p in model.parameters():
-            if p.dim() == 3 and p.shape[0] == 1 and p.shape[2] == conv.out_channels:
-                for prefix in (0, 1, 2):
-                    side = math.isqrt(p.shape[1] - prefix)
-                    if side * side == p.shape[1] - prefix:
-                        return (chans, side * conv.stride[0], side * conv.stride[0])
+        embeds = [p for p in model.parameters() if p.dim() == 3 and p.shape[0] == 1 and p.shape[2] == conv.out_channels]
+        for p in sorted(embeds, key=lambda p: -p.shape[1]):  # the position embedding is the longest
+            for prefix in (0, 1, 2):
+                side = math.isqrt(p.shape[1] - prefix)
+                if side * side == p.shape[1] - prefix:
+                    return (chans, side * conv.stride[0], side * conv.stride[0])
     return (chans, 224, 224)
 
 
@@ -130,13 +130,17 @@ def _fit_vit_block(blk, x, parts) -> tuple[ViTBlock, dict] | str:
     d = parts[0].normalized_shape[0]
     given = parts[2][4]
     heads = [given] if given else [h for h in range(1, d + 1) if d % h == 0]
+    best = (float("inf"), None, None)
     with torch.no_grad():
-        ref = blk(x)
+        ref = blk(x) - x  # compare what the block adds: the residual would hide small differences
         for h in heads:
-            for act in ACTS:
+            for act in ACTS:  # the closest candidate wins: gelu and its tanh form differ only slightly
                 new = _vit_block(parts, h, act)
-                if rel_diff(ref, new(x)) <= CONVERT_TOL:
-                    return new, {"heads": h, "act": act}
+                d = rel_diff(ref, new(x) - x)
+                if d < best[0]:
+                    best = (d, new, {"heads": h, "act": act})
+    if best[0] <= CONVERT_TOL:
+        return best[1], best[2]
     return "its output differs from a pre-norm block (x + attn(norm1 x), then + mlp(norm2 x)) for every head count and activation tried"
 
 
