@@ -139,6 +139,8 @@ def _fit_vit_block(blk, x, parts) -> tuple[ViTBlock, dict] | str:
                 d = rel_diff(ref, new(x) - x)
                 if d < best[0]:
                     best = (d, new, {"heads": h, "act": act})
+            if best[0] <= 1e-6:  # float round-off only: no other candidate can be closer in any way that matters
+                break
     if best[0] <= CONVERT_TOL:
         return best[1], best[2]
     return "its output differs from a pre-norm block (x + attn(norm1 x), then + mlp(norm2 x)) for every head count and activation tried"
