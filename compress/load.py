@@ -174,7 +174,7 @@ def _read_config(path: Path) -> dict:
 
 def _converted(conv: Converted, info: dict, arch: str, kwargs: dict, img_size) -> Loaded:
     model = conv.model.eval()
-    adapter = conv.adapter if getattr(conv, "adapter", None) is not None else detect(model)
+    adapter = conv.adapter or detect(model)
     source = {**info, "arch": arch, "kwargs": kwargs, **conv.source, "base": conv.base,
               "adapter": adapter.name, "family": adapter.family}
     return Loaded(model, adapter, _data_cfg(model, adapter, conv.pretrained_cfg, img_size), source, conv.save_back)

@@ -117,10 +117,11 @@ class Converted:
     `base` rebuilds the same structure without the original library (recorded in the
     metadata for load_compressed); `source` says what was read and how it was converted;
     `pretrained_cfg` gives preprocessing; `save_back(student, staging, x, tol)` writes the
-    student in the original family's layout, or returns why it cannot.
+    student in the original family's layout, or returns why it cannot. `adapter` is set
+    where the model needs its own (user architectures); otherwise the registry detects one.
     """
 
     def __init__(self, model: nn.Module, base: dict, source: dict, pretrained_cfg: dict | None = None,
-                 save_back=None):
+                 save_back=None, adapter=None):
         self.model, self.base, self.source = model, base, source
-        self.pretrained_cfg, self.save_back = pretrained_cfg, save_back
+        self.pretrained_cfg, self.save_back, self.adapter = pretrained_cfg, save_back, adapter

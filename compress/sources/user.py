@@ -266,10 +266,9 @@ def read(arch: str, kwargs: dict, num_classes, img_size, sd: dict, weights) -> C
               f"each checked on its real input; whole model max |Δlogit| {diff:.1e} of the scale", "note": note}
     base = {"builder": "user", "arch": arch, "kwargs": {**kwargs, **({"num_classes": num_classes} if num_classes else {})},
             "conversion": record}
-    conv = Converted(model, base, {k: v for k, v in source.items() if v is not None},
-                     {"input_size": size, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "crop_pct": 1.0})
-    conv.adapter = adapter
-    return conv
+    return Converted(model, base, {k: v for k, v in source.items() if v is not None},
+                     {"input_size": size, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "crop_pct": 1.0},
+                     adapter=adapter)
 
 
 def rebuild(base: dict) -> tuple[nn.Module, UserAdapter]:
