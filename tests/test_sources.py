@@ -15,6 +15,7 @@ from compress.load import load, load_compressed
 from compress.pipeline import apply
 from compress.recipe import parse_recipe
 from compress.sources import hf
+from compress.sources.detect import guess_arch
 
 transformers = pytest.importorskip("transformers")
 
@@ -119,8 +120,7 @@ def test_torchvision_resnet18_by_name_and_by_its_keys(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(back(x), m(x))
-    loaded = load(str(ckpt))  # no model section: the keys say torchvision resnet18
-    assert loaded.source["arch"] == "torchvision:resnet18" and "from the weights' keys" in loaded.source["detected"]
+    assert guess_arch(load_file(str(ckpt)), ckpt) == ("torchvision:resnet18", {})  # no model section: the keys say it
 
 
 def test_torchvision_vit(tmp_path):
@@ -155,6 +155,14 @@ def test_user_architecture(tmp_path, factory):
     size = (3, 16, 16) if vit else (3, 32, 32)
     assert rep["input_size"] == list(size)
     check_result(out, rep, size)
+    # export only: the student saved back in the user's own keys loads into a fresh factory model
+    out2, rep2 = run(tmp_path, ckpt, [], model=spec, name="plain", onnx=False)
+    assert rep2["family_layout"]["path"] == "model.user.safetensors"
+    back = getattr(user_models, factory)().eval()
+    back.load_state_dict(load_file(str(out2 / "model.user.safetensors")))
+    x = torch.randn(2, *size)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), m(x), atol=1e-5, rtol=1e-5)
     loaded = load(str(ckpt), parse_recipe({"version": 1, "model": spec}).model)
     if vit:  # heads and activation were found numerically for the fused-qkv blocks, read for the nn.MultiheadAttention one
         conv = loaded.source["base"]["conversion"]

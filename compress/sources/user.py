@@ -16,13 +16,14 @@ import sys
 from functools import partial
 
 import torch
+from safetensors.torch import save_file
 from timm.layers import Mlp
 from timm.models.resnet import BasicBlock, Bottleneck
 from torch import nn
 
 from ..adapters.base import set_module
 from ..adapters.user import UserAdapter
-from ..errors import InputError
+from ..errors import InputError, VerificationError
 from ..modules import Attention, SeparateQK, SeparateVO, ViTBlock
 from .common import CONVERT_TOL, Converted, check_same, fit, random_input, rel_diff
 
@@ -78,6 +79,7 @@ def _split(w: torch.Tensor, b, parts: int) -> list[nn.Linear]:
     out = []
     for i, wi in enumerate(w.chunk(parts)):
         lin = nn.Linear(wi.shape[1], wi.shape[0], bias=b is not None)
+        lin.split_from = (id(w), id(b) if b is not None else None, i, parts)  # for saving back in your layout
         lin.weight.data.copy_(wi)
         if b is not None:
             lin.bias.data.copy_(b.chunk(parts)[i])
@@ -97,7 +99,8 @@ def _attention_parts(m: nn.Module, d: int):
     if len(fused) == 1 and len(square) == 1:
         return (*_split(fused[0].weight, fused[0].bias, 3), square[0], heads)
     if len(lins) == 4 and len(square) == 4:  # q, k, v, out in the order they were defined
-        return (*[copy.deepcopy(c) for c in square[:3]], square[3], heads)
+        return (*_split(square[0].weight, square[0].bias, 1), *_split(square[1].weight, square[1].bias, 1),
+                *_split(square[2].weight, square[2].bias, 1), square[3], heads)
     return None
 
 
@@ -258,17 +261,66 @@ def read(arch: str, kwargs: dict, num_classes, img_size, sd: dict, weights) -> C
     fit(model, sd, f"{arch}({kwargs or ''})", weights)
     size = _input_size(model, img_size)
     original = copy.deepcopy(model)
+    before = {id(t): (k, t) for k, t in model.state_dict(keep_vars=True).items()}  # t kept alive: ids stay unique
     adapter, record = convert(model, arch, size)
     diff = check_same(original, model, size, f"model.arch '{arch}'")
+    back = _origin(model, before)
     note = (f"blocks {', '.join(record['unmapped'])} could not be mapped; passes that rewrite {record['family']} blocks "
             "cannot run on this model" if record["unmapped"] else None)
     source = {"read_as": f"user:{arch}", "converted": f"{len(adapter.blocks)} {record['family']} blocks converted in place, "
               f"each checked on its real input; whole model max |Δlogit| {diff:.1e} of the scale", "note": note}
-    base = {"builder": "user", "arch": arch, "kwargs": {**kwargs, **({"num_classes": num_classes} if num_classes else {})},
-            "conversion": record}
+    args = {**kwargs, **({"num_classes": num_classes} if num_classes else {})}
+    base = {"builder": "user", "arch": arch, "kwargs": args, "conversion": record}
+    shapes = {k: tuple(v.shape) for k, v in sd.items()}
+
+    def save_back(student, staging, x, tol: float) -> dict:
+        return _save_back(student, staging, x, tol, arch=arch, kwargs=args, back=back, shapes=shapes)
+
     return Converted(model, base, {k: v for k, v in source.items() if v is not None},
                      {"input_size": size, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "crop_pct": 1.0},
-                     adapter=adapter)
+                     save_back, adapter)
+
+
+def _origin(model: nn.Module, before: dict) -> dict[str, tuple[str, int, int]]:
+    """Converted key -> (your key, part index, parts): reused tensors map 1:1, split q/k/v to a third of theirs."""
+    back = {k: (before[id(t)][0], 0, 1) for k, t in model.state_dict(keep_vars=True).items() if id(t) in before}
+    for n, m in model.named_modules():
+        src = getattr(m, "split_from", None)
+        if src is not None:
+            back[f"{n}.weight"] = (before[src[0]][0], src[2], src[3])
+            if src[1] is not None:
+                back[f"{n}.bias"] = (before[src[1]][0], src[2], src[3])
+    return back
+
+
+def _save_back(student, staging, x, tol: float, *, arch: str, kwargs: dict, back: dict, shapes: dict) -> dict:
+    """model.user.safetensors: the student in your model's own keys, while the structure is unchanged."""
+    sd = student.state_dict()
+    why = next((f"{k} has no place in {arch}" for k in sd if k not in back), None)
+    parts: dict[str, list] = {}
+    for k, v in sd.items():
+        if k in back:
+            old, i, n = back[k]
+            parts.setdefault(old, [None] * n)[i] = v.detach()
+    if why is None and (set(parts) != set(shapes) or any(p is None for ps in parts.values() for p in ps)):
+        why = f"{sorted(set(shapes) - set(parts))[:1] or 'a part'} was removed"
+    out = {k: (torch.cat(ps) if len(ps) > 1 else ps[0]).contiguous() for k, ps in parts.items()} if why is None else {}
+    if why is None and any(tuple(v.shape) != shapes[k] for k, v in out.items()):
+        why = "a layer changed shape"
+    if why is not None:
+        return {"format": f"user:{arch}", "skipped": f"the passes changed the structure ({why}); "
+                                                      "model.safetensors + model.onnx hold the result"}
+    fresh = make(arch, kwargs)
+    fresh.load_state_dict(out, strict=True)
+    with torch.no_grad():
+        d = rel_diff(student(x), fresh(x))
+    if not d <= tol:
+        raise VerificationError(f"{arch} with the student's weights differs by {d:.2e} of the logit scale "
+                                f"(tolerance {tol:.0e}); not written")
+    path = staging / "model.user.safetensors"
+    save_file(out, str(path))
+    return {"path": path.name, "format": f"user:{arch}", "bytes": path.stat().st_size,
+            "parity": {"rel_diff": d, "images": len(x)}}
 
 
 def rebuild(base: dict) -> tuple[nn.Module, UserAdapter]:
