@@ -117,24 +117,27 @@ def _resnet_base(c: dict, sd: dict, where) -> dict:
     return {"builder": "timm", "name": "resnet50" if bottleneck else "resnet18", "kwargs": kwargs, "fixups": fix}
 
 
-def _pretrained_cfg(folder: Path, family: str, c: dict) -> dict:
+def _side(s) -> int | None:
+    return s.get("height", s.get("shortest_edge")) if isinstance(s, dict) else s
+
+
+def _pretrained_cfg(folder: Path, arch: str, c: dict) -> dict:
     """Preprocessing from preprocessor_config.json, else the defaults of that model's image processor."""
-    cfg = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)} if family == "vit" else dict(IMAGENET)
-    size = c.get("image_size", 224)
+    cfg = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)} if arch.startswith("ViT") else dict(IMAGENET)
+    size, crop_pct, p = c.get("image_size", 224), 1.0, {}
     pp = folder / "preprocessor_config.json"
-    p = {}
     if pp.is_file():
         try:
             p = json.loads(pp.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise InputError(f"{pp}: not valid JSON ({e}); repair or delete it") from None
         cfg.update({k: tuple(p[f"image_{k}"]) for k in ("mean", "std") if p.get(f"image_{k}")})
-        s = p.get("crop_size") if p.get("do_center_crop") else p.get("size")
-        s = s.get("height", s.get("shortest_edge")) if isinstance(s, dict) else s
-        size = s or size
+        resize, crop = _side(p.get("size")), _side(p.get("crop_size")) if p.get("do_center_crop") else None
+        size = crop or resize or size
+        crop_pct = p.get("crop_pct") or (crop / resize if crop and resize else 1.0)
     cfg["input_size"] = (c.get("num_channels", 3), size, size)
     cfg["interpolation"] = "bicubic" if p.get("resample") == 3 else "bilinear"
-    cfg["crop_pct"] = p.get("crop_pct") or 1.0
+    cfg["crop_pct"] = crop_pct
     return cfg
 
 
@@ -144,13 +147,13 @@ def read(folder: Path, config: dict, weights: Path, sd: dict) -> Converted:
     if arch in VIT:
         prefix, token, _ = VIT[arch]
         renamed, origin = rename(sd, _vit_rules(prefix, token), f"Hugging Face {arch}", weights)
-        timm_sd, base, family = merge_qkv(renamed), _vit_base(arch, config, sd), "vit"
+        timm_sd, base = merge_qkv(renamed), _vit_base(arch, config, sd)
     else:
         renamed, origin = rename(sd, _resnet_rules(), f"Hugging Face {arch}", weights)
-        timm_sd, base, family = renamed, _resnet_base(config, sd, folder), "resnet"
+        timm_sd, base = renamed, _resnet_base(config, sd, folder)
     model = build(base)
     fit(model, timm_sd, f"the timm form of {arch} ({base['name']} {base['kwargs']})", weights)
-    pcfg = _pretrained_cfg(folder, family, config)
+    pcfg = _pretrained_cfg(folder, arch, config)
     original = getattr(transformers(), arch).from_pretrained(str(folder)).eval()
     diff = check_same(original, model, pcfg["input_size"], f"{folder}: {arch} -> timm {base['name']}")
     source = {"read_as": f"hf:{arch}", "converted": f"weights renamed into timm {base['name']} {base['kwargs']}"
