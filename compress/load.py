@@ -128,8 +128,9 @@ def load(ckpt: str, spec: ModelSpec | None = None) -> Loaded:
                              "use .safetensors, .pth, .pt or .bin, or a model directory")
     sd = read_state_dict(weights)
     info = {"path": str(path), "weights": str(weights), "bytes": weights.stat().st_size}
-    if config is not None and "architecture" not in config:  # a Hugging Face directory: its config says everything
-        return _converted(hf.read(path, config, weights, sd), info, f"hf:{hf.architecture(config, path)}", {}, None)
+    if config is not None and "architecture" not in config:  # a Hugging Face directory: its config says the rest
+        size = spec.img_size if spec is not None else None  # a convnet's input size, where no preprocessor config says it
+        return _converted(hf.read(path, config, weights, sd), info, f"hf:{hf.architecture(config, path)}", {}, size)
     if spec is not None:
         arch, nc, size, kwargs = spec.arch, spec.num_classes, spec.img_size, spec.kwargs
     elif config is not None:
