@@ -1,7 +1,6 @@
 """Checkpoint readers -> (model, adapter, data config). Never executes pickled code."""
 from __future__ import annotations
 
-import difflib
 import json
 import os
 import pickle
@@ -10,6 +9,7 @@ import socket
 import threading
 import zipfile
 from dataclasses import dataclass, field
+from typing import Callable
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -21,8 +21,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
+from . import sources
 from .adapters import Adapter, detect
 from .errors import InputError
+from .sources import hf, user
+from .sources import torchvision as tv
+from .sources.common import Converted, fit
+from .sources.detect import guess_arch
+from .sources.timm_src import create
 from .recipe import ModelSpec, parse_recipe
 from .registry import PassContext, get_pass
 
@@ -35,6 +41,7 @@ class Loaded:
     adapter: Adapter
     data_cfg: dict  # timm data config: input_size, mean, std, interpolation, crop_pct
     source: dict = field(default_factory=dict)  # what was read and how, for the report
+    save_back: Callable | None = None  # writes a student in the original family's layout (HF, torchvision)
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -84,50 +91,7 @@ def _unwrap(sd, path: Path) -> dict[str, torch.Tensor]:
 
 def _timm_name(arch: str) -> str:
     kind, _, name = arch.partition(":")
-    if not name:
-        return arch
-    if kind == "timm":
-        return name
-    raise InputError(f"model.arch '{arch}': only timm architectures ('timm:NAME') are supported in this version")
-
-
-def _create(name: str, num_classes, img_size, kwargs: dict) -> nn.Module:
-    if not timm.is_model(name):
-        close = difflib.get_close_matches(name, timm.list_models(), n=3)
-        hint = f" (close: {', '.join(close)})" if close else ""
-        raise InputError(f"unknown timm architecture '{name}'{hint}; see timm.list_models()")
-    args = dict(kwargs)
-    if num_classes is not None:
-        args["num_classes"] = num_classes
-    if img_size is not None:
-        args["img_size"] = img_size
-    try:
-        try:
-            return timm.create_model(name, pretrained=False, **args)
-        except TypeError as e:
-            if img_size is None or "img_size" not in str(e):
-                raise
-            args.pop("img_size")  # convnets take any size: img_size then only sets the input size
-            return timm.create_model(name, pretrained=False, **args)
-    except (TypeError, ValueError, AssertionError, RuntimeError) as e:
-        raise InputError(f"cannot build timm '{name}' with {args}: {e}; check model kwargs") from None
-
-
-def _fit(model: nn.Module, sd: dict, what: str, path: Path) -> None:
-    """load_state_dict(strict) with a one-line summary of every mismatch."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    shapes = [f"{k} {list(sd[k].shape)} vs {list(v.shape)}" for k, v in own.items()
-              if k in sd and sd[k].shape != v.shape]
-    if missing or unexpected or shapes:
-        parts = []
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch (checkpoint vs model)", shapes)):
-            if items:
-                parts.append(f"{len(items)} {label}: {', '.join(items[:3])}{', ...' if len(items) > 3 else ''}")
-        raise InputError(f"weights in {path} do not fit {what}: {'; '.join(parts)}; "
-                         "check model.arch, num_classes, img_size and kwargs")
-    model.load_state_dict(sd, strict=True)
+    return name if kind == "timm" and name else arch
 
 
 def _data_cfg(model: nn.Module, adapter: Adapter, pretrained_cfg: dict | None, img_size: int | None = None) -> dict:
@@ -144,7 +108,8 @@ def _data_cfg(model: nn.Module, adapter: Adapter, pretrained_cfg: dict | None, i
 
 
 def load(ckpt: str, spec: ModelSpec | None = None) -> Loaded:
-    """Load a timm directory (config.json + weights), a weights file plus `spec`, or a timm: hub id."""
+    """Load a checkpoint: a timm or Hugging Face directory, a weights file (+ `spec`, else its keys say
+    the family), or a timm:/hf: hub id. Other families are converted to timm form, checked numerically."""
     if ckpt.startswith(("timm:", "hf:")) and not Path(ckpt).exists():
         return _load_hub(ckpt)
     path = Path(ckpt)
@@ -152,17 +117,7 @@ def load(ckpt: str, spec: ModelSpec | None = None) -> Loaded:
         raise InputError(f"checkpoint not found: {path}; check the path")
     config = None
     if path.is_dir():
-        cfg_path = path / "config.json"
-        if not cfg_path.is_file():
-            raise InputError(f"{path} is a directory without config.json; pass the weights file and set model.arch in the recipe")
-        try:
-            config = json.loads(cfg_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise InputError(f"{cfg_path}: not valid JSON ({e}); repair or regenerate it") from None
-        if "architecture" not in config:
-            kind = "Hugging Face transformers" if ("architectures" in config or "model_type" in config) else "unknown"
-            raise InputError(f"{cfg_path}: a {kind} model directory (keys: {', '.join(sorted(config)[:8])}); "
-                             "this version reads timm directories (config.json with 'architecture')")
+        config = _read_config(path)
         weights = next((path / n for n in WEIGHT_FILES if (path / n).is_file()), None)
         if weights is None:
             raise InputError(f"{path}: no weights file ({', '.join(WEIGHT_FILES)})")
@@ -171,21 +126,59 @@ def load(ckpt: str, spec: ModelSpec | None = None) -> Loaded:
         if path.suffix not in (".safetensors", ".pth", ".pt", ".bin"):
             raise InputError(f"unsupported checkpoint format '{path.suffix}' ({path}); "
                              "use .safetensors, .pth, .pt or .bin, or a model directory")
-    if spec is None and config is None:
-        raise InputError(f"{path} holds weights only; add a 'model:' section with arch (e.g. timm:resnet18) to the recipe")
     sd = read_state_dict(weights)
+    info = {"path": str(path), "weights": str(weights), "bytes": weights.stat().st_size}
+    if config is not None and "architecture" not in config:  # a Hugging Face directory: its config says the rest
+        size = spec.img_size if spec is not None else None  # a convnet's input size, where no preprocessor config says it
+        return _converted(hf.read(path, config, weights, sd), info, f"hf:{hf.architecture(config, path)}", {}, size)
     if spec is not None:
-        name, nc, size, kwargs = _timm_name(spec.arch), spec.num_classes, spec.img_size, spec.kwargs
+        arch, nc, size, kwargs = spec.arch, spec.num_classes, spec.img_size, spec.kwargs
+    elif config is not None:
+        arch, nc, size, kwargs = f"timm:{config['architecture']}", config.get("num_classes"), None, config.get("model_args", {})
     else:
-        name, nc, size, kwargs = config["architecture"], config.get("num_classes"), None, config.get("model_args", {})
-    model = _create(name, nc, size, kwargs)
-    _fit(model, sd, f"timm '{name}'", weights)
+        arch, kwargs = guess_arch(sd, weights)
+        nc = size = None
+        info["detected"] = f"model.arch {arch} from the weights' keys"
+    kind, _, name = arch.partition(":")
+    if kind == "torchvision":
+        return _converted(tv.read(name, kwargs, nc, size, sd, weights), info, arch, kwargs, size)
+    if kind == "hf":
+        raise InputError(f"model.arch '{arch}': a Hugging Face model is read from its directory (config.json + weights); "
+                         "pass the directory as the checkpoint and drop the model: section")
+    if name and kind != "timm":
+        return _converted(user.read(arch, kwargs, nc, size, sd, weights), info, arch, kwargs, size)
+    name = _timm_name(arch)
+    model = create(name, nc, size, kwargs)
+    fit(model, sd, f"timm '{name}'", weights)
     model.eval()
     adapter = detect(model)
     pcfg = (config or {}).get("pretrained_cfg")
-    source = {"path": str(path), "weights": str(weights), "arch": f"timm:{name}", "kwargs": {**kwargs, **({"num_classes": nc} if nc else {}), **({"img_size": size} if size else {})},
-              "bytes": weights.stat().st_size, "adapter": adapter.name, "family": adapter.family}
+    source = {**info, "arch": f"timm:{name}", "kwargs": {**kwargs, **({"num_classes": nc} if nc else {}), **({"img_size": size} if size else {})},
+              "adapter": adapter.name, "family": adapter.family}
     return Loaded(model, adapter, _data_cfg(model, adapter, pcfg, size), source)
+
+
+def _read_config(path: Path) -> dict:
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise InputError(f"{path} is a directory without config.json; pass the weights file and set model.arch in the recipe")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{cfg_path}: not valid JSON ({e}); repair or regenerate it") from None
+    if not isinstance(config, dict) or not {"architecture", "architectures", "model_type"} & set(config):
+        keys = ", ".join(sorted(config)[:8]) if isinstance(config, dict) else type(config).__name__
+        raise InputError(f"{cfg_path}: neither a timm config ('architecture') nor a Hugging Face one ('architectures', "
+                         f"'model_type'); keys: {keys}")
+    return config
+
+
+def _converted(conv: Converted, info: dict, arch: str, kwargs: dict, img_size) -> Loaded:
+    model = conv.model.eval()
+    adapter = conv.adapter or detect(model)
+    source = {**info, "arch": arch, "kwargs": kwargs, **conv.source, "base": conv.base,
+              "adapter": adapter.name, "family": adapter.family}
+    return Loaded(model, adapter, _data_cfg(model, adapter, conv.pretrained_cfg, img_size), source, conv.save_back)
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -209,14 +202,21 @@ def _resolves(host: str) -> bool:
 
 def _load_hub(ckpt: str) -> Loaded:
     kind, _, name = ckpt.partition(":")
-    if kind != "timm":
-        raise InputError(f"{ckpt}: Hugging Face hub ids are not supported in this version; pass a local timm checkpoint")
     if not _hub_reachable():
         raise InputError(f"cannot reach the model hub to fetch {ckpt} (offline?); pass a local checkpoint path instead")
     try:
-        model = timm.create_model(name, pretrained=True).eval()
+        if kind == "hf":  # the directory files only, then read like a local HF or timm directory
+            from huggingface_hub import snapshot_download
+
+            folder = snapshot_download(name, allow_patterns=["config.json", "preprocessor_config.json", "model.safetensors"])
+        else:
+            model = timm.create_model(name, pretrained=True).eval()
     except Exception as e:  # noqa: BLE001 - any hub/network failure ends the same way for the user
         raise InputError(f"could not fetch {ckpt} from the hub ({type(e).__name__}); offline? pass a local checkpoint path instead") from None
+    if kind == "hf":
+        loaded = load(folder)
+        loaded.source["path"] = ckpt
+        return loaded
     adapter = detect(model)
     source = {"path": ckpt, "arch": f"timm:{name}", "kwargs": {}, "adapter": adapter.name, "family": adapter.family}
     return Loaded(model, adapter, _data_cfg(model, adapter, None), source)
@@ -241,12 +241,16 @@ def load_compressed(path: str | Path) -> nn.Module:
         raise InputError(f"{file} was not written by compress apply (no recipe metadata); load it with timm instead")
     recipe = parse_recipe(json.loads(meta["recipe"]))
     kwargs = json.loads(meta["source_kwargs"])
-    model = _create(_timm_name(meta["source_arch"]), kwargs.pop("num_classes", None), kwargs.pop("img_size", None), kwargs)
-    adapter = detect(model)
+    base = json.loads(meta.get("source_base", "null"))
+    if base is not None:
+        model, adapter = sources.rebuild(base)
+    else:
+        model = create(_timm_name(meta["source_arch"]), kwargs.pop("num_classes", None), kwargs.pop("img_size", None), kwargs)
+        adapter = detect(model)
     structure = json.loads(meta.get("structure", "null")) or [{} for _ in recipe.steps]
     for step, details in zip(recipe.steps, structure):
         spec = get_pass(step.name)
         if adapter.family in spec.families:
             model = spec.fn(model, adapter, step.config, PassContext(calib=None, replay=details)).model
-    _fit(model, read_state_dict(file), "the structure its recipe describes", file)
+    fit(model, read_state_dict(file), "the structure its recipe describes", file)
     return model.eval()

@@ -163,7 +163,7 @@ def _export(recipe: Recipe, loaded, student, staging: Path, calib, ledger: list,
     """Write every artifact the recipe asks for; each is verified before it gets its final name."""
     ex, artifacts = recipe.export, {}
     meta = {"compress_version": __version__, "source_arch": loaded.source["arch"],
-            "source_kwargs": json.dumps(loaded.source["kwargs"]),
+            "source_kwargs": json.dumps(loaded.source["kwargs"]), "source_base": json.dumps(loaded.source.get("base")),
             "recipe": json.dumps(recipe.resolved()), "family": loaded.adapter.family,
             "structure": json.dumps([entry.get("details", {}) for entry in ledger])}  # what load_compressed replays
     if "safetensors" in ex.formats:
@@ -268,6 +268,9 @@ def apply(recipe: Recipe, ckpt: str, out: Path, *, data: str | None = None, dry_
     _check_recipe_needs(recipe, data)
     with stages("load"):
         loaded = load(ckpt, recipe.model)
+    for key in ("detected", "converted", "note"):
+        if loaded.source.get(key):
+            log(f"load: {loaded.source[key]}")
     data_paths = [recipe.calibration.data, recipe.report.eval_data, recipe.distill and recipe.distill.data, data]
     check_inputs_untouched([*inputs, *([ckpt] if Path(ckpt).exists() else []), *[p for p in data_paths if p]], out)
     train = distill_data(recipe, data, loaded.data_cfg)  # bad data fails here, before anything is written
@@ -317,6 +320,10 @@ def _run(recipe: Recipe, loaded, staging: Path | None, data, train, work: Path, 
 
     with stages("export"):
         record["artifacts"] = artifacts = _export(recipe, loaded, student, staging, calib, ledger, log)
+        if loaded.save_back is not None:  # the original family's layout too, when the structure allows it
+            record["family_layout"] = lay = loaded.save_back(student, staging, calib, recipe.export.parity_tol)
+            log(f"export: {loaded.source['arch']} layout " + (f"not written: {lay['skipped']}" if "skipped" in lay
+                                                               else f"in {lay['path']} (reloaded and compared)"))
     with stages("measure"):
         _measure(recipe, loaded, student, staging, calib, artifacts, summary, log)
     if summary.get("eval", {}).get("images") == 0:

@@ -170,6 +170,11 @@ def markdown(record: dict) -> str:
                         f" (onnxslim not applied: {slim['why']})" if slim else "")
                      + f"; operators: {', '.join(a['operators'])}")
         lines.append(f"- `{a['path']}`: {_bytes(a['bytes'])}{extra}")
+    lay = record.get("family_layout")
+    if lay:  # the checkpoint's own family layout (Hugging Face directory, torchvision state dict)
+        lines.append(f"- {lay['format']} layout: not written, {lay['skipped']}" if "skipped" in lay else
+                     f"- `{lay['path']}`: {lay['format']} layout, reloaded by that library and compared with the student "
+                     f"({lay['parity']['rel_diff']:.1e} of logit scale)")
     lines += ["", "## Machine", "", f"{m['cpu']}, {m['cores']} cores; onnxruntime {m['onnxruntime']} with "
               f"{m['ort_threads'] or '-'} intra-op threads (latency: warm-up, then teacher and student interleaved); "
               f"torch {m['torch']}, timm {m['timm']}, onnx {m['onnx']}, Python {m['python']}, {m['os']}.", "",

@@ -70,6 +70,11 @@ def pth(path: Path, obj) -> Path:
     return path
 
 
+def put_sd(path: Path, sd: dict) -> Path:
+    save_file(sd, str(path))
+    return path
+
+
 def truncate(path: Path) -> Path:
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
@@ -198,7 +203,14 @@ CASES = [
     Case("unsupported-extension-without-model-section", lambda r: apply(r, put(r / "w.npz", b"PK\x03\x04 numpy")),
          ("unsupported checkpoint format '.npz'",)),
     Case("bare-weights-without-model-section", lambda r: apply(r, bare(r)),
-         ("weights.safetensors", "holds weights only", "model:")),
+         ("weights.safetensors", "a timm ViT state dict", "head count", "model:")),
+    Case("keys-match-no-family", lambda r: apply(r, put_sd(r / "odd.safetensors", {"encoder.w1": torch.ones(2)})),
+         ("odd.safetensors", "match no known family", "candidates: timm/torchvision ResNet", "keys seen: encoder.w1")),
+    Case("hf-dir-unsupported-architecture",
+         lambda r: apply(r, build_dir(r, '{"architectures": ["BertModel"], "model_type": "bert"}')),
+         ("Hugging Face BertModel is not supported", "ViTForImageClassification")),
+    Case("user-factory-not-importable", lambda r: apply(r, bare(r), "model: {arch: 'no_such_pkg.models:vit'}\n" + GOOD),
+         ("no_such_pkg.models:vit", "cannot import no_such_pkg")),
     Case("dir-without-config", lambda r: apply(r, build_dir(r, None)), ("ckpt", "without config.json")),
     Case("dir-config-invalid-json", lambda r: apply(r, build_dir(r, '{"architecture": "vit_tiny_patch16_224",')),
          ("config.json", "not valid JSON")),

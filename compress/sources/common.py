@@ -1,0 +1,127 @@
+"""Shared by the family readers: strict weight fitting, key renaming, numeric equivalence checks."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import InputError
+
+CONVERT_TOL = 1e-4  # max |Δ| / max |ref| between an original model (or block) and its conversion
+
+
+def fit(model: nn.Module, sd: dict, what: str, path: Path | str) -> None:
+    """load_state_dict(strict) with a one-line summary of every mismatch."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [f"{k} {list(sd[k].shape)} vs {list(v.shape)}" for k, v in own.items()
+              if k in sd and sd[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        parts = []
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch (checkpoint vs model)", shapes)):
+            if items:
+                parts.append(f"{len(items)} {label}: {', '.join(items[:3])}{', ...' if len(items) > 3 else ''}")
+        raise InputError(f"weights in {path} do not fit {what}: {'; '.join(parts)}; "
+                         "check model.arch, num_classes, img_size and kwargs")
+    model.load_state_dict(sd, strict=True)
+
+
+def rename(sd: dict, rules: list, what: str, path) -> tuple[dict, dict]:
+    """Rename every key by the first rule (regex fullmatch -> template or function of the match).
+
+    Returns the renamed dict and {new key: old key}. An empty template drops the key (an
+    unused mask token); a key no rule matches is an error naming it.
+    """
+    out, origin, left = {}, {}, []
+    for k, v in sd.items():
+        for pat, repl in rules:
+            m = re.fullmatch(pat, k)
+            if m:
+                new = m.expand(repl) if isinstance(repl, str) else repl(m)
+                if new:
+                    out[new], origin[new] = v, k
+                break
+        else:
+            left.append(k)
+    if left:
+        raise InputError(f"{path}: {len(left)} keys do not fit a {what} ({', '.join(left[:3])}"
+                         f"{', ...' if len(left) > 3 else ''}); is it really that family?")
+    return out, origin
+
+
+def merge_qkv(sd: dict) -> dict:
+    """Separate q, k, v (HF) -> one fused qkv (timm), rows in q, k, v order."""
+    out = {k: v for k, v in sd.items() if not any(f".attn.{t}." in k for t in "qkv")}
+    for k in sd:
+        if ".attn.q." in k:
+            out[k.replace(".attn.q.", ".attn.qkv.")] = torch.cat([sd[k.replace(".q.", f".{t}.")] for t in "qkv"])
+    return out
+
+
+def split_qkv(sd: dict) -> dict:
+    """The inverse, from timm's fused qkv or from the neutral ViTBlock's separate parts."""
+    out = {}
+    for k, v in sd.items():
+        if ".attn.qkv." in k:
+            for t, part in zip("qkv", v.chunk(3)):
+                out[k.replace(".qkv.", f".{t}.")] = part
+        else:
+            for a, b in ((".attn.score.q.", ".attn.q."), (".attn.score.k.", ".attn.k."),
+                         (".attn.value.v.", ".attn.v."), (".attn.value.proj.", ".attn.proj.")):
+                k = k.replace(a, b)
+            out[k] = v
+    return out
+
+
+def logits_of(out) -> torch.Tensor:
+    """The logits of a model output: a tensor, a transformers output (.logits), or the first of a tuple."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise InputError(f"the model returned {type(out).__name__}, not a tensor of logits; wrap it to return logits")
+
+
+def rel_diff(ref: torch.Tensor, got: torch.Tensor) -> float:
+    if ref.shape != got.shape:
+        return float("inf")
+    return float((ref.double() - got.double()).abs().max() / ref.double().abs().max().clamp_min(1e-12))
+
+
+def random_input(input_size, batch: int = 2, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((batch, *input_size), generator=g)
+
+
+def check_same(original: nn.Module, converted: nn.Module, input_size, what: str) -> float:
+    """Run both on the same seeded random images; refuse the conversion if the logits differ."""
+    x = random_input(input_size)
+    with torch.no_grad():
+        ref, got = logits_of(original.eval()(x)), logits_of(converted.eval()(x))
+    d = rel_diff(ref, got)
+    if not d <= CONVERT_TOL:
+        raise InputError(f"{what}: the converted model differs from the original by {d:.2e} of the logit scale "
+                         f"(tolerance {CONVERT_TOL:.0e}) on random input; this layout variant is not supported, "
+                         "please report it with the checkpoint's config")
+    return d
+
+
+class Converted:
+    """A checkpoint of another family turned into the timm form the adapters and passes know.
+
+    `base` rebuilds the same structure without the original library (recorded in the
+    metadata for load_compressed); `source` says what was read and how it was converted;
+    `pretrained_cfg` gives preprocessing; `save_back(student, staging, x, tol)` writes the
+    student in the original family's layout, or returns why it cannot. `adapter` is set
+    where the model needs its own (user architectures); otherwise the registry detects one.
+    """
+
+    def __init__(self, model: nn.Module, base: dict, source: dict, pretrained_cfg: dict | None = None,
+                 save_back=None, adapter=None):
+        self.model, self.base, self.source = model, base, source
+        self.pretrained_cfg, self.save_back, self.adapter = pretrained_cfg, save_back, adapter

@@ -1,0 +1,219 @@
+"""Your own architecture: `package.module:factory` + a weights file.
+
+ViT-like blocks (two LayerNorms, attention with a fused qkv / separate q, k, v Linears or an
+nn.MultiheadAttention, and a two-Linear MLP) become the neutral `ViTBlock`; ResNet-like
+blocks (2 or 3 conv+BN pairs and an optional conv+BN shortcut) become timm BasicBlock /
+Bottleneck around your own layers. Each block is checked numerically on the inputs it sees
+in a forward pass; what cannot be mapped is named, and only block-rewriting passes refuse it.
+"""
+from __future__ import annotations
+
+import copy
+import importlib
+import math
+import os
+import sys
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from ..adapters.base import set_module
+from ..adapters.user import UserAdapter
+from ..errors import InputError, VerificationError
+from .common import CONVERT_TOL, Converted, check_same, fit, random_input, rel_diff
+from .user_blocks import fit_vit_block, res_block, res_parts, vit_block, vit_parts
+
+
+def make(arch: str, kwargs: dict, num_classes=None) -> nn.Module:
+    mod_name, _, fn_name = arch.partition(":")
+    cwd = os.getcwd()
+    added = cwd not in sys.path
+    if added:  # the console script does not put the current directory on the path; `python -m` does
+        sys.path.insert(0, cwd)
+    try:
+        module = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise InputError(f"model.arch '{arch}': cannot import {mod_name} ({e}); run from its folder or add it to PYTHONPATH") from None
+    finally:
+        if added:
+            sys.path.remove(cwd)
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise InputError(f"model.arch '{arch}': {mod_name} has no callable {fn_name!r}")
+    args = {**kwargs, **({"num_classes": num_classes} if num_classes else {})}
+    try:
+        model = fn(**args)
+    except TypeError as e:
+        raise InputError(f"model.arch '{arch}': calling {fn_name}(**{args}) failed ({e}); check model.kwargs") from None
+    if not isinstance(model, nn.Module):
+        raise InputError(f"model.arch '{arch}': {fn_name}() returned {type(model).__name__}, not a torch nn.Module")
+    return model.eval()
+
+
+def _input_size(model: nn.Module, img_size) -> tuple[int, int, int]:
+    """Channels from the first conv; the side from model.img_size, else a ViT's position embedding, else 224."""
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    chans = conv.in_channels if conv is not None else 3
+    if img_size:
+        return (chans, img_size, img_size)
+    if conv is not None and conv.kernel_size == conv.stride and conv.stride[0] > 1:
+        embeds = [p for p in model.parameters() if p.dim() == 3 and p.shape[0] == 1 and p.shape[2] == conv.out_channels]
+        for p in sorted(embeds, key=lambda p: -p.shape[1]):  # the position embedding is the longest
+            for prefix in (0, 1, 2):
+                side = math.isqrt(p.shape[1] - prefix)
+                if side * side == p.shape[1] - prefix:
+                    return (chans, side * conv.stride[0], side * conv.stride[0])
+    return (chans, 224, 224)
+
+
+# ----------------------------------------------------------------------------- conversion
+
+def _inputs(model: nn.Module, names: list[str], input_size) -> dict[str, torch.Tensor]:
+    """What each named block receives in a forward pass on seeded random images."""
+    seen, hooks = {}, []
+    for n in names:
+        hooks.append(model.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: seen.setdefault(n, a[0].detach())))
+    try:
+        with torch.no_grad():
+            model(random_input(input_size))
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def _find(model: nn.Module):
+    """('vit', list path, {index: parts}) for the longest block list with ViT-like blocks, else ('resnet', ...)."""
+    lists = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.ModuleList, nn.Sequential)) and len(m)]
+    best = None
+    for n, m in lists:
+        found = {i: p for i, b in enumerate(m) if (p := vit_parts(b)) is not None}
+        if 2 * len(found) > len(m) and (best is None or len(m) > len(best[1])):
+            best = (n, m, found)
+    if best is not None:
+        return "vit", best
+    res = {n: p for n, m in model.named_modules() if n and (p := res_parts(m)) is not None}
+    return ("resnet", res) if res else (None, None)
+
+
+def convert(model: nn.Module, arch: str, input_size, choices: dict | None = None) -> tuple[UserAdapter, dict]:
+    """Convert recognised blocks in place (search and verify, or replay recorded `choices`)."""
+    family, found = _find(model)
+    if family is None:
+        kinds = sorted({type(m).__name__ for m in model.modules()})[:6]
+        raise InputError(f"model.arch '{arch}': no ViT-like (2 LayerNorms + attention + 2-Linear MLP) or ResNet-like "
+                         f"(conv+BN pairs + shortcut) blocks found (module types: {', '.join(kinds)}); passes need one of them")
+    unmapped, done, tokens = [], {}, None
+    if family == "vit":
+        path, blocks, parts = found
+        names = [f"{path}.{i}" if path else str(i) for i in range(len(blocks))]
+        unmapped = [names[i] for i in range(len(blocks)) if i not in parts]
+        xs = _inputs(model, names, input_size) if choices is None else {}
+        tokens = next(iter(xs.values())).shape[1] if xs else (choices or {}).get("tokens")
+        for i, p in parts.items():
+            if choices is not None:
+                if names[i] not in choices["blocks"]:
+                    continue  # it could not be mapped in the original run either
+                how = choices["blocks"][names[i]]
+                new = vit_block(p, **how)
+            else:
+                got = fit_vit_block(blocks[i], xs[names[i]], p)
+                if isinstance(got, str):
+                    unmapped.append(f"{names[i]} ({got})")
+                    continue
+                new, how = got
+            blocks[i], done[names[i]] = new, how
+    else:
+        xs = _inputs(model, list(found), input_size) if choices is None else {}
+        for n, p in found.items():
+            new = res_block(p)
+            if choices is None:
+                with torch.no_grad():
+                    d = rel_diff(model.get_submodule(n)(xs[n]), new(xs[n]))
+                if not d <= CONVERT_TOL:
+                    unmapped.append(f"{n} (differs from conv-BN-ReLU ... + shortcut, then ReLU, by {d:.1e})")
+                    continue
+            elif n not in choices["blocks"]:
+                continue
+            set_module(model, n, new)
+            done[n] = {}
+    mapped = [n for n in done]
+    record = {"family": family, "blocks": done, "unmapped": unmapped, "tokens": tokens, "input_size": list(input_size)}
+    return UserAdapter(family, mapped, unmapped, input_size, tokens), record
+
+
+def read(arch: str, kwargs: dict, num_classes, img_size, sd: dict, weights) -> Converted:
+    model = make(arch, kwargs, num_classes)
+    fit(model, sd, f"{arch}({kwargs or ''})", weights)
+    size = _input_size(model, img_size)
+    original = copy.deepcopy(model)
+    before = {id(t): (k, t) for k, t in model.state_dict(keep_vars=True).items()}  # t kept alive: ids stay unique
+    adapter, record = convert(model, arch, size)
+    diff = check_same(original, model, size, f"model.arch '{arch}'")
+    back = _origin(model, before)
+    note = (f"blocks {', '.join(record['unmapped'])} could not be mapped; passes that rewrite {record['family']} blocks "
+            "cannot run on this model" if record["unmapped"] else None)
+    source = {"read_as": f"user:{arch}", "converted": f"{len(adapter.blocks)} {record['family']} blocks converted in place, "
+              f"each checked on its real input; whole model max |Δlogit| {diff:.1e} of the scale", "note": note}
+    args = {**kwargs, **({"num_classes": num_classes} if num_classes else {})}
+    base = {"builder": "user", "arch": arch, "kwargs": args, "conversion": record}
+    shapes = {k: tuple(v.shape) for k, v in sd.items()}
+
+    def save_back(student, staging, x, tol: float) -> dict:
+        return _save_back(student, staging, x, tol, arch=arch, kwargs=args, back=back, shapes=shapes)
+
+    return Converted(model, base, {k: v for k, v in source.items() if v is not None},
+                     {"input_size": size, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "crop_pct": 1.0},
+                     save_back, adapter)
+
+
+def _origin(model: nn.Module, before: dict) -> dict[str, tuple[str, int, int]]:
+    """Converted key -> (your key, part index, parts): reused tensors map 1:1, split q/k/v to a third of theirs."""
+    back = {k: (before[id(t)][0], 0, 1) for k, t in model.state_dict(keep_vars=True).items() if id(t) in before}
+    for n, m in model.named_modules():
+        src = getattr(m, "split_from", None)
+        if src is not None:
+            back[f"{n}.weight"] = (before[src[0]][0], src[2], src[3])
+            if src[1] is not None:
+                back[f"{n}.bias"] = (before[src[1]][0], src[2], src[3])
+    return back
+
+
+def _save_back(student, staging, x, tol: float, *, arch: str, kwargs: dict, back: dict, shapes: dict) -> dict:
+    """model.user.safetensors: the student in your model's own keys, while the structure is unchanged."""
+    sd = student.state_dict()
+    why = next((f"{k} has no place in {arch}" for k in sd if k not in back), None)
+    parts: dict[str, list] = {}
+    for k, v in sd.items():
+        if k in back:
+            old, i, n = back[k]
+            parts.setdefault(old, [None] * n)[i] = v.detach()
+    if why is None and (set(parts) != set(shapes) or any(p is None for ps in parts.values() for p in ps)):
+        why = f"{sorted(set(shapes) - set(parts))[:1] or 'a part'} was removed"
+    out = {k: (torch.cat(ps) if len(ps) > 1 else ps[0]).contiguous() for k, ps in parts.items()} if why is None else {}
+    if why is None and any(tuple(v.shape) != shapes[k] for k, v in out.items()):
+        why = "a layer changed shape"
+    if why is not None:
+        return {"format": f"user:{arch}", "skipped": f"the passes changed the structure ({why}); "
+                                                      "model.safetensors + model.onnx hold the result"}
+    fresh = make(arch, kwargs)
+    fresh.load_state_dict(out, strict=True)
+    with torch.no_grad():
+        d = rel_diff(student(x), fresh(x))
+    if not d <= tol:
+        raise VerificationError(f"{arch} with the student's weights differs by {d:.2e} of the logit scale "
+                                f"(tolerance {tol:.0e}); not written")
+    path = staging / "model.user.safetensors"
+    save_file(out, str(path))
+    return {"path": path.name, "format": f"user:{arch}", "bytes": path.stat().st_size,
+            "parity": {"rel_diff": d, "images": len(x)}}
+
+
+def rebuild(base: dict) -> tuple[nn.Module, UserAdapter]:
+    """The converted structure for load_compressed: factory, then the recorded conversion choices."""
+    model = make(base["arch"], base["kwargs"])
+    rec = base["conversion"]
+    adapter, _ = convert(model, base["arch"], tuple(rec["input_size"]), choices=rec)
+    adapter.unmapped = rec["unmapped"]
+    return model, adapter

@@ -1,0 +1,97 @@
+"""Tiny architectures written the way users write their own, loaded by `model.arch: user_models:FACTORY`."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class SelfAttention(nn.Module):
+    """Fused qkv, no head-count attribute: the loader finds the head count numerically."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self._h = heads
+        self.to_qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, d = x.shape
+        q, k, v = self.to_qkv(x).reshape(b, n, 3, self._h, d // self._h).permute(2, 0, 3, 1, 4)
+        a = (q @ k.transpose(-2, -1) * (d // self._h) ** -0.5).softmax(-1)
+        return self.out((a @ v).transpose(1, 2).reshape(b, n, d))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, heads: int, post_norm: bool = False, mha: bool = False):
+        super().__init__()
+        self.post_norm, self.mha = post_norm, mha
+        self.ln_a = nn.LayerNorm(dim)
+        self.mix = nn.MultiheadAttention(dim, heads, batch_first=True) if mha else SelfAttention(dim, heads)
+        self.ln_b = nn.LayerNorm(dim)
+        self.ffn = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(approximate="tanh"), nn.Linear(2 * dim, dim))
+
+    def _mix(self, x):
+        return self.mix(x, x, x, need_weights=False)[0] if self.mha else self.mix(x)
+
+    def forward(self, x):
+        if self.post_norm:  # not a pre-norm block: it cannot be mapped, and the loader must say so
+            x = self.ln_a(x + self._mix(x))
+            return self.ln_b(x + self.ffn(x))
+        x = x + self._mix(self.ln_a(x))
+        return x + self.ffn(self.ln_b(x))
+
+
+class TinyViT(nn.Module):
+    def __init__(self, num_classes: int = 5, dim: int = 16, depth: int = 3, heads: int = 2, post_norm_block: int = -1):
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 8, 8)
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = nn.Parameter(torch.zeros(1, 5, dim))  # 16x16 images: 4 patches + class token
+        self.layers = nn.ModuleList(Block(dim, heads, post_norm=i == post_norm_block, mha=i == 1) for i in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.classifier = nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1) + self.pos
+        for blk in self.layers:
+            x = blk(x)
+        return self.classifier(self.norm(x)[:, 0])
+
+
+class Residual(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.a = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.a_bn = nn.BatchNorm2d(cout)
+        self.b = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.b_bn = nn.BatchNorm2d(cout)
+        self.skip = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+                     if stride != 1 or cin != cout else None)
+
+    def forward(self, x):
+        y = self.b_bn(self.b(torch.relu(self.a_bn(self.a(x)))))
+        return torch.relu(y + (self.skip(x) if self.skip is not None else x))
+
+
+class TinyResNet(nn.Module):
+    def __init__(self, num_classes: int = 5, width: int = 8):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        self.body = nn.Sequential(Residual(width, width, 1), Residual(width, 2 * width, 2), Residual(2 * width, 2 * width, 1))
+        self.fc = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.body(self.stem(x)).mean((2, 3)))
+
+
+def vit(num_classes: int = 5, post_norm_block: int = -1) -> nn.Module:
+    return TinyViT(num_classes, post_norm_block=post_norm_block)
+
+
+def resnet(num_classes: int = 5) -> nn.Module:
+    return TinyResNet(num_classes)
+
+
+def not_a_model():
+    return {"weights": 1}
