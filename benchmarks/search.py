@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from compress.errors import InputError
 from compress.pipeline import rewrite
 from compress.recipe import parse_recipe
 
@@ -35,7 +36,11 @@ def fit(loaded, calib, make: Callable[[float], list], budget: float, iters: int)
     lo, hi, best = 0.0, 1.0, None
     for _ in range(iters):
         mid = (lo + hi) / 2
-        got = dry(loaded, calib, make(mid))
+        try:
+            got = dry(loaded, calib, make(mid))
+        except InputError:  # e.g. lowrank: a target below what the smallest ranks can reach
+            lo = mid
+            continue
         if got["flops_ratio"] <= budget * SLACK:
             best, lo = got, mid
         else:
