@@ -34,10 +34,10 @@ SHARED = ROOT.parent / "shared" / "data"
 
 FULL = {"budgets": [0.75, 0.5, 0.3], "steps": 150, "batch_size": 64, "eval_images": 2000, "calib_images": 32,
         "latency": {"batch_sizes": [1, 8], "threads": 2, "warmup": 5, "runs": 30}, "teachers": None,
-        "scaling": ["vit_small_patch16_224", "vit_base_patch16_224", "resnet50"], "scaling_runs": 10, "fit_iters": 7}
+        "scaling": ["vit_small_patch16_224", "vit_base_patch16_224", "resnet50"], "scaling_runs": 10, "fit_iters": 6, "tp_search_steps": 8, "windows": "all", "workers": 1}
 QUICK = {"budgets": [0.75], "steps": 2, "batch_size": 8, "eval_images": 64, "calib_images": 8,
          "latency": {"batch_sizes": [1, 8], "threads": 2, "warmup": 1, "runs": 3}, "teachers": ["vit_cifar10"],
-         "scaling": ["vit_tiny_patch16_224"], "scaling_runs": 2, "fit_iters": 3}
+         "scaling": ["vit_tiny_patch16_224"], "scaling_runs": 2, "fit_iters": 3, "tp_search_steps": 4, "windows": "centre", "workers": 0}
 
 
 def recipe_dict(name: str, passes: list, cfg: dict, *, distill: bool, quantize=()) -> dict:
@@ -49,7 +49,7 @@ def recipe_dict(name: str, passes: list, cfg: dict, *, distill: bool, quantize=(
         s = cfg["steps"]
         r["distill"] = {"data": str(cfg["train"]), "steps": s, "batch_size": cfg["batch_size"], "lr": 5e-4,
                         "warmup_steps": max(1, s // 10), "temperature": 2.0, "seed": 0, "device": "cpu",
-                        "workers": 1, "checkpoint_every": None}
+                        "workers": cfg["workers"], "checkpoint_every": None}
     return r
 
 
@@ -96,6 +96,7 @@ def run_one(name: str, recipe: dict, ckpt: Path, work: Path, log) -> dict:
 def bench_teacher(ckpt: Path, cfg: dict, work: Path, log) -> dict:
     loaded = load(str(ckpt))
     calib, _ = calibration_batch(cfg["train"], loaded.data_cfg, cfg["calib_images"], 0)
+    finder = search.Search(loaded, calib, iters=cfg["fit_iters"], windows=cfg["windows"])
     out = {"teacher": ckpt.name, "family": loaded.adapter.family, "input_size": list(loaded.data_cfg["input_size"]),
            "rows": []}
 
@@ -122,18 +123,18 @@ def bench_teacher(ckpt: Path, cfg: dict, work: Path, log) -> dict:
     for b in cfg["budgets"]:
         log(f"{ckpt.name}: budget {b:.0%} of the FLOPs")
         t0 = time.perf_counter()
-        best, tried = search.ours(loaded, calib, b, cfg["fit_iters"], log)
+        best, tried = finder.ours(b, log)
         search_s = round(time.perf_counter() - t0, 1)
         why = "no candidate recipe of this tool's passes reaches this budget" + (
             "" if contenders.has_lowrank() else " (the lowrank pass is not in this build)")
         add("ours", b, best and recipe_dict("ours", best["passes"], cfg, distill=True), why, search_s=search_s,
             candidates=[{k: t[k] for k in ("passes", "flops_ratio", "kl", "agreement")} for t in tried],
             calib_kl=best and best["kl"])
-        svd = search.svd_recipe(loaded, calib, b, cfg["fit_iters"])
+        svd = finder.svd(b)
         add("svd", b, svd and recipe_dict("svd", svd["passes"], cfg, distill=True),
             "the lowrank pass is not in this build" if not contenders.has_lowrank() else "no rank meets the budget",
             calib_kl=svd and svd["kl"])
-        add("torch-pruning", b, recipe_dict("tp", [{"bench_torch_pruning": {"flops_ratio": b}}], cfg, distill=True))
+        add("torch-pruning", b, recipe_dict("tp", [{"bench_torch_pruning": {"flops_ratio": b, "search_steps": cfg["tp_search_steps"]}}], cfg, distill=True))
         add("scratch", b, best and recipe_dict("scratch", best["passes"] + [{"bench_reinit": {"seed": 0}}], cfg,
                                                distill=True), "no recipe of ours at this budget to copy the shape of")
     return out
