@@ -13,6 +13,7 @@ PROBES = {
     "qk_merge": {"mode": "exact", "allow_growth": True},
     "vo": {"mode": "fold", "allow_growth": True},
     "mlp_strip": {"blocks": "all"},
+    "lowrank": {"target": 0.5, "layers": ["attn", "mlp", "conv"]},
 }
 
 

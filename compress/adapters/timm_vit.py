@@ -30,6 +30,15 @@ def _convert_attention(a: TimmAttention, where: str) -> Attention:
     return Attention(SeparateQK(q, k, a.num_heads), SeparateVO(v, a.proj, a.num_heads), a.attn_drop, a.proj_drop)
 
 
+def _plain_layer(model: nn.Module, name: str) -> bool:
+    """True when `name` is still an untouched nn.Linear / nn.Conv2d (not merged, stripped or factorised)."""
+    try:
+        m = model.get_submodule(name)
+    except AttributeError:
+        return False
+    return type(m) in (nn.Linear, nn.Conv2d)
+
+
 class TimmViTAdapter:
     name = "timm-vit"
     family = "vit"
@@ -47,6 +56,18 @@ class TimmViTAdapter:
             model.blocks[i] = ViTBlock(blk.norm1, _convert_attention(blk.attn, f"blocks.{i}"), blk.ls1,
                                        blk.drop_path1, blk.norm2, blk.mlp, blk.ls2, blk.drop_path2)
         return list(model.blocks)
+
+    def res_blocks(self, model):
+        raise InputError("a ViT has no residual conv blocks")
+
+    def layers(self, model: VisionTransformer) -> list[tuple[str, str]]:
+        found = [("patch_embed.proj", "stem")]
+        for i, blk in enumerate(self.vit_blocks(model)):
+            parts = [("attn.score.q", "attn"), ("attn.score.k", "attn"), ("attn.value.v", "attn"),
+                     ("attn.value.proj", "attn"), ("mlp.fc1", "mlp"), ("mlp.fc2", "mlp")]
+            found += [(f"blocks.{i}.{p}", kind) for p, kind in parts]
+        found.append(("head", "head"))
+        return [(n, k) for n, k in found if _plain_layer(model, n)]
 
     def feature_modules(self, model: VisionTransformer) -> list[nn.Module]:
         return list(model.blocks)

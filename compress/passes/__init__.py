@@ -1,2 +1,2 @@
 """Explicit registration: importing this package registers every shipped pass."""
-from . import mlp_strip, qk_merge, vo  # noqa: F401
+from . import lowrank, mlp_strip, qk_merge, vo  # noqa: F401

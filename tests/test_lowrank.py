@@ -1,0 +1,140 @@
+"""lowrank: the recorded output error is the measured one, break-even is respected, budgets hold, results reload."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from compress.adapters import detect
+from compress.errors import InputError
+from compress.load import load, load_compressed
+from compress.metrics import count_flops
+from compress.passes.lowrank import LowRankConfig, lowrank
+from compress.pipeline import apply
+from compress.recipe import parse_recipe
+from compress.registry import PassContext
+from tests.conftest import CIFAR_TRAIN, VIT_TEACHER, need_shared, tiny_vit
+
+
+def _inputs_and_outputs(model, names, x):
+    """Each named layer's input and output on x (hooks on the unmodified model)."""
+    seen, hooks = {}, []
+    for n in names:
+        hooks.append(model.get_submodule(n).register_forward_hook(
+            lambda m, i, o, n=n: seen.__setitem__(n, (i[0].detach(), o.detach()))))
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def _resnet(name="resnet18", seed=0):
+    torch.manual_seed(seed)
+    return timm.create_model(name, num_classes=10).eval()
+
+
+@pytest.mark.parametrize("method", ["whitened_svd", "svd"])
+@pytest.mark.parametrize("family", ["vit", "resnet"])
+def test_recorded_error_and_params_are_the_measured_ones(method, family):
+    teacher = tiny_vit(depth=2) if family == "vit" else _resnet()
+    detect(teacher).layers(teacher)  # convert the ViT blocks (exactly) so the teacher has the same names
+    x = torch.randn(6, 3, *((16, 16) if family == "vit" else (32, 32)), generator=torch.Generator().manual_seed(0))
+    student = copy.deepcopy(teacher)
+    cfg = LowRankConfig(method=method, rank=8 if family == "vit" else 0.25, layers=["attn", "mlp", "conv", "stem"])
+    res = lowrank(student, detect(student), cfg, PassContext(x))
+    layers = res.details["layers"]
+    assert len(layers) >= 8
+    seen = _inputs_and_outputs(teacher, list(layers), x)
+    for name, info in layers.items():
+        old, new = teacher.get_submodule(name), student.get_submodule(name)
+        assert isinstance(new, torch.nn.Sequential) and new[0].weight.shape[0] == info["rank"]
+        inp, out = seen[name]
+        bias = 0 if old.bias is None else (old.bias.detach().view(-1, 1, 1) if old.weight.dim() == 4 else old.bias.detach())
+        with torch.no_grad():
+            got = new(inp)
+        measured = float((got - out).norm() / (out - bias).norm())
+        assert measured == pytest.approx(info["rel_error"], rel=1e-3, abs=1e-5), name
+        out_f, in_f = info["shape"]
+        r = info["rank"]
+        assert info["params"][1] == r * (in_f + out_f) + (0 if old.bias is None else out_f)  # the formula's count
+        assert r < info["break_even"] == pytest.approx(in_f * out_f / (in_f + out_f), abs=0.1)
+        if old.weight.dim() == 4:  # k x k conv to r channels (stride kept), then 1x1 to C_out
+            assert new[0].kernel_size == old.kernel_size and new[0].stride == old.stride and new[1].kernel_size == (1, 1)
+
+
+def test_rank_at_or_above_break_even_is_skipped_with_a_reason():
+    teacher = tiny_vit(depth=1)  # width 24: break-even 12 for d x d, 16 for fc1 / fc2
+    student = copy.deepcopy(teacher)
+    res = lowrank(student, detect(student), LowRankConfig(rank=12), PassContext(torch.randn(2, 3, 16, 16)))
+    assert set(res.details["layers"]) == {"blocks.0.mlp.fc1", "blocks.0.mlp.fc2"}
+    why = res.details["skipped"]["blocks.0.attn.score.q"]
+    assert "would not save" in why and "break-even is 12.0" in why
+    assert type(student.get_submodule("blocks.0.attn.score.q")) is torch.nn.Linear  # left as it was
+    assert any("not factorised" in line for line in res.changes)
+
+
+def test_budget_is_met_and_unreachable_budget_refused():
+    teacher = tiny_vit(depth=2)
+    x = torch.randn(4, 3, 16, 16)
+    adapter = detect(teacher)
+    names = [n for n, k in adapter.layers(teacher) if k in ("attn", "mlp")]
+    size = (3, 16, 16)
+    full = sum(teacher.get_submodule(n).weight.numel() for n in names)
+    for budget in ("params", "flops"):
+        student = copy.deepcopy(teacher)
+        res = lowrank(student, adapter, LowRankConfig(target=0.5, budget=budget, multiple=2, layers=["attn", "mlp"]),
+                      PassContext(x))
+        kept = full - sum(i["params"][0] - i["params"][1] for i in res.details["layers"].values())
+        assert kept <= 0.5 * full + 24 * len(names)  # biases are outside the budget
+        assert count_flops(student, size) < count_flops(teacher, size)
+    with pytest.raises(InputError, match="target 0.1 is out of reach"):
+        lowrank(copy.deepcopy(teacher), adapter, LowRankConfig(target=0.1, layers=["attn", "mlp"]), PassContext(x))
+    with pytest.raises(ValueError, match="exactly one of rank"):
+        LowRankConfig(rank=8, target=0.5)
+
+
+def test_whitened_beats_plain_svd_on_the_teacher():
+    """At equal rank, the output-principal basis loses less calibration output than the weight SVD."""
+    from compress.data import calibration_batch
+
+    loaded = load(str(need_shared(VIT_TEACHER)), None)
+    x, _ = calibration_batch(str(need_shared(CIFAR_TRAIN)), loaded.data_cfg, 32, 0)
+    errs = {}
+    for method in ("whitened_svd", "svd"):
+        m = copy.deepcopy(loaded.model)
+        res = lowrank(m, loaded.adapter, LowRankConfig(method=method, rank=32, layers=["attn", "mlp"]), PassContext(x))
+        errs[method] = {n: i["rel_error"] for n, i in res.details["layers"].items()}
+    assert errs["whitened_svd"].keys() == errs["svd"].keys() and len(errs["svd"]) == 36
+    assert all(errs["whitened_svd"][n] <= errs["svd"][n] + 1e-6 for n in errs["svd"])
+    assert sum(errs["whitened_svd"].values()) < 0.7 * sum(errs["svd"].values())
+
+
+@pytest.mark.parametrize("family", ["vit", "resnet"])
+def test_apply_exports_and_load_compressed_replays_the_ranks(tmp_path, family):
+    if family == "vit":
+        from tests.conftest import save_timm_dir, tiny_vit_args
+        ckpt = save_timm_dir(tiny_vit(depth=2), "vit_tiny_patch16_224", tiny_vit_args(), tmp_path / "vit")
+        model, size, passes = None, (3, 16, 16), [{"lowrank": {"target": 0.6, "multiple": 2}}]
+    else:
+        ckpt = tmp_path / "r18.safetensors"
+        save_file(_resnet().state_dict(), str(ckpt))
+        model, size = {"arch": "timm:resnet18", "num_classes": 10, "img_size": 32}, (3, 32, 32)
+        passes = [{"lowrank": {"target": 0.5, "layers": ["conv"]}}]
+    rec = parse_recipe({"version": 1, **({"model": model} if model else {}), "passes": passes,
+                        "report": {"latency": None}})
+    out = tmp_path / "out"
+    record = apply(rec, str(ckpt), out, log=lambda m: None)
+    assert record["summary"]["flops"]["ratio"] < 0.75
+    reloaded = load_compressed(out)
+    x = torch.randn(3, *size)
+    onnx_out = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(reloaded(x).numpy(), onnx_out, atol=1e-4, rtol=1e-4)
+    ranks = record["passes"][0]["details"]["layers"]
+    assert {n: reloaded.get_submodule(n)[0].weight.shape[0] for n in ranks} == {n: i["rank"] for n, i in ranks.items()}
