@@ -153,11 +153,14 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, help="JSON folder (default benchmarks/results, or a temp dir with --quick)")
     ap.add_argument("--md", type=Path, help="Markdown report (default BENCHMARKS.md; inside --out with --quick)")
     ap.add_argument("--steps", type=int, help="distillation steps per contender")
+    ap.add_argument("--teacher", action="append", help="only this model directory name (repeatable)")
+    ap.add_argument("--budgets", type=float, nargs="+", help="FLOP budgets as fractions of the teacher's")
     ap.add_argument("--no-scaling", action="store_true", help="skip the scaling table")
     args = ap.parse_args(argv)
     cfg = dict(QUICK if args.quick else FULL)
-    if args.steps:
-        cfg["steps"] = args.steps
+    for key in ("steps", "teacher", "budgets"):
+        if getattr(args, key):
+            cfg["teachers" if key == "teacher" else key] = getattr(args, key)
     cfg.update(train=SHARED / "cifar10" / "train.zip", test=SHARED / "cifar10" / "test.zip")
     out = args.out or (Path(tempfile.mkdtemp(prefix="bench-quick-")) if args.quick else ROOT / "benchmarks" / "results")
     md = args.md or (out / "BENCHMARKS.md" if args.quick else ROOT / "BENCHMARKS.md")
