@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -174,7 +175,7 @@ def main(argv=None) -> int:
     result = {"mode": "quick" if args.quick else "full", "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
               "machine": machine_info(cfg["latency"]["threads"]), "load_at_start": _loadavg(),
               "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in cfg.items()},
-              "lowrank_available": contenders.has_lowrank(), "json": str(out / "bench.json"), "teachers": []}
+              "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "lowrank_available": contenders.has_lowrank(), "json": str(out / "bench.json"), "teachers": []}
     import torch_pruning
 
     result["machine"]["torch_pruning"] = torch_pruning.__version__
