@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 SHARED ?= ../shared
 PYTEST_ARGS ?=
 
-.PHONY: setup demo demo-distill test test-fast clean
+.PHONY: setup demo demo-distill test test-fast bench bench-quick clean
 
 setup: $(VENV)/.installed
 
@@ -20,6 +20,12 @@ demo: setup
 
 demo-distill: setup
 	$(BIN)/compress apply recipes/vit_strip_half_distill.yaml $(SHARED)/data/models/vit_cifar10 -o compressed/demo-distill --overwrite
+
+bench: setup  # BENCHMARKS.md + benchmarks/results/ (about an hour on 2 cores)
+	$(BIN)/python -m benchmarks.bench
+
+bench-quick: setup  # smoke run of every contender kind (a couple of minutes); output in a temp dir
+	$(BIN)/python -m benchmarks.bench --quick
 
 test: setup
 	$(BIN)/python -m pytest -q --durations=8 $(PYTEST_ARGS)

@@ -1,0 +1,216 @@
+"""`make bench`: every contender through the real pipeline, raw JSON, then BENCHMARKS.md.
+
+    python -m benchmarks.bench [--quick] [--out DIR] [--md PATH] [--steps N]
+
+Contenders per teacher and FLOP budget: this tool's best recipe (chosen before training by
+calibration KL), Torch-Pruning, plain SVD truncation, the same structure as ours trained
+from random init; per teacher: the teacher itself and its int8 dynamic ONNX. All get the
+same distillation (steps, batch, data, schedule) and the same measurements.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from compress.data import calibration_batch
+from compress.load import load
+from compress.pipeline import apply
+from compress.recipe import parse_recipe
+from compress.report import machine_info
+
+from . import contenders, scaling, search
+from .render import render
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+
+FULL = {"budgets": [0.75, 0.5, 0.3], "steps": 150, "batch_size": 64, "eval_images": 2000, "calib_images": 32,
+        "latency": {"batch_sizes": [1, 8], "threads": 2, "warmup": 5, "runs": 30}, "teachers": None,
+        "scaling": ["vit_small_patch16_224", "vit_base_patch16_224", "resnet50"], "scaling_runs": 10, "fit_iters": 6, "tp_search_steps": 8, "windows": "all", "workers": 1}
+QUICK = {"budgets": [0.75], "steps": 2, "batch_size": 8, "eval_images": 64, "calib_images": 8,
+         "latency": {"batch_sizes": [1, 8], "threads": 2, "warmup": 1, "runs": 3}, "teachers": ["vit_cifar10"],
+         "scaling": ["vit_tiny_patch16_224"], "scaling_runs": 2, "fit_iters": 3, "tp_search_steps": 4, "windows": "centre", "workers": 0}
+
+
+def recipe_dict(name: str, passes: list, cfg: dict, *, distill: bool, quantize=()) -> dict:
+    r = {"version": 1, "name": name, "passes": passes,
+         "calibration": {"data": str(cfg["train"]), "images": cfg["calib_images"], "seed": 0},
+         "export": {"formats": ["onnx"], "quantize": list(quantize)},
+         "report": {"eval_data": str(cfg["test"]), "eval_images": cfg["eval_images"], "latency": cfg["latency"]}}
+    if distill:
+        s = cfg["steps"]
+        r["distill"] = {"data": str(cfg["train"]), "steps": s, "batch_size": cfg["batch_size"], "lr": 5e-4,
+                        "warmup_steps": max(1, s // 10), "temperature": 2.0, "seed": 0, "device": "cpu",
+                        "workers": cfg["workers"], "checkpoint_every": None}
+    return r
+
+
+def row_of(record: dict, variant: str | None = None) -> dict:
+    """The benchmark columns from a pipeline record (the student, or one of its export variants)."""
+    s, lat = record["summary"], record["summary"].get("latency", {})
+    ev = s.get("eval", {})
+    f_t, f_s = s["flops"]["teacher"], s["flops"]["student"]
+    row = {"params": s["params"]["student"], "flops": f_s, "flops_ratio": f_s / f_t, "teacher_flops": f_t,
+           "teacher_params": s["params"]["teacher"], "teacher_top1": ev.get("teacher_top1"),
+           "eval_images": ev.get("images"), "convert_s": record["stages_s"].get("rewrite"),
+           "export_s": record["stages_s"].get("export"), "distill_s": (record.get("distill") or {}).get("seconds"),
+           "distill_steps": (record.get("distill") or {}).get("steps"), "latency": {}}
+    for bs, v in lat.items():
+        st = v["variants"][variant] if variant else v["student"]
+        speed = v["teacher"]["p50_ms"] / st["p50_ms"]
+        row["latency"][bs] = {"p50_ms": st["p50_ms"], "p90_ms": st["p90_ms"], "teacher_p50_ms": v["teacher"]["p50_ms"],
+                              "speedup": speed, "speedup_per_flop_cut": speed / (f_t / f_s)}
+    if variant:
+        row["onnx_bytes"] = record["artifacts"][f"onnx.{variant}"]["bytes"]
+        row.update(top1=ev["variants"][variant].get("top1"), agreement=ev["variants"][variant]["agreement"])
+    else:
+        row["onnx_bytes"] = record["artifacts"]["onnx"]["bytes"]
+        row.update(top1=ev.get("student_top1"), agreement=ev.get("agreement"))
+    row["teacher_onnx_bytes"] = s["onnx_bytes"]["teacher"]
+    return row
+
+
+def run_one(name: str, recipe: dict, ckpt: Path, work: Path, log) -> dict:
+    """One contender through compress.pipeline.apply; a crash is recorded, not raised."""
+    out = work / name
+    t0 = time.perf_counter()
+    try:
+        record = apply(parse_recipe(recipe), str(ckpt), out, overwrite=True, log=lambda m: log(f"    {m}"))
+        return {"record": record, "wall_s": time.perf_counter() - t0}
+    except Exception as e:  # noqa: BLE001 - a contender's crash is a result, reported and counted
+        log(f"    FAILED: {type(e).__name__}: {e}")
+        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+                "traceback": traceback.format_exc(limit=6), "wall_s": time.perf_counter() - t0}
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def bench_teacher(ckpt: Path, cfg: dict, work: Path, log) -> dict:
+    loaded = load(str(ckpt))
+    calib, _ = calibration_batch(cfg["train"], loaded.data_cfg, cfg["calib_images"], 0)
+    finder = search.Search(loaded, calib, iters=cfg["fit_iters"], windows=cfg["windows"])
+    out = {"teacher": ckpt.name, "family": loaded.adapter.family, "input_size": list(loaded.data_cfg["input_size"]),
+           "rows": []}
+
+    def add(contender: str, budget, recipe: dict | None, why: str = "", variant=None, **extra):
+        entry = {"contender": contender, "budget": budget, **extra}
+        if recipe is None:
+            entry["skipped"] = why
+            log(f"  {contender} @ {budget}: skipped ({why})")
+        else:
+            entry["passes"] = recipe["passes"]
+            log(f"  {contender} @ {budget}: {json.dumps(recipe['passes'])}")
+            got = run_one(f"{ckpt.name}-{contender}-{budget}", recipe, ckpt, work, log)
+            entry["wall_s"] = round(got["wall_s"], 1)
+            if "error" in got:
+                entry.update(error=got["error"], traceback=got["traceback"])
+            else:
+                entry.update(row_of(got["record"], variant))
+                if contender == "int8-dynamic":  # the fp32 teacher timed in the same run
+                    out["teacher_row"] = row_of(got["record"])
+        out["rows"].append(entry)
+
+    log(f"{ckpt.name}: int8 dynamic quantization of the teacher (no training)")
+    add("int8-dynamic", None, recipe_dict("int8", [], cfg, distill=False, quantize=["int8_dynamic"]), variant="int8_dynamic")
+    for b in cfg["budgets"]:
+        log(f"{ckpt.name}: budget {b:.0%} of the FLOPs")
+        t0 = time.perf_counter()
+        best, tried = finder.ours(b, log)
+        search_s = round(time.perf_counter() - t0, 1)
+        why = "no candidate recipe of this tool's passes reaches this budget" + (
+            "" if contenders.has_lowrank() else " (the lowrank pass is not in this build)")
+        add("ours", b, best and recipe_dict("ours", best["passes"], cfg, distill=True), why, search_s=search_s,
+            candidates=[{k: t[k] for k in ("passes", "flops_ratio", "kl", "agreement")} for t in tried],
+            calib_kl=best and best["kl"])
+        svd = finder.svd(b)
+        add("svd", b, svd and recipe_dict("svd", svd["passes"], cfg, distill=True),
+            "the lowrank pass is not in this build" if not contenders.has_lowrank() else "no rank meets the budget",
+            calib_kl=svd and svd["kl"])
+        add("torch-pruning", b, recipe_dict("tp", [{"bench_torch_pruning": {"flops_ratio": b, "search_steps": cfg["tp_search_steps"]}}], cfg, distill=True))
+        add("scratch", b, best and recipe_dict("scratch", best["passes"] + [{"bench_reinit": {"seed": 0}}], cfg,
+                                               distill=True), "no recipe of ours at this budget to copy the shape of")
+    return out
+
+
+def teachers(cfg: dict) -> list[Path]:
+    found = sorted(p for p in (SHARED / "models").iterdir() if (p / "config.json").is_file())
+    if cfg["teachers"] is not None:
+        found = [p for p in found if p.name in cfg["teachers"]]
+    return found
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="smoke run: one teacher, one budget, a few steps")
+    ap.add_argument("--out", type=Path, help="JSON folder (default benchmarks/results, or a temp dir with --quick)")
+    ap.add_argument("--md", type=Path, help="Markdown report (default BENCHMARKS.md; inside --out with --quick)")
+    ap.add_argument("--steps", type=int, help="distillation steps per contender")
+    ap.add_argument("--teacher", action="append", help="only this model directory name (repeatable)")
+    ap.add_argument("--budgets", type=float, nargs="+", help="FLOP budgets as fractions of the teacher's")
+    ap.add_argument("--no-scaling", action="store_true", help="skip the scaling table")
+    args = ap.parse_args(argv)
+    cfg = dict(QUICK if args.quick else FULL)
+    for key in ("steps", "teacher", "budgets"):
+        if getattr(args, key):
+            cfg["teachers" if key == "teacher" else key] = getattr(args, key)
+    cfg.update(train=SHARED / "cifar10" / "train.zip", test=SHARED / "cifar10" / "test.zip")
+    out = args.out or (Path(tempfile.mkdtemp(prefix="bench-quick-")) if args.quick else ROOT / "benchmarks" / "results")
+    md = args.md or (out / "BENCHMARKS.md" if args.quick else ROOT / "BENCHMARKS.md")
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(cfg["latency"]["threads"])
+    t0 = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - t0:6.0f}s] {msg}", flush=True)
+
+    result = {"mode": "quick" if args.quick else "full", "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+              "machine": machine_info(cfg["latency"]["threads"]), "load_at_start": _loadavg(),
+              "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in cfg.items()},
+              "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "lowrank_available": contenders.has_lowrank(), "json": str(out / "bench.json"), "teachers": []}
+    import torch_pruning
+
+    result["machine"]["torch_pruning"] = torch_pruning.__version__
+    with tempfile.TemporaryDirectory(prefix="bench-work-") as work:
+        for ckpt in teachers(cfg):
+            result["teachers"].append(bench_teacher(ckpt, cfg, Path(work), log))
+            _save(out / "bench.json", result)
+        if not args.no_scaling:
+            log("scaling table (random weights, 224x224)")
+            result["scaling"] = scaling.run(cfg["scaling"], runs=cfg["scaling_runs"], threads=cfg["latency"]["threads"],
+                                            work=Path(work), log=log)
+    result["load_at_end"], result["total_s"] = _loadavg(), round(time.perf_counter() - t0, 1)
+    _save(out / "bench.json", result)
+    render(result, md, out / "frontier.png", ROOT / "benchmarks" / "reading.md")
+    failed = [f"{t['teacher']}/{r['contender']}@{r['budget']}: {r['error']}" for t in result["teachers"]
+              for r in t["rows"] if "error" in r] + [f"scaling {s['arch']}: {s['error']}" for s in result.get("scaling", [])
+                                                     if "error" in s]
+    log(f"wrote {out / 'bench.json'} and {md} in {result['total_s']:.0f} s")
+    for f in failed:
+        print(f"FAILED {f}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _loadavg():
+    try:
+        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+    except OSError:
+        return None
+
+
+def _save(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    tmp.replace(path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""BENCHMARKS.md and the frontier chart, generated from the bench JSON only (no figure typed by hand).
+
+The interpretation is not generated: it is read from benchmarks/reading.md, written by a
+person after looking at the numbers, and shown under its own heading.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+KINDS = {"teacher": ("black", "*"), "ours": ("tab:blue", "o"), "torch-pruning": ("tab:orange", "s"),
+         "svd": ("tab:green", "^"), "scratch": ("tab:gray", "x"), "int8-dynamic": ("tab:purple", "D")}
+
+
+def _rel(path: Path, md: Path) -> str:
+    return Path(os.path.relpath(path.resolve(), md.resolve().parent)).as_posix()
+
+
+def _mb(n) -> str:
+    return "-" if n is None else f"{n / 1e6:.2f}"
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def _ms(row, bs) -> str:
+    v = (row.get("latency") or {}).get(bs)
+    return "-" if v is None else f"{v['p50_ms']:.2f} ({v['teacher_p50_ms']:.2f})"
+
+
+def _speed(row, bs) -> str:
+    v = (row.get("latency") or {}).get(bs)
+    return "-" if v is None else f"{v['speedup']:.2f}x / {v['speedup_per_flop_cut']:.2f}"
+
+
+def _s(x) -> str:
+    return "-" if x is None else f"{x:.0f}"
+
+
+def _passes(passes) -> str:
+    return "; ".join(json.dumps(p, separators=(",", ":")).replace("|", "/") for p in passes) or "(none)"
+
+
+def teacher_table(t: dict) -> list[str]:
+    lines = ["| contender | budget | params | FLOPs (% teacher) | ONNX MB | p50 ms b1 (teacher) | p50 ms b8 (teacher) "
+             "| speedup b1 / ÷FLOP cut | speedup b8 / ÷FLOP cut | top-1 % | agreement % | convert s | distill s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    tr = t.get("teacher_row")
+    if tr:
+        lines.append(f"| teacher (fp32) | - | {tr['params'] / 1e6:.2f}M | {tr['flops'] / 1e6:.1f}M (100) | {_mb(tr['onnx_bytes'])} "
+                     f"| {_ms(tr, '1')} | {_ms(tr, '8')} | - | - | {_pct(tr['top1'])} | 100.0 | - | - |")
+    for r in t["rows"]:
+        b = "-" if r["budget"] is None else f"{r['budget']:.0%}"
+        if "params" not in r:
+            lines.append(f"| {r['contender']} | {b} | {r.get('skipped') or 'FAILED: ' + r.get('error', '?')} |"
+                         + " |" * 10)
+            continue
+        lines.append(f"| {r['contender']} | {b} | {r['params'] / 1e6:.2f}M | {r['flops'] / 1e6:.1f}M ({_pct(r['flops_ratio'])}) "
+                     f"| {_mb(r['onnx_bytes'])} | {_ms(r, '1')} | {_ms(r, '8')} | {_speed(r, '1')} | {_speed(r, '8')} "
+                     f"| {_pct(r['top1'])} | {_pct(r['agreement'])} | {_s(r['convert_s'])} | {_s(r['distill_s'])} |")
+    return lines
+
+
+def recipes_table(t: dict) -> list[str]:
+    lines = ["| contender | budget | recipe (passes) | calibration KL before training |", "|---|---|---|---|"]
+    for r in t["rows"]:
+        if "passes" in r:
+            b = "-" if r["budget"] is None else f"{r['budget']:.0%}"
+            kl = "-" if r.get("calib_kl") is None else f"{r['calib_kl']:.4f}"
+            lines.append(f"| {r['contender']} | {b} | `{_passes(r['passes'])}` | {kl} |")
+    return lines
+
+
+def scaling_table(rows: list[dict]) -> list[str]:
+    lines = ["| model | variant | params | GFLOPs (% full) | ONNX MB | p50 ms b1 | speedup b1 | p50 ms b8 | speedup b8 |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for s in rows:
+        if "error" in s:
+            lines.append(f"| {s['arch']} | FAILED: {s['error']} |" + " |" * 7)
+            continue
+        for name, v in s["variants"].items():
+            lat = v["latency"]
+            cells = [f"{lat[bs]['p50_ms']:.1f} | {lat[bs]['speedup']:.2f}x" if bs in lat else "- | -" for bs in ("1", "8")]
+            lines.append(f"| {s['arch']} | {name} | {v['params'] / 1e6:.1f}M | {v['flops'] / 1e9:.2f} ({_pct(v['flops_ratio'])}) "
+                         f"| {_mb(v['onnx_bytes'])} | {cells[0]} | {cells[1]} |")
+    return lines
+
+
+def chart(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ts = result["teachers"]
+    # Speedup against the teacher timed in the same process is robust to a shared CPU; absolute
+    # milliseconds from different runs are not, so they are not plotted.
+    axes_x = [("FLOPs (% of the teacher)", lambda r: 100 * r["flops_ratio"]),
+              ("onnxruntime speedup over the teacher, batch 8 (p50, interleaved)", lambda r: r["latency"]["8"]["speedup"])]
+    fig, axes = plt.subplots(max(1, len(ts)), 2, figsize=(12, 4.5 * max(1, len(ts))), squeeze=False)
+    for row_axes, t in zip(axes, ts):
+        tr = t.get("teacher_row")
+        pts = ([("teacher", None, tr)] if tr else []) + [(r["contender"], r["budget"], r) for r in t["rows"] if "top1" in r]
+        for ax, (label, xof) in zip(row_axes, axes_x):
+            for kind in KINDS:
+                sel = [(b, r) for k, b, r in pts if k == kind and r.get("top1") is not None and "8" in r.get("latency", {})]
+                if not sel:
+                    continue
+                color, marker = KINDS[kind]
+                # the teacher is the reference: 100% of its FLOPs, speedup 1 by definition
+                xs = [xof(r) if kind != "teacher" else (100.0 if "FLOPs" in label else 1.0) for _, r in sel]
+                ys = [100 * r["top1"] for _, r in sel]
+                ax.plot(xs, ys, marker=marker, color=color, linestyle="-" if len(sel) > 1 else "", label=kind)
+                for (b, _), x, y in zip(sel, xs, ys):
+                    if b is not None:
+                        ax.annotate(f"{b:.0%}", (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+            ax.set(title=f"{t['teacher']}: top-1 on {tr and tr['eval_images']} CIFAR-10 test images", xlabel=label,
+                   ylabel="top-1 (%)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def render(result: dict, md: Path, png: Path, reading: Path) -> None:
+    chart(result, png)
+    m, c = result["machine"], result["config"]
+    load0, load1 = result.get("load_at_start"), result.get("load_at_end")
+    d = c["steps"] * c["batch_size"]
+    cmd = f"python -m benchmarks.bench{' --quick' if result['mode'] == 'quick' else ''}"
+    when = (f"on {result['started']}, in {result['total_s'] / 60:.1f} minutes" if "total_s" in result else
+            f"started {result['started']}; **PARTIAL: rendered from the JSON of a run that had not finished**")
+    make = "make bench-quick" if result["mode"] == "quick" else "make bench"
+    head = (f"Generated by `{make}` (`{cmd}`) {when}; every figure below comes from that one run "
+            f"(raw data: `{_rel(Path(result['json']), md)}`). Mode: **{result['mode']}**.")
+    out = ["# Benchmarks: the accuracy–latency frontier", "",
+           head, "",
+           f"- Machine: {m['cpu']}, {m['cores']} cores; onnxruntime {m['ort_threads']} intra-op threads (1 inter-op, no spinning), "
+           f"torch {m['torch_threads']} threads (OMP_WAIT_POLICY={result.get('omp_wait_policy')}).",
+           f"- Versions: Python {m['python']}, torch {m['torch']}, timm {m['timm']}, onnx {m['onnx']}, onnxruntime "
+           f"{m['onnxruntime']}, torch-pruning {m.get('torch_pruning')}, numpy {m['numpy']}; {m['os']}.",
+           f"- Load average (1/5/15 min) at start {load0}, at end {load1}: above {m['cores']} means other processes "
+           "shared the CPU during the run, which makes every latency and every second here slower and noisier "
+           "(teacher and contender are timed interleaved, so their ratios suffer less than their absolute values).",
+           "- No GPU: see the GPU section.", "",
+           "## What was run", "",
+           f"- Teachers: every model directory under `../shared/data/models/` ({', '.join(t['teacher'] for t in result['teachers'])}).",
+           f"- FLOP budgets: {', '.join(f'{b:.0%}' for b in c['budgets'])} of each teacher (a contender may exceed its "
+           "budget by 2%: widths and ranks are rounded).",
+           f"- The same distillation for every trained contender: {c['steps']} steps × batch {c['batch_size']} = {d:,} images "
+           "of `cifar10/train.zip` (KD on logits, T = 2, AdamW lr 5e-4, warm-up then cosine, seed 0, CPU). This is a "
+           "**very small** budget, chosen so the whole run fits in an hour on 2 cores: it measures how much of the "
+           "teacher each starting point keeps and how fast it recovers, not converged accuracy.",
+           f"- Accuracy: top-1 and agreement with the teacher on {c['eval_images']} evenly spaced images of "
+           "`cifar10/test.zip` (the teacher's own top-1 on the same images is in the teacher row).",
+           f"- Latency: onnxruntime CPU, fp32 ONNX (opset 18, onnxslim), batch {c['latency']['batch_sizes']}, "
+           f"{c['latency']['threads']} threads, {c['latency']['warmup']} warm-up runs then {c['latency']['runs']} runs "
+           "alternating contender and teacher in one process; p50. `speedup / ÷FLOP cut` = (teacher p50 / contender p50) "
+           "÷ (teacher FLOPs / contender FLOPs): 1.0 means latency follows FLOPs exactly.",
+           "- Contenders: **ours** = the candidate recipe of this tool's passes with the lowest KL to the teacher on "
+           f"{c['calib_images']} calibration images after the rewrite, before training (candidates: MLP stripping of the "
+           "best window of k blocks, topped up with whitened low-rank factorisation; the table of recipes names the "
+           "choice); **torch-pruning** = Torch-Pruning `BasePruner`, `GroupMagnitudeImportance(p=2)`, uniform ratio "
+           "bisected to the budget, classifier kept, ViT head dims pruned as in its timm example; **svd** = the "
+           "`lowrank` pass with plain weight SVD at a target bisected to the budget; **scratch** = ours' structure, "
+           "random init, the same distillation; **int8-dynamic** = the teacher through onnxruntime "
+           "`quantize_dynamic` (no training; FLOPs unchanged, cheaper arithmetic).",
+           "- Seconds: `convert` = the rewrite stage of the pipeline (passes + their checks; the recipe search for ours "
+           "is extra, in the JSON as `search_s`), `distill` = the training loop.", ""]
+    if not result.get("lowrank_available"):
+        out += ["**The `lowrank` pass was not in this build**: svd and the low-rank parts of ours were skipped.", ""]
+    for t in result["teachers"]:
+        out += [f"## {t['teacher']} ({t['family']}, input {'×'.join(map(str, t['input_size']))})", ""]
+        out += teacher_table(t) + ["", "Recipes used:", ""] + recipes_table(t) + [""]
+    out += ["## Frontier", "", f"![top-1 against FLOPs and against measured speedup]({_rel(png, md)})", "",
+            "Top-1 against FLOPs (left) and against the onnxruntime batch-8 speedup over the teacher timed in the same "
+            "process (right); labels are FLOP budgets. Up and to the left (FLOPs) or right (speedup) is better.", ""]
+    if result.get("scaling"):
+        out += ["## Scaling: ImageNet-size architectures, random weights, 224×224", "",
+                f"Latency does not depend on weight values, so random timm weights are used. mlp-strip-half removes the "
+                f"MLP of the middle half of the blocks; lowrank-half is `lowrank` whitened at target 0.5. "
+                f"onnxruntime {c['latency']['threads']} threads, interleaved, {result['scaling'][0].get('runs')} runs "
+                "after 2 warm-ups, p50.", ""] + scaling_table(result["scaling"]) + [""]
+    out += ["## GPU", "", result.get("gpu") or "No GPU was lent to this run: no GPU figures (distillation images/s and "
+            "share of peak bf16 FLOP/s need one; `benchmarks/train_teacher.py` and the distillation use CUDA when present).", ""]
+    failed = [f"- {t['teacher']} {r['contender']} @ {r['budget']}: {r['error']}" for t in result["teachers"] for r in t["rows"]
+              if "error" in r]
+    if failed:
+        out += ["## Failures", ""] + failed + [""]
+    out += ["## Reading (written by hand after the run; not generated)", ""]
+    out += [reading.read_text().strip() if reading.is_file() else "_Not written for this run._", ""]
+    md.write_text("\n".join(out))
+
+
+if __name__ == "__main__":  # re-render from a saved JSON: python -m benchmarks.render results/bench.json BENCHMARKS.md
+    src, dst = Path(sys.argv[1]), Path(sys.argv[2])
+    render({**json.loads(src.read_text()), "json": str(src)}, dst, src.parent / "frontier.png", Path(__file__).parent / "reading.md")

@@ -1,0 +1,59 @@
+"""The benchmark harness: `--quick` runs every contender kind end to end; the teacher trainer runs a few steps."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import CIFAR_TEST, CIFAR_TRAIN, REPO, VIT_TEACHER, need_shared
+
+KINDS = {"int8-dynamic", "ours", "svd", "torch-pruning", "scratch"}
+
+
+@pytest.mark.slow
+def test_bench_quick_runs_every_contender(tmp_path):
+    need_shared(VIT_TEACHER)
+    need_shared(CIFAR_TRAIN)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench", "--quick", "--out", str(tmp_path)],
+                          capture_output=True, text=True, cwd=REPO, timeout=1800)  # ~2 min on an idle 2-core box
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "bench.json").read_text())
+    (teacher,) = result["teachers"]
+    rows = teacher["rows"]
+    assert {r["contender"] for r in rows} == KINDS
+    assert not [r for r in rows if "error" in r]
+    ran = {r["contender"] for r in rows if "top1" in r}
+    assert ran == (KINDS if result["lowrank_available"] else KINDS - {"svd"})  # svd needs the lowrank pass
+    t = teacher["teacher_row"]
+    for r in rows:
+        if r["contender"] in ran - {"int8-dynamic"}:
+            assert r["flops_ratio"] <= r["budget"] * 1.02, r  # every trained contender meets its FLOP budget
+            assert r["distill_steps"] == result["config"]["steps"]  # and gets the same distillation
+            assert set(r["latency"]) == {"1", "8"}
+    int8 = next(r for r in rows if r["contender"] == "int8-dynamic")
+    assert int8["flops"] == t["flops"] and int8["onnx_bytes"] < t["onnx_bytes"] / 2
+    scratch, ours = (next(r for r in rows if r["contender"] == k) for k in ("scratch", "ours"))
+    assert scratch["params"] == ours["params"] and scratch["flops"] == ours["flops"]  # the same shape
+    assert all("error" not in s for s in result["scaling"])
+    md = (tmp_path / "BENCHMARKS.md").read_text()
+    assert result["machine"]["onnxruntime"] in md and "## GPU" in md and (tmp_path / "frontier.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_train_teacher_writes_a_loadable_timm_dir(tmp_path):
+    need_shared(CIFAR_TRAIN)
+    need_shared(CIFAR_TEST)
+    from benchmarks.train_teacher import train
+    from compress.load import load
+
+    info = train("vit", tmp_path / "t", train_data=CIFAR_TRAIN, test_data=CIFAR_TEST, epochs=None, steps=3, batch_size=8,
+                 lr=None, device="cpu", seed=0, eval_images=32, workers=0, log=lambda _m: None)
+    cfg = json.loads((tmp_path / "t" / "config.json").read_text())
+    shared = json.loads((VIT_TEACHER / "config.json").read_text()) if VIT_TEACHER.exists() else cfg
+    assert set(shared) - {"num_features", "global_pool"} <= set(cfg)  # the same format as the shared teachers
+    assert cfg["pretrained_cfg"]["label_names"][0] == "airplane" and cfg["pretrained_cfg"]["input_size"] == [3, 32, 32]
+    loaded = load(str(tmp_path / "t"))
+    assert loaded.data_cfg["input_size"] == (3, 32, 32) and loaded.model.num_classes == 10
+    assert info["steps"] == 3 and len(info["loss_history"]) == 3 and info["test_images"] == 32
