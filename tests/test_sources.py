@@ -20,8 +20,17 @@ from compress.sources.detect import guess_arch
 transformers = pytest.importorskip("transformers")
 
 LAT = {"latency": None}  # timing is tested elsewhere; these tests are about reading and converting
-VIT_PASSES = [{"qk_merge": {"mode": "exact", "allow_growth": True}}, {"vo": {"mode": "fold", "allow_growth": True}},
-              {"mlp_strip": {"blocks": [1]}}]
+# Every shipped pass that applies to the family, split over two recipes where passes compete for the
+# same block: exact rewrites + lowrank, then the approximate attention rewrites + tying + auto stripping.
+VIT_RECIPES = {
+    "exact": [{"qk_merge": {"mode": "exact", "blocks": [0], "allow_growth": True}},
+              {"vo": {"mode": "fold", "blocks": [0], "allow_growth": True}}, {"attn_diffusion": {}},
+              {"mlp_strip": {"blocks": [1]}}, {"lowrank": {"rank": 8, "layers": ["mlp"]}}],
+    "approx": [{"qk_merge": {"mode": "symmetric", "rank": 4, "blocks": [0], "allow_growth": True}},
+               {"vo": {"mode": "remove", "blocks": [0], "allow_growth": True}}, {"crate": {"mode": "mssa", "blocks": [1]}},
+               {"tie_rowcol": {}}, {"mlp_strip": {"blocks": "auto", "fraction": 0.5}}],
+}
+RESNET_PASSES = [{"tie_rowcol": {}}, {"lowrank": {"rank": 8, "layers": ["conv"]}}]
 VIT_HF = dict(image_size=16, patch_size=8, hidden_size=24, num_hidden_layers=2, num_attention_heads=3,
               intermediate_size=48, num_labels=5)
 IMAGENET = {"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
@@ -62,6 +71,17 @@ def run(tmp_path, ckpt, passes, model=None, name="out", onnx=True):
     return out, rep
 
 
+def run_all(tmp_path, ckpt, vit: bool, size, model=None):
+    """Compress with every applicable pass (two ViT recipes, one ResNet recipe) and check each result."""
+    recipes = VIT_RECIPES if vit else {"resnet": RESNET_PASSES}
+    for name, passes in recipes.items():
+        out, rep = run(tmp_path, ckpt, passes, model=model, name=name)
+        assert [e["pass"] for e in rep["passes"]] == [next(iter(p)) for p in passes]
+        assert not any("skipped" in e for e in rep["passes"])
+        check_result(out, rep, size)
+    return out, rep
+
+
 def check_result(out, rep, size):
     """Exact passes stayed exact, ONNX matches PyTorch, and load_compressed rebuilds the same function."""
     for e in rep["passes"]:
@@ -86,11 +106,10 @@ def test_hf_checkpoint_compresses_and_saves_back(tmp_path, cls):
     resnet = cls.startswith("ResNet")
     folder, original = hf_dir(tmp_path, cls, HF_CASES[cls], image_size=32 if resnet else None)
     size = (3, 32, 32) if resnet else (3, 16, 16)
-    out, rep = run(tmp_path, folder, [] if resnet else VIT_PASSES)
+    out, rep = run_all(tmp_path, folder, not resnet, size)
     assert rep["source"]["read_as"] == f"hf:{cls}" and rep["input_size"] == list(size)
-    check_result(out, rep, size)
-    if not resnet:  # the passes changed the structure: no HF directory, and the report says why
-        assert "skipped" in rep["family_layout"] and not (out / "hf").exists()
+    # the passes changed the structure: no HF directory, and the report says why
+    assert "skipped" in rep["family_layout"] and not (out / "hf").exists()
     # structure unchanged (export only): an HF directory that from_pretrained reads, same logits as the original
     out2, rep2 = run(tmp_path, folder, [], name="plain", onnx=False)
     assert rep2["family_layout"]["path"] == "hf"
@@ -112,6 +131,7 @@ def test_torchvision_resnet18_by_name_and_by_its_keys(tmp_path):
     m = jitter(torchvision.models.resnet18(num_classes=10))
     ckpt = tmp_path / "resnet18.safetensors"
     save_file(m.state_dict(), str(ckpt))
+    run_all(tmp_path, ckpt, False, (3, 32, 32), model={"arch": "torchvision:resnet18", "img_size": 32})
     out, rep = run(tmp_path, ckpt, [], model={"arch": "torchvision:resnet18", "img_size": 32})
     check_result(out, rep, (3, 32, 32))
     assert rep["source"]["read_as"] == "torchvision:resnet18" and rep["family_layout"]["path"] == "model.safetensors"
@@ -129,8 +149,7 @@ def test_torchvision_vit(tmp_path):
     ckpt = tmp_path / "vit.pth"
     torch.save(m.state_dict(), ckpt)
     model = {"arch": "torchvision:vit_b_16", "kwargs": {"num_heads": 2}}
-    out, rep = run(tmp_path, ckpt, VIT_PASSES, model=model)
-    check_result(out, rep, (3, 32, 32))
+    run_all(tmp_path, ckpt, True, (3, 32, 32), model=model)
     out2, rep2 = run(tmp_path, ckpt, [], model=model, name="plain", onnx=False)
     assert rep2["family_layout"]["path"] == "model.torchvision.safetensors"
     back = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16,
@@ -150,11 +169,10 @@ def test_user_architecture(tmp_path, factory):
     save_file(m.state_dict(), str(ckpt))
     vit = factory == "vit"
     spec = {"arch": f"user_models:{factory}", **({} if vit else {"img_size": 32})}  # a ViT's size is in its weights
-    out, rep = run(tmp_path, ckpt, VIT_PASSES if vit else [], model=spec)
+    out, rep = run_all(tmp_path, ckpt, vit, (3, 16, 16) if vit else (3, 32, 32), model=spec)
     assert rep["source"]["family"] == ("vit" if vit else "resnet") and rep["source"]["adapter"].startswith("user-")
     size = (3, 16, 16) if vit else (3, 32, 32)
     assert rep["input_size"] == list(size)
-    check_result(out, rep, size)
     # export only: the student saved back in the user's own keys loads into a fresh factory model
     out2, rep2 = run(tmp_path, ckpt, [], model=spec, name="plain", onnx=False)
     assert rep2["family_layout"]["path"] == "model.user.safetensors"

@@ -54,10 +54,11 @@ def rename(sd: dict, rules: list, what: str, path) -> tuple[dict, dict]:
 
 def merge_qkv(sd: dict) -> dict:
     """Separate q, k, v (HF) -> one fused qkv (timm), rows in q, k, v order."""
-    out = {k: v for k, v in sd.items() if not any(f".attn.{t}." in k for t in "qkv")}
-    for k in sd:
-        if ".attn.q." in k:
-            out[k.replace(".attn.q.", ".attn.qkv.")] = torch.cat([sd[k.replace(".q.", f".{t}.")] for t in "qkv"])
+    out = dict(sd)
+    for k in sd:  # a block whose attention a pass rewrote (e.g. crate: no v) keeps its keys, so it shows as changed
+        parts = [k.replace(".attn.q.", f".attn.{t}.") for t in "qkv"] if ".attn.q." in k else []
+        if parts and all(p in sd for p in parts):
+            out[k.replace(".attn.q.", ".attn.qkv.")] = torch.cat([out.pop(p) for p in parts])
     return out
 
 
