@@ -98,7 +98,7 @@ def write_onnx(model: nn.Module, path: Path, calib: torch.Tensor, *, opset: int,
                tol: float, slim: bool = False, threads: int = 2) -> dict:
     """Export (+ onnxslim when it keeps the outputs), run in onnxruntime against PyTorch, rename if they agree."""
     tmp = path.with_name(path.name + ".tmp")
-    tied = any(getattr(m, "ties_weights", False) for m in model.modules())  # one weight used by several convs
+    tied = any(getattr(m, "ties_weights", False) for m in model.modules())  # one weight used in two places
     to_onnx(model, tmp, tuple(calib.shape[1:]), opset=opset, dynamic_batch=dynamic_batch, fold_batchnorm=not tied)
     x = calib if dynamic_batch else calib[:1]
     with torch.no_grad():
@@ -112,7 +112,9 @@ def write_onnx(model: nn.Module, path: Path, calib: torch.Tensor, *, opset: int,
         cand = path.with_name(path.name + ".slim.tmp")
         onnx.save(onnxslim.slim(onnx.load(str(tmp))), str(cand))
         p2 = _parity(cand, ref, x, threads)
-        grew = _weights(cand) > _weights(tmp)  # e.g. Conv+BN fusion giving each use of a tied weight its own copy
+        # a model that shares a weight must keep storing it once (Conv+BN fusion gives each use its own copy);
+        # elsewhere small constant rewrites by onnxslim are not duplication
+        grew = tied and _weights(cand) > _weights(tmp)
         if p2["rel_diff"] <= tol and not grew:
             os.replace(cand, tmp)
             parity, slimmed = {**parity, **p2}, {"nodes_before": nodes, "applied": True}

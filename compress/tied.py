@@ -14,6 +14,8 @@ from torch import nn
 class TiedMLP(nn.Module):
     """FFN(x) = W^T (s * act(W x + b1)) + b2 with one W (m x d); s is None when folded or not fitted."""
 
+    ties_weights = True  # tells the ONNX writer to refuse graph rewrites that would store W twice
+
     def __init__(self, weight: torch.Tensor, b1: torch.Tensor | None, b2: torch.Tensor | None, act: nn.Module,
                  scale: torch.Tensor | None = None):
         super().__init__()

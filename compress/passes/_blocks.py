@@ -18,6 +18,19 @@ def _blocks(v):
 BlockSel = Annotated[Union[Literal["all"], list[NonNegativeInt]], BeforeValidator(_blocks)]
 
 
+def _blocks_or_auto(v):
+    if v == "auto":
+        return v
+    try:
+        return _blocks(v)
+    except ValueError:
+        raise ValueError(f"blocks must be 'all', 'auto' or a list of block indices 0, 1, ... (got {v!r})") from None
+
+
+# One validator for the whole union, so a bad value gets one message, not one per union branch.
+BlockSelOrAuto = Annotated[Union[Literal["all", "auto"], list[NonNegativeInt]], BeforeValidator(_blocks_or_auto)]
+
+
 def select(sel: BlockSel, n: int, where: str) -> list[int]:
     """Resolve `all` or an explicit index list against a model with n blocks."""
     if sel == "all":

@@ -6,17 +6,17 @@ costs the least teacher KL on calibration data (greedy: remove, re-measure). App
 """
 from __future__ import annotations
 
-from typing import Literal, Optional, Union
+from typing import Optional
 
 from pydantic import Field, model_validator
 
 from ..errors import InputError
 from ..registry import PassConfig, PassContext, PassResult, register_pass
-from ._blocks import BlockSel, select
+from ._blocks import BlockSelOrAuto, select
 
 
 class MLPStripConfig(PassConfig):
-    blocks: Union[Literal["auto"], BlockSel]
+    blocks: BlockSelOrAuto
     fraction: Optional[float] = Field(None, gt=0, le=1)  # auto only: share of the blocks whose MLP goes
 
     @model_validator(mode="after")
