@@ -35,12 +35,17 @@ def logits64(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return m(x.double())
 
 
+def rel_max_diff(ref: torch.Tensor, out: torch.Tensor) -> float:
+    """max |out - ref| relative to the reference's scale max |ref|: the project's one exactness measure."""
+    ref, out = ref.double(), out.double()
+    return float((ref - out).abs().max() / ref.abs().max().clamp_min(1e-12))
+
+
 def fidelity(ref: torch.Tensor, out: torch.Tensor) -> dict:
     """max |Δlogit| relative to the reference's logit scale, top-1 agreement and KL(ref || out)."""
     ref, out = ref.double(), out.double()
-    scale = ref.abs().max().clamp_min(1e-12)
     kl = torch.nn.functional.kl_div(out.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="batchmean")
-    return {"max_abs_diff": float((ref - out).abs().max()), "rel_diff": float((ref - out).abs().max() / scale),
+    return {"max_abs_diff": float((ref - out).abs().max()), "rel_diff": rel_max_diff(ref, out),
             "agreement": float((ref.argmax(-1) == out.argmax(-1)).double().mean()), "kl": float(kl)}
 
 

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
+from ..probe import capture
 from ..registry import PassConfig, PassContext, PassResult, register_pass
 from ..tied import TiedMLP
 from ._blocks import BlockSel, select
@@ -27,17 +28,10 @@ class TieRowColConfig(PassConfig):
         return False
 
 
-@torch.no_grad()
 def _mlp_inputs(model, mlps: dict[int, nn.Module], calib: torch.Tensor) -> dict[int, torch.Tensor]:
-    seen, hooks = {}, []
-    for i, mlp in mlps.items():
-        hooks.append(mlp.register_forward_hook(lambda m, a, o, i=i: seen.__setitem__(i, a[0].reshape(-1, a[0].shape[-1]))))
-    try:
-        model(calib)
-    finally:
-        for h in hooks:
-            h.remove()
-    return seen
+    """Each MLP's input tokens on the calibration batch, flattened to (tokens, d)."""
+    got = capture(model, list(mlps.values()), calib, inputs=True)
+    return {i: x.reshape(-1, x.shape[-1]) for i, x in zip(mlps, got)}
 
 
 def fit_scale(x: torch.Tensor, w1: torch.Tensor, b1, w2: torch.Tensor, b2, act: nn.Module, nonneg: bool):

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
+from ..metrics import rel_max_diff
 
 CONVERT_TOL = 1e-4  # max |Δ| / max |ref| between an original model (or block) and its conversion
 
@@ -89,9 +90,8 @@ def logits_of(out) -> torch.Tensor:
 
 
 def rel_diff(ref: torch.Tensor, got: torch.Tensor) -> float:
-    if ref.shape != got.shape:
-        return float("inf")
-    return float((ref.double() - got.double()).abs().max() / ref.double().abs().max().clamp_min(1e-12))
+    """`rel_max_diff`, with a shape mismatch counted as an infinite difference (a candidate mapping that does not fit)."""
+    return rel_max_diff(ref, got) if ref.shape == got.shape else float("inf")
 
 
 def random_input(input_size, batch: int = 2, seed: int = 0) -> torch.Tensor:
