@@ -68,6 +68,22 @@ def test_recorded_error_and_params_are_the_measured_ones(method, family):
             assert new[0].kernel_size == old.kernel_size and new[0].stride == old.stride and new[1].kernel_size == (1, 1)
 
 
+def test_rank_larger_than_the_matrix_is_refused_or_skipped():
+    """Larger than every selected layer: a bad input. Larger than some (mixed sizes): those are skipped, said why."""
+    teacher = tiny_vit(depth=1)  # width 24: q/k/v/proj 24x24, fc1 48x24, fc2 24x48 (full rank 24 each)
+    x = torch.randn(2, 3, 16, 16)
+    with pytest.raises(InputError, match=r"lowrank.rank 25 is larger than every selected layer's matrix .*full rank 24"):
+        lowrank(copy.deepcopy(teacher), detect(copy.deepcopy(teacher)), LowRankConfig(rank=25), PassContext(x))
+    student = copy.deepcopy(teacher)
+    res = lowrank(student, detect(student), LowRankConfig(rank=24), PassContext(x))  # = full rank: above break-even
+    assert not res.details["layers"] and "would not save" in res.details["skipped"]["blocks.0.mlp.fc1"]
+    student = copy.deepcopy(teacher)
+    res = lowrank(student, detect(student), LowRankConfig(rank=8, layers=["mlp", "head"]), PassContext(x))
+    assert set(res.details["layers"]) == {"blocks.0.mlp.fc1", "blocks.0.mlp.fc2"}
+    assert res.details["skipped"]["head"] == "rank 8 exceeds this layer's full rank 5 (5x24)"
+    assert type(student.head) is torch.nn.Linear
+
+
 def test_rank_at_or_above_break_even_is_skipped_with_a_reason():
     teacher = tiny_vit(depth=1)  # width 24: break-even 12 for d x d, 16 for fc1 / fc2
     student = copy.deepcopy(teacher)

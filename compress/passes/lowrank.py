@@ -168,14 +168,21 @@ def lowrank(model, adapter, cfg: LowRankConfig, ctx: PassContext) -> PassResult:
     layers = {n: m for n, m in chosen.items() if n not in skipped}
     stats = _output_stats(model, chosen, ctx.calib)
     weight = {n: (stats[n][1] if cfg.budget == "flops" else 1) for n in chosen}  # FLOPs scale with positions
+    full = {n: min(_shape(m)) for n, m in layers.items()}
+    if isinstance(cfg.rank, int) and full and cfg.rank > max(full.values()):
+        raise InputError(f"lowrank.rank {cfg.rank} is larger than every selected layer's matrix (the largest has full "
+                         f"rank {max(full.values())}); give a smaller rank or a fraction such as 0.25")
     cands = {}
     for n, m in layers.items():
         out, inn = _shape(m)
         even = out * inn / (out + inn)
-        top = min(out, inn)
+        top = full[n]
+        if isinstance(cfg.rank, int) and cfg.rank > top:
+            skipped[n] = f"rank {cfg.rank} exceeds this layer's full rank {top} ({out}x{inn})"
+            continue
         if cfg.rank is not None:
             r = cfg.rank if isinstance(cfg.rank, int) else max(cfg.multiple, round(cfg.rank * top / cfg.multiple) * cfg.multiple)
-            ranks = [min(r, top)]
+            ranks = [min(r, top)]  # a fraction rounded up to `multiple` may pass a tiny layer's full rank
         else:
             ranks = list(range(cfg.multiple * (top // cfg.multiple), 0, -cfg.multiple))
         ranks = [r for r in ranks if r < even]
