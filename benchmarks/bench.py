@@ -27,7 +27,7 @@ from compress.pipeline import apply
 from compress.recipe import parse_recipe
 from compress.report import machine_info
 
-from . import contenders, scaling, search
+from . import contenders, gpu, scaling, search
 from .render import render
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,10 +35,12 @@ SHARED = ROOT.parent / "shared" / "data"
 
 FULL = {"budgets": [0.75, 0.5, 0.3], "steps": 150, "batch_size": 64, "eval_images": 2000, "calib_images": 32,
         "latency": {"batch_sizes": [1, 8], "threads": 2, "warmup": 5, "runs": 30}, "teachers": None,
-        "scaling": ["vit_small_patch16_224", "vit_base_patch16_224", "resnet50"], "scaling_runs": 10, "fit_iters": 6, "tp_search_steps": 8, "windows": "all", "workers": 1}
+        "scaling": ["vit_small_patch16_224", "vit_base_patch16_224", "resnet50"], "scaling_runs": 10, "fit_iters": 6, "tp_search_steps": 8, "windows": "all", "workers": 1,
+        "gpu": {"batch_size": 256, "steps": 50, "warmup": 10, "workers": 8}}
 QUICK = {"budgets": [0.75], "steps": 2, "batch_size": 8, "eval_images": 64, "calib_images": 8,
          "latency": {"batch_sizes": [1, 8], "threads": 2, "warmup": 1, "runs": 3}, "teachers": ["vit_cifar10"],
-         "scaling": ["vit_tiny_patch16_224"], "scaling_runs": 2, "fit_iters": 3, "tp_search_steps": 4, "windows": "centre", "workers": 0}
+         "scaling": ["vit_tiny_patch16_224"], "scaling_runs": 2, "fit_iters": 3, "tp_search_steps": 4, "windows": "centre", "workers": 0,
+         "gpu": {"batch_size": 32, "steps": 3, "warmup": 1, "workers": 2}}
 
 
 def recipe_dict(name: str, passes: list, cfg: dict, *, distill: bool, quantize=()) -> dict:
@@ -183,6 +185,7 @@ def main(argv=None) -> int:
         for ckpt in teachers(cfg):
             result["teachers"].append(bench_teacher(ckpt, cfg, Path(work), log))
             _save(out / "bench.json", result)
+        result["gpu"] = gpu.run(teachers(cfg), cfg["train"], log, **cfg["gpu"])
         if not args.no_scaling:
             log("scaling table (random weights, 224x224)")
             result["scaling"] = scaling.run(cfg["scaling"], runs=cfg["scaling_runs"], threads=cfg["latency"]["threads"],

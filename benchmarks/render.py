@@ -126,6 +126,32 @@ def chart(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def gpu_section(gpu: dict | None) -> list[str]:
+    if not gpu:
+        return ["No GPU was lent to this run: no GPU figures (distillation images/s and share of peak bf16 FLOP/s need "
+                "one; `benchmarks/gpu.py` measures them when CUDA is present, and `benchmarks/train_teacher.py` and the "
+                "distillation use CUDA then too)."]
+    rows = gpu["rows"]
+    peak = rows[0]["peak_bf16_flops"] if rows else None
+    out = [f"Device: **{gpu['device']}** (CUDA {gpu['torch_cuda']}), dense bf16 peak "
+           f"{f'{peak / 1e12:.0f} TFLOP/s (datasheet)' if peak else 'not in the table of `benchmarks/gpu.py`'}. "
+           "Student = a copy of the teacher, KD step with bf16 autocast and AdamW. *loop* = the pipeline's "
+           "distillation on `cifar10/train.zip` (data loading included); *compute* = the same step on a batch already "
+           "on the GPU. FLOP/s = images/s × (teacher forward + 3 × student forward).", "",
+           "| teacher | input | batch | train GFLOP / image | loop images/s | loop TFLOP/s (% peak) | compute images/s "
+           "| compute TFLOP/s (% peak) |", "|---|---|---|---|---|---|---|---|"]
+
+    def share(r, k):
+        s = r[f"{k}_share_of_peak"]
+        return f"{r[f'{k}_flops_per_s'] / 1e12:.2f} ({100 * s:.1f}%)" if s is not None else f"{r[f'{k}_flops_per_s'] / 1e12:.2f} (-)"
+
+    for r in rows:
+        out.append(f"| {r['teacher']} | {'×'.join(map(str, r['input_size']))} | {r['batch_size']} | "
+                   f"{r['train_flops_per_image'] / 1e9:.2f} | {r['loop_images_per_s']:,.0f} | {share(r, 'loop')} | "
+                   f"{r['compute_images_per_s']:,.0f} | {share(r, 'compute')} |")
+    return out
+
+
 def render(result: dict, md: Path, png: Path, reading: Path) -> None:
     chart(result, png)
     m, c = result["machine"], result["config"]
@@ -146,7 +172,7 @@ def render(result: dict, md: Path, png: Path, reading: Path) -> None:
            f"- Load average (1/5/15 min) at start {load0}, at end {load1}: above {m['cores']} means other processes "
            "shared the CPU during the run, which makes every latency and every second here slower and noisier "
            "(teacher and contender are timed interleaved, so their ratios suffer less than their absolute values).",
-           "- No GPU: see the GPU section.", "",
+           f"- GPU: {result['gpu']['device']} (see the GPU section)." if result.get("gpu") else "- No GPU: see the GPU section.", "",
            "## What was run", "",
            f"- Teachers: every model directory under `../shared/data/models/` ({', '.join(t['teacher'] for t in result['teachers'])}).",
            f"- FLOP budgets: {', '.join(f'{b:.0%}' for b in c['budgets'])} of each teacher (a contender may exceed its "
@@ -163,10 +189,12 @@ def render(result: dict, md: Path, png: Path, reading: Path) -> None:
            "÷ (teacher FLOPs / contender FLOPs): 1.0 means latency follows FLOPs exactly.",
            "- Contenders: **ours** = the candidate recipe of this tool's passes with the lowest KL to the teacher on "
            f"{c['calib_images']} calibration images after the rewrite, before training (candidates: MLP stripping of the "
-           "best window of k blocks, topped up with whitened low-rank factorisation; the table of recipes names the "
+           "best window of k blocks, topped up with whitened low-rank factorisation, each with the greedy and the uniform "
+           "rank allocation; the table of recipes names the "
            "choice); **torch-pruning** = Torch-Pruning `BasePruner`, `GroupMagnitudeImportance(p=2)`, uniform ratio "
            "bisected to the budget, classifier kept, ViT head dims pruned as in its timm example; **svd** = the "
-           "`lowrank` pass with plain weight SVD at a target bisected to the budget; **scratch** = ours' structure, "
+           "`lowrank` pass with plain weight SVD at a target bisected to the budget (greedy or uniform allocation, "
+           "whichever has the lower calibration KL); **scratch** = ours' structure, "
            "random init, the same distillation; **int8-dynamic** = the teacher through onnxruntime "
            "`quantize_dynamic` (no training; FLOPs unchanged, cheaper arithmetic).",
            "- Seconds: `convert` = the rewrite stage of the pipeline (passes + their checks; the recipe search for ours "
@@ -185,8 +213,7 @@ def render(result: dict, md: Path, png: Path, reading: Path) -> None:
                 f"MLP of the middle half of the blocks; lowrank-half is `lowrank` whitened at target 0.5. "
                 f"onnxruntime {c['latency']['threads']} threads, interleaved, {result['scaling'][0].get('runs')} runs "
                 "after 2 warm-ups, p50.", ""] + scaling_table(result["scaling"]) + [""]
-    out += ["## GPU", "", result.get("gpu") or "No GPU was lent to this run: no GPU figures (distillation images/s and "
-            "share of peak bf16 FLOP/s need one; `benchmarks/train_teacher.py` and the distillation use CUDA when present).", ""]
+    out += ["## GPU", ""] + gpu_section(result.get("gpu")) + [""]
     failed = [f"- {t['teacher']} {r['contender']} @ {r['budget']}: {r['error']}" for t in result["teachers"] for r in t["rows"]
               if "error" in r]
     if failed:

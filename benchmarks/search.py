@@ -19,8 +19,12 @@ LOWRANK_PLAIN = "svd"  # plain weight SVD truncation
 SLACK = 1.02  # a contender may exceed its FLOP budget by 2% (widths and ranks are rounded)
 
 
-def lowrank(method: str, target: float) -> dict:
-    return {"lowrank": {"method": method, "target": round(target, 4)}}
+ALLOCATIONS = ("greedy", "uniform")  # how lowrank spreads a target over layers (both are tried for ours)
+
+
+def lowrank(method: str, target: float, allocate: str = "greedy") -> dict:
+    cfg = {"method": method, "target": round(target, 4)}
+    return {"lowrank": cfg if allocate == "greedy" else {**cfg, "allocate": allocate}}
 
 
 class Search:
@@ -58,7 +62,11 @@ class Search:
         return best
 
     def svd(self, budget: float) -> dict | None:
-        return self.fit(lambda t: [lowrank(LOWRANK_PLAIN, t)], budget) if has_lowrank() else None
+        """Plain weight-SVD truncation, with whichever allocation keeps the teacher better (as for ours)."""
+        if not has_lowrank():
+            return None
+        fits = [self.fit(lambda t, a=a: [lowrank(LOWRANK_PLAIN, t, a)], budget) for a in ALLOCATIONS]
+        return min((f for f in fits if f), key=lambda f: f["kl"], default=None)
 
     def _strip(self, k: int, n: int) -> dict | None:
         """The window of k consecutive blocks whose MLP stripping keeps the teacher best."""
@@ -74,6 +82,7 @@ class Search:
         consecutive blocks by calibration KL), and up to four shallower strips topped up with
         whitened low-rank factorisation.
         ResNet: whitened low-rank factorisation.
+        Every low-rank candidate is tried with both allocations (greedy and uniform).
         """
         tried = []
         if self.loaded.adapter.family == "vit":
@@ -85,12 +94,14 @@ class Search:
             top = fits[0] - 1 if fits else n
             if has_lowrank():  # a few strip depths below that, topped up with low rank
                 for k in sorted({0, (top + 1) // 2, top - 1, top} - {-1}):
-                    got = self.fit(lambda t, s=strips[k]: (s["passes"] if s else []) + [lowrank(LOWRANK_WHITENED, t)],
-                                   budget)
-                    tried += [got] if got else []
+                    for a in ALLOCATIONS:
+                        got = self.fit(lambda t, s=strips[k], a=a: (s["passes"] if s else []) +
+                                       [lowrank(LOWRANK_WHITENED, t, a)], budget)
+                        tried += [got] if got else []
         elif has_lowrank():
-            got = self.fit(lambda t: [lowrank(LOWRANK_WHITENED, t)], budget)
-            tried += [got] if got else []
+            for a in ALLOCATIONS:
+                got = self.fit(lambda t, a=a: [lowrank(LOWRANK_WHITENED, t, a)], budget)
+                tried += [got] if got else []
         for t in tried:
             log(f"  candidate {t['passes']}: FLOPs {t['flops_ratio']:.1%}, calibration KL {t['kl']:.4f}")
         return (min(tried, key=lambda t: t["kl"]) if tried else None), tried

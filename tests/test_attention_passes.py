@@ -148,3 +148,11 @@ report: {{latency: null}}
     with torch.no_grad():  # the rebuilt model computes what the exported student computes
         torch.testing.assert_close(model(x), torch.from_numpy(onnx_out), rtol=1e-4, atol=1e-4)
     assert type(model.blocks[2].attn).__name__ == "MSSA" and type(model.blocks[0].attn.value.inner).__name__ == "SeparateVO"
+
+
+def test_symmetric_growth_guard_names_the_rank_that_pays():
+    teacher = tiny_vit(heads=3, depth=2)
+    d = teacher.embed_dim
+    below = (2 * (d * d + d)) // (3 * d)  # the rank under which 3 * d * r undercuts q and k with biases
+    with pytest.raises(InputError, match=rf"with 3 heads \(it pays for rank below about {below}\).*allow_growth"):
+        _apply(copy.deepcopy(teacher), qk_merge, QKMergeConfig(mode="symmetric", rank=d))

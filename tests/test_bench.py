@@ -57,3 +57,24 @@ def test_train_teacher_writes_a_loadable_timm_dir(tmp_path):
     loaded = load(str(tmp_path / "t"))
     assert loaded.data_cfg["input_size"] == (3, 32, 32) and loaded.model.num_classes == 10
     assert info["steps"] == 3 and len(info["loss_history"]) == 3 and info["test_images"] == 32
+
+
+def test_gpu_section_measures_and_renders_on_cpu(tmp_path):
+    """The GPU section's code on CPU: both rates measured, FLOPs counted, no share without a known peak."""
+    need_shared(VIT_TEACHER)
+    need_shared(CIFAR_TRAIN)
+    from benchmarks.gpu import measure, peak_bf16
+    from benchmarks.render import gpu_section
+
+    assert peak_bf16("NVIDIA H100 80GB HBM3") == 989.4e12 and peak_bf16("NVIDIA H100 PCIe") == 756.5e12
+    assert peak_bf16("NVIDIA A100-SXM4-80GB") == 312e12 and peak_bf16("NVIDIA A10") == 125e12
+    assert peak_bf16("NVIDIA H200") == 989.4e12 and peak_bf16("some CPU") is None
+    r = measure(VIT_TEACHER, CIFAR_TRAIN, device="cpu", batch_size=4, steps=2, warmup=1, workers=0)
+    assert r["device"] == "cpu" and not r["amp_bf16"] and r["peak_bf16_flops"] is None
+    assert r["loop_images_per_s"] > 0 and r["compute_images_per_s"] > 0
+    assert r["compute_share_of_peak"] is None
+    assert r["compute_flops_per_s"] == r["compute_images_per_s"] * r["train_flops_per_image"]
+    text = "\n".join(gpu_section({"rows": [{**r, "peak_bf16_flops": 1e15, "loop_share_of_peak": 0.001,
+                                            "compute_share_of_peak": 0.002}], "torch_cuda": "13.2", "device": "X"}))
+    assert "| vit_cifar10 | 3×32×32 | 4 |" in text and "(0.2%)" in text and "1000 TFLOP/s" in text
+    assert "No GPU was lent" in gpu_section(None)[0]

@@ -154,3 +154,24 @@ def test_apply_exports_and_load_compressed_replays_the_ranks(tmp_path, family):
         np.testing.assert_allclose(reloaded(x).numpy(), onnx_out, atol=1e-4, rtol=1e-4)
     ranks = record["passes"][0]["details"]["layers"]
     assert {n: reloaded.get_submodule(n)[0].weight.shape[0] for n in ranks} == {n: i["rank"] for n, i in ranks.items()}
+
+
+def test_uniform_allocation_gives_every_layer_one_rank_fraction_within_budget():
+    teacher = _resnet("resnet18")
+    x = torch.randn(4, 3, 64, 64)
+    adapter = detect(teacher)
+    size = (3, 64, 64)
+    cfg = LowRankConfig(target=0.5, budget="flops", layers=["conv"], allocate="uniform")
+    student = copy.deepcopy(teacher)
+    res = lowrank(student, adapter, cfg, PassContext(x))
+    layers = res.details["layers"]
+    assert len(layers) > 10 and "uniform allocation" in res.changes[0]
+    frac = {n: (i["rank"], min(i["shape"])) for n, i in layers.items()}
+    lo = max(r / top for r, top in frac.values())  # one f with rank = the largest multiple of 8 <= f * top
+    hi = min((r + cfg.multiple) / top for r, top in frac.values() if r > cfg.multiple)
+    assert lo < hi, frac
+    kept = [n for n, why in res.details["skipped"].items() if "budget" in why]
+    assert not kept  # uniform never keeps a layer whole for budget reasons; only break-even does
+    greedy = lowrank(copy.deepcopy(teacher), adapter, cfg.model_copy(update={"allocate": "greedy"}), PassContext(x))
+    assert {n: i["rank"] for n, i in greedy.details["layers"].items()} != {n: r for n, (r, _) in frac.items()}
+    assert count_flops(student, size) < 0.62 * count_flops(teacher, size)  # convs are most of resnet18's FLOPs

@@ -27,6 +27,9 @@ class LowRankConfig(PassConfig):
     budget: Literal["flops", "params"] = "flops"
     layers: list[Kind] = ["attn", "mlp", "conv"]
     multiple: PositiveInt = 8  # ranks are multiples of this (DESIGN §8: odd widths waste the FLOP gain)
+    # how a target is spread over layers: `greedy` = least energy lost per unit of cost saved (may cut a few
+    # layers deep); `uniform` = one rank fraction for every layer, the largest that meets the target
+    allocate: Literal["greedy", "uniform"] = "greedy"
 
     @model_validator(mode="after")
     def _rank_or_target(self):
@@ -135,6 +138,29 @@ def _allocate(cands: dict[str, dict], target: float, total: float, budget: str) 
     return {n: cands[n]["steps"][i][0] for n, i in state.items() if i > 0}
 
 
+def _uniform(cands: dict[str, dict], target: float, total: float, budget: str) -> dict[str, int]:
+    """One rank fraction f of each layer's full rank (rounded down to the multiple), the largest meeting the target."""
+    def pick(f):
+        ranks, cost = {}, total
+        for n, c in cands.items():
+            if f * c["top"] >= c["even"]:  # at or above break-even: the layer stays whole
+                continue
+            step = next(st for st in c["steps"][1:] if st[0] <= max(f * c["top"], c["steps"][-1][0]))
+            ranks[n] = step[0]
+            cost -= c["steps"][0][2] - step[2]
+        return ranks, cost
+
+    ranks, cost = pick(0.0)
+    if cost > target * total * (1 + 1e-9):
+        raise InputError(f"lowrank: target {target} is out of reach: at the smallest ranks the selected layers keep "
+                         f"{cost / total:.0%} of their {budget}; raise target or select more layer kinds")
+    lo, hi = 0.0, 1.0
+    for _ in range(30):  # cost grows with f: bisect for the largest f within the target
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if pick(mid)[1] <= target * total * (1 + 1e-9) else (lo, mid)
+    return pick(lo)[0]
+
+
 def _replace(model, name: str, layer: nn.Module, u: torch.Tensor | None, rank: int) -> nn.Sequential:
     new = factorised(layer, rank).to(layer.weight.dtype)
     if u is not None:
@@ -192,13 +218,14 @@ def lowrank(model, adapter, cfg: LowRankConfig, ctx: PassContext) -> PassResult:
             continue
         u, lost, raw = _basis(m, stats[n][0], stats[n][1] * len(ctx.calib), cfg.method)
         steps = [(None, 0.0, weight[n] * out * inn)] + [(r, float(lost[r - 1]), weight[n] * r * (out + inn)) for r in ranks]
-        cands[n] = {"u": u, "lost": raw, "steps": steps, "shape": (out, inn), "even": even}
+        cands[n] = {"u": u, "lost": raw, "steps": steps, "shape": (out, inn), "even": even, "top": top}
     if cfg.target is not None:
         total = sum(weight[n] * _shape(m)[0] * _shape(m)[1] for n, m in chosen.items())
-        ranks = _allocate(cands, cfg.target, total, cfg.budget)
+        ranks = (_uniform if cfg.allocate == "uniform" else _allocate)(cands, cfg.target, total, cfg.budget)
         for n in cands:
             if n not in ranks:
-                skipped[n] = "kept whole: the budget was met without it"
+                skipped[n] = ("kept whole: the uniform rank fraction is at or above its break-even"
+                              if cfg.allocate == "uniform" else "kept whole: the budget was met without it")
     else:
         ranks = {n: c["steps"][1][0] for n, c in cands.items()}
     details = {"method": cfg.method, "layers": {}, "skipped": skipped}
@@ -217,5 +244,6 @@ def lowrank(model, adapter, cfg: LowRankConfig, ctx: PassContext) -> PassResult:
                            f"params {p0:,} -> {p1:,}, calibration output error {100 * err:.2f}%")
     p0 = sum(v["params"][0] for v in details["layers"].values())
     p1 = sum(v["params"][1] for v in details["layers"].values())
-    head = f"factorised {len(ranks)} of {len(chosen)} selected layers ({cfg.method}): their params {p0:,} -> {p1:,}"
+    how = f"{cfg.method}, {cfg.allocate} allocation" if cfg.target is not None else cfg.method
+    head = f"factorised {len(ranks)} of {len(chosen)} selected layers ({how}): their params {p0:,} -> {p1:,}"
     return PassResult(model, [head, *changes, *(f"{n}: not factorised, {why}" for n, why in skipped.items())], details)

@@ -94,6 +94,12 @@ def symmetric_cost(score, tokens: int, rank: int) -> tuple[int, int, int, int]:
     return p0, p1, f0, f1
 
 
+def _pays_below(score) -> int:
+    """The rank under which H*d*r parameters undercut the module's current ones."""
+    d = score.weight.shape[-1] if isinstance(score, MergedQK) else score.q.in_features
+    return sum(p.numel() for p in score.parameters()) // (score.heads * d)
+
+
 @register_pass("qk_merge", QKMergeConfig, families={"vit"},
                summary="merge W_Q, W_K per head: exact (shrinks only 1-head models) or symmetric rank r (approximate)")
 def qk_merge(model, adapter, cfg: QKMergeConfig, ctx: PassContext) -> PassResult:
@@ -106,6 +112,7 @@ def qk_merge(model, adapter, cfg: QKMergeConfig, ctx: PassContext) -> PassResult
     result = rewrite_attention(model, adapter, cfg, part="score", kind=(SeparateQK, MergedQK),
                                convert=lambda s: symmetric_qk(s, cfg.rank),
                                cost=lambda s, n: symmetric_cost(s, n, cfg.rank),
-                               label="qk_merge symmetric", verb=f"symmetric Q/K rank {cfg.rank}")
+                               label="qk_merge symmetric", verb=f"symmetric Q/K rank {cfg.rank}",
+                               pays=lambda s: f"it pays for rank below about {_pays_below(s)}")
     result.details["rank"] = cfg.rank
     return result
