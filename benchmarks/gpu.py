@@ -18,11 +18,10 @@ from pathlib import Path
 
 import torch
 
-from compress.data import ImageFolderData
+from compress.data import dataset
 from compress.distill import distill, kd_loss
 from compress.load import load
 from compress.metrics import count_flops
-from timm.data import create_transform
 
 # Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's datasheets; first match on the device name wins.
 PEAK_BF16 = [("H200", 989.4e12), ("H100 PCIe", 756.5e12), ("H100 NVL", 835.5e12), ("H100", 989.4e12),
@@ -74,9 +73,7 @@ def measure(ckpt: Path, train: Path, *, device: str = "cuda", batch_size: int = 
     teacher, size = loaded.model.eval(), tuple(loaded.data_cfg["input_size"])
     per_image = count_flops(teacher, size) * 4  # teacher forward + student (= teacher copy) forward and backward
     amp = dev.type == "cuda"
-    keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
-    data = ImageFolderData(train, create_transform(**{k: loaded.data_cfg[k] for k in keys if k in loaded.data_cfg},
-                                                   is_training=False))
+    data = dataset(train, loaded.data_cfg)
     common = dict(batch_size=batch_size, lr=1e-4, weight_decay=0.05, warmup_steps=1, temperature=2.0, feature_weight=0.0,
                   label_weight=0.0, features=None, seed=0, device=dev, amp=amp, workers=workers, checkpoint=None,
                   checkpoint_every=None, resume=False, fingerprint="bench-gpu", log=lambda _m: None)
@@ -89,7 +86,6 @@ def measure(ckpt: Path, train: Path, *, device: str = "cuda", batch_size: int = 
         student, teacher = student.to(memory_format=torch.channels_last), teacher.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     compute = _compute_rate(student, teacher, x, steps=steps, warmup=warmup, amp=amp)
-    student.cpu(), teacher.cpu()  # noqa: B018 - moved back for the next teacher
     name = device_name(dev)
     peak = peak_bf16(name) if dev.type == "cuda" else None
     rates = {"loop": loop, "compute": compute}

@@ -44,12 +44,15 @@ def select(sel: BlockSel, n: int, where: str) -> list[int]:
 
 
 def guard_growth(where: str, d_params: int, d_flops: int, total_params: int, heads: int, allow: bool,
-                 pays: str = "it pays only with 1 head") -> str | None:
-    """Refuse a rewrite that makes the model bigger or slower unless the recipe allows it."""
+                 pays: str | None = None) -> str | None:
+    """Refuse a rewrite that makes the model bigger or slower unless the recipe allows it.
+
+    `pays` says when the rewrite would shrink (default: with one head, true of the exact merged forms).
+    """
     if d_params <= 0 and d_flops <= 0:
         return None
     msg = (f"{where} would grow the model: params {d_params:+,} ({100 * d_params / total_params:+.1f}%), "
-           f"FLOPs {d_flops:+,} per image, with {heads} heads ({pays})")
+           f"FLOPs {d_flops:+,} per image, with {heads} heads ({pays or 'it pays only with 1 head'})")
     if not allow:
         raise InputError(f"{msg}; set allow_growth: true in the pass to apply it anyway")
     return msg + "; applied because allow_growth: true"
@@ -70,7 +73,7 @@ def rewrite_attention(model, adapter, cfg, *, part: str, kind: type, convert: Ca
     d_flops = sum(c[3] - c[2] for c in costs)
     heads = getattr(blocks[idx[0]].attn, part).heads if idx else 0
     total = sum(p.numel() for p in model.parameters())
-    hint = pays(getattr(blocks[idx[0]].attn, part)) if idx and pays else "it pays only with 1 head"
+    hint = pays(getattr(blocks[idx[0]].attn, part)) if idx and pays else None
     note = guard_growth(label, d_params, d_flops, total, heads, cfg.allow_growth, hint) if idx else None
     with torch.no_grad():
         for i in idx:

@@ -132,10 +132,18 @@ def _allocate(cands: dict[str, dict], target: float, total: float, budget: str) 
         cost -= c["steps"][state[n]][2] - c["steps"][state[n] + 1][2]
         state[n] += 1
         push(n)
-    if cost > target * total * (1 + 1e-9):
-        raise InputError(f"lowrank: target {target} is out of reach: at the smallest ranks the selected layers keep "
-                         f"{cost / total:.0%} of their {budget}; raise target or select more layer kinds")
+    _check_reach(cost, target, total, budget)
     return {n: cands[n]["steps"][i][0] for n, i in state.items() if i > 0}
+
+
+def _within(cost: float, target: float, total: float) -> bool:
+    return cost <= target * total * (1 + 1e-9)
+
+
+def _check_reach(cost_at_smallest: float, target: float, total: float, budget: str) -> None:
+    if not _within(cost_at_smallest, target, total):
+        raise InputError(f"lowrank: target {target} is out of reach: at the smallest ranks the selected layers keep "
+                         f"{cost_at_smallest / total:.0%} of their {budget}; raise target or select more layer kinds")
 
 
 def _uniform(cands: dict[str, dict], target: float, total: float, budget: str) -> dict[str, int]:
@@ -150,14 +158,11 @@ def _uniform(cands: dict[str, dict], target: float, total: float, budget: str) -
             cost -= c["steps"][0][2] - step[2]
         return ranks, cost
 
-    ranks, cost = pick(0.0)
-    if cost > target * total * (1 + 1e-9):
-        raise InputError(f"lowrank: target {target} is out of reach: at the smallest ranks the selected layers keep "
-                         f"{cost / total:.0%} of their {budget}; raise target or select more layer kinds")
+    _check_reach(pick(0.0)[1], target, total, budget)
     lo, hi = 0.0, 1.0
     for _ in range(30):  # cost grows with f: bisect for the largest f within the target
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if pick(mid)[1] <= target * total * (1 + 1e-9) else (lo, mid)
+        lo, hi = (mid, hi) if _within(pick(mid)[1], target, total) else (lo, mid)
     return pick(lo)[0]
 
 
