@@ -56,6 +56,11 @@ def recipe_dict(name: str, passes: list, cfg: dict, *, distill: bool, quantize=(
     return r
 
 
+def width_passes(budget: float, refit: bool = True) -> list:
+    """The width pass alone at a share of the whole model's FLOPs (it spreads the cut itself)."""
+    return [{"width": {"target": budget, "scope": "model", **({} if refit else {"refit": False, "allocate": "uniform"})}}]
+
+
 def row_of(record: dict, variant: str | None = None) -> dict:
     """The benchmark columns from a pipeline record (the student, or one of its export variants)."""
     s, lat = record["summary"], record["summary"].get("latency", {})
@@ -137,7 +142,12 @@ def bench_teacher(ckpt: Path, cfg: dict, work: Path, log) -> dict:
         add("svd", b, svd and recipe_dict("svd", svd["passes"], cfg, distill=True),
             "the lowrank pass is not in this build" if not contenders.has_lowrank() else "no rank meets the budget",
             calib_kl=svd and svd["kl"])
-        add("torch-pruning", b, recipe_dict("tp", [{"bench_torch_pruning": {"flops_ratio": b, "search_steps": cfg["tp_search_steps"]}}], cfg, distill=True))
+        wid = width_passes(b)
+        add("width", b, recipe_dict("width", wid, cfg, distill=True), calib_kl=finder.dry(wid)["kl"],
+            calib_kl_no_refit=finder.dry(width_passes(b, refit=False))["kl"])
+        for name, rnd in (("torch-pruning", None), ("torch-pruning-r8", 8)):
+            tp = {"flops_ratio": b, "search_steps": cfg["tp_search_steps"], **({"round_to": rnd} if rnd else {})}
+            add(name, b, recipe_dict(name, [{"bench_torch_pruning": tp}], cfg, distill=True))
         add("scratch", b, best and recipe_dict("scratch", best["passes"] + [{"bench_reinit": {"seed": 0}}], cfg,
                                                distill=True), "no recipe of ours at this budget to copy the shape of")
     return out

@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 KINDS = {"teacher": ("black", "*"), "ours": ("tab:blue", "o"), "torch-pruning": ("tab:orange", "s"),
-         "svd": ("tab:green", "^"), "scratch": ("tab:gray", "x"), "int8-dynamic": ("tab:purple", "D")}
+         "svd": ("tab:green", "^"), "scratch": ("tab:gray", "x"), "int8-dynamic": ("tab:purple", "D"),
+         "width": ("tab:red", "v"), "torch-pruning-r8": ("tab:brown", "P")}
 
 
 def _rel(path: Path, md: Path) -> str:
@@ -65,12 +66,13 @@ def teacher_table(t: dict) -> list[str]:
 
 
 def recipes_table(t: dict) -> list[str]:
-    lines = ["| contender | budget | recipe (passes) | calibration KL before training |", "|---|---|---|---|"]
+    lines = ["| contender | budget | recipe (passes) | calibration KL before training | same selection without refit |",
+             "|---|---|---|---|---|"]
     for r in t["rows"]:
         if "passes" in r:
             b = "-" if r["budget"] is None else f"{r['budget']:.0%}"
-            kl = "-" if r.get("calib_kl") is None else f"{r['calib_kl']:.4f}"
-            lines.append(f"| {r['contender']} | {b} | `{_passes(r['passes'])}` | {kl} |")
+            kl, plain = ("-" if r.get(k) is None else f"{r[k]:.4f}" for k in ("calib_kl", "calib_kl_no_refit"))
+            lines.append(f"| {r['contender']} | {b} | `{_passes(r['passes'])}` | {kl} | {plain} |")
     return lines
 
 

@@ -1,5 +1,5 @@
 """Scaling table: ImageNet-size timm models with random weights (latency does not depend on the
-values), full vs MLP-stripped-half vs low-rank-half: FLOPs, params and onnxruntime latency."""
+values), full vs MLP-stripped-half vs low-rank-half vs width-half: FLOPs, params and onnxruntime latency."""
 from __future__ import annotations
 
 import time
@@ -27,6 +27,7 @@ def variants(loaded: Loaded) -> dict[str, list]:
         out["mlp-strip-half"] = [{"mlp_strip": {"blocks": list(range(n // 4, n // 4 + n // 2))}}]
     if has_lowrank():
         out["lowrank-half"] = [lowrank(LOWRANK_WHITENED, 0.5)]
+    out["width-half"] = [{"width": {"target": 0.5, "scope": "model", "allocate": "uniform"}}]
     return out
 
 

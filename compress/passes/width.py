@@ -1,0 +1,292 @@
+"""Width projection: narrower dense layers that onnxruntime runs at full speed (DESIGN §9).
+
+Keeps k of m hidden units / channels (a coordinate subspace, chosen by optimal-brain-surgeon cost) or,
+inside attention heads, the best r-dim subspace of each head's Q/K and V (folded into narrower q, k, v),
+and refits each consumer by ridge least squares to the teacher's outputs on calibration data. The
+result is a plain model: smaller Linear/Conv2d/BatchNorm, no masks, widths multiples of `multiple`.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Annotated, Literal, Optional
+
+import torch
+from pydantic import Field, PositiveInt, model_validator
+from torch import nn
+
+from ..errors import InputError
+from ..metrics import count_flops
+from ..modules import SeparateQK, SeparateVO
+from ..probe import capture, kl
+from ..registry import PassConfig, PassContext, PassResult, register_pass
+from ._width_groups import Group, QKCut, SelectCut, VOCut
+
+Kind = Literal["mlp", "qk", "vo", "conv"]
+Fraction = Annotated[float, Field(gt=0, le=1)]
+
+
+class WidthConfig(PassConfig):
+    target: Optional[Annotated[float, Field(gt=0, lt=1)]] = None  # fraction of the cost to keep (see scope)
+    scope: Literal["layers", "model"] = "layers"  # target counts the selected layers' cost, or the whole model's
+    keep: Optional[Fraction] = None  # or: this fraction of every width (rounded down to `multiple`)
+    budget: Literal["flops", "params"] = "flops"
+    layers: list[Kind] = ["mlp", "qk", "vo", "conv"]
+    multiple: PositiveInt = 8  # widths are multiples of this (DESIGN §8)
+    # how a target is spread: `uniform` = one fraction for every width; `greedy` = least calibration error
+    # per unit of cost saved; `auto` = both, the lower calibration KL wins (as lowrank's bench search does)
+    allocate: Literal["auto", "uniform", "greedy"] = "auto"
+    refit: bool = True  # least-squares refit of each consumer (false: the same selection, only sliced)
+    ridge: float = Field(1e-3, ge=0)  # ridge lambda relative to the mean feature energy
+
+    @model_validator(mode="after")
+    def _target_or_keep(self):
+        if (self.target is None) == (self.keep is None):
+            raise ValueError("give exactly one of target (fraction of the cost to keep) or keep (fraction of each width)")
+        return self
+
+    def is_exact(self) -> bool:
+        return False
+
+
+# ------------------------------------------------------------------ where the widths are
+def _chain(model, adapter) -> tuple[list[nn.Module], list[str]]:
+    blocks = adapter.vit_blocks(model) if adapter.family == "vit" else adapter.res_blocks(model)
+    names = {id(m): n for n, m in model.named_modules()}
+    return blocks, [names[id(b)] for b in blocks]
+
+
+def _vit_groups(blocks, names, tokens: int, cfg) -> list[tuple[Group, object]]:
+    t, out = tokens, []
+    for i, (blk, name) in enumerate(zip(blocks, names)):
+        s, v, mlp = blk.attn.score, blk.attn.value, blk.mlp
+        if isinstance(s, SeparateQK):
+            d, hd = s.q.in_features, s.heads
+            g = Group(f"{name}.attn.score", "qk", i, s.q.out_features // hd, hd, hd * (2 * t * d + t * t), 2 * hd * (d + 1))
+            out.append((g, QKCut(g, cfg.multiple, cfg.ridge, cfg.refit)))
+        if isinstance(v, SeparateVO):
+            d, hd, do = v.v.in_features, v.heads, v.proj.out_features
+            g = Group(f"{name}.attn.value", "vo", i, v.v.out_features // hd, hd, hd * (t * d + t * t + t * do),
+                      hd * (d + 1 + do))
+            out.append((g, VOCut(g, cfg.multiple, cfg.ridge, cfg.refit)))
+        if (mlp is not None and type(getattr(mlp, "fc1", None)) is nn.Linear and type(getattr(mlp, "fc2", None)) is nn.Linear
+                and isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity)):
+            d, do = mlp.fc1.in_features, mlp.fc2.out_features
+            g = Group(f"{name}.mlp", "mlp", i, mlp.fc1.out_features, 1, t * (d + do), d + 1 + do)
+            out.append((g, SelectCut(g, cfg.multiple, cfg.ridge, cfg.refit, "mlp.fc1", "mlp.fc2")))
+    return out
+
+
+def _plain_conv(m) -> bool:
+    return type(m) is nn.Conv2d and m.groups == 1 and m.padding_mode == "zeros"
+
+
+def _resnet_groups(blocks, names, calib, cfg) -> list[tuple[Group, object]]:
+    """conv1 -> conv2 (and conv2 -> conv3 in a bottleneck); the residual width is never touched."""
+    convs = [c for b in blocks for c in (b.conv1, b.conv2, getattr(b, "conv3", None)) if c is not None]
+    pos = {}
+    if calib is not None:  # positions per image of each conv's output, for the FLOP costs
+        model_in = calib[:1]
+        outs = capture(_Chain(blocks), convs, model_in)
+        pos = {id(c): o.shape[-1] * o.shape[-2] for c, o in zip(convs, outs)}
+    out = []
+    for i, (b, name) in enumerate(zip(blocks, names)):
+        c1, c2, c3 = b.conv1, b.conv2, getattr(b, "conv3", None)
+        if not (_plain_conv(c1) and _plain_conv(c2)):
+            continue
+        k2 = c2.kernel_size[0] * c2.kernel_size[1]
+        p1, p2 = pos.get(id(c1), 0), pos.get(id(c2), 0)
+        if c3 is None:  # BasicBlock: conv1's channels feed conv2
+            k1 = c1.kernel_size[0] * c1.kernel_size[1]
+            g = Group(f"{name}.conv1", "conv", i, c1.out_channels, 1, p1 * c1.in_channels * k1 + p2 * k2 * c2.out_channels,
+                      c1.in_channels * k1 + 2 + k2 * c2.out_channels)
+            out.append((g, SelectCut(g, cfg.multiple, cfg.ridge, cfg.refit, "conv1", "conv2", "bn1", "bn2")))
+            continue
+        inner = _plain_conv(c3) and isinstance(getattr(b, "aa", None) or nn.Identity(), nn.Identity)
+        p3 = pos.get(id(c3), 0)
+        g1 = Group(f"{name}.conv1", "conv", i, c1.out_channels, 1, p1 * c1.in_channels, c1.in_channels + 2)
+        if inner:
+            g2 = Group(f"{name}.conv2", "conv", i, c2.out_channels, 1, p3 * c3.out_channels, c3.out_channels + 2)
+            g1.pair = (g2.name, p2 * k2, k2)
+        else:
+            g1.flops, g1.params = g1.flops + p2 * k2 * c2.out_channels, g1.params + k2 * c2.out_channels
+        out.append((g1, SelectCut(g1, cfg.multiple, cfg.ridge, cfg.refit, "conv1", "conv2", "bn1", "bn2")))
+        if inner:
+            out.append((g2, SelectCut(g2, cfg.multiple, cfg.ridge, cfg.refit, "conv2", "conv3", "bn2", "bn3")))
+    return out
+
+
+class _Chain(nn.Module):
+    """The residual blocks alone, in order (for shapes: stem output = first block input is not needed there)."""
+
+    def __init__(self, blocks):
+        super().__init__()
+        self.blocks = blocks
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return x
+
+
+def _groups(model, adapter, calib, cfg) -> tuple[list[nn.Module], list[tuple[Group, object]]]:
+    blocks, names = _chain(model, adapter)
+    if adapter.family == "vit":
+        found = _vit_groups(blocks, names, adapter.describe(model)["tokens"], cfg)
+    else:
+        if calib is not None:
+            calib = capture(model, [blocks[0]], calib[:1], inputs=True)[0]
+        found = _resnet_groups(blocks, names, calib, cfg)
+    return blocks, found
+
+
+# ------------------------------------------------------------------ budget
+def _cost(groups: list[Group], widths: dict[str, int], budget: str) -> float:
+    by = {g.name: g for g in groups}
+    total = 0.0
+    for g in groups:
+        k = widths[g.name]
+        total += k * g.heads * (g.flops / g.heads if budget == "flops" else g.params / g.heads)
+        if g.pair and g.pair[0] in by:
+            total += k * widths[g.pair[0]] * (g.pair[1] if budget == "flops" else g.pair[2])
+    return total
+
+
+def _uniform(groups, cuts, target, budget) -> dict[str, int]:
+    def at(f):
+        return {g.name: max([w for w in cuts[g.name].widths() if w <= max(f * g.full, 1e-9)] or [min(cuts[g.name].widths())])
+                for g in groups}
+
+    total = _cost(groups, {g.name: g.full for g in groups}, budget)
+    lo, hi = 0.0, 1.0
+    for _ in range(30):  # cost grows with f: the largest f within the target
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _cost(groups, at(mid), budget) <= target * total * (1 + 1e-9) else (lo, mid)
+    return at(lo)
+
+
+def _greedy(groups, cuts, curves, target, budget) -> dict[str, int]:
+    """Least calibration error per unit of cost saved, one width step at a time."""
+    widths = {g.name: g.full for g in groups}
+    total = _cost(groups, widths, budget)
+    cost = total
+    while cost > target * total * (1 + 1e-9):
+        best = None
+        for g in groups:
+            smaller = [w for w in cuts[g.name].widths() if w < widths[g.name]]
+            if not smaller:
+                continue
+            nxt = max(smaller)
+            trial = {**widths, g.name: nxt}
+            saved = cost - _cost(groups, trial, budget)
+            score = (curves[g.name][nxt] - curves[g.name][widths[g.name]]) / max(saved, 1e-12)
+            if best is None or score < best[0]:
+                best = (score, g.name, nxt, saved)
+        if best is None:
+            break
+        widths[best[1]] = best[2]
+        cost -= best[3]
+    return widths
+
+
+# ------------------------------------------------------------------ applying
+def _walk(model, blocks, calib, per_block) -> None:
+    """Calls per_block(i, block, h) with each block's input on calib, the model changing as it goes."""
+    h = capture(model, [blocks[0]], calib, inputs=True)[0]
+    with torch.no_grad():
+        for i, blk in enumerate(blocks):
+            per_block(i, blk, h)
+            h = blk(h)
+
+
+def _survey(model, blocks, found, calib) -> dict[str, dict[int, float]]:
+    curves = {}
+
+    def per_block(i, blk, h):
+        for g, cut in found:
+            if g.block == i:
+                curves[g.name] = cut.survey(blk, h)
+
+    _walk(model, blocks, calib, per_block)
+    return curves
+
+
+def _cut(model, blocks, found, widths: dict[str, int], calib) -> dict[str, float]:
+    errors, state = {}, {"dirty": False, "h_ref": None}
+    ref_in = capture(model, [blocks[0]], calib, inputs=True)[0]
+    state["h_ref"] = ref_in
+
+    def per_block(i, blk, h):
+        ref = copy.deepcopy(blk)
+        for g, cut in found:
+            if g.block == i and g.name in widths:
+                errors[g.name] = cut.cut(blk, ref, h, state["h_ref"], widths[g.name], state["dirty"])
+                state["dirty"] |= widths[g.name] < g.full
+        state["h_ref"] = ref(state["h_ref"])
+
+    _walk(model, blocks, calib, per_block)
+    return errors
+
+
+@register_pass("width", WidthConfig, families={"vit", "resnet"},
+               summary="narrower dense layers: keep MLP units / head dims / inner channels, refit by least squares")
+def width(model, adapter, cfg: WidthConfig, ctx: PassContext) -> PassResult:
+    blocks, found = _groups(model, adapter, ctx.calib, cfg)
+    if ctx.replay is not None:  # rebuild the recorded widths; the weights are loaded afterwards
+        cuts = {g.name: (g, c) for g, c in found}
+        for name, info in ctx.replay["groups"].items():
+            g, c = cuts[name]
+            c.replay(blocks[g.block], info["width"][1])
+        return PassResult(model, [], ctx.replay)
+    found = [(g, c) for g, c in found if g.kind in cfg.layers]
+    if not found:
+        raise InputError(f"width: this {adapter.name} model has no widths of kinds {cfg.layers} that the pass can narrow "
+                         f"(ViT: mlp, qk, vo; ResNet: conv)")
+    groups = [g for g, _ in found]
+    cuts = {g.name: c for g, c in found}
+    total = _cost(groups, {g.name: g.full for g in groups}, cfg.budget)
+    floor = _cost(groups, {g.name: min(cuts[g.name].widths()) for g in groups}, cfg.budget)
+    target = cfg.target
+    if target is not None and cfg.scope == "model":  # the rest of the model stays as it is
+        whole = (count_flops(model, tuple(ctx.calib.shape[1:])) / 2 if cfg.budget == "flops"  # MACs, as the groups
+                 else sum(p.numel() for p in model.parameters()))
+        target = (cfg.target * whole - (whole - total)) / total
+        floor, total = floor + whole - total, whole
+    if target is not None and (target <= 0 or floor > cfg.target * total * (1 + 1e-9)):
+        raise InputError(f"width: target {cfg.target} is out of reach: at the smallest widths (multiple {cfg.multiple}) "
+                         f"{'the model keeps' if cfg.scope == 'model' else 'the selected layers keep'} "
+                         f"{floor / total:.0%} of {'its' if cfg.scope == 'model' else 'their'} {cfg.budget}; raise "
+                         f"target, lower multiple or select more layer kinds")
+    plans = {}
+    if cfg.keep is not None:
+        plans["keep"] = {g.name: max([w for w in cuts[g.name].widths() if w <= cfg.keep * g.full] or
+                                     [min(cuts[g.name].widths())]) for g in groups}
+    if cfg.target is not None and cfg.allocate in ("uniform", "auto"):
+        plans["uniform"] = _uniform(groups, cuts, target, cfg.budget)
+    if cfg.target is not None and cfg.allocate in ("greedy", "auto"):
+        plans["greedy"] = _greedy(groups, cuts, _survey(model, blocks, found, ctx.calib), target, cfg.budget)
+    with torch.no_grad():
+        ref = model(ctx.calib)
+    tried = {}
+    for how, widths in plans.items():
+        trial = copy.deepcopy(model) if len(plans) > 1 else model
+        trial_blocks = _chain(trial, adapter)[0]
+        trial_found = [(g, c) for g, c in _groups(trial, adapter, ctx.calib, cfg)[1] if g.name in widths]
+        errors = _cut(trial, trial_blocks, trial_found, widths, ctx.calib)
+        with torch.no_grad():
+            tried[how] = (kl(ref, trial(ctx.calib)), trial, errors, widths)
+    how = min(tried, key=lambda k: tried[k][0])
+    score, model, errors, widths = tried[how]
+    cost = _cost(groups, widths, cfg.budget)
+    total = _cost(groups, {g.name: g.full for g in groups}, cfg.budget)
+    details = {"allocate": how, "kept": round(cost / total, 6), "budget": cfg.budget, "kl": {k: round(v[0], 6) for k, v in tried.items()},
+               "groups": {g.name: {"kind": g.kind, "width": [g.full, widths[g.name]], "heads": g.heads,
+                                   "rel_error": round(errors.get(g.name, 0.0), 6)} for g in groups}}
+    changes = [f"width ({'refit' if cfg.refit else 'no refit'}, {how} allocation; calibration KL "
+               + ", ".join(f"{k} {v[0]:.4g}" for k, v in tried.items())
+               + f"): the selected layers keep {cost / total:.1%} of their {cfg.budget}"]
+    for g in groups:
+        k = widths[g.name]
+        what = f"{k}/{g.full} per head x {g.heads}" if g.heads > 1 else f"{k}/{g.full}"
+        changes.append(f"{g.name} ({g.kind}): width {what}, calibration output error "
+                       f"{100 * errors.get(g.name, 0.0) ** 0.5:.2f}%")
+    return PassResult(model, changes, details)

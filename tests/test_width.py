@@ -1,0 +1,149 @@
+"""width: the fold is exact when nothing is removed, widths are multiples, budgets hold or are refused in one
+line, the refit is worth it, results are plain narrower models that replay and export."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from safetensors.torch import save_file
+from timm.models.resnet import BasicBlock, Bottleneck, ResNet
+
+from compress.adapters import detect
+from compress.errors import InputError
+from compress.load import load_compressed
+from compress.metrics import count_flops
+from compress.passes.width import WidthConfig, width
+from compress.pipeline import apply
+from compress.probe import kl
+from compress.recipe import parse_recipe
+from compress.registry import PassContext
+from tests.conftest import save_timm_dir, tiny_vit, tiny_vit_args
+
+VIT = {"heads": 2, "depth": 2}  # embed 16, head dim 8: with multiple 4, every kind can narrow
+
+
+def _vit():
+    m = tiny_vit(**VIT)
+    detect(m).vit_blocks(m)  # convert the blocks (exactly) so teacher and student share names
+    return m
+
+
+def _resnet(block=Bottleneck, seed=0):
+    torch.manual_seed(seed)
+    m = ResNet(block=block, layers=[1, 1, 1, 1], num_classes=10).eval()
+    with torch.no_grad():  # trained-looking BatchNorm statistics, so the folds are exercised
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.running_mean.normal_(0, 0.2)
+                mod.running_var.uniform_(0.5, 1.5)
+                mod.weight.normal_(1, 0.2)
+                mod.bias.normal_(0, 0.2)
+    return m
+
+
+def _x(family, n=12):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, 3, *((16, 16) if family == "vit" else (32, 32)), generator=g)
+
+
+def _run(model, family, **cfg):
+    student = copy.deepcopy(model)
+    res = width(student, detect(student), WidthConfig(**cfg), PassContext(_x(family)))
+    return res
+
+
+@pytest.mark.parametrize("family,block", [("vit", None), ("resnet", Bottleneck), ("resnet", BasicBlock)])
+def test_keeping_every_unit_is_exact(family, block):
+    """keep: 1.0 still folds every head's rotation into q, k, v and proj: the outputs must not move."""
+    teacher = _vit() if family == "vit" else _resnet(block)
+    res = _run(teacher, family, keep=1.0, multiple=4)
+    x = _x(family, 5)
+    with torch.no_grad():
+        ref, out = teacher(x), res.model(x)
+    assert float((out - ref).abs().max() / ref.abs().max()) < 1e-5
+    kinds = {g["kind"] for g in res.details["groups"].values()}
+    assert kinds == ({"qk", "vo", "mlp"} if family == "vit" else {"conv"})
+
+
+@pytest.mark.parametrize("family", ["vit", "resnet"])
+@pytest.mark.parametrize("allocate", ["uniform", "greedy"])
+def test_budget_met_with_widths_on_the_multiple(family, allocate):
+    teacher = _vit() if family == "vit" else _resnet()
+    mult = 4 if family == "vit" else 8
+    res = _run(teacher, family, target=0.5, multiple=mult, allocate=allocate)
+    groups = res.details["groups"]
+    assert all(g["width"][1] % mult == 0 for g in groups.values())
+    assert any(g["width"][1] < g["width"][0] for g in groups.values())
+    size = (3, 16, 16) if family == "vit" else (3, 32, 32)
+    assert count_flops(res.model, size) < count_flops(teacher, size)
+    assert res.details["allocate"] == allocate and res.details["kept"] <= 0.5 + 1e-9
+    # the modules are plain and narrower: nothing masked, shapes follow the recorded widths
+    for name, g in groups.items():
+        mod = res.model.get_submodule(name)
+        if g["kind"] == "mlp":
+            assert type(mod.fc1) is torch.nn.Linear and mod.fc1.out_features == g["width"][1] == mod.fc2.in_features
+        elif g["kind"] == "qk":
+            assert mod.q.out_features == mod.k.out_features == g["width"][1] * g["heads"]
+        elif g["kind"] == "vo":
+            assert mod.v.out_features == mod.proj.in_features == g["width"][1] * g["heads"]
+        else:
+            assert mod.out_channels == g["width"][1]
+
+
+def test_auto_keeps_the_lower_kl_and_refit_is_worth_it():
+    teacher = _vit()
+    x = _x("vit")
+    with torch.no_grad():
+        ref = teacher(x)
+    auto = _run(teacher, "vit", target=0.5, multiple=4)
+    assert set(auto.details["kl"]) == {"uniform", "greedy"}
+    assert auto.details["kl"][auto.details["allocate"]] == min(auto.details["kl"].values())
+    plain = _run(teacher, "vit", target=0.5, multiple=4, allocate="uniform", refit=False)
+    fitted = _run(teacher, "vit", target=0.5, multiple=4, allocate="uniform")
+    with torch.no_grad():
+        assert kl(ref, fitted.model(x)) < 0.5 * kl(ref, plain.model(x))
+
+
+def test_unreachable_target_is_refused_in_one_line():
+    with pytest.raises(InputError, match="target 0.05 is out of reach") as e:
+        _run(_vit(), "vit", target=0.05, multiple=4)
+    assert "\n" not in str(e.value)
+    with pytest.raises(InputError, match="no widths of kinds"):
+        _run(_resnet(), "resnet", target=0.5, layers=["mlp"])
+    with pytest.raises(ValueError, match="exactly one of target"):
+        WidthConfig(target=0.5, keep=0.5)
+
+
+@pytest.mark.parametrize("family", ["vit", "resnet"])
+def test_apply_exports_and_load_compressed_replays_the_widths(tmp_path, family):
+    if family == "vit":
+        ckpt = save_timm_dir(tiny_vit(**VIT), "vit_tiny_patch16_224", tiny_vit_args(**VIT), tmp_path / "vit")
+        model, size, passes = None, (3, 16, 16), [{"width": {"target": 0.5, "multiple": 4}}]
+    else:
+        ckpt = tmp_path / "r26.safetensors"
+        torch.manual_seed(0)
+        from timm import create_model
+        save_file(create_model("resnet26", num_classes=10).state_dict(), str(ckpt))
+        model, size = {"arch": "timm:resnet26", "num_classes": 10, "img_size": 32}, (3, 32, 32)
+        passes = [{"width": {"target": 0.5}}]
+    rec = parse_recipe({"version": 1, **({"model": model} if model else {}), "passes": passes,
+                        "report": {"latency": None}})
+    out = tmp_path / "out"
+    record = apply(rec, str(ckpt), out, log=lambda m: None)
+    assert record["summary"]["flops"]["ratio"] < 0.8
+    assert record["artifacts"]["onnx"]["parity"]["rel_diff"] < 1e-4
+    assert not {"MatMulInteger", "ConvInteger"} & set(record["artifacts"]["onnx"]["operators"])
+    reloaded = load_compressed(out)
+    x = torch.randn(3, *size)
+    onnx_out = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(reloaded(x).numpy(), onnx_out, atol=1e-4, rtol=1e-4)
+    groups = record["passes"][0]["details"]["groups"]
+    for name, g in groups.items():
+        mod = reloaded.get_submodule(name)
+        got = {"mlp": lambda: mod.fc1.out_features, "qk": lambda: mod.q.out_features // g["heads"],
+               "vo": lambda: mod.v.out_features // g["heads"], "conv": lambda: mod.out_channels}[g["kind"]]()
+        assert got == g["width"][1]
