@@ -268,7 +268,7 @@ def apply(recipe: Recipe, ckpt: str, out: Path, *, data: str | None = None, dry_
     _check_recipe_needs(recipe, data)
     with stages("load"):
         loaded = load(ckpt, recipe.model)
-    for key in ("detected", "converted", "note"):
+    for key in ("read", "detected", "converted", "note", "preprocess_note"):
         if loaded.source.get(key):
             log(f"load: {loaded.source[key]}")
     data_paths = [recipe.calibration.data, recipe.report.eval_data, recipe.distill and recipe.distill.data, data]
