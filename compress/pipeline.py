@@ -173,9 +173,13 @@ def _export(recipe: Recipe, loaded, student, staging: Path, calib, ledger: list,
                                                               staging / "model.fp16.safetensors", meta)
     if "onnx" in ex.formats:
         base = staging / "model.onnx"
-        artifacts["onnx"] = write_onnx(student, base, calib, opset=ex.opset, dynamic_batch=ex.dynamic_batch,
-                                       tol=ex.parity_tol, slim=ex.slim)
-        x = calib if ex.dynamic_batch else calib[:1]
+        artifacts["onnx"] = onnx_rec = write_onnx(student, base, calib, opset=ex.opset, dynamic_batch=ex.dynamic_batch,
+                                                  tol=ex.parity_tol, slim=ex.slim)
+        if onnx_rec.get("fixed_batch"):
+            log(f"export: warning: {onnx_rec['fixed_batch']}")
+        elif onnx_rec.get("traced_batch_baked"):
+            log(f"export: the trace baked the batch size in ({onnx_rec['traced_batch_baked']}); exported with the dynamo exporter instead")
+        x = calib if onnx_rec["dynamic_batch"] else calib[:1]
         with torch.no_grad():
             ref = student(x)
         for v in variants(ex):
@@ -184,6 +188,14 @@ def _export(recipe: Recipe, loaded, student, staging: Path, calib, ledger: list,
             artifacts[f"onnx.{v}"] = (write_fp16(base, path, ref, x, tol=ex.fp16_tol) if v == "fp16" else
                                       write_int8(base, path, v, ref, x, min_agreement=ex.int8_min_agreement))
     return artifacts
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def variants(ex) -> list[str]:
@@ -204,12 +216,16 @@ def _measure(recipe: Recipe, loaded, student, staging: Path, calib, artifacts: d
             t = write_onnx(teacher, Path(tmp) / "teacher.onnx", calib, opset=ex.opset,
                            dynamic_batch=ex.dynamic_batch, tol=ex.parity_tol, slim=ex.slim)
             summary["onnx_bytes"] = _ratio(t["bytes"], artifacts["onnx"]["bytes"])
+            dyn = t["dynamic_batch"] and artifacts["onnx"]["dynamic_batch"]  # a forward may fix the batch (see write_onnx)
             onnx_files = {"teacher": Path(tmp) / "teacher.onnx", "student": staging / "model.onnx",
                           **{v: staging / f"model.{v}.onnx" for v in variants(ex)}}
             lat = recipe.report.latency
             if lat is not None:
                 log(f"timing onnxruntime: batch {lat.batch_sizes}, {lat.threads} threads, {lat.runs} interleaved runs")
-                res = latency(onnx_files, size, batch_sizes=lat.batch_sizes if ex.dynamic_batch else [1],
+                if not dyn and lat.batch_sizes != [1]:
+                    summary["latency_note"] = "batch 1 only: model.onnx has a fixed batch of 1 (see artifacts.onnx.fixed_batch)"
+                    log(f"timing: {summary['latency_note']}")
+                res = latency(onnx_files, size, batch_sizes=lat.batch_sizes if dyn else [1],
                               threads=lat.threads, warmup=lat.warmup, runs=lat.runs)
                 summary["latency"] = {bs: {"teacher": res["teacher"][bs], "student": res["student"][bs],
                                            "speedup": res["teacher"][bs]["p50_ms"] / res["student"][bs]["p50_ms"],
@@ -218,10 +234,16 @@ def _measure(recipe: Recipe, loaded, student, staging: Path, calib, artifacts: d
                                       for bs in res["student"]}
         if recipe.report.eval_data is not None:
             log(f"evaluating on {recipe.report.eval_data}")
-            _, dl = loader(recipe.report.eval_data, cfg, limit=recipe.report.eval_images)
+            ds, dl = loader(recipe.report.eval_data, cfg, limit=recipe.report.eval_images)
+            outputs = int(logits64(teacher, calib[:1]).shape[-1])
+            warn = (f"{recipe.report.eval_data} has {len(ds.classes)} class folders but the model has {outputs} outputs; "
+                    "top-1 assumes folder i (sorted by name) is output i" if ds.labeled and len(ds.classes) != outputs else None)
+            if warn:
+                log(f"warning: {warn}")
             models = {"teacher": teacher, "student": student,
-                      **{v: ort_predictor(onnx_files[v], ex.dynamic_batch) for v in variants(ex) if v in onnx_files}}
-            summary["eval"] = {"data": str(recipe.report.eval_data), **evaluate(models, dl)}
+                      **{v: ort_predictor(onnx_files[v], ex.dynamic_batch and artifacts["onnx"]["dynamic_batch"])
+                         for v in variants(ex) if v in onnx_files}}
+            summary["eval"] = {"data": str(recipe.report.eval_data), **evaluate(models, dl), **({"warning": warn} if warn else {})}
 
 
 def _gates(recipe: Recipe, summary: dict) -> list[dict]:
@@ -241,7 +263,7 @@ def _gates(recipe: Recipe, summary: dict) -> list[dict]:
         r = summary["onnx_bytes"]["ratio"]
         add("max_size_ratio", g.max_size_ratio, r, r <= g.max_size_ratio)
     if g.min_speedup is not None:
-        bs = str(max(recipe.report.latency.batch_sizes))
+        bs = str(max(int(b) for b in summary["latency"]))  # batch 1 only when model.onnx has a fixed batch
         s = summary["latency"][bs]["speedup"]
         add(f"min_speedup (batch {bs}, p50)", g.min_speedup, s, s >= g.min_speedup)
     ev = summary.get("eval") or {}
@@ -324,6 +346,9 @@ def _run(recipe: Recipe, loaded, staging: Path | None, data, train, work: Path, 
             record["family_layout"] = lay = loaded.save_back(student, staging, calib, recipe.export.parity_tol)
             log(f"export: {loaded.source['arch']} layout " + (f"not written: {lay['skipped']}" if "skipped" in lay
                                                                else f"in {lay['path']} (reloaded and compared)"))
+        for a in [*artifacts.values(), record.get("family_layout") or {}]:  # `compress verify` checks these later
+            if a.get("path"):
+                a["sha256"] = sha256(staging / a["path"])
     with stages("measure"):
         _measure(recipe, loaded, student, staging, calib, artifacts, summary, log)
     if summary.get("eval", {}).get("images") == 0:
