@@ -27,6 +27,7 @@ from .distill import distill
 from .errors import GateError, InputError, VerificationError
 from .export import write_fp16, write_int8, write_onnx, write_safetensors
 from .outdir import check_inputs_untouched, publish, remove_created, stage
+from .limits import check_memory
 from .load import load
 from .metrics import count_flops, count_params, evaluate, fidelity, latency, logits64, ort_predictor
 from .modules import learned_parameters
@@ -318,12 +319,14 @@ def _run(recipe: Recipe, loaded, staging: Path | None, data, train, work: Path, 
     teacher, cfg = loaded.model, loaded.data_cfg
     size = tuple(cfg["input_size"])
     calib_path = data if data is not None else recipe.calibration.data
+    train_batch = recipe.distill.batch_size if recipe.distill is not None and not torch.cuda.is_available() else None
+    memory = check_memory(teacher, size, calib_images=recipe.calibration.images, train_batch=train_batch)
     calib, calib_desc = calibration_batch(calib_path, cfg, recipe.calibration.images, recipe.calibration.seed)
     with stages("rewrite"):
         student, ledger, ref, rewritten = rewrite(loaded, recipe, calib, log)
     record = {"compress_version": __version__, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "source": loaded.source, "input_size": list(size), "calibration": calib_desc,
-              "recipe": recipe.resolved(), "passes": ledger}
+              "recipe": recipe.resolved(), "passes": ledger, **({"memory_estimate": memory} if memory else {})}
     summary = {"params": _ratio(count_params(teacher), count_params(student)),
                "flops": _ratio(count_flops(teacher, size), count_flops(student, size))}
     record["summary"] = summary
