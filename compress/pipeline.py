@@ -79,7 +79,7 @@ def rewrite(loaded, recipe: Recipe, calib, log) -> tuple:
         spec = get_pass(step.name)
         if adapter.family not in spec.families:
             msg = (f"pass '{step.name}' does not apply to {adapter.name} models (it needs family "
-                   f"{'/'.join(sorted(spec.families))})")
+                   f"{'/'.join(sorted(spec.families))})" + (f": {loaded.source['note']}" if adapter.family == "other" else ""))
             if not recipe.skip_inapplicable:
                 raise InputError(f"{msg}; remove it from the recipe or set skip_inapplicable: true")
             log(f"skipped {step.name}: {msg}")
