@@ -18,7 +18,10 @@ def activation_bytes(model: nn.Module, input_size) -> tuple[int, int] | None:
             sizes.append(out.numel() * out.element_size())
 
     try:
-        meta = copy.deepcopy(model).to("meta")
+        memo = {id(t): torch.empty_like(t, device="meta") for t in [*model.parameters(), *model.buffers()]}
+        memo = {k: nn.Parameter(v, requires_grad=False) if k in {id(p) for p in model.parameters()} else v
+                for k, v in memo.items()}
+        meta = copy.deepcopy(model, memo)  # the weights are never copied: meta tensors stand in for them
         hooks = [m.register_forward_hook(hook) for m in meta.modules() if not list(m.children())]
         with torch.no_grad():
             meta(torch.empty((1, *input_size), device="meta"))

@@ -262,3 +262,26 @@ def test_absurd_sizes_fail_in_one_line(tmp_path):
     with pytest.raises(InputError, match="would need about .* GiB for activations at input 4096x4096 .* lower the input size"):
         check_memory(user_models.resnet(), (3, 4096, 4096), calib_images=64, train_batch=None)
     assert check_memory(user_models.resnet(), (3, 32, 32), calib_images=16, train_batch=8)["estimate_gib"] < 1
+
+
+def test_stripped_prefix_is_put_back_when_the_model_has_it(tmp_path):
+    from compress.sources.common import fit
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = user_models.resnet()
+
+        def forward(self, x):
+            return self.model(x)
+
+    w = jitter(Wrapper())
+    ckpt = tmp_path / "w.bin"
+    torch.save(w.state_dict(), ckpt)
+    sd, info = checkpoint.read(ckpt)
+    assert info["repairs"][0].startswith("key prefix 'model.' removed") and not any(k.startswith("model.") for k in sd)
+    fresh = Wrapper().eval()
+    fit(fresh, sd, "Wrapper", ckpt)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), w(x))

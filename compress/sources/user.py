@@ -165,8 +165,9 @@ def read(arch: str, kwargs: dict, num_classes, img_size, sd: dict, weights) -> C
                 f"recognised (module types seen: {', '.join(record['module_types'][:12])}"
                 + (f"; unconverted: {', '.join(record['unmapped'])}" if record["unmapped"] else "")
                 + "); it loads, exports and distills, but passes that rewrite blocks cannot run on it")
-    source = {"read_as": f"user:{arch}", "converted": f"{len(adapter.blocks)} {record['family'] or 'recognised'} blocks "
-              f"converted in place, each checked on its real input; whole model max |Δlogit| {diff:.1e} of the scale",
+    converted = (f"{len(adapter.blocks)} {record['family']} blocks converted in place, each checked on its real input; "
+                 f"whole model max |Δlogit| {diff:.1e} of the scale" if record["family"] else None)
+    source = {"read_as": f"user:{arch}", "converted": converted,
               "note": note, "unmapped": record["unmapped"]}
     args = {**kwargs, **({"num_classes": num_classes} if num_classes else {})}
     base = {"builder": "user", "arch": arch, "kwargs": args, "conversion": record}
