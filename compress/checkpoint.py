@@ -25,12 +25,14 @@ def sniff(path: Path) -> str:
     """'safetensors', 'torch-zip' or 'torch-legacy', from the first bytes; else one line saying what it is not."""
     with open(path, "rb") as f:
         head = f.read(16)
+        f.seek(257)
+        tar = f.read(5) == b"ustar"  # PyTorch < 0.4's tar format, which torch.load still reads
     size = path.stat().st_size
     if head[:4] == b"PK\x03\x04":
         return "torch-zip"
     if len(head) >= 9 and head[8:9] == b"{" and 8 + struct.unpack("<Q", head[:8])[0] <= size:
         return "safetensors"
-    if head[:1] == b"\x80" and 2 <= head[1] <= 5:  # a pickle stream: torch's legacy (non-zip) format
+    if tar or head[:1] == b"\x80" and 2 <= head[1] <= 5:  # a pickle stream: torch's legacy (non-zip) format
         return "torch-legacy"
     raise InputError(f"cannot read {path}: its content is neither safetensors nor a PyTorch checkpoint (zip or legacy "
                      f"pickle; it starts with {head[:8]!r}); pass the weights file itself")
