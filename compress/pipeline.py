@@ -26,7 +26,7 @@ from .data import calibration_batch, dataset, loader
 from .distill import distill
 from .errors import GateError, InputError, VerificationError
 from .export import write_fp16, write_int8, write_onnx, write_safetensors
-from .outdir import check_inputs_untouched, publish, remove_created, stage
+from .outdir import check_inputs_untouched, publish, remove_created, sha256, stage
 from .limits import check_memory
 from .load import load
 from .metrics import count_flops, count_params, evaluate, fidelity, latency, logits64, ort_predictor
@@ -189,14 +189,6 @@ def _export(recipe: Recipe, loaded, student, staging: Path, calib, ledger: list,
             artifacts[f"onnx.{v}"] = (write_fp16(base, path, ref, x, tol=ex.fp16_tol) if v == "fp16" else
                                       write_int8(base, path, v, ref, x, min_agreement=ex.int8_min_agreement))
     return artifacts
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def variants(ex) -> list[str]:

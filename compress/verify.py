@@ -34,7 +34,7 @@ def _inputs(record: dict, images: int) -> tuple[torch.Tensor, str]:
 def verify(out: Path, images: int = 8, log=print) -> dict:
     """Raise VerificationError (exit 3) on the first kind of mismatch found; return what was checked."""
     from .load import load_compressed
-    from .pipeline import sha256
+    from .outdir import sha256
 
     report = out / "report.json"
     if not report.is_file():

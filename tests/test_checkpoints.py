@@ -230,15 +230,16 @@ def test_verify_ok_and_tampered(tmp_path):
     ok = runner.invoke(app, ["verify", str(out)])
     assert ok.exit_code == 0 and ok.output.startswith("ok: 2 files match their sha256; model.onnx matches")
     # the weights changed and the report was edited to match: the hashes pass, the ONNX comparison does not
-    from compress.pipeline import sha256
-    from safetensors.torch import load_file, save_file as save
     from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from compress.outdir import sha256
 
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         meta = f.metadata()
     sd = load_file(str(out / "model.safetensors"))
     sd["head.weight"] = sd["head.weight"] * 1.5
-    save(sd, str(out / "model.safetensors"), metadata=meta)
+    save_file(sd, str(out / "model.safetensors"), metadata=meta)
     record = json.loads((out / "report.json").read_text())
     record["artifacts"]["safetensors"]["sha256"] = sha256(out / "model.safetensors")
     (out / "report.json").write_text(json.dumps(record))
