@@ -113,11 +113,13 @@ def _batch_check(tmp: Path, model: nn.Module, x: torch.Tensor, tol: float, threa
     """The parity record when onnxruntime matches PyTorch at this batch; else what went wrong, in a few words."""
     with torch.no_grad():
         ref = model(x)
+    ort.set_default_logger_severity(4)  # a failure is reported below, once, not also as an onnxruntime log line
     try:
-        ort.set_default_logger_severity(4)  # the failure is reported below, once, not as an onnxruntime log line
         got = _parity(tmp, ref, x, threads)
     except Exception as e:  # noqa: BLE001 - onnxruntime's shape errors have no common public type
         return f"onnxruntime fails at batch {len(x)} ({str(e).strip().splitlines()[0][:120]})"
+    finally:
+        ort.set_default_logger_severity(2)  # onnxruntime's default (warnings)
     return got if got["rel_diff"] <= tol else f"outputs at batch {len(x)} differ by {got['rel_diff']:.1e}"
 
 
@@ -143,8 +145,8 @@ def _export_batch(model: nn.Module, tmp: Path, calib: torch.Tensor, *, opset: in
     if isinstance(again, dict):
         return x, {"dynamic_batch": True, "exporter": "dynamo", "traced_batch_baked": baked}, again
     to_onnx(model, tmp, size, opset=opset, dynamic_batch=False, fold_batchnorm=fold)
-    why = (f"the model's forward fixes the batch size when traced ({baked}); the dynamo exporter could not "
-           f"make it symbolic either ({again}); model.onnx takes batches of 1 only")
+    why = (f"the traced graph works at batch 1 only ({baked}; a forward that reads the batch size as a number, "
+           f"e.g. len(x)); the dynamo exporter could not make it symbolic either ({again}); model.onnx takes batches of 1 only")
     return x[:1], {"dynamic_batch": False, "exporter": "torchscript", "fixed_batch": why}, None
 
 
