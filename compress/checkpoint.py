@@ -38,6 +38,18 @@ def sniff(path: Path) -> str:
                      f"pickle; it starts with {head[:8]!r}); pass the weights file itself")
 
 
+def _numpy_globals() -> list:
+    """Numpy scalars and arrays that training scripts store beside the weights (`best_acc: np.float64`).
+
+    Rebuilding them calls no user code (numpy's own constructors), so `weights_only` may allow them.
+    """
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    dtypes = [t for t in vars(getattr(np, "dtypes", object)).values() if isinstance(t, type) and issubclass(t, np.dtype)]
+    return [core.multiarray.scalar, core.multiarray._reconstruct, np.ndarray, np.dtype, *dtypes]
+
+
 def _load(path: Path, fmt: str):
     if fmt == "safetensors":
         try:
@@ -46,7 +58,8 @@ def _load(path: Path, fmt: str):
             raise InputError(f"cannot read {path}: not a valid safetensors file, truncated or corrupt ({e}); "
                              "re-export or re-download it") from None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_numpy_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
         what = f" (it references {found.group(1)})" if found else ""

@@ -73,7 +73,7 @@ def test_state_dict_without_batch_counts_nested_with_module_prefix(tmp_path):
     m = jitter(user_models.resnet())
     sd = {f"module.{k}": v for k, v in m.state_dict().items() if not k.endswith("num_batches_tracked")}
     ckpt = tmp_path / "resnet.pth.tar"
-    torch.save({"epoch": 90, "arch": "resnet", "best_prec1": 91.3, "state_dict": sd}, ckpt)
+    torch.save({"epoch": 90, "arch": "resnet", "best_prec1": np.float64(91.3), "curve": np.arange(3.0), "state_dict": sd}, ckpt)
     rep = convert(tmp_path, ckpt, {"arch": "user_models:resnet", "img_size": 32}, m, (3, 32, 32))
     read = rep["source"]["checkpoint"]
     assert read["format"] == "torch-zip" and read["container"] == "'state_dict'"
