@@ -100,10 +100,9 @@ def _dynamo_onnx(model: nn.Module, path: Path, sample: torch.Tensor, *, opset: i
     batch = torch.export.Dim("batch", min=1, max=4096)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        try:  # non-strict first (faster, fewer refusals); strict (TorchDynamo) keeps len(x) symbolic where it cannot
-            program = torch.export.export(model.eval(), (sample,), dynamic_shapes=({0: batch},), strict=False)
-        except Exception:  # noqa: BLE001 - any refusal: the strict tracer is the second and last try
-            program = torch.export.export(model.eval(), (sample,), dynamic_shapes=({0: batch},), strict=True)
+        # strict (TorchDynamo): non-strict export runs the Python forward, where len(x) turns the batch into an
+        # int and specialises it, exactly as the trace did
+        program = torch.export.export(model.eval(), (sample,), dynamic_shapes=({0: batch},), strict=True)
         torch.onnx.export(program, (sample,), str(path), dynamo=True, opset_version=opset, verbose=False,
                           input_names=["input"], output_names=["logits"], external_data=False)
     onnx.checker.check_model(str(path))
