@@ -198,6 +198,12 @@ def write_int8(base: Path, path: Path, mode: str, ref: torch.Tensor, x: torch.Te
     parity = _verify(tmp, path.name, _parity(tmp, ref, x, threads), min_agreement=min_agreement)
     ran = _on_runtimes(tmp, path.name, parity, ref, x, threads, old, min_agreement=min_agreement)
     ops, nodes = _graph(tmp)
+    extra = {}
+    if mode == "int8_dynamic":
+        g = onnx.load(str(tmp), load_external_data=False).graph
+        extra["quantized_nodes"] = q = sum(n.op_type in ("MatMulInteger", "ConvInteger") for n in g.node)
+        if q == 0:  # e.g. a ResNet: convolutions and a Gemm head only
+            extra["note"] = ("no MatMul to quantize and convolutions stay float (export.int8_dynamic_convs): "
+                             "this file computes in float32 like model.onnx")
     return {"path": path.name, "precision": mode, "bytes": _publish(tmp, path), "parity": parity,
-            "operators": ops, "nodes": nodes, **({"quantized_ops": ["MatMul", "Conv"] if convs else ["MatMul"]}
-                                                 if mode == "int8_dynamic" else {}), **ran}
+            "operators": ops, "nodes": nodes, **extra, **ran}

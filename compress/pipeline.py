@@ -185,6 +185,8 @@ def _export(recipe: Recipe, loaded, student, staging: Path, calib, ledger: list,
             artifacts[f"onnx.{v}"] = (write_fp16(base, path, ref, x, tol=ex.fp16_tol, old=old) if v == "fp16" else
                                       write_int8(base, path, v, ref, x, min_agreement=ex.int8_min_agreement,
                                                  convs=ex.int8_dynamic_convs, old=old))
+            if "note" in artifacts[f"onnx.{v}"]:
+                log(f"export: warning: {v}: {artifacts[f'onnx.{v}']['note']}")
     return artifacts
 
 

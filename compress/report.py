@@ -178,7 +178,8 @@ def markdown(record: dict) -> str:
                      f"{a['nodes']} nodes"
                      + (f" (onnxslim: {slim['nodes_before']} before)" if slim.get("applied") else
                         f" (onnxslim not applied: {slim['why']})" if slim else "")
-                     + f"; operators: {', '.join(a['operators'])}" + _runs_md(a))
+                     + f"; operators: {', '.join(a['operators'])}" + _runs_md(a)
+                     + (f"; **{a['note']}**" if a.get("note") else ""))
         lines.append(f"- `{a['path']}`: {_bytes(a['bytes'])}{extra}")
     lay = record.get("family_layout")
     if lay:  # the checkpoint's own family layout (Hugging Face directory, torchvision state dict)
