@@ -200,10 +200,13 @@ def write_int8(base: Path, path: Path, mode: str, ref: torch.Tensor, x: torch.Te
     ops, nodes = _graph(tmp)
     extra = {}
     if mode == "int8_dynamic":
-        g = onnx.load(str(tmp), load_external_data=False).graph
-        extra["quantized_nodes"] = q = sum(n.op_type in ("MatMulInteger", "ConvInteger") for n in g.node)
-        if q == 0:  # e.g. a ResNet: convolutions and a Gemm head only
-            extra["note"] = ("no MatMul to quantize and convolutions stay float (export.int8_dynamic_convs): "
-                             "this file computes in float32 like model.onnx")
+        import numpy as np
+
+        inits = onnx.load(str(tmp), load_external_data=False).graph.initializer
+        count = [(int(np.prod(i.dims)), i.data_type == onnx.TensorProto.INT8) for i in inits]
+        extra["int8_weight_share"] = share = sum(n for n, q in count if q) / max(1, sum(n for n, _ in count))
+        if share < 0.5:  # e.g. a ResNet: convolutions (left float) and one small MatMul/Gemm head
+            extra["note"] = (f"only {100 * share:.1f}% of the weights are int8 (convolutions stay float unless "
+                             "export.int8_dynamic_convs: true): this file computes mostly in float32 like model.onnx")
     return {"path": path.name, "precision": mode, "bytes": _publish(tmp, path), "parity": parity,
             "operators": ops, "nodes": nodes, **extra, **ran}
