@@ -126,7 +126,8 @@ def _ledger_md(record: dict) -> list[str]:
 def _runs_md(a: dict) -> str:
     """The onnxruntime releases the file was run on, each held to the file's bar (or why one was skipped)."""
     runs = a.get("runtimes") or []
-    done = [f"{r['onnxruntime']}{' (isolated)' if r.get('isolated') else ''}" for r in runs if "skipped" not in r]
+    done = [r["onnxruntime"] + (f" (isolated: {r['rel_diff']:.1e} of logit scale, top-1 agreement "
+                                f"{100 * r['agreement']:.1f}%)" if r.get("isolated") else "") for r in runs if "skipped" not in r]
     text = f"; run on onnxruntime {', '.join(done)}" if done else ""
     return text + "".join(f"; **not run on onnxruntime {r['onnxruntime']}**: {r['skipped']}" for r in runs if "skipped" in r)
 

@@ -57,7 +57,7 @@ def test_every_variant_of_the_shared_teachers_runs_on_onnxruntime_1_16(tmp_path,
         assert dyn["int8_weight_share"] < 0.01 and "mostly in float32" in dyn["note"]
         assert dyn["note"] in (out / "report.md").read_text()
     md = (out / "report.md").read_text()
-    assert f"run on onnxruntime {runtimes.installed()}, {OLD} (isolated)" in md
+    assert f"run on onnxruntime {runtimes.installed()}, {OLD} (isolated: " in md
     assert md.count(f"| {OLD} |") == 4  # the variants table: oldest runtime of each file
 
 
