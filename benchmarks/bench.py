@@ -71,6 +71,8 @@ def row_of(record: dict, variant: str | None = None) -> dict:
         speed = v["teacher"]["p50_ms"] / st["p50_ms"]
         row["latency"][bs] = {"p50_ms": st["p50_ms"], "p90_ms": st["p90_ms"], "teacher_p50_ms": v["teacher"]["p50_ms"],
                               "speedup": speed, "speedup_per_flop_cut": speed / (f_t / f_s)}
+    art = record["artifacts"][f"onnx.{variant}" if variant else "onnx"]
+    row["oldest_runtime"] = art.get("oldest_runtime")  # the oldest onnxruntime the file was run on
     if variant:
         row["onnx_bytes"] = record["artifacts"][f"onnx.{variant}"]["bytes"]
         row.update(top1=ev["variants"][variant].get("top1"), agreement=ev["variants"][variant]["agreement"])

@@ -46,21 +46,23 @@ def _passes(passes) -> str:
 
 def teacher_table(t: dict) -> list[str]:
     lines = ["| contender | budget | params | FLOPs (% teacher) | ONNX MB | p50 ms b1 (teacher) | p50 ms b8 (teacher) "
-             "| speedup b1 / ÷FLOP cut | speedup b8 / ÷FLOP cut | top-1 % | agreement % | convert s | distill s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| speedup b1 / ÷FLOP cut | speedup b8 / ÷FLOP cut | top-1 % | agreement % | convert s | distill s "
+             "| oldest ORT run on |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     tr = t.get("teacher_row")
     if tr:
         lines.append(f"| teacher (fp32) | - | {tr['params'] / 1e6:.2f}M | {tr['flops'] / 1e6:.1f}M (100) | {_mb(tr['onnx_bytes'])} "
-                     f"| {_ms(tr, '1')} | {_ms(tr, '8')} | - | - | {_pct(tr['top1'])} | 100.0 | - | - |")
+                     f"| {_ms(tr, '1')} | {_ms(tr, '8')} | - | - | {_pct(tr['top1'])} | 100.0 | - | - | - |")
     for r in t["rows"]:
         b = "-" if r["budget"] is None else f"{r['budget']:.0%}"
         if "params" not in r:
             lines.append(f"| {r['contender']} | {b} | {r.get('skipped') or 'FAILED: ' + r.get('error', '?')} |"
-                         + " |" * 10)
+                         + " |" * 11)
             continue
         lines.append(f"| {r['contender']} | {b} | {r['params'] / 1e6:.2f}M | {r['flops'] / 1e6:.1f}M ({_pct(r['flops_ratio'])}) "
                      f"| {_mb(r['onnx_bytes'])} | {_ms(r, '1')} | {_ms(r, '8')} | {_speed(r, '1')} | {_speed(r, '8')} "
-                     f"| {_pct(r['top1'])} | {_pct(r['agreement'])} | {_s(r['convert_s'])} | {_s(r['distill_s'])} |")
+                     f"| {_pct(r['top1'])} | {_pct(r['agreement'])} | {_s(r['convert_s'])} | {_s(r['distill_s'])} "
+                     f"| {r.get('oldest_runtime') or '-'} |")
     return lines
 
 

@@ -1,4 +1,4 @@
-"""Thin typer app: apply, inspect, analyze, batch, verify, schema. Errors print one line and exit non-zero (see README)."""
+"""Thin typer app: apply, inspect, analyze, batch, verify, runtime, schema. Errors print one line and exit non-zero (see README)."""
 from __future__ import annotations
 
 import json
@@ -188,6 +188,23 @@ def batch(zoo: Path = typer.Argument(..., help="zoo YAML: version, entries (chec
         if failed:
             print(f"error: {len(failed)} of {len(summary['entries'])} entries failed: {', '.join(failed)}", file=sys.stderr)
             raise typer.Exit(PARTIAL_FAILURE)
+
+
+runtime_app = typer.Typer(no_args_is_help=True, help="older onnxruntime releases that exported files are also run on")
+app.add_typer(runtime_app, name="runtime")
+
+
+@runtime_app.command("prepare")
+def runtime_prepare(version: str = typer.Argument("1.16", help="an export.min_runtime value, e.g. 1.16"),
+                    debug: bool = typer.Option(False, "--debug")):
+    """Install that onnxruntime into the cache ($COMPRESS_CACHE or ~/.cache/compress) while online."""
+    with _errors(debug):
+        from .runtimes import RUNTIMES, prepare
+
+        if version not in RUNTIMES:
+            raise InputError(f"no min_runtime '{version}'; choose one of {', '.join(RUNTIMES)}")
+        old = prepare(version)
+        print(f"onnxruntime {old.version} ready: {old.python}")
 
 
 @app.command()

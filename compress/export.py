@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_model
 from torch import nn
 
+from . import runtimes
 from .errors import VerificationError
 from .metrics import fidelity, ort_run, ort_session
 
@@ -149,8 +150,24 @@ def _export_batch(model: nn.Module, tmp: Path, calib: torch.Tensor, *, opset: in
     return x[:1], {"dynamic_batch": False, "exporter": "torchscript", "fixed_batch": why}, None
 
 
+def _on_runtimes(tmp: Path, name: str, parity: dict, ref: torch.Tensor, x: torch.Tensor, threads: int, old,
+                 *, tol: float | None = None, min_agreement: float | None = None) -> dict:
+    """The runtimes the file was run on: the installed one (`parity`) and, when given, the older
+    export.min_runtime in its isolated venv, held to the same bar (`old` a dict: skipped, and why)."""
+    runs = [{"onnxruntime": runtimes.installed(), "rel_diff": parity["rel_diff"], "agreement": parity["agreement"]}]
+    if isinstance(old, runtimes.OldRuntime):
+        got = torch.from_numpy(runtimes.run(old, tmp, name, x.numpy(), threads))
+        p = _verify(tmp, f"{name} on onnxruntime {old.version}", {**fidelity(ref, got), "images": len(x)},
+                    tol=tol, min_agreement=min_agreement)
+        runs.append({"onnxruntime": old.version, "isolated": True, "rel_diff": p["rel_diff"], "agreement": p["agreement"]})
+    elif old is not None:
+        runs.append(old)
+    ran = [r["onnxruntime"] for r in runs if "skipped" not in r]
+    return {"runtimes": runs, "oldest_runtime": min(ran, key=runtimes.version_tuple)}
+
+
 def write_onnx(model: nn.Module, path: Path, calib: torch.Tensor, *, opset: int, dynamic_batch: bool,
-               tol: float, slim: bool = False, threads: int = 2) -> dict:
+               tol: float, slim: bool = False, threads: int = 2, old=None) -> dict:
     """Export (+ onnxslim when it keeps the outputs), run in onnxruntime against PyTorch, rename if they agree."""
     tmp = path.with_name(path.name + ".tmp")
     tied = any(getattr(m, "ties_weights", False) for m in model.modules())  # one weight used in two places
@@ -180,28 +197,43 @@ def write_onnx(model: nn.Module, path: Path, calib: torch.Tensor, *, opset: int,
             cand.unlink()
             why = "it would store shared weights twice" if grew else f"changed outputs by {p2['rel_diff']:.1e}"
             slimmed = {"nodes_before": nodes, "applied": False, "why": why}
+    ran = _on_runtimes(tmp, path.name, parity, ref, x, threads, old, tol=tol)
     ops, nodes = _graph(tmp)
     return {"path": path.name, "precision": "fp32", "bytes": _publish(tmp, path), "opset": opset,
-            **how, "parity": parity, "operators": ops, "nodes": nodes, "slim": slimmed}
+            **how, "parity": parity, "operators": ops, "nodes": nodes, "slim": slimmed, **ran}
 
 
-def write_fp16(base: Path, path: Path, ref: torch.Tensor, x: torch.Tensor, *, tol: float, threads: int = 2) -> dict:
+# No fp16 CPU kernel in older onnxruntime (1.16): it falls back to the ops' function bodies, written
+# for opset 17 (ReduceMean/ReduceMax with an axes attribute), and refuses an opset-18 graph. In float32
+# they load everywhere, and normalisation and softmax are where fp16 loses the most precision anyway.
+FP16_KEEP_FLOAT = ["LayerNormalization", "Softmax"]
+
+
+def write_fp16(base: Path, path: Path, ref: torch.Tensor, x: torch.Tensor, *, tol: float, threads: int = 2,
+               old=None) -> dict:
     """fp16 weights and activations inside, fp32 input and output (so callers feed the same tensors)."""
     from onnxconverter_common import float16
 
     tmp = path.with_name(path.name + ".tmp")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        onnx.save(float16.convert_float_to_float16(onnx.load(str(base)), keep_io_types=True), str(tmp))
+        onnx.save(float16.convert_float_to_float16(onnx.load(str(base)), keep_io_types=True,
+                                                   op_block_list=float16.DEFAULT_OP_BLOCK_LIST + FP16_KEEP_FLOAT), str(tmp))
     parity = _verify(tmp, path.name, _parity(tmp, ref, x, threads), tol=tol)
+    ran = _on_runtimes(tmp, path.name, parity, ref, x, threads, old, tol=tol)
     ops, nodes = _graph(tmp)
     return {"path": path.name, "precision": "fp16", "bytes": _publish(tmp, path), "parity": parity,
-            "operators": ops, "nodes": nodes}
+            "operators": ops, "nodes": nodes, "kept_float32": FP16_KEEP_FLOAT, **ran}
 
 
 def write_int8(base: Path, path: Path, mode: str, ref: torch.Tensor, x: torch.Tensor, *, min_agreement: float,
-               threads: int = 2) -> dict:
-    """onnxruntime quantization: dynamic (weights int8, activations at run time) or static (QDQ, calibrated on x)."""
+               threads: int = 2, convs: bool = False, old=None) -> dict:
+    """onnxruntime quantization: dynamic (weights int8, activations at run time) or static (QDQ, calibrated on x).
+
+    Dynamic quantizes MatMul only unless `convs`: ConvInteger with int8 weights is missing from older
+    runtimes and was 3.6-6x slower than the float conv on the ResNets measured (BENCHMARKS.md).
+    Gemm (the classifier head) has no dynamic int8 form in onnxruntime's quantizer and stays float.
+    """
     import logging
 
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
@@ -209,7 +241,8 @@ def write_int8(base: Path, path: Path, mode: str, ref: torch.Tensor, x: torch.Te
     tmp = path.with_name(path.name + ".tmp")
     logging.getLogger().setLevel(logging.ERROR)  # the quantizer logs advice at WARNING on the root logger
     if mode == "int8_dynamic":
-        quantize_dynamic(str(base), str(tmp), weight_type=QuantType.QInt8)
+        quantize_dynamic(str(base), str(tmp), weight_type=QuantType.QInt8,
+                         op_types_to_quantize=["MatMul", "Conv"] if convs else ["MatMul"])
     else:
         class Reader(CalibrationDataReader):
             def __init__(self):
@@ -221,6 +254,17 @@ def write_int8(base: Path, path: Path, mode: str, ref: torch.Tensor, x: torch.Te
         quantize_static(str(base), str(tmp), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
     parity = _verify(tmp, path.name, _parity(tmp, ref, x, threads), min_agreement=min_agreement)
+    ran = _on_runtimes(tmp, path.name, parity, ref, x, threads, old, min_agreement=min_agreement)
     ops, nodes = _graph(tmp)
+    extra = {}
+    if mode == "int8_dynamic":
+        import numpy as np
+
+        inits = onnx.load(str(tmp), load_external_data=False).graph.initializer
+        count = [(int(np.prod(i.dims)), i.data_type == onnx.TensorProto.INT8) for i in inits]
+        extra["int8_weight_share"] = share = sum(n for n, q in count if q) / max(1, sum(n for n, _ in count))
+        if share < 0.5:  # e.g. a ResNet: convolutions (left float) and one small MatMul/Gemm head
+            extra["note"] = (f"only {100 * share:.1f}% of the weights are int8 (convolutions stay float unless "
+                             "export.int8_dynamic_convs: true): this file computes mostly in float32 like model.onnx")
     return {"path": path.name, "precision": mode, "bytes": _publish(tmp, path), "parity": parity,
-            "operators": ops, "nodes": nodes}
+            "operators": ops, "nodes": nodes, **extra, **ran}

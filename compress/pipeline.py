@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from . import __version__
+from . import __version__, runtimes
 from .data import calibration_batch, dataset, loader
 from .distill import distill
 from .errors import GateError, InputError, VerificationError
@@ -61,6 +61,7 @@ def _check_recipe_needs(recipe: Recipe, data) -> None:
         raise InputError("export.quantize int8_static calibrates on real images; set calibration.data or pass --data")
     if variants(recipe.export) and "onnx" not in recipe.export.formats:
         raise InputError("export.precision fp16 / export.quantize make ONNX variants; add onnx to export.formats")
+    runtimes.fit_check(recipe.export)
 
 
 def rewrite(loaded, recipe: Recipe, calib, log) -> tuple:
@@ -160,7 +161,7 @@ def run_distill(recipe: Recipe, loaded, student, train, calib, ref, start, work:
     return {**stats, "data": str(train.path), "images": len(train), "calib_before": before, "calib_after": after}
 
 
-def _export(recipe: Recipe, loaded, student, staging: Path, calib, ledger: list, log) -> dict:
+def _export(recipe: Recipe, loaded, student, staging: Path, calib, ledger: list, old, log) -> dict:
     """Write every artifact the recipe asks for; each is verified before it gets its final name."""
     ex, artifacts = recipe.export, {}
     meta = {"compress_version": __version__, "source_arch": loaded.source["arch"],
@@ -175,7 +176,7 @@ def _export(recipe: Recipe, loaded, student, staging: Path, calib, ledger: list,
     if "onnx" in ex.formats:
         base = staging / "model.onnx"
         artifacts["onnx"] = onnx_rec = write_onnx(student, base, calib, opset=ex.opset, dynamic_batch=ex.dynamic_batch,
-                                                  tol=ex.parity_tol, slim=ex.slim)
+                                                  tol=ex.parity_tol, slim=ex.slim, old=old)
         if onnx_rec.get("fixed_batch"):
             log(f"export: warning: {onnx_rec['fixed_batch']}")
         elif onnx_rec.get("traced_batch_baked"):
@@ -186,8 +187,11 @@ def _export(recipe: Recipe, loaded, student, staging: Path, calib, ledger: list,
         for v in variants(ex):
             log(f"export: {v} variant")
             path = staging / f"model.{v}.onnx"
-            artifacts[f"onnx.{v}"] = (write_fp16(base, path, ref, x, tol=ex.fp16_tol) if v == "fp16" else
-                                      write_int8(base, path, v, ref, x, min_agreement=ex.int8_min_agreement))
+            artifacts[f"onnx.{v}"] = (write_fp16(base, path, ref, x, tol=ex.fp16_tol, old=old) if v == "fp16" else
+                                      write_int8(base, path, v, ref, x, min_agreement=ex.int8_min_agreement,
+                                                 convs=ex.int8_dynamic_convs, old=old))
+            if "note" in artifacts[f"onnx.{v}"]:
+                log(f"export: warning: {v}: {artifacts[f'onnx.{v}']['note']}")
     return artifacts
 
 
@@ -281,6 +285,8 @@ def apply(recipe: Recipe, ckpt: str, out: Path, *, data: str | None = None, dry_
     stages = Stages()
     primary = not dist.is_initialized() or dist.get_rank() == 0
     _check_recipe_needs(recipe, data)
+    # the older runtime the files must also run on: installed once into the cache, or a clear failure now
+    old = runtimes.for_recipe(recipe.export, log) if primary and not dry_run else None
     with stages("load"):
         loaded = load(ckpt, recipe.model)
     for key in ("read", "detected", "converted", "note", "preprocess_note"):
@@ -294,7 +300,7 @@ def apply(recipe: Recipe, ckpt: str, out: Path, *, data: str | None = None, dry_
     if primary and not dry_run and not resume:
         shutil.rmtree(work, ignore_errors=True)
     try:
-        record = _run(recipe, loaded, staging, data, train, work, dry_run, resume, device, ckpt, stages, log)
+        record = _run(recipe, loaded, staging, data, train, work, dry_run, resume, device, ckpt, old, stages, log)
         if staging is not None:
             publish(staging, out)
             shutil.rmtree(work, ignore_errors=True)
@@ -307,7 +313,7 @@ def apply(recipe: Recipe, ckpt: str, out: Path, *, data: str | None = None, dry_
 
 
 def _run(recipe: Recipe, loaded, staging: Path | None, data, train, work: Path, dry_run: bool, resume: bool,
-         device: str | None, ckpt: str, stages: Stages, log) -> dict:
+         device: str | None, ckpt: str, old, stages: Stages, log) -> dict:
     teacher, cfg = loaded.model, loaded.data_cfg
     size = tuple(cfg["input_size"])
     calib_path = data if data is not None else recipe.calibration.data
@@ -336,7 +342,7 @@ def _run(recipe: Recipe, loaded, staging: Path | None, data, train, work: Path, 
         record["learned"] = learned
 
     with stages("export"):
-        record["artifacts"] = artifacts = _export(recipe, loaded, student, staging, calib, ledger, log)
+        record["artifacts"] = artifacts = _export(recipe, loaded, student, staging, calib, ledger, old, log)
         if loaded.save_back is not None:  # the original family's layout too, when the structure allows it
             record["family_layout"] = lay = loaded.save_back(student, staging, calib, recipe.export.parity_tol)
             log(f"export: {loaded.source['arch']} layout " + (f"not written: {lay['skipped']}" if "skipped" in lay

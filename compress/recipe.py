@@ -97,6 +97,13 @@ class ExportSpec(_Strict):
     parity_tol: PositiveFloat = Field(1e-4, description="fp32: max |ONNX - PyTorch| relative to the logit scale")
     fp16_tol: PositiveFloat = Field(1e-2, description="fp16: the same bound")
     int8_min_agreement: float = Field(0.9, ge=0, le=1, description="int8: top-1 agreement with PyTorch on calibration")
+    int8_dynamic_convs: bool = Field(False, description="int8_dynamic also quantizes convolutions (ConvInteger: "
+                                     "needs onnxruntime >= 1.24, several times slower on ResNets); default MatMul only")
+    min_runtime: Optional[Literal["1.16", "1.17", "1.18"]] = Field(
+        "1.16", description="oldest onnxruntime every ONNX file must also run on (an isolated, cached install); "
+                            "null = the installed one only")
+    min_runtime_check: Literal["require", "warn"] = Field(
+        "require", description="min_runtime not installable (offline, not cached): fail (require) or skip with a warning")
 
 
 class LatencySpec(_Strict):
