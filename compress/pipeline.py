@@ -60,6 +60,10 @@ def _check_recipe_needs(recipe: Recipe, data) -> None:
         raise InputError("export.quantize int8_static calibrates on real images; set calibration.data or pass --data")
     if variants(recipe.export) and "onnx" not in recipe.export.formats:
         raise InputError("export.precision fp16 / export.quantize make ONNX variants; add onnx to export.formats")
+    if g.variant is not None and g.variant not in variants(recipe.export):
+        raise InputError(f"gates.variant {g.variant} is not exported; add it to export.precision/quantize or drop it")
+    if g.speedup_batch is not None and (r.latency is None or g.speedup_batch not in r.latency.batch_sizes):
+        raise InputError(f"gates.speedup_batch {g.speedup_batch} is not timed; add it to report.latency.batch_sizes")
 
 
 def rewrite(loaded, recipe: Recipe, calib, log) -> tuple:
@@ -204,6 +208,7 @@ def _measure(recipe: Recipe, loaded, student, staging: Path, calib, artifacts: d
             t = write_onnx(teacher, Path(tmp) / "teacher.onnx", calib, opset=ex.opset,
                            dynamic_batch=ex.dynamic_batch, tol=ex.parity_tol, slim=ex.slim)
             summary["onnx_bytes"] = _ratio(t["bytes"], artifacts["onnx"]["bytes"])
+            summary["variant_bytes"] = {v: artifacts[f"onnx.{v}"]["bytes"] for v in variants(ex)}
             onnx_files = {"teacher": Path(tmp) / "teacher.onnx", "student": staging / "model.onnx",
                           **{v: staging / f"model.{v}.onnx" for v in variants(ex)}}
             lat = recipe.report.latency
@@ -237,21 +242,24 @@ def _gates(recipe: Recipe, summary: dict) -> list[dict]:
     if g.max_flops_ratio is not None:
         r = summary["flops"]["ratio"]
         add("max_flops_ratio", g.max_flops_ratio, r, r <= g.max_flops_ratio)
+    v = g.variant  # the gates read the file that ships: model.onnx, or this variant of it
+    of = f" of model.{v}.onnx" if v else ""
     if g.max_size_ratio is not None:
-        r = summary["onnx_bytes"]["ratio"]
-        add("max_size_ratio", g.max_size_ratio, r, r <= g.max_size_ratio)
+        r = (summary["variant_bytes"][v] if v else summary["onnx_bytes"]["student"]) / summary["onnx_bytes"]["teacher"]
+        add(f"max_size_ratio{of}", g.max_size_ratio, r, r <= g.max_size_ratio)
     if g.min_speedup is not None:
-        bs = str(max(recipe.report.latency.batch_sizes))
-        s = summary["latency"][bs]["speedup"]
-        add(f"min_speedup (batch {bs}, p50)", g.min_speedup, s, s >= g.min_speedup)
+        bs = str(g.speedup_batch or max(recipe.report.latency.batch_sizes))
+        s = summary["latency"][bs]["variants"][v]["speedup"] if v else summary["latency"][bs]["speedup"]
+        add(f"min_speedup{of} (batch {bs}, p50)", g.min_speedup, s, s >= g.min_speedup)
     ev = summary.get("eval") or {}
+    mine = ev.get("variants", {}).get(v, {}) if v else {"top1": ev.get("student_top1"), "agreement": ev.get("agreement")}
     if g.max_top1_drop is not None:
         if "teacher_top1" not in ev:
             raise InputError(f"gate max_top1_drop needs labels, but {ev['data']} has no class folders; drop the gate")
-        drop = 100 * (ev["teacher_top1"] - ev["student_top1"])
-        add("max_top1_drop (points)", g.max_top1_drop, drop, drop <= g.max_top1_drop)
+        drop = 100 * (ev["teacher_top1"] - mine["top1"])
+        add(f"max_top1_drop{of} (points)", g.max_top1_drop, drop, drop <= g.max_top1_drop)
     if g.min_agreement is not None:
-        add("min_agreement", g.min_agreement, ev["agreement"], ev["agreement"] >= g.min_agreement)
+        add(f"min_agreement{of}", g.min_agreement, mine["agreement"], mine["agreement"] >= g.min_agreement)
     return checks
 
 
@@ -279,7 +287,17 @@ def apply(recipe: Recipe, ckpt: str, out: Path, *, data: str | None = None, dry_
     if primary and not dry_run and not resume:
         shutil.rmtree(work, ignore_errors=True)
     try:
-        record = _run(recipe, loaded, staging, data, train, work, dry_run, resume, device, ckpt, stages, log)
+        if recipe.target is None:
+            record = _run(recipe, loaded, staging, data, train, work, dry_run, resume, device, ckpt, stages, log)
+        else:  # plan first (compress/plan.py); an accuracy miss may retry the next candidate in a clean staging dir
+            from .plan import run_target
+
+            def attempt(planned: Recipe, extra: dict) -> dict:
+                for p in staging.iterdir() if staging is not None else ():
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+                return _run(planned, loaded, staging, data, train, work, dry_run, resume, device, ckpt, stages, log, extra)
+
+            record = run_target(recipe, loaded, data, attempt, log)  # its seconds are in record["plan"]
         if staging is not None:
             publish(staging, out)
             shutil.rmtree(work, ignore_errors=True)
@@ -292,7 +310,7 @@ def apply(recipe: Recipe, ckpt: str, out: Path, *, data: str | None = None, dry_
 
 
 def _run(recipe: Recipe, loaded, staging: Path | None, data, train, work: Path, dry_run: bool, resume: bool,
-         device: str | None, ckpt: str, stages: Stages, log) -> dict:
+         device: str | None, ckpt: str, stages: Stages, log, extra: dict | None = None) -> dict:
     teacher, cfg = loaded.model, loaded.data_cfg
     size = tuple(cfg["input_size"])
     calib_path = data if data is not None else recipe.calibration.data
@@ -301,7 +319,7 @@ def _run(recipe: Recipe, loaded, staging: Path | None, data, train, work: Path, 
         student, ledger, ref, rewritten = rewrite(loaded, recipe, calib, log)
     record = {"compress_version": __version__, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "source": loaded.source, "input_size": list(size), "calibration": calib_desc,
-              "recipe": recipe.resolved(), "passes": ledger}
+              "recipe": recipe.resolved(), "passes": ledger, **(extra or {})}
     summary = {"params": _ratio(count_params(teacher), count_params(student)),
                "flops": _ratio(count_flops(teacher, size), count_flops(student, size))}
     record["summary"] = summary
