@@ -23,7 +23,7 @@ import yaml
 
 from . import __version__
 from .data import calibration_batch, dataset, loader
-from .distill import distill
+from .distill import KeepBest, distill
 from .errors import GateError, InputError, VerificationError
 from .export import write_fp16, write_int8, write_onnx, write_safetensors
 from .outdir import check_inputs_untouched, publish, remove_created, stage
@@ -149,18 +149,31 @@ def run_distill(recipe: Recipe, loaded, student, train, calib, ref, start, work:
     feats = (adapter.feature_modules(teacher), adapter.feature_modules(student)) if d.feature_weight > 0 else None
     before = fidelity(ref, start)
     dev = _device(device or d.device)
+    keep = None
+    if d.holdout_images:  # seeded training images scored for keep-best (see _holdout)
+        hx = _holdout(train, d.holdout_images, d.seed)
+        with torch.no_grad():
+            keep = KeepBest(hx, torch.cat([teacher(c) for c in hx.split(64)]), every=max(1, steps // 15))
     log(f"distill: {steps} steps of {d.batch_size} images on {dev} x{world} from {train.path}")
     stats = distill(student, teacher, train, steps=steps, batch_size=d.batch_size, lr=d.lr, weight_decay=d.weight_decay,
                     warmup_steps=min(d.warmup_steps, steps), temperature=d.temperature, feature_weight=d.feature_weight,
                     label_weight=d.label_weight, features=feats, seed=d.seed, device=dev, amp=d.amp, workers=d.workers,
                     checkpoint=checkpoint, checkpoint_every=d.checkpoint_every, resume=resume,
-                    fingerprint=fingerprint, log=log)
+                    fingerprint=fingerprint, keep=keep, log=log)
     if checkpoint is not None and (not dist.is_initialized() or dist.get_rank() == 0):
         shutil.rmtree(work, ignore_errors=True)  # training finished: nothing left to resume
     after = fidelity(ref, logits64(student, calib))
     log(f"distill: done in {stats['seconds']:.0f} s ({stats['images_per_s']:.0f} images/s), final loss "
         f"{stats['final_loss']:.4f}; calibration agreement {100 * before['agreement']:.1f}% -> {100 * after['agreement']:.1f}%")
     return {**stats, "data": str(train.path), "images": len(train), "calib_before": before, "calib_after": after}
+
+
+def _holdout(train, n: int, seed: int) -> torch.Tensor:
+    """n seeded images of the training set (eval transform). With thousands of images and a few hundred
+    steps, few of them are ever drawn for training; the set is the same for a resumed run."""
+    idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed + 7919))[:n]
+    items = [train[int(i)] for i in idx]
+    return torch.stack([it[0] for it in items if it is not None])
 
 
 def _export(recipe: Recipe, loaded, student, staging: Path, calib, ledger: list, log) -> dict:

@@ -89,6 +89,8 @@ class DistillSpec(_Strict):
     amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")
     workers: int = Field(2, ge=0, description="data loader processes")
     checkpoint_every: Optional[PositiveInt] = Field(100, description="steps between resumable checkpoints; null: none")
+    holdout_images: int = Field(256, ge=0, description="seeded training images scored every steps/15 steps; the "
+                                "weights with the lowest KL to the teacher there are kept (the start included). 0: off")
 
     @model_validator(mode="after")
     def _one_length(self):
