@@ -193,12 +193,15 @@ def _time(paths: dict, rows: dict, teacher_path: Path, recipe: Recipe, batches: 
     return {bs: res["teacher"][bs]["p50_ms"] for bs in res["teacher"]}
 
 
-def plan(loaded, recipe: Recipe, calib, log=print) -> dict:
-    """Candidate table and choice for `recipe.target`. Raises TargetError (exit 4) when nothing meets it."""
+def plan(loaded, recipe: Recipe, calib, log=print, cands: Candidates | None = None) -> dict:
+    """Candidate table and choice for `recipe.target`. Raises TargetError (exit 4) when nothing meets it.
+
+    `cands` lets a caller planning several targets for one teacher (the benchmark) share the dry rewrites.
+    """
     t0 = time.perf_counter()
     t = recipe.target
     prefix = [{s.name: s.config.model_dump(mode="json")} for s in recipe.steps]
-    cands = Candidates(loaded, calib, prefix)
+    cands = cands or Candidates(loaded, calib, prefix)
     timed = t.speedup is not None or t.latency_ms is not None
     exported = timed or t.size_mb is not None
     batches = sorted({*recipe.report.latency.batch_sizes, t.batch}) if timed else []
