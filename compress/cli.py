@@ -80,6 +80,11 @@ def apply(recipe: Path = typer.Argument(..., help="recipe YAML"),
             print(json.dumps(record, indent=2))
             return
         print()
+        if record.get("plan"):
+            from .report import align
+
+            print(align([tuple(x) for x in record["plan"]["table"]], left=(0, 1)))
+            print(f"plan: {record['plan']['choice'] or 'the teacher as it is'} ({record['plan']['seconds']:.0f} s)\n")
         print(terminal_table(record))
         print()
         if dry_run:
