@@ -67,12 +67,13 @@ def teacher_table(t: dict) -> list[str]:
 
 
 def recipes_table(t: dict) -> list[str]:
-    lines = ["| contender | budget | recipe (passes) | calibration KL before training |", "|---|---|---|---|"]
+    lines = ["| contender | budget | planner's pick | recipe (passes) | calibration KL before training |",
+             "|---|---|---|---|---|"]
     for r in t["rows"]:
         if "passes" in r:
             b = "-" if r["budget"] is None else f"{r['budget']:.0%}"
             kl = "-" if r.get("calib_kl") is None else f"{r['calib_kl']:.4f}"
-            lines.append(f"| {r['contender']} | {b} | `{_passes(r['passes'])}` | {kl} |")
+            lines.append(f"| {r['contender']} | {b} | {r.get('picked') or '-'} | `{_passes(r['passes'])}` | {kl} |")
     return lines
 
 
@@ -189,18 +190,18 @@ def render(result: dict, md: Path, png: Path, reading: Path) -> None:
            f"{c['latency']['threads']} threads, {c['latency']['warmup']} warm-up runs then {c['latency']['runs']} runs "
            "alternating contender and teacher in one process; p50. `speedup / ÷FLOP cut` = (teacher p50 / contender p50) "
            "÷ (teacher FLOPs / contender FLOPs): 1.0 means latency follows FLOPs exactly.",
-           "- Contenders: **ours** = the candidate recipe of this tool's passes with the lowest KL to the teacher on "
-           f"{c['calib_images']} calibration images after the rewrite, before training (candidates: MLP stripping of the "
-           "best window of k blocks, topped up with whitened low-rank factorisation, each with the greedy and the uniform "
-           "rank allocation; the table of recipes names the "
-           "choice); **torch-pruning** = Torch-Pruning `BasePruner`, `GroupMagnitudeImportance(p=2)`, uniform ratio "
+           "- Contenders: **ours** = `compress plan` asked for the FLOP budget (`target: {flops: B}`): the candidate "
+           f"recipe of this tool's passes with the lowest KL to the teacher on {c['calib_images']} calibration images "
+           "after the rewrite, before training, among those meeting the budget (candidates: every window of MLP "
+           "stripping, auto stripping, whitened low-rank alone and on top of short strips with the greedy and the "
+           "uniform allocation, width when registered; the table of recipes names the pick); **torch-pruning** = Torch-Pruning `BasePruner`, `GroupMagnitudeImportance(p=2)`, uniform ratio "
            "bisected to the budget, classifier kept, ViT head dims pruned as in its timm example; **svd** = the "
            "`lowrank` pass with plain weight SVD at a target bisected to the budget (greedy or uniform allocation, "
            "whichever has the lower calibration KL); **scratch** = ours' structure, "
            "random init, the same distillation; **int8-dynamic** = the teacher through onnxruntime "
            "`quantize_dynamic` (no training; FLOPs unchanged, cheaper arithmetic).",
-           "- Seconds: `convert` = the rewrite stage of the pipeline (passes + their checks; the recipe search for ours "
-           "is extra, in the JSON as `search_s`), `distill` = the training loop.", ""]
+           "- Seconds: `convert` = the rewrite stage of the pipeline (passes + their checks; the planner's search for "
+           "ours is extra, in the JSON as `search_s`), `distill` = the training loop.", ""]
     if not result.get("lowrank_available"):
         out += ["**The `lowrank` pass was not in this build**: svd and the low-rank parts of ours were skipped.", ""]
     for t in result["teachers"]:

@@ -106,6 +106,12 @@ def _dynamo_onnx(model: nn.Module, path: Path, sample: torch.Tensor, *, opset: i
         program = torch.export.export(model.eval(), (sample,), dynamic_shapes=({0: batch},), strict=True)
         torch.onnx.export(program, (sample,), str(path), dynamo=True, opset_version=opset, verbose=False,
                           input_names=["input"], output_names=["logits"], external_data=False)
+    # the dynamo exporter stamps the newest IR version (10), which older runtimes refuse; the graph uses
+    # nothing newer than the torchscript exporter's IR 8
+    m = onnx.load(str(path))
+    if m.ir_version > 8:
+        m.ir_version = 8
+        onnx.save(m, str(path))
     onnx.checker.check_model(str(path))
 
 

@@ -23,7 +23,7 @@ import yaml
 
 from . import __version__, runtimes
 from .data import calibration_batch, dataset, loader
-from .distill import distill
+from .distill import KeepBest, distill
 from .errors import GateError, InputError, VerificationError
 from .export import write_fp16, write_int8, write_onnx, write_safetensors
 from .outdir import check_inputs_untouched, publish, remove_created, sha256, stage
@@ -62,6 +62,10 @@ def _check_recipe_needs(recipe: Recipe, data) -> None:
     if variants(recipe.export) and "onnx" not in recipe.export.formats:
         raise InputError("export.precision fp16 / export.quantize make ONNX variants; add onnx to export.formats")
     runtimes.fit_check(recipe.export)
+    if g.variant is not None and g.variant not in variants(recipe.export):
+        raise InputError(f"gates.variant {g.variant} is not exported; add it to export.precision/quantize or drop it")
+    if g.speedup_batch is not None and (r.latency is None or g.speedup_batch not in r.latency.batch_sizes):
+        raise InputError(f"gates.speedup_batch {g.speedup_batch} is not timed; add it to report.latency.batch_sizes")
 
 
 def rewrite(loaded, recipe: Recipe, calib, log) -> tuple:
@@ -147,18 +151,31 @@ def run_distill(recipe: Recipe, loaded, student, train, calib, ref, start, work:
     feats = (adapter.feature_modules(teacher), adapter.feature_modules(student)) if d.feature_weight > 0 else None
     before = fidelity(ref, start)
     dev = _device(device or d.device)
+    keep = None
+    if d.holdout_images:  # seeded training images scored for keep-best (see _holdout)
+        hx = _holdout(train, d.holdout_images, d.seed)
+        with torch.no_grad():
+            keep = KeepBest(hx, torch.cat([teacher(c) for c in hx.split(64)]), every=max(1, steps // 15))
     log(f"distill: {steps} steps of {d.batch_size} images on {dev} x{world} from {train.path}")
     stats = distill(student, teacher, train, steps=steps, batch_size=d.batch_size, lr=d.lr, weight_decay=d.weight_decay,
                     warmup_steps=min(d.warmup_steps, steps), temperature=d.temperature, feature_weight=d.feature_weight,
                     label_weight=d.label_weight, features=feats, seed=d.seed, device=dev, amp=d.amp, workers=d.workers,
                     checkpoint=checkpoint, checkpoint_every=d.checkpoint_every, resume=resume,
-                    fingerprint=fingerprint, log=log)
+                    fingerprint=fingerprint, keep=keep, log=log)
     if checkpoint is not None and (not dist.is_initialized() or dist.get_rank() == 0):
         shutil.rmtree(work, ignore_errors=True)  # training finished: nothing left to resume
     after = fidelity(ref, logits64(student, calib))
     log(f"distill: done in {stats['seconds']:.0f} s ({stats['images_per_s']:.0f} images/s), final loss "
         f"{stats['final_loss']:.4f}; calibration agreement {100 * before['agreement']:.1f}% -> {100 * after['agreement']:.1f}%")
     return {**stats, "data": str(train.path), "images": len(train), "calib_before": before, "calib_after": after}
+
+
+def _holdout(train, n: int, seed: int) -> torch.Tensor:
+    """n seeded images of the training set (eval transform). With thousands of images and a few hundred
+    steps, few of them are ever drawn for training; the set is the same for a resumed run."""
+    idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed + 7919))[:n]
+    items = [train[int(i)] for i in idx]
+    return torch.stack([it[0] for it in items if it is not None])
 
 
 def _export(recipe: Recipe, loaded, student, staging: Path, calib, ledger: list, old, log) -> dict:
@@ -214,6 +231,7 @@ def _measure(recipe: Recipe, loaded, student, staging: Path, calib, artifacts: d
                            dynamic_batch=ex.dynamic_batch, tol=ex.parity_tol, slim=ex.slim)
             summary["onnx_bytes"] = _ratio(t["bytes"], artifacts["onnx"]["bytes"])
             dyn = t["dynamic_batch"] and artifacts["onnx"]["dynamic_batch"]  # a forward may fix the batch (see write_onnx)
+            summary["variant_bytes"] = {v: artifacts[f"onnx.{v}"]["bytes"] for v in variants(ex)}
             onnx_files = {"teacher": Path(tmp) / "teacher.onnx", "student": staging / "model.onnx",
                           **{v: staging / f"model.{v}.onnx" for v in variants(ex)}}
             lat = recipe.report.latency
@@ -256,21 +274,24 @@ def _gates(recipe: Recipe, summary: dict) -> list[dict]:
     if g.max_flops_ratio is not None:
         r = summary["flops"]["ratio"]
         add("max_flops_ratio", g.max_flops_ratio, r, r <= g.max_flops_ratio)
+    v = g.variant  # the gates read the file that ships: model.onnx, or this variant of it
+    of = f" of model.{v}.onnx" if v else ""
     if g.max_size_ratio is not None:
-        r = summary["onnx_bytes"]["ratio"]
-        add("max_size_ratio", g.max_size_ratio, r, r <= g.max_size_ratio)
+        r = (summary["variant_bytes"][v] if v else summary["onnx_bytes"]["student"]) / summary["onnx_bytes"]["teacher"]
+        add(f"max_size_ratio{of}", g.max_size_ratio, r, r <= g.max_size_ratio)
     if g.min_speedup is not None:
-        bs = str(max(int(b) for b in summary["latency"]))  # batch 1 only when model.onnx has a fixed batch
-        s = summary["latency"][bs]["speedup"]
-        add(f"min_speedup (batch {bs}, p50)", g.min_speedup, s, s >= g.min_speedup)
+        bs = str(g.speedup_batch or max(int(b) for b in summary["latency"]))  # batch 1 only when model.onnx has a fixed batch
+        s = summary["latency"][bs]["variants"][v]["speedup"] if v else summary["latency"][bs]["speedup"]
+        add(f"min_speedup{of} (batch {bs}, p50)", g.min_speedup, s, s >= g.min_speedup)
     ev = summary.get("eval") or {}
+    mine = ev.get("variants", {}).get(v, {}) if v else {"top1": ev.get("student_top1"), "agreement": ev.get("agreement")}
     if g.max_top1_drop is not None:
         if "teacher_top1" not in ev:
             raise InputError(f"gate max_top1_drop needs labels, but {ev['data']} has no class folders; drop the gate")
-        drop = 100 * (ev["teacher_top1"] - ev["student_top1"])
-        add("max_top1_drop (points)", g.max_top1_drop, drop, drop <= g.max_top1_drop)
+        drop = 100 * (ev["teacher_top1"] - mine["top1"])
+        add(f"max_top1_drop{of} (points)", g.max_top1_drop, drop, drop <= g.max_top1_drop)
     if g.min_agreement is not None:
-        add("min_agreement", g.min_agreement, ev["agreement"], ev["agreement"] >= g.min_agreement)
+        add(f"min_agreement{of}", g.min_agreement, mine["agreement"], mine["agreement"] >= g.min_agreement)
     return checks
 
 
@@ -300,7 +321,17 @@ def apply(recipe: Recipe, ckpt: str, out: Path, *, data: str | None = None, dry_
     if primary and not dry_run and not resume:
         shutil.rmtree(work, ignore_errors=True)
     try:
-        record = _run(recipe, loaded, staging, data, train, work, dry_run, resume, device, ckpt, old, stages, log)
+        if recipe.target is None:
+            record = _run(recipe, loaded, staging, data, train, work, dry_run, resume, device, ckpt, old, stages, log)
+        else:  # plan first (compress/plan.py); an accuracy miss may retry the next candidate in a clean staging dir
+            from .plan import run_target
+
+            def attempt(planned: Recipe, extra: dict) -> dict:
+                for p in staging.iterdir() if staging is not None else ():
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+                return _run(planned, loaded, staging, data, train, work, dry_run, resume, device, ckpt, old, stages, log, extra)
+
+            record = run_target(recipe, loaded, data, attempt, log)  # its seconds are in record["plan"]
         if staging is not None:
             publish(staging, out)
             shutil.rmtree(work, ignore_errors=True)
@@ -313,7 +344,7 @@ def apply(recipe: Recipe, ckpt: str, out: Path, *, data: str | None = None, dry_
 
 
 def _run(recipe: Recipe, loaded, staging: Path | None, data, train, work: Path, dry_run: bool, resume: bool,
-         device: str | None, ckpt: str, old, stages: Stages, log) -> dict:
+         device: str | None, ckpt: str, old, stages: Stages, log, extra: dict | None = None) -> dict:
     teacher, cfg = loaded.model, loaded.data_cfg
     size = tuple(cfg["input_size"])
     calib_path = data if data is not None else recipe.calibration.data
@@ -324,7 +355,8 @@ def _run(recipe: Recipe, loaded, staging: Path | None, data, train, work: Path, 
         student, ledger, ref, rewritten = rewrite(loaded, recipe, calib, log)
     record = {"compress_version": __version__, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "source": loaded.source, "input_size": list(size), "calibration": calib_desc,
-              "recipe": recipe.resolved(), "passes": ledger, **({"memory_estimate": memory} if memory else {})}
+              "recipe": recipe.resolved(), "passes": ledger, **({"memory_estimate": memory} if memory else {}),
+              **(extra or {})}
     summary = {"params": _ratio(count_params(teacher), count_params(student)),
                "flops": _ratio(count_flops(teacher, size), count_flops(student, size))}
     record["summary"] = summary

@@ -138,6 +138,8 @@ class DistillSpec(_Strict):
     amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")
     workers: int = Field(2, ge=0, description="data loader processes")
     checkpoint_every: Optional[PositiveInt] = Field(100, description="steps between resumable checkpoints; null: none")
+    holdout_images: int = Field(256, ge=0, description="seeded training images scored every steps/15 steps; the "
+                                "weights with the lowest KL to the teacher there are kept (the start included). 0: off")
 
     @model_validator(mode="after")
     def _one_length(self):
@@ -155,6 +157,33 @@ class Gates(_Strict):
     min_speedup: Optional[PositiveFloat] = Field(None, description="teacher/student p50 latency at the largest batch")
     max_top1_drop: Optional[float] = Field(None, description="percentage points; needs report.eval_data")
     min_agreement: Optional[float] = Field(None, ge=0, le=1, description="top-1 agreement with the teacher")
+    speedup_batch: Optional[PositiveInt] = Field(None, description="batch size min_speedup reads; null = the largest timed")
+    variant: Optional[Literal["fp16", "int8_dynamic", "int8_static"]] = Field(
+        None, description="the ONNX variant the speed/size/accuracy gates read (the file that ships); null = model.onnx")
+
+
+class TargetSpec(_Strict):
+    """What the result must achieve; the planner (compress/plan.py) chooses passes and export variant to get there."""
+
+    speedup: Optional[PositiveFloat] = Field(None, description="teacher/student ONNX p50 latency at `batch`")
+    batch: PositiveInt = Field(8, description="batch size the speedup / latency_ms target is measured at")
+    latency_ms: Optional[PositiveFloat] = Field(None, description="student ONNX p50 latency at `batch`")
+    flops: Optional[Annotated[float, Field(gt=0, le=1)]] = Field(None, description="FLOPs as a fraction of the teacher's")
+    params: Optional[Annotated[float, Field(gt=0, le=1)]] = Field(None, description="parameters as a fraction of the teacher's")
+    size_mb: Optional[PositiveFloat] = Field(None, description="size of the ONNX file that ships, in MB (1e6 bytes)")
+    max_top1_drop: Optional[Annotated[float, Field(ge=0)]] = Field(
+        None, description="percentage points after distillation (a gate; needs report.eval_data)")
+    variants: list[Literal["fp32", "int8_dynamic"]] = Field(
+        default_factory=lambda: ["fp32", "int8_dynamic"], min_length=1, description="export variants the plan may ship")
+    attempts: PositiveInt = Field(1, description="candidates tried in turn when the accuracy gate is missed")
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.speedup is not None and self.latency_ms is not None:
+            raise ValueError("give speedup or latency_ms, not both (they are the same measurement)")
+        if all(v is None for v in (self.speedup, self.latency_ms, self.flops, self.params, self.size_mb)):
+            raise ValueError("name what to reach: speedup, latency_ms, flops, params or size_mb")
+        return self
 
 
 @dataclass(frozen=True)
@@ -174,6 +203,26 @@ class Recipe(_Strict):
     export: ExportSpec = Field(default_factory=ExportSpec)
     report: ReportSpec = Field(default_factory=ReportSpec)
     gates: Gates = Field(default_factory=Gates)
+    target: Optional[TargetSpec] = Field(None, description="plan the passes to meet this (compress plan); on top of passes:")
+
+    @model_validator(mode="after")
+    def _target_fits(self):
+        t, g = self.target, self.gates
+        if t is None:
+            return self
+        if (t.speedup or t.latency_ms) and self.report.latency is None:
+            raise ValueError("target speedup/latency_ms is measured with onnxruntime, but report.latency is null; "
+                             "give report.latency settings or drop the speed target")
+        if (t.speedup or t.latency_ms or t.size_mb) and "onnx" not in self.export.formats:
+            raise ValueError("target speedup/latency_ms/size_mb is measured on the ONNX file; add onnx to export.formats")
+        if t.max_top1_drop is not None and self.report.eval_data is None:
+            raise ValueError("target.max_top1_drop needs report.eval_data (labelled test images); add it or drop it")
+        for key, mine in (("max_top1_drop", t.max_top1_drop), ("min_speedup", t.speedup), ("max_flops_ratio", t.flops),
+                          ("max_params_ratio", t.params)):
+            theirs = getattr(g, key)
+            if mine is not None and theirs is not None and theirs != mine:
+                raise ValueError(f"target and gates.{key} disagree ({mine} vs {theirs}); state it once, in target")
+        return self
 
     @property
     def steps(self) -> list[PassStep]:
@@ -181,7 +230,7 @@ class Recipe(_Strict):
 
     def resolved(self) -> dict:
         """The recipe with every default filled in, as plain data (written next to the model)."""
-        d = self.model_dump(mode="json", exclude={"passes"})
+        d = self.model_dump(mode="json", exclude={"passes"} | ({"target"} if self.target is None else set()))
         d["passes"] = [{s.name: s.config.model_dump(mode="json")} for s in self.steps]
         return {"version": d.pop("version"), **d}
 

@@ -141,6 +141,20 @@ def _runs_md(a: dict) -> str:
     return text + "".join(f"; **not run on onnxruntime {r['onnxruntime']}**: {r['skipped']}" for r in runs if "skipped" in r)
 
 
+def plan_md(plan: dict) -> list[str]:
+    """The planner's candidate table (compress plan / apply with target:) as Markdown."""
+    head, *body = plan["table"]
+    out = ["## Plan", "", f"Target {json.dumps({k: v for k, v in plan['target'].items() if v is not None})}; "
+           f"planned in {plan['seconds']:.0f} s. "
+           + ("The teacher already meets it: no passes needed." if plan["met_by_teacher"] else f"Chosen: **{plan['choice']}** (*).")
+           + f" {plan['left_out']} more candidates were beyond reach on FLOPs/params or not timed once one met the target.",
+           "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    out += ["| " + " | ".join(r) + " |" for r in body]
+    for i, a in enumerate(plan.get("attempts", [])):
+        out.append(f"\nAttempt {i + 1}: {a['candidate']}: {a['result']}.")
+    return out
+
+
 def markdown(record: dict) -> str:
     src, m = record["source"], record["machine"]
     lines = [f"# compress report: {src['path']}", "",
@@ -151,6 +165,8 @@ def markdown(record: dict) -> str:
     notes = _notes(record)
     if notes:
         lines += ["", "## Notes", "", *[f"- {n}" for n in notes]]
+    if record.get("plan"):
+        lines += ["", *plan_md(record["plan"])]
     lines += ["", "## Passes", "", f"Calibration: {record['calibration']}.", "", *_ledger_md(record)]
     d = record.get("distill")
     if d:
