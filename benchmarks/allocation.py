@@ -18,7 +18,7 @@ from compress.data import calibration_batch
 from compress.load import load
 
 from .bench import FULL, ROOT, SHARED, _save, recipe_dict, row_of, run_one
-from .search import Search
+from compress.plan import Candidates
 
 VARIANTS = [(m, a) for m in ("whitened_svd", "svd") for a in ("greedy", "uniform")]
 
@@ -34,13 +34,13 @@ def main(argv=None) -> int:
     ckpt = SHARED / "models" / args.teacher
     loaded = load(str(ckpt))
     calib, _ = calibration_batch(cfg["train"], loaded.data_cfg, cfg["calib_images"], 0)
-    finder = Search(loaded, calib, iters=cfg["fit_iters"], windows="all")
+    finder = Candidates(loaded, calib, [])
     t0 = time.perf_counter()
     rows = []
     with tempfile.TemporaryDirectory(prefix="alloc-") as work:
         for b in args.budgets:
             for method, alloc in VARIANTS:
-                fit = finder.fit(lambda t: [{"lowrank": {"method": method, "target": round(t, 4), "allocate": alloc}}], b)
+                fit = finder.fit(lambda t: [{"lowrank": {"method": method, "target": round(t, 4), "allocate": alloc}}], b, "flops")
                 if fit is None:
                     rows.append({"budget": b, "method": method, "allocate": alloc, "skipped": "no target meets the budget"})
                     continue

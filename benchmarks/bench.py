@@ -27,7 +27,10 @@ from compress.pipeline import apply
 from compress.recipe import parse_recipe
 from compress.report import machine_info
 
-from . import contenders, gpu, scaling, search
+from compress.errors import TargetError
+from compress.plan import Candidates, describe, plan, width_candidate
+
+from . import contenders, gpu, scaling
 from .render import render
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,11 +38,11 @@ SHARED = ROOT.parent / "shared" / "data"
 
 FULL = {"budgets": [0.75, 0.5, 0.3], "steps": 150, "batch_size": 64, "eval_images": 2000, "calib_images": 32,
         "latency": {"batch_sizes": [1, 8], "threads": 2, "warmup": 5, "runs": 30}, "teachers": None,
-        "scaling": ["vit_small_patch16_224", "vit_base_patch16_224", "resnet50"], "scaling_runs": 10, "fit_iters": 6, "tp_search_steps": 8, "windows": "all", "workers": 1,
+        "scaling": ["vit_small_patch16_224", "vit_base_patch16_224", "resnet50"], "scaling_runs": 10, "tp_search_steps": 8, "workers": 1,
         "gpu": {"batch_size": 256, "steps": 50, "warmup": 10, "workers": 8}}
 QUICK = {"budgets": [0.75], "steps": 2, "batch_size": 8, "eval_images": 64, "calib_images": 8,
          "latency": {"batch_sizes": [1, 8], "threads": 2, "warmup": 1, "runs": 3}, "teachers": ["vit_cifar10"],
-         "scaling": ["vit_tiny_patch16_224"], "scaling_runs": 2, "fit_iters": 3, "tp_search_steps": 4, "windows": "centre", "workers": 0,
+         "scaling": ["vit_tiny_patch16_224"], "scaling_runs": 2, "tp_search_steps": 4, "workers": 0,
          "gpu": {"batch_size": 32, "steps": 3, "warmup": 1, "workers": 2}}
 
 
@@ -56,9 +59,11 @@ def recipe_dict(name: str, passes: list, cfg: dict, *, distill: bool, quantize=(
     return r
 
 
-def width_passes(budget: float, refit: bool = True) -> list:
-    """The width pass alone at a share of the whole model's FLOPs (it spreads the cut itself)."""
-    return [{"width": {"target": budget, "scope": "model", **({} if refit else {"refit": False, "allocate": "uniform"})}}]
+def width_passes(loaded, budget: float, refit: bool = True) -> list:
+    """The width pass alone at a share of the whole model's FLOPs, as the planner proposes it; without refit:
+    the same selection (uniform allocation) with the consumers only sliced."""
+    wid = width_candidate(budget, loaded.adapter.family, "flops")
+    return [wid if refit else {"width": {**wid["width"], "refit": False, "allocate": "uniform"}}]
 
 
 def row_of(record: dict, variant: str | None = None) -> dict:
@@ -76,6 +81,8 @@ def row_of(record: dict, variant: str | None = None) -> dict:
         speed = v["teacher"]["p50_ms"] / st["p50_ms"]
         row["latency"][bs] = {"p50_ms": st["p50_ms"], "p90_ms": st["p90_ms"], "teacher_p50_ms": v["teacher"]["p50_ms"],
                               "speedup": speed, "speedup_per_flop_cut": speed / (f_t / f_s)}
+    art = record["artifacts"][f"onnx.{variant}" if variant else "onnx"]
+    row["oldest_runtime"] = art.get("oldest_runtime")  # the oldest onnxruntime the file was run on
     if variant:
         row["onnx_bytes"] = record["artifacts"][f"onnx.{variant}"]["bytes"]
         row.update(top1=ev["variants"][variant].get("top1"), agreement=ev["variants"][variant]["agreement"])
@@ -101,10 +108,31 @@ def run_one(name: str, recipe: dict, ckpt: Path, work: Path, log) -> dict:
         shutil.rmtree(out, ignore_errors=True)
 
 
+def plan_budget(loaded, calib, cands: Candidates, budget: float, log) -> tuple[dict | None, dict | None]:
+    """Ours = the planner (compress/plan.py) asked for a FLOP budget: lowest calibration KL among the strip,
+    lowrank and width candidates that meet it. Returns the chosen row and the plan (or None, None)."""
+    r = parse_recipe({"version": 1, "target": {"flops": budget}, "report": {"latency": None}})
+    try:
+        result = plan(loaded, r, calib, log=lambda m: log(f"  {m}"), cands=cands)
+    except TargetError as e:
+        log(f"  {e}")
+        return None, None
+    return result["rows"][result["choice"]], result
+
+
+def svd_fit(cands: Candidates, budget: float) -> dict | None:
+    """Plain weight-SVD truncation fitted to the budget, with whichever allocation keeps the teacher better."""
+    if not contenders.has_lowrank():
+        return None
+    fits = [cands.fit(lambda t, a=a: [{"lowrank": {"method": "svd", "target": round(t, 4), "allocate": a}}], budget, "flops")
+            for a in ("greedy", "uniform")]
+    return min((f for f in fits if f), key=lambda f: f["kl"], default=None)
+
+
 def bench_teacher(ckpt: Path, cfg: dict, work: Path, log) -> dict:
     loaded = load(str(ckpt))
     calib, _ = calibration_batch(cfg["train"], loaded.data_cfg, cfg["calib_images"], 0)
-    finder = search.Search(loaded, calib, iters=cfg["fit_iters"], windows=cfg["windows"])
+    cands = Candidates(loaded, calib, [])
     out = {"teacher": ckpt.name, "family": loaded.adapter.family, "input_size": list(loaded.data_cfg["input_size"]),
            "rows": []}
 
@@ -131,25 +159,25 @@ def bench_teacher(ckpt: Path, cfg: dict, work: Path, log) -> dict:
     for b in cfg["budgets"]:
         log(f"{ckpt.name}: budget {b:.0%} of the FLOPs")
         t0 = time.perf_counter()
-        best, tried = finder.ours(b, log)
+        best, result = plan_budget(loaded, calib, cands, b, log)
         search_s = round(time.perf_counter() - t0, 1)
         why = "no candidate recipe of this tool's passes reaches this budget" + (
             "" if contenders.has_lowrank() else " (the lowrank pass is not in this build)")
+        tried = [result["rows"][i] for i in result["ranked"]] if result else []
         add("ours", b, best and recipe_dict("ours", best["passes"], cfg, distill=True), why, search_s=search_s,
+            picked=best and describe(best),
             candidates=[{k: t[k] for k in ("passes", "flops_ratio", "kl", "agreement")} for t in tried],
             calib_kl=best and best["kl"])
-        svd = finder.svd(b)
+        svd = svd_fit(cands, b)
         add("svd", b, svd and recipe_dict("svd", svd["passes"], cfg, distill=True),
             "the lowrank pass is not in this build" if not contenders.has_lowrank() else "no rank meets the budget",
             calib_kl=svd and svd["kl"])
-        wid = width_passes(b)
-        add("width", b, recipe_dict("width", wid, cfg, distill=True), calib_kl=finder.dry(wid)["kl"],
-            calib_kl_no_refit=finder.dry(width_passes(b, refit=False))["kl"])
+        wid, plain = (cands.dry(width_passes(loaded, b, refit)) for refit in (True, False))
+        add("width", b, wid and recipe_dict("width", wid["passes"], cfg, distill=True), "the width pass cannot reach this budget",
+            calib_kl=wid and wid["kl"], calib_kl_no_refit=plain and plain["kl"])
         for name, rnd in (("torch-pruning", None), ("torch-pruning-r8", 8)):
             tp = {"flops_ratio": b, "search_steps": cfg["tp_search_steps"], **({"round_to": rnd} if rnd else {})}
             add(name, b, recipe_dict(name, [{"bench_torch_pruning": tp}], cfg, distill=True))
-        add("scratch", b, best and recipe_dict("scratch", best["passes"] + [{"bench_reinit": {"seed": 0}}], cfg,
-                                               distill=True), "no recipe of ours at this budget to copy the shape of")
     return out
 
 

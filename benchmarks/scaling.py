@@ -17,7 +17,6 @@ from compress.pipeline import rewrite
 from compress.recipe import parse_recipe
 
 from .contenders import has_lowrank
-from .search import LOWRANK_WHITENED, lowrank
 
 
 def variants(loaded: Loaded) -> dict[str, list]:
@@ -26,7 +25,7 @@ def variants(loaded: Loaded) -> dict[str, list]:
         n = len(loaded.model.blocks)
         out["mlp-strip-half"] = [{"mlp_strip": {"blocks": list(range(n // 4, n // 4 + n // 2))}}]
     if has_lowrank():
-        out["lowrank-half"] = [lowrank(LOWRANK_WHITENED, 0.5)]
+        out["lowrank-half"] = [{"lowrank": {"method": "whitened_svd", "target": 0.5, "allocate": "greedy"}}]
     out["width-half"] = [{"width": {"target": 0.5, "scope": "model", "allocate": "uniform"}}]
     return out
 

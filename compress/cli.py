@@ -1,4 +1,4 @@
-"""Thin typer app: apply, inspect, analyze, batch, schema. Errors print one line and exit non-zero (see README)."""
+"""Thin typer app: apply, inspect, analyze, batch, verify, runtime, schema. Errors print one line and exit non-zero (see README)."""
 from __future__ import annotations
 
 import json
@@ -27,6 +27,11 @@ def _errors(debug: bool):
             from .report import terminal_table
 
             print(terminal_table(record), file=sys.stderr)
+        if getattr(e, "plan", None) is not None:  # an unreachable target: the candidates that were measured
+            from .plan import table
+            from .report import align
+
+            print(align(table(e.plan)[0], left=(0, 1)), file=sys.stderr)
         print(f"error: {e}", file=sys.stderr)
         raise typer.Exit(e.exit_code) from None
     except (typer.Exit, typer.Abort):
@@ -34,6 +39,16 @@ def _errors(debug: bool):
     except KeyboardInterrupt:
         print("error: interrupted; nothing was published", file=sys.stderr)
         raise typer.Exit(130) from None
+    except (MemoryError, RuntimeError) as e:  # out of memory is a size problem, not a bug; anything else is a bug
+        if debug:
+            raise
+        text = str(e)
+        if isinstance(e, MemoryError) or "out of memory" in text.lower() or "can't allocate memory" in text:
+            print(f"error: out of memory ({text.strip().splitlines()[0][:120] if text.strip() else 'MemoryError'}); "
+                  "lower the input size, calibration.images or distill.batch_size", file=sys.stderr)
+            raise typer.Exit(2) from None
+        print(f"internal error: {type(e).__name__}: {e}; rerun with --debug for the traceback and report it", file=sys.stderr)
+        raise typer.Exit(1) from None
     except Exception as e:  # noqa: BLE001 - a bug: one line, and the traceback on request
         if debug:
             raise
@@ -75,6 +90,11 @@ def apply(recipe: Path = typer.Argument(..., help="recipe YAML"),
             print(json.dumps(record, indent=2))
             return
         print()
+        if record.get("plan"):
+            from .report import align
+
+            print(align([tuple(x) for x in record["plan"]["table"]], left=(0, 1)))
+            print(f"plan: {record['plan']['choice'] or 'the teacher as it is'} ({record['plan']['seconds']:.0f} s)\n")
         print(terminal_table(record))
         print()
         if dry_run:
@@ -114,6 +134,49 @@ def _init_distributed(device: str) -> None:
     if gpu:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("nccl" if gpu else "gloo")
+
+
+@app.command()
+def plan(recipe: Path = typer.Argument(..., help="recipe YAML with a target: section"),
+         ckpt: str = typer.Argument(..., help="timm directory, weights file (+ model: in the recipe), or timm:NAME"),
+         data: Optional[str] = typer.Option(None, "--data", help="calibration images where the recipe names none"),
+         out: Optional[Path] = typer.Option(None, "-o", "--out", help="where to write the chosen recipe [./<name>-plan.yaml]"),
+         override: Optional[str] = typer.Option(None, "--override", help="JSON merged into the recipe"),
+         as_json: bool = typer.Option(False, "--json", help="print the plan as JSON on stdout"),
+         debug: bool = typer.Option(False, "--debug", help="show tracebacks")):
+    """Measure candidate recipes against the recipe's target and write the chosen one as a plain recipe."""
+    with _errors(debug):
+        import yaml
+
+        from .data import calibration_batch
+        from .load import load
+        from .outdir import write_text_atomic
+        from .plan import plan as run_plan, planned_recipe, summary
+        from .recipe import load_recipe
+        from .report import align
+
+        r = load_recipe(recipe, _json_arg(override, "--override"))
+        if r.target is None:
+            raise InputError(f"{recipe}: no target: section to plan for; add e.g. 'target: {{speedup: 1.5, batch: 8}}'")
+        out = out or Path(f"{r.name or Path(ckpt.rstrip('/')).stem}-plan.yaml")
+        if out.is_dir():
+            raise InputError(f"-o {out} is a directory; give the path of the YAML file to write")
+        loaded = load(ckpt, r.model)
+        calib_path = data if data is not None else r.calibration.data
+        calib, _ = calibration_batch(calib_path, loaded.data_cfg, r.calibration.images, r.calibration.seed)
+        log = (lambda m: print(m, file=sys.stderr)) if as_json else print
+        result = run_plan(loaded, r, calib, log)
+        chosen = planned_recipe(r, result, result["choice"])
+        write_text_atomic(out, yaml.safe_dump(chosen, sort_keys=False))
+        kept = summary(result)
+        if as_json:
+            print(json.dumps({**kept, "recipe": chosen, "written": str(out)}, indent=2, default=str))
+            return
+        print()
+        print(align([tuple(x) for x in kept["table"]], left=(0, 1)))
+        print(f"\n{kept['left_out']} more candidates were beyond reach on FLOPs/params or not timed once one met the target")
+        what = "the teacher already meets the target: no passes needed" if kept["met_by_teacher"] else f"chose {kept['choice']}"
+        print(f"{what} (planned in {kept['seconds']:.0f} s); wrote {out} (replay it with compress apply {out} {ckpt})")
 
 
 @app.command()
@@ -178,6 +241,38 @@ def batch(zoo: Path = typer.Argument(..., help="zoo YAML: version, entries (chec
         if failed:
             print(f"error: {len(failed)} of {len(summary['entries'])} entries failed: {', '.join(failed)}", file=sys.stderr)
             raise typer.Exit(PARTIAL_FAILURE)
+
+
+runtime_app = typer.Typer(no_args_is_help=True, help="older onnxruntime releases that exported files are also run on")
+app.add_typer(runtime_app, name="runtime")
+
+
+@runtime_app.command("prepare")
+def runtime_prepare(version: str = typer.Argument("1.16", help="an export.min_runtime value, e.g. 1.16"),
+                    debug: bool = typer.Option(False, "--debug")):
+    """Install that onnxruntime into the cache ($COMPRESS_CACHE or ~/.cache/compress) while online."""
+    with _errors(debug):
+        from .runtimes import RUNTIMES, prepare
+
+        if version not in RUNTIMES:
+            raise InputError(f"no min_runtime '{version}'; choose one of {', '.join(RUNTIMES)}")
+        old = prepare(version)
+        print(f"onnxruntime {old.version} ready: {old.python}")
+
+
+@app.command()
+def verify(out: Path = typer.Argument(..., help="a directory written by compress apply"),
+           images: int = typer.Option(8, "--images", help="inputs for the ONNX vs safetensors comparison"),
+           debug: bool = typer.Option(False, "--debug")):
+    """Re-check a result: file hashes against report.json, model.onnx against the rebuilt safetensors (exit 0 / 3)."""
+    with _errors(debug):
+        from .verify import verify as run
+
+        checked = run(out, images)
+        par = checked.get("parity")
+        print(f"ok: {checked['hashes']} files match their sha256"
+              + (f"; model.onnx matches model.safetensors within {par['rel_diff']:.1e} of the logit scale on {par['inputs']}"
+                 if par else ""))
 
 
 @app.command()

@@ -66,6 +66,38 @@ def _schedule(warmup: int, steps: int):
     return f
 
 
+class KeepBest:
+    """KL to the teacher on held-out images, checked every `every` steps from step 0; the best weights win.
+
+    A near-exact student (KL ~ 0 at the start) can only lose at a fixed lr: measured on the ViT, 150
+    steps took a whitened low-rank student from 93.8% to 90.6% agreement. Keeping the best checkpoint
+    (the start included) means distillation never returns a student farther from the teacher than it got.
+    """
+
+    def __init__(self, x: torch.Tensor, teacher_logits: torch.Tensor, every: int):
+        self.x, self.ref, self.every = x, teacher_logits.double().log_softmax(-1), every
+        self.best_kl, self.best_step, self.best, self.history = float("inf"), None, None, []
+
+    @torch.no_grad()
+    def check(self, student: nn.Module, step: int, device: torch.device) -> None:
+        was = student.training
+        student.eval()
+        out = torch.cat([student(c.to(device)).float().cpu() for c in self.x.split(64)]).double().log_softmax(-1)
+        student.train(was)
+        kl = float(F.kl_div(out, self.ref, log_target=True, reduction="batchmean"))
+        self.history.append([step, kl])
+        if kl < self.best_kl:
+            self.best_kl, self.best_step = kl, step
+            self.best = {k: v.detach().to("cpu", copy=True) for k, v in student.state_dict().items()}
+
+    def state(self) -> dict:
+        return {"best_kl": self.best_kl, "best_step": self.best_step, "best": self.best, "history": self.history}
+
+    def load(self, state: dict) -> None:
+        self.best_kl, self.best_step, self.best, self.history = (state["best_kl"], state["best_step"], state["best"],
+                                                                 list(state["history"]))
+
+
 def _capture(modules: list[nn.Module], store: list):
     return [m.register_forward_hook(lambda _m, _i, out: store.append(out)) for m in modules]
 
@@ -80,7 +112,7 @@ def distill(student: nn.Module, teacher: nn.Module, data: ImageFolderData, *, st
             lr: float, weight_decay: float, warmup_steps: int, temperature: float, feature_weight: float,
             label_weight: float, features: tuple[list, list] | None, seed: int, device: torch.device,
             amp: bool, workers: int, checkpoint: Path | None, checkpoint_every: int | None, resume: bool,
-            fingerprint: str, log=print) -> dict:
+            fingerprint: str, keep: KeepBest | None = None, log=print) -> dict:
     """Train `student` in place; returns the figures for the report (loss per step included)."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     if batch_size % world:
@@ -108,6 +140,8 @@ def distill(student: nn.Module, teacher: nn.Module, data: ImageFolderData, *, st
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         start, history, skipped = state["step"], list(state["history"]), state["skipped"]
+        if keep is not None and state.get("keep") is not None:
+            keep.load(state["keep"])
         log(f"distill: resuming from step {start} of {steps}")
 
     sampler = StepBatches(len(data), batch_size, seed, start, steps, rank, world)
@@ -122,6 +156,8 @@ def distill(student: nn.Module, teacher: nn.Module, data: ImageFolderData, *, st
     bar = tqdm(total=steps, initial=start, disable=rank != 0, desc="distill", unit="step", file=sys.stderr,
                mininterval=2.0, dynamic_ncols=True)
     t0, images = time.perf_counter(), 0
+    if keep is not None and start == 0:  # the start competes too
+        keep.check(student, 0, device)
     try:
         for step, (x, y, bad) in zip(range(start, steps), batches):
             skipped += bad
@@ -161,18 +197,28 @@ def distill(student: nn.Module, teacher: nn.Module, data: ImageFolderData, *, st
             bar.set_postfix(loss=f"{history[-1]:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}",
                             img_s=f"{images / (time.perf_counter() - t0):.0f}", refresh=False)
             done = step + 1
+            if keep is not None and (done % keep.every == 0 or done == steps):
+                keep.check(student, done, device)
             if rank == 0 and checkpoint is not None and checkpoint_every and done % checkpoint_every == 0 and done < steps:
                 _save(checkpoint, {"fingerprint": fingerprint, "step": done, "student": student.state_dict(),
                                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                                   "rng": torch.get_rng_state(), "history": history, "skipped": skipped})
+                                   "rng": torch.get_rng_state(), "history": history, "skipped": skipped,
+                                   "keep": keep.state() if keep is not None else None})
     finally:
         bar.close()
         for h in hooks:
             h.remove()
     seconds = time.perf_counter() - t0
     student.eval().to("cpu", memory_format=torch.contiguous_format)
+    kept = None
+    if keep is not None:
+        kept = {"best_step": keep.best_step, "best_kl": keep.best_kl, "kl_history": keep.history}
+        if keep.best is not None and keep.best_step != steps:  # an earlier checkpoint (or the start) was closer
+            student.load_state_dict(keep.best)
+            log(f"distill: kept the step-{keep.best_step} weights (held-out KL {keep.best_kl:.4g}; "
+                f"final step {keep.history[-1][1]:.4g})")
     teacher.to("cpu", memory_format=torch.contiguous_format)
     tail = history[-max(1, min(20, len(history) // 10)):] if history else [float("nan")]
     return {"steps": steps, "resumed_from": start, "batch_size": batch_size, "world_size": world, "device": str(device),
             "amp_bf16": use_amp, "seconds": round(seconds, 2), "images_per_s": images / seconds if seconds else None,
-            "final_loss": sum(tail) / len(tail), "skipped_images": skipped, "loss_history": history}
+            "final_loss": sum(tail) / len(tail), "skipped_images": skipped, "loss_history": history, "keep_best": kept}

@@ -23,3 +23,9 @@ class GateError(CompressError):
     """The run worked but missed a target in the recipe's `gates:` (exit 4)."""
 
     exit_code = 4
+
+
+class TargetError(GateError):
+    """A recipe's `target:` is out of reach: no candidate the planner measured meets it (exit 4)."""
+
+    exit_code = 4

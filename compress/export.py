@@ -6,10 +6,12 @@ import warnings
 from pathlib import Path
 
 import onnx
+import onnxruntime as ort
 import torch
 from safetensors.torch import load_file, save_model
 from torch import nn
 
+from . import runtimes
 from .errors import VerificationError
 from .metrics import fidelity, ort_run, ort_session
 
@@ -94,16 +96,95 @@ def _verify(tmp: Path, name: str, parity: dict, *, tol: float | None = None, min
     return {**parity, "tolerance": tol, "min_agreement": min_agreement}
 
 
+def _dynamo_onnx(model: nn.Module, path: Path, sample: torch.Tensor, *, opset: int) -> None:
+    """torch.export with a symbolic batch dimension: `len(x)` stays symbolic where a trace bakes it in."""
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        # strict (TorchDynamo): non-strict export runs the Python forward, where len(x) turns the batch into an
+        # int and specialises it, exactly as the trace did
+        program = torch.export.export(model.eval(), (sample,), dynamic_shapes=({0: batch},), strict=True)
+        torch.onnx.export(program, (sample,), str(path), dynamo=True, opset_version=opset, verbose=False,
+                          input_names=["input"], output_names=["logits"], external_data=False)
+    # the dynamo exporter stamps the newest IR version (10), which older runtimes refuse; the graph uses
+    # nothing newer than the torchscript exporter's IR 8
+    m = onnx.load(str(path))
+    if m.ir_version > 8:
+        m.ir_version = 8
+        onnx.save(m, str(path))
+    onnx.checker.check_model(str(path))
+
+
+def _batch_check(tmp: Path, model: nn.Module, x: torch.Tensor, tol: float, threads: int) -> dict | str:
+    """The parity record when onnxruntime matches PyTorch at this batch; else what went wrong, in a few words."""
+    with torch.no_grad():
+        ref = model(x)
+    ort.set_default_logger_severity(4)  # a failure is reported below, once, not also as an onnxruntime log line
+    try:
+        got = _parity(tmp, ref, x, threads)
+    except Exception as e:  # noqa: BLE001 - onnxruntime's shape errors have no common public type
+        return f"onnxruntime fails at batch {len(x)} ({str(e).strip().splitlines()[0][:120]})"
+    finally:
+        ort.set_default_logger_severity(2)  # onnxruntime's default (warnings)
+    return got if got["rel_diff"] <= tol else f"outputs at batch {len(x)} differ by {got['rel_diff']:.1e}"
+
+
+def _export_batch(model: nn.Module, tmp: Path, calib: torch.Tensor, *, opset: int, tol: float, fold: bool,
+                  threads: int) -> tuple[torch.Tensor, dict, dict | None]:
+    """A dynamic-batch export that really works at another batch size, else a fixed batch-1 one.
+
+    The trace runs at batch 1; a forward that reads the batch size as a Python int (`len(x)`,
+    `int(x.shape[0])`) bakes 1 into the graph. Checked at batch >= 2; retried with the dynamo exporter;
+    a fixed-batch file is the last resort, and the returned record says why.
+    """
+    x = calib if len(calib) >= 2 else torch.cat([calib, calib])
+    size = tuple(calib.shape[1:])
+    to_onnx(model, tmp, size, opset=opset, dynamic_batch=True, fold_batchnorm=fold)
+    baked = _batch_check(tmp, model, x, tol, threads)
+    if isinstance(baked, dict):
+        return x, {"dynamic_batch": True, "exporter": "torchscript"}, baked
+    try:
+        _dynamo_onnx(model, tmp, x[:2], opset=opset)
+        again = _batch_check(tmp, model, x, tol, threads)
+    except Exception as e:  # noqa: BLE001 - torch.export refuses data-dependent code in many ways; all mean "cannot"
+        again = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:120] if str(e).strip() else ''}"
+    if isinstance(again, dict):
+        return x, {"dynamic_batch": True, "exporter": "dynamo", "traced_batch_baked": baked}, again
+    to_onnx(model, tmp, size, opset=opset, dynamic_batch=False, fold_batchnorm=fold)
+    why = (f"the traced graph works at batch 1 only ({baked}; a forward that reads the batch size as a number, "
+           f"e.g. len(x)); the dynamo exporter could not make it symbolic either ({again}); model.onnx takes batches of 1 only")
+    return x[:1], {"dynamic_batch": False, "exporter": "torchscript", "fixed_batch": why}, None
+
+
+def _on_runtimes(tmp: Path, name: str, parity: dict, ref: torch.Tensor, x: torch.Tensor, threads: int, old,
+                 *, tol: float | None = None, min_agreement: float | None = None) -> dict:
+    """The runtimes the file was run on: the installed one (`parity`) and, when given, the older
+    export.min_runtime in its isolated venv, held to the same bar (`old` a dict: skipped, and why)."""
+    runs = [{"onnxruntime": runtimes.installed(), "rel_diff": parity["rel_diff"], "agreement": parity["agreement"]}]
+    if isinstance(old, runtimes.OldRuntime):
+        got = torch.from_numpy(runtimes.run(old, tmp, name, x.numpy(), threads))
+        p = _verify(tmp, f"{name} on onnxruntime {old.version}", {**fidelity(ref, got), "images": len(x)},
+                    tol=tol, min_agreement=min_agreement)
+        runs.append({"onnxruntime": old.version, "isolated": True, "rel_diff": p["rel_diff"], "agreement": p["agreement"]})
+    elif old is not None:
+        runs.append(old)
+    ran = [r["onnxruntime"] for r in runs if "skipped" not in r]
+    return {"runtimes": runs, "oldest_runtime": min(ran, key=runtimes.version_tuple)}
+
+
 def write_onnx(model: nn.Module, path: Path, calib: torch.Tensor, *, opset: int, dynamic_batch: bool,
-               tol: float, slim: bool = False, threads: int = 2) -> dict:
+               tol: float, slim: bool = False, threads: int = 2, old=None) -> dict:
     """Export (+ onnxslim when it keeps the outputs), run in onnxruntime against PyTorch, rename if they agree."""
     tmp = path.with_name(path.name + ".tmp")
     tied = any(getattr(m, "ties_weights", False) for m in model.modules())  # one weight used in two places
-    to_onnx(model, tmp, tuple(calib.shape[1:]), opset=opset, dynamic_batch=dynamic_batch, fold_batchnorm=not tied)
-    x = calib if dynamic_batch else calib[:1]
+    if dynamic_batch:
+        x, how, checked = _export_batch(model, tmp, calib, opset=opset, tol=tol, fold=not tied, threads=threads)
+    else:
+        to_onnx(model, tmp, tuple(calib.shape[1:]), opset=opset, dynamic_batch=False, fold_batchnorm=not tied)
+        x, how, checked = calib[:1], {"dynamic_batch": False, "exporter": "torchscript"}, None
     with torch.no_grad():
         ref = model(x)
-    parity = _verify(tmp, path.name, _parity(tmp, ref, x, threads), tol=tol)
+    parity = _verify(tmp, path.name, checked or _parity(tmp, ref, x, threads), tol=tol)
     slimmed = None
     if slim:
         import onnxslim
@@ -122,28 +203,43 @@ def write_onnx(model: nn.Module, path: Path, calib: torch.Tensor, *, opset: int,
             cand.unlink()
             why = "it would store shared weights twice" if grew else f"changed outputs by {p2['rel_diff']:.1e}"
             slimmed = {"nodes_before": nodes, "applied": False, "why": why}
+    ran = _on_runtimes(tmp, path.name, parity, ref, x, threads, old, tol=tol)
     ops, nodes = _graph(tmp)
     return {"path": path.name, "precision": "fp32", "bytes": _publish(tmp, path), "opset": opset,
-            "dynamic_batch": dynamic_batch, "parity": parity, "operators": ops, "nodes": nodes, "slim": slimmed}
+            **how, "parity": parity, "operators": ops, "nodes": nodes, "slim": slimmed, **ran}
 
 
-def write_fp16(base: Path, path: Path, ref: torch.Tensor, x: torch.Tensor, *, tol: float, threads: int = 2) -> dict:
+# No fp16 CPU kernel in older onnxruntime (1.16): it falls back to the ops' function bodies, written
+# for opset 17 (ReduceMean/ReduceMax with an axes attribute), and refuses an opset-18 graph. In float32
+# they load everywhere, and normalisation and softmax are where fp16 loses the most precision anyway.
+FP16_KEEP_FLOAT = ["LayerNormalization", "Softmax"]
+
+
+def write_fp16(base: Path, path: Path, ref: torch.Tensor, x: torch.Tensor, *, tol: float, threads: int = 2,
+               old=None) -> dict:
     """fp16 weights and activations inside, fp32 input and output (so callers feed the same tensors)."""
     from onnxconverter_common import float16
 
     tmp = path.with_name(path.name + ".tmp")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        onnx.save(float16.convert_float_to_float16(onnx.load(str(base)), keep_io_types=True), str(tmp))
+        onnx.save(float16.convert_float_to_float16(onnx.load(str(base)), keep_io_types=True,
+                                                   op_block_list=float16.DEFAULT_OP_BLOCK_LIST + FP16_KEEP_FLOAT), str(tmp))
     parity = _verify(tmp, path.name, _parity(tmp, ref, x, threads), tol=tol)
+    ran = _on_runtimes(tmp, path.name, parity, ref, x, threads, old, tol=tol)
     ops, nodes = _graph(tmp)
     return {"path": path.name, "precision": "fp16", "bytes": _publish(tmp, path), "parity": parity,
-            "operators": ops, "nodes": nodes}
+            "operators": ops, "nodes": nodes, "kept_float32": FP16_KEEP_FLOAT, **ran}
 
 
 def write_int8(base: Path, path: Path, mode: str, ref: torch.Tensor, x: torch.Tensor, *, min_agreement: float,
-               threads: int = 2) -> dict:
-    """onnxruntime quantization: dynamic (weights int8, activations at run time) or static (QDQ, calibrated on x)."""
+               threads: int = 2, convs: bool = False, old=None) -> dict:
+    """onnxruntime quantization: dynamic (weights int8, activations at run time) or static (QDQ, calibrated on x).
+
+    Dynamic quantizes MatMul only unless `convs`: ConvInteger with int8 weights is missing from older
+    runtimes and was 3.6-6x slower than the float conv on the ResNets measured (BENCHMARKS.md).
+    Gemm (the classifier head) has no dynamic int8 form in onnxruntime's quantizer and stays float.
+    """
     import logging
 
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
@@ -151,7 +247,8 @@ def write_int8(base: Path, path: Path, mode: str, ref: torch.Tensor, x: torch.Te
     tmp = path.with_name(path.name + ".tmp")
     logging.getLogger().setLevel(logging.ERROR)  # the quantizer logs advice at WARNING on the root logger
     if mode == "int8_dynamic":
-        quantize_dynamic(str(base), str(tmp), weight_type=QuantType.QInt8)
+        quantize_dynamic(str(base), str(tmp), weight_type=QuantType.QInt8,
+                         op_types_to_quantize=["MatMul", "Conv"] if convs else ["MatMul"])
     else:
         class Reader(CalibrationDataReader):
             def __init__(self):
@@ -163,6 +260,17 @@ def write_int8(base: Path, path: Path, mode: str, ref: torch.Tensor, x: torch.Te
         quantize_static(str(base), str(tmp), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
     parity = _verify(tmp, path.name, _parity(tmp, ref, x, threads), min_agreement=min_agreement)
+    ran = _on_runtimes(tmp, path.name, parity, ref, x, threads, old, min_agreement=min_agreement)
     ops, nodes = _graph(tmp)
+    extra = {}
+    if mode == "int8_dynamic":
+        import numpy as np
+
+        inits = onnx.load(str(tmp), load_external_data=False).graph.initializer
+        count = [(int(np.prod(i.dims)), i.data_type == onnx.TensorProto.INT8) for i in inits]
+        extra["int8_weight_share"] = share = sum(n for n, q in count if q) / max(1, sum(n for n, _ in count))
+        if share < 0.5:  # e.g. a ResNet: convolutions (left float) and one small MatMul/Gemm head
+            extra["note"] = (f"only {100 * share:.1f}% of the weights are int8 (convolutions stay float unless "
+                             "export.int8_dynamic_convs: true): this file computes mostly in float32 like model.onnx")
     return {"path": path.name, "precision": mode, "bytes": _publish(tmp, path), "parity": parity,
-            "operators": ops, "nodes": nodes}
+            "operators": ops, "nodes": nodes, **extra, **ran}

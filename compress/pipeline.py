@@ -21,12 +21,13 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from . import __version__
+from . import __version__, runtimes
 from .data import calibration_batch, dataset, loader
-from .distill import distill
+from .distill import KeepBest, distill
 from .errors import GateError, InputError, VerificationError
 from .export import write_fp16, write_int8, write_onnx, write_safetensors
-from .outdir import check_inputs_untouched, publish, remove_created, stage
+from .outdir import check_inputs_untouched, publish, remove_created, sha256, stage
+from .limits import check_memory
 from .load import load
 from .metrics import count_flops, count_params, evaluate, fidelity, latency, logits64, ort_predictor
 from .modules import learned_parameters
@@ -60,6 +61,11 @@ def _check_recipe_needs(recipe: Recipe, data) -> None:
         raise InputError("export.quantize int8_static calibrates on real images; set calibration.data or pass --data")
     if variants(recipe.export) and "onnx" not in recipe.export.formats:
         raise InputError("export.precision fp16 / export.quantize make ONNX variants; add onnx to export.formats")
+    runtimes.fit_check(recipe.export)
+    if g.variant is not None and g.variant not in variants(recipe.export):
+        raise InputError(f"gates.variant {g.variant} is not exported; add it to export.precision/quantize or drop it")
+    if g.speedup_batch is not None and (r.latency is None or g.speedup_batch not in r.latency.batch_sizes):
+        raise InputError(f"gates.speedup_batch {g.speedup_batch} is not timed; add it to report.latency.batch_sizes")
 
 
 def rewrite(loaded, recipe: Recipe, calib, log) -> tuple:
@@ -78,7 +84,7 @@ def rewrite(loaded, recipe: Recipe, calib, log) -> tuple:
         spec = get_pass(step.name)
         if adapter.family not in spec.families:
             msg = (f"pass '{step.name}' does not apply to {adapter.name} models (it needs family "
-                   f"{'/'.join(sorted(spec.families))})")
+                   f"{'/'.join(sorted(spec.families))})" + (f": {loaded.source['note']}" if adapter.family == "other" else ""))
             if not recipe.skip_inapplicable:
                 raise InputError(f"{msg}; remove it from the recipe or set skip_inapplicable: true")
             log(f"skipped {step.name}: {msg}")
@@ -145,12 +151,17 @@ def run_distill(recipe: Recipe, loaded, student, train, calib, ref, start, work:
     feats = (adapter.feature_modules(teacher), adapter.feature_modules(student)) if d.feature_weight > 0 else None
     before = fidelity(ref, start)
     dev = _device(device or d.device)
+    keep = None
+    if d.holdout_images:  # seeded training images scored for keep-best (see _holdout)
+        hx = _holdout(train, d.holdout_images, d.seed)
+        with torch.no_grad():
+            keep = KeepBest(hx, torch.cat([teacher(c) for c in hx.split(64)]), every=max(1, steps // 15))
     log(f"distill: {steps} steps of {d.batch_size} images on {dev} x{world} from {train.path}")
     stats = distill(student, teacher, train, steps=steps, batch_size=d.batch_size, lr=d.lr, weight_decay=d.weight_decay,
                     warmup_steps=min(d.warmup_steps, steps), temperature=d.temperature, feature_weight=d.feature_weight,
                     label_weight=d.label_weight, features=feats, seed=d.seed, device=dev, amp=d.amp, workers=d.workers,
                     checkpoint=checkpoint, checkpoint_every=d.checkpoint_every, resume=resume,
-                    fingerprint=fingerprint, log=log)
+                    fingerprint=fingerprint, keep=keep, log=log)
     if checkpoint is not None and (not dist.is_initialized() or dist.get_rank() == 0):
         shutil.rmtree(work, ignore_errors=True)  # training finished: nothing left to resume
     after = fidelity(ref, logits64(student, calib))
@@ -159,7 +170,15 @@ def run_distill(recipe: Recipe, loaded, student, train, calib, ref, start, work:
     return {**stats, "data": str(train.path), "images": len(train), "calib_before": before, "calib_after": after}
 
 
-def _export(recipe: Recipe, loaded, student, staging: Path, calib, ledger: list, log) -> dict:
+def _holdout(train, n: int, seed: int) -> torch.Tensor:
+    """n seeded images of the training set (eval transform). With thousands of images and a few hundred
+    steps, few of them are ever drawn for training; the set is the same for a resumed run."""
+    idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed + 7919))[:n]
+    items = [train[int(i)] for i in idx]
+    return torch.stack([it[0] for it in items if it is not None])
+
+
+def _export(recipe: Recipe, loaded, student, staging: Path, calib, ledger: list, old, log) -> dict:
     """Write every artifact the recipe asks for; each is verified before it gets its final name."""
     ex, artifacts = recipe.export, {}
     meta = {"compress_version": __version__, "source_arch": loaded.source["arch"],
@@ -173,16 +192,23 @@ def _export(recipe: Recipe, loaded, student, staging: Path, calib, ledger: list,
                                                               staging / "model.fp16.safetensors", meta)
     if "onnx" in ex.formats:
         base = staging / "model.onnx"
-        artifacts["onnx"] = write_onnx(student, base, calib, opset=ex.opset, dynamic_batch=ex.dynamic_batch,
-                                       tol=ex.parity_tol, slim=ex.slim)
-        x = calib if ex.dynamic_batch else calib[:1]
+        artifacts["onnx"] = onnx_rec = write_onnx(student, base, calib, opset=ex.opset, dynamic_batch=ex.dynamic_batch,
+                                                  tol=ex.parity_tol, slim=ex.slim, old=old)
+        if onnx_rec.get("fixed_batch"):
+            log(f"export: warning: {onnx_rec['fixed_batch']}")
+        elif onnx_rec.get("traced_batch_baked"):
+            log(f"export: the trace baked the batch size in ({onnx_rec['traced_batch_baked']}); exported with the dynamo exporter instead")
+        x = calib if onnx_rec["dynamic_batch"] else calib[:1]
         with torch.no_grad():
             ref = student(x)
         for v in variants(ex):
             log(f"export: {v} variant")
             path = staging / f"model.{v}.onnx"
-            artifacts[f"onnx.{v}"] = (write_fp16(base, path, ref, x, tol=ex.fp16_tol) if v == "fp16" else
-                                      write_int8(base, path, v, ref, x, min_agreement=ex.int8_min_agreement))
+            artifacts[f"onnx.{v}"] = (write_fp16(base, path, ref, x, tol=ex.fp16_tol, old=old) if v == "fp16" else
+                                      write_int8(base, path, v, ref, x, min_agreement=ex.int8_min_agreement,
+                                                 convs=ex.int8_dynamic_convs, old=old))
+            if "note" in artifacts[f"onnx.{v}"]:
+                log(f"export: warning: {v}: {artifacts[f'onnx.{v}']['note']}")
     return artifacts
 
 
@@ -204,12 +230,17 @@ def _measure(recipe: Recipe, loaded, student, staging: Path, calib, artifacts: d
             t = write_onnx(teacher, Path(tmp) / "teacher.onnx", calib, opset=ex.opset,
                            dynamic_batch=ex.dynamic_batch, tol=ex.parity_tol, slim=ex.slim)
             summary["onnx_bytes"] = _ratio(t["bytes"], artifacts["onnx"]["bytes"])
+            dyn = t["dynamic_batch"] and artifacts["onnx"]["dynamic_batch"]  # a forward may fix the batch (see write_onnx)
+            summary["variant_bytes"] = {v: artifacts[f"onnx.{v}"]["bytes"] for v in variants(ex)}
             onnx_files = {"teacher": Path(tmp) / "teacher.onnx", "student": staging / "model.onnx",
                           **{v: staging / f"model.{v}.onnx" for v in variants(ex)}}
             lat = recipe.report.latency
             if lat is not None:
                 log(f"timing onnxruntime: batch {lat.batch_sizes}, {lat.threads} threads, {lat.runs} interleaved runs")
-                res = latency(onnx_files, size, batch_sizes=lat.batch_sizes if ex.dynamic_batch else [1],
+                if not dyn and lat.batch_sizes != [1]:
+                    summary["latency_note"] = "batch 1 only: model.onnx has a fixed batch of 1 (see artifacts.onnx.fixed_batch)"
+                    log(f"timing: {summary['latency_note']}")
+                res = latency(onnx_files, size, batch_sizes=lat.batch_sizes if dyn else [1],
                               threads=lat.threads, warmup=lat.warmup, runs=lat.runs)
                 summary["latency"] = {bs: {"teacher": res["teacher"][bs], "student": res["student"][bs],
                                            "speedup": res["teacher"][bs]["p50_ms"] / res["student"][bs]["p50_ms"],
@@ -218,10 +249,16 @@ def _measure(recipe: Recipe, loaded, student, staging: Path, calib, artifacts: d
                                       for bs in res["student"]}
         if recipe.report.eval_data is not None:
             log(f"evaluating on {recipe.report.eval_data}")
-            _, dl = loader(recipe.report.eval_data, cfg, limit=recipe.report.eval_images)
+            ds, dl = loader(recipe.report.eval_data, cfg, limit=recipe.report.eval_images)
+            outputs = int(logits64(teacher, calib[:1]).shape[-1])
+            warn = (f"{recipe.report.eval_data} has {len(ds.classes)} class folders but the model has {outputs} outputs; "
+                    "top-1 assumes folder i (sorted by name) is output i" if ds.labeled and len(ds.classes) != outputs else None)
+            if warn:
+                log(f"warning: {warn}")
             models = {"teacher": teacher, "student": student,
-                      **{v: ort_predictor(onnx_files[v], ex.dynamic_batch) for v in variants(ex) if v in onnx_files}}
-            summary["eval"] = {"data": str(recipe.report.eval_data), **evaluate(models, dl)}
+                      **{v: ort_predictor(onnx_files[v], ex.dynamic_batch and artifacts["onnx"]["dynamic_batch"])
+                         for v in variants(ex) if v in onnx_files}}
+            summary["eval"] = {"data": str(recipe.report.eval_data), **evaluate(models, dl), **({"warning": warn} if warn else {})}
 
 
 def _gates(recipe: Recipe, summary: dict) -> list[dict]:
@@ -237,21 +274,24 @@ def _gates(recipe: Recipe, summary: dict) -> list[dict]:
     if g.max_flops_ratio is not None:
         r = summary["flops"]["ratio"]
         add("max_flops_ratio", g.max_flops_ratio, r, r <= g.max_flops_ratio)
+    v = g.variant  # the gates read the file that ships: model.onnx, or this variant of it
+    of = f" of model.{v}.onnx" if v else ""
     if g.max_size_ratio is not None:
-        r = summary["onnx_bytes"]["ratio"]
-        add("max_size_ratio", g.max_size_ratio, r, r <= g.max_size_ratio)
+        r = (summary["variant_bytes"][v] if v else summary["onnx_bytes"]["student"]) / summary["onnx_bytes"]["teacher"]
+        add(f"max_size_ratio{of}", g.max_size_ratio, r, r <= g.max_size_ratio)
     if g.min_speedup is not None:
-        bs = str(max(recipe.report.latency.batch_sizes))
-        s = summary["latency"][bs]["speedup"]
-        add(f"min_speedup (batch {bs}, p50)", g.min_speedup, s, s >= g.min_speedup)
+        bs = str(g.speedup_batch or max(int(b) for b in summary["latency"]))  # batch 1 only when model.onnx has a fixed batch
+        s = summary["latency"][bs]["variants"][v]["speedup"] if v else summary["latency"][bs]["speedup"]
+        add(f"min_speedup{of} (batch {bs}, p50)", g.min_speedup, s, s >= g.min_speedup)
     ev = summary.get("eval") or {}
+    mine = ev.get("variants", {}).get(v, {}) if v else {"top1": ev.get("student_top1"), "agreement": ev.get("agreement")}
     if g.max_top1_drop is not None:
         if "teacher_top1" not in ev:
             raise InputError(f"gate max_top1_drop needs labels, but {ev['data']} has no class folders; drop the gate")
-        drop = 100 * (ev["teacher_top1"] - ev["student_top1"])
-        add("max_top1_drop (points)", g.max_top1_drop, drop, drop <= g.max_top1_drop)
+        drop = 100 * (ev["teacher_top1"] - mine["top1"])
+        add(f"max_top1_drop{of} (points)", g.max_top1_drop, drop, drop <= g.max_top1_drop)
     if g.min_agreement is not None:
-        add("min_agreement", g.min_agreement, ev["agreement"], ev["agreement"] >= g.min_agreement)
+        add(f"min_agreement{of}", g.min_agreement, mine["agreement"], mine["agreement"] >= g.min_agreement)
     return checks
 
 
@@ -266,9 +306,11 @@ def apply(recipe: Recipe, ckpt: str, out: Path, *, data: str | None = None, dry_
     stages = Stages()
     primary = not dist.is_initialized() or dist.get_rank() == 0
     _check_recipe_needs(recipe, data)
+    # the older runtime the files must also run on: installed once into the cache, or a clear failure now
+    old = runtimes.for_recipe(recipe.export, log) if primary and not dry_run else None
     with stages("load"):
         loaded = load(ckpt, recipe.model)
-    for key in ("detected", "converted", "note"):
+    for key in ("read", "detected", "converted", "note", "preprocess_note"):
         if loaded.source.get(key):
             log(f"load: {loaded.source[key]}")
     data_paths = [recipe.calibration.data, recipe.report.eval_data, recipe.distill and recipe.distill.data, data]
@@ -279,7 +321,17 @@ def apply(recipe: Recipe, ckpt: str, out: Path, *, data: str | None = None, dry_
     if primary and not dry_run and not resume:
         shutil.rmtree(work, ignore_errors=True)
     try:
-        record = _run(recipe, loaded, staging, data, train, work, dry_run, resume, device, ckpt, stages, log)
+        if recipe.target is None:
+            record = _run(recipe, loaded, staging, data, train, work, dry_run, resume, device, ckpt, old, stages, log)
+        else:  # plan first (compress/plan.py); an accuracy miss may retry the next candidate in a clean staging dir
+            from .plan import run_target
+
+            def attempt(planned: Recipe, extra: dict) -> dict:
+                for p in staging.iterdir() if staging is not None else ():
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+                return _run(planned, loaded, staging, data, train, work, dry_run, resume, device, ckpt, old, stages, log, extra)
+
+            record = run_target(recipe, loaded, data, attempt, log)  # its seconds are in record["plan"]
         if staging is not None:
             publish(staging, out)
             shutil.rmtree(work, ignore_errors=True)
@@ -292,16 +344,19 @@ def apply(recipe: Recipe, ckpt: str, out: Path, *, data: str | None = None, dry_
 
 
 def _run(recipe: Recipe, loaded, staging: Path | None, data, train, work: Path, dry_run: bool, resume: bool,
-         device: str | None, ckpt: str, stages: Stages, log) -> dict:
+         device: str | None, ckpt: str, old, stages: Stages, log, extra: dict | None = None) -> dict:
     teacher, cfg = loaded.model, loaded.data_cfg
     size = tuple(cfg["input_size"])
     calib_path = data if data is not None else recipe.calibration.data
+    train_batch = recipe.distill.batch_size if recipe.distill is not None and not torch.cuda.is_available() else None
+    memory = check_memory(teacher, size, calib_images=recipe.calibration.images, train_batch=train_batch)
     calib, calib_desc = calibration_batch(calib_path, cfg, recipe.calibration.images, recipe.calibration.seed)
     with stages("rewrite"):
         student, ledger, ref, rewritten = rewrite(loaded, recipe, calib, log)
     record = {"compress_version": __version__, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "source": loaded.source, "input_size": list(size), "calibration": calib_desc,
-              "recipe": recipe.resolved(), "passes": ledger}
+              "recipe": recipe.resolved(), "passes": ledger, **({"memory_estimate": memory} if memory else {}),
+              **(extra or {})}
     summary = {"params": _ratio(count_params(teacher), count_params(student)),
                "flops": _ratio(count_flops(teacher, size), count_flops(student, size))}
     record["summary"] = summary
@@ -319,11 +374,14 @@ def _run(recipe: Recipe, loaded, staging: Path | None, data, train, work: Path, 
         record["learned"] = learned
 
     with stages("export"):
-        record["artifacts"] = artifacts = _export(recipe, loaded, student, staging, calib, ledger, log)
+        record["artifacts"] = artifacts = _export(recipe, loaded, student, staging, calib, ledger, old, log)
         if loaded.save_back is not None:  # the original family's layout too, when the structure allows it
             record["family_layout"] = lay = loaded.save_back(student, staging, calib, recipe.export.parity_tol)
             log(f"export: {loaded.source['arch']} layout " + (f"not written: {lay['skipped']}" if "skipped" in lay
                                                                else f"in {lay['path']} (reloaded and compared)"))
+        for a in [*artifacts.values(), record.get("family_layout") or {}]:  # `compress verify` checks these later
+            if a.get("path"):
+                a["sha256"] = sha256(staging / a["path"])
     with stages("measure"):
         _measure(recipe, loaded, student, staging, calib, artifacts, summary, log)
     if summary.get("eval", {}).get("images") == 0:

@@ -19,13 +19,55 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+MAX_SIDE = 4096  # an input side beyond this is a typo, not a model: refuse it before anything is allocated
+
+
+class PreprocessSpec(_Strict):
+    """How the model expects its images, where the checkpoint does not say it (bare weights, your own model)."""
+
+    input_size: Optional[list[PositiveInt]] = Field(None, min_length=3, max_length=3, description="[channels, height, width]")
+    mean: Optional[list[float]] = Field(None, min_length=1, max_length=3, description="one value per channel")
+    std: Optional[list[PositiveFloat]] = Field(None, min_length=1, max_length=3, description="one value per channel")
+    interpolation: Optional[Literal["bilinear", "bicubic", "nearest"]] = None
+    crop_pct: Optional[float] = Field(None, gt=0, le=1, description="resize to side/crop_pct, centre-crop side")
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.input_size is not None:
+            c, h, w = self.input_size
+            if c not in (1, 3):
+                raise ValueError(f"input_size channels must be 1 or 3 (got {c})")
+            if h != w:
+                raise ValueError(f"input_size must be square (got {h}x{w})")
+            if h > MAX_SIDE:
+                raise ValueError(f"input side {h} is beyond {MAX_SIDE}; check the value")
+        for name in ("mean", "std"):
+            v = getattr(self, name)
+            if v is not None and self.input_size is not None and len(v) != self.input_size[0]:
+                raise ValueError(f"{name} has {len(v)} values for {self.input_size[0]} channels")
+        if self.mean is not None and self.std is not None and len(self.mean) != len(self.std):
+            raise ValueError("mean and std need the same number of values")
+        return self
+
+
 class ModelSpec(_Strict):
     """Architecture for a bare weights file (a checkpoint directory's config.json says it itself)."""
 
     arch: str = Field(description="timm:NAME (or a bare timm name)")
     num_classes: Optional[PositiveInt] = None
-    img_size: Optional[PositiveInt] = None
+    img_size: Optional[int] = Field(None, ge=1, le=MAX_SIDE)
     kwargs: dict[str, Any] = Field(default_factory=dict, description="extra model constructor arguments")
+    weights_key: Optional[str] = Field(None, description="which weights in a container: ema, plain, or a key such as state_dict_ema")
+    preprocess: Optional[PreprocessSpec] = None
+
+    @model_validator(mode="after")
+    def _size(self):
+        p = self.preprocess
+        if p is not None and p.input_size is not None:
+            if self.img_size is not None and self.img_size != p.input_size[1]:
+                raise ValueError(f"img_size {self.img_size} and preprocess.input_size {p.input_size} disagree; set one")
+            self.img_size = p.input_size[1]
+        return self
 
 
 class CalibrationSpec(_Strict):
@@ -55,6 +97,13 @@ class ExportSpec(_Strict):
     parity_tol: PositiveFloat = Field(1e-4, description="fp32: max |ONNX - PyTorch| relative to the logit scale")
     fp16_tol: PositiveFloat = Field(1e-2, description="fp16: the same bound")
     int8_min_agreement: float = Field(0.9, ge=0, le=1, description="int8: top-1 agreement with PyTorch on calibration")
+    int8_dynamic_convs: bool = Field(False, description="int8_dynamic also quantizes convolutions (ConvInteger: "
+                                     "needs onnxruntime >= 1.24, several times slower on ResNets); default MatMul only")
+    min_runtime: Optional[Literal["1.16", "1.17", "1.18"]] = Field(
+        "1.16", description="oldest onnxruntime every ONNX file must also run on (an isolated, cached install); "
+                            "null = the installed one only")
+    min_runtime_check: Literal["require", "warn"] = Field(
+        "require", description="min_runtime not installable (offline, not cached): fail (require) or skip with a warning")
 
 
 class LatencySpec(_Strict):
@@ -89,6 +138,8 @@ class DistillSpec(_Strict):
     amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")
     workers: int = Field(2, ge=0, description="data loader processes")
     checkpoint_every: Optional[PositiveInt] = Field(100, description="steps between resumable checkpoints; null: none")
+    holdout_images: int = Field(256, ge=0, description="seeded training images scored every steps/15 steps; the "
+                                "weights with the lowest KL to the teacher there are kept (the start included). 0: off")
 
     @model_validator(mode="after")
     def _one_length(self):
@@ -106,6 +157,33 @@ class Gates(_Strict):
     min_speedup: Optional[PositiveFloat] = Field(None, description="teacher/student p50 latency at the largest batch")
     max_top1_drop: Optional[float] = Field(None, description="percentage points; needs report.eval_data")
     min_agreement: Optional[float] = Field(None, ge=0, le=1, description="top-1 agreement with the teacher")
+    speedup_batch: Optional[PositiveInt] = Field(None, description="batch size min_speedup reads; null = the largest timed")
+    variant: Optional[Literal["fp16", "int8_dynamic", "int8_static"]] = Field(
+        None, description="the ONNX variant the speed/size/accuracy gates read (the file that ships); null = model.onnx")
+
+
+class TargetSpec(_Strict):
+    """What the result must achieve; the planner (compress/plan.py) chooses passes and export variant to get there."""
+
+    speedup: Optional[PositiveFloat] = Field(None, description="teacher/student ONNX p50 latency at `batch`")
+    batch: PositiveInt = Field(8, description="batch size the speedup / latency_ms target is measured at")
+    latency_ms: Optional[PositiveFloat] = Field(None, description="student ONNX p50 latency at `batch`")
+    flops: Optional[Annotated[float, Field(gt=0, le=1)]] = Field(None, description="FLOPs as a fraction of the teacher's")
+    params: Optional[Annotated[float, Field(gt=0, le=1)]] = Field(None, description="parameters as a fraction of the teacher's")
+    size_mb: Optional[PositiveFloat] = Field(None, description="size of the ONNX file that ships, in MB (1e6 bytes)")
+    max_top1_drop: Optional[Annotated[float, Field(ge=0)]] = Field(
+        None, description="percentage points after distillation (a gate; needs report.eval_data)")
+    variants: list[Literal["fp32", "int8_dynamic"]] = Field(
+        default_factory=lambda: ["fp32", "int8_dynamic"], min_length=1, description="export variants the plan may ship")
+    attempts: PositiveInt = Field(1, description="candidates tried in turn when the accuracy gate is missed")
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.speedup is not None and self.latency_ms is not None:
+            raise ValueError("give speedup or latency_ms, not both (they are the same measurement)")
+        if all(v is None for v in (self.speedup, self.latency_ms, self.flops, self.params, self.size_mb)):
+            raise ValueError("name what to reach: speedup, latency_ms, flops, params or size_mb")
+        return self
 
 
 @dataclass(frozen=True)
@@ -125,6 +203,26 @@ class Recipe(_Strict):
     export: ExportSpec = Field(default_factory=ExportSpec)
     report: ReportSpec = Field(default_factory=ReportSpec)
     gates: Gates = Field(default_factory=Gates)
+    target: Optional[TargetSpec] = Field(None, description="plan the passes to meet this (compress plan); on top of passes:")
+
+    @model_validator(mode="after")
+    def _target_fits(self):
+        t, g = self.target, self.gates
+        if t is None:
+            return self
+        if (t.speedup or t.latency_ms) and self.report.latency is None:
+            raise ValueError("target speedup/latency_ms is measured with onnxruntime, but report.latency is null; "
+                             "give report.latency settings or drop the speed target")
+        if (t.speedup or t.latency_ms or t.size_mb) and "onnx" not in self.export.formats:
+            raise ValueError("target speedup/latency_ms/size_mb is measured on the ONNX file; add onnx to export.formats")
+        if t.max_top1_drop is not None and self.report.eval_data is None:
+            raise ValueError("target.max_top1_drop needs report.eval_data (labelled test images); add it or drop it")
+        for key, mine in (("max_top1_drop", t.max_top1_drop), ("min_speedup", t.speedup), ("max_flops_ratio", t.flops),
+                          ("max_params_ratio", t.params)):
+            theirs = getattr(g, key)
+            if mine is not None and theirs is not None and theirs != mine:
+                raise ValueError(f"target and gates.{key} disagree ({mine} vs {theirs}); state it once, in target")
+        return self
 
     @property
     def steps(self) -> list[PassStep]:
@@ -132,7 +230,7 @@ class Recipe(_Strict):
 
     def resolved(self) -> dict:
         """The recipe with every default filled in, as plain data (written next to the model)."""
-        d = self.model_dump(mode="json", exclude={"passes"})
+        d = self.model_dump(mode="json", exclude={"passes"} | ({"target"} if self.target is None else set()))
         d["passes"] = [{s.name: s.config.model_dump(mode="json")} for s in self.steps]
         return {"version": d.pop("version"), **d}
 

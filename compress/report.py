@@ -69,7 +69,8 @@ def rows(record: dict) -> list[tuple[str, str, str, str]]:
 
 
 def variant_rows(record: dict) -> list[tuple]:
-    """One row per ONNX file of the student (fp32 first): size, parity, p50 latency per batch, top-1, agreement."""
+    """One row per ONNX file of the student (fp32 first): size, parity, p50 latency per batch, top-1, agreement,
+    the oldest onnxruntime it was run on."""
     s, arts = record["summary"], record.get("artifacts", {})
     ev = s.get("eval") or {}
     out = []
@@ -86,7 +87,7 @@ def variant_rows(record: dict) -> list[tuple]:
         out.append((v, a["path"], _bytes(a["bytes"]), check,
                     "  ".join(f"b{bs} {d['p50_ms']:.2f} ms" for bs, d in lat) or "-",
                     f"{100 * top1:.2f}%" if top1 is not None else "-",
-                    f"{100 * acc['agreement']:.2f}%" if "agreement" in acc else "-", name))
+                    f"{100 * acc['agreement']:.2f}%" if "agreement" in acc else "-", name, a.get("oldest_runtime", "-")))
     return out
 
 
@@ -102,8 +103,8 @@ def terminal_table(record: dict) -> str:
     text = align([("", "teacher", "student", "change"), *rows(record)])
     v = variant_rows(record)
     if len(v) > 1:
-        text += "\n\n" + align([("ONNX variant", "size", "p50 latency", "top-1", "agreement"),
-                                   *[(x[0], x[2], x[4], x[5], x[6]) for x in v]])
+        text += "\n\n" + align([("ONNX variant", "size", "p50 latency", "top-1", "agreement", "oldest ORT run on"),
+                                   *[(x[0], x[2], x[4], x[5], x[6], x[8]) for x in v]])
     return text
 
 
@@ -122,6 +123,38 @@ def _ledger_md(record: dict) -> list[str]:
     return out
 
 
+def _notes(record: dict) -> list[str]:
+    """What was read and repaired, and anything the run had to work around (fixed-batch export, class count)."""
+    src, onnx = record["source"], record.get("artifacts", {}).get("onnx", {})
+    summary = record.get("summary", {})
+    return [n for n in (src.get("read"), src.get("note"), src.get("preprocess_note"), onnx.get("fixed_batch"),
+                        onnx.get("traced_batch_baked") and f"exported with the dynamo exporter: {onnx['traced_batch_baked']} "
+                        "with the traced graph", summary.get("latency_note"), summary.get("eval", {}).get("warning")) if n]
+
+
+def _runs_md(a: dict) -> str:
+    """The onnxruntime releases the file was run on, each held to the file's bar (or why one was skipped)."""
+    runs = a.get("runtimes") or []
+    done = [r["onnxruntime"] + (f" (isolated: {r['rel_diff']:.1e} of logit scale, top-1 agreement "
+                                f"{100 * r['agreement']:.1f}%)" if r.get("isolated") else "") for r in runs if "skipped" not in r]
+    text = f"; run on onnxruntime {', '.join(done)}" if done else ""
+    return text + "".join(f"; **not run on onnxruntime {r['onnxruntime']}**: {r['skipped']}" for r in runs if "skipped" in r)
+
+
+def plan_md(plan: dict) -> list[str]:
+    """The planner's candidate table (compress plan / apply with target:) as Markdown."""
+    head, *body = plan["table"]
+    out = ["## Plan", "", f"Target {json.dumps({k: v for k, v in plan['target'].items() if v is not None})}; "
+           f"planned in {plan['seconds']:.0f} s. "
+           + ("The teacher already meets it: no passes needed." if plan["met_by_teacher"] else f"Chosen: **{plan['choice']}** (*).")
+           + f" {plan['left_out']} more candidates were beyond reach on FLOPs/params or not timed once one met the target.",
+           "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    out += ["| " + " | ".join(r) + " |" for r in body]
+    for i, a in enumerate(plan.get("attempts", [])):
+        out.append(f"\nAttempt {i + 1}: {a['candidate']}: {a['result']}.")
+    return out
+
+
 def markdown(record: dict) -> str:
     src, m = record["source"], record["machine"]
     lines = [f"# compress report: {src['path']}", "",
@@ -129,6 +162,11 @@ def markdown(record: dict) -> str:
              f"by compress {record['compress_version']}. Every figure below was measured in this run.", "",
              "| metric | teacher | student | change |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows(record)]
+    notes = _notes(record)
+    if notes:
+        lines += ["", "## Notes", "", *[f"- {n}" for n in notes]]
+    if record.get("plan"):
+        lines += ["", *plan_md(record["plan"])]
     lines += ["", "## Passes", "", f"Calibration: {record['calibration']}.", "", *_ledger_md(record)]
     d = record.get("distill")
     if d:
@@ -154,8 +192,9 @@ def markdown(record: dict) -> str:
     if len(v) > 1:
         lines += ["", "## ONNX variants", "", "Each checked against the PyTorch student on the calibration batch before it was "
                   "written; latency from the same interleaved runs as above; top-1 and teacher agreement on the eval data.", "",
-                  "| variant | file | size | parity vs PyTorch | p50 latency | top-1 | agreement |", "|---|---|---|---|---|---|---|"]
-        lines += [f"| {x[0]} | `{x[1]}` | {x[2]} | {x[3]} | {x[4]} | {x[5]} | {x[6]} |" for x in v]
+                  "| variant | file | size | parity vs PyTorch | p50 latency | top-1 | agreement | oldest onnxruntime run on |",
+                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {x[0]} | `{x[1]}` | {x[2]} | {x[3]} | {x[4]} | {x[5]} | {x[6]} | {x[8]} |" for x in v]
     lines += ["", "## Artifacts", ""]
     for kind, a in record.get("artifacts", {}).items():
         extra = ""
@@ -168,7 +207,8 @@ def markdown(record: dict) -> str:
                      f"{a['nodes']} nodes"
                      + (f" (onnxslim: {slim['nodes_before']} before)" if slim.get("applied") else
                         f" (onnxslim not applied: {slim['why']})" if slim else "")
-                     + f"; operators: {', '.join(a['operators'])}")
+                     + f"; operators: {', '.join(a['operators'])}" + _runs_md(a)
+                     + (f"; **{a['note']}**" if a.get("note") else ""))
         lines.append(f"- `{a['path']}`: {_bytes(a['bytes'])}{extra}")
     lay = record.get("family_layout")
     if lay:  # the checkpoint's own family layout (Hugging Face directory, torchvision state dict)

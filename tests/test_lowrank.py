@@ -175,3 +175,18 @@ def test_uniform_allocation_gives_every_layer_one_rank_fraction_within_budget():
     greedy = lowrank(copy.deepcopy(teacher), adapter, cfg.model_copy(update={"allocate": "greedy"}), PassContext(x))
     assert {n: i["rank"] for n, i in greedy.details["layers"].items()} != {n: r for n, (r, _) in frac.items()}
     assert count_flops(student, size) < 0.62 * count_flops(teacher, size)  # convs are most of resnet18's FLOPs
+
+
+def test_auto_allocation_keeps_the_lower_calibration_kl_and_records_both():
+    teacher = _resnet("resnet18")
+    x = torch.randn(4, 3, 64, 64)
+    adapter = detect(teacher)
+    cfg = LowRankConfig(target=0.5, budget="flops", layers=["conv"])
+    assert cfg.allocate == "auto"
+    res = lowrank(copy.deepcopy(teacher), adapter, cfg, PassContext(x))
+    kls = res.details["allocate_kl"]
+    assert set(kls) == {"greedy", "uniform"} and res.details["allocate"] == min(kls, key=kls.get)
+    same = lowrank(copy.deepcopy(teacher), adapter, cfg.model_copy(update={"allocate": res.details["allocate"]}),
+                   PassContext(x))
+    assert {n: i["rank"] for n, i in same.details["layers"].items()} == {n: i["rank"] for n, i in res.details["layers"].items()}
+    assert "auto: calibration KL" in res.changes[0]

@@ -1,0 +1,405 @@
+"""The planner: a recipe's `target:` becomes an ordinary recipe, chosen by measuring candidates here.
+
+Candidates come from the registered passes; each is rewritten once on the calibration batch
+(KL to the teacher), pruned by FLOPs, exported as the file that would ship (fp32 or int8
+dynamic) and timed in onnxruntime interleaved with the teacher. The plan is the lowest-KL
+candidate that meets the target. DESIGN.md §9.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .errors import InputError, TargetError, VerificationError
+from .export import write_int8, write_onnx
+from .metrics import count_flops, count_params, fidelity, latency, ort_predictor
+from .recipe import Recipe, parse_recipe
+from .registry import PassContext, all_passes, get_pass
+
+SLACK = 1.02  # a FLOP/param budget may be exceeded by 2% (ranks and widths are rounded)
+# How much faster than its FLOP cut a file can run (DESIGN §8): fp32 tracks FLOPs; int8 dynamic speeds
+# ViT MatMuls up about 2x. Candidates beyond these bounds are not worth exporting and timing.
+ALLOW = {"fp32": 1.15, "int8_dynamic": 2.5}
+TIMED_MAX = 12  # (candidate, variant) rows exported and timed at most, in KL order
+CHUNK = 6  # rows timed together (interleaved with the teacher); stop after a chunk where one meets
+FIT_ITERS = 4  # bisection steps when a pass's budget is fitted to a FLOP/param level
+WIDTH_LAYERS = {"vit": ["mlp", "qk", "vo"], "resnet": ["conv"]}
+
+
+def _lowrank(t: float, allocate: str, budget: str) -> dict:
+    return {"lowrank": {"method": "whitened_svd", "target": round(t, 4), "budget": budget, "allocate": allocate}}
+
+
+def width_candidate(t: float, family: str, budget: str) -> dict:
+    """width at a share of the whole model (scope: model): no bisection needed, the pass spreads the cut."""
+    return {"width": {"target": round(t, 4), "scope": "model", "budget": budget, "layers": WIDTH_LAYERS[family],
+                      "multiple": 8, "allocate": "auto"}}
+
+
+class Candidates:
+    """Dry rewrites of one teacher on one calibration batch, memoised; a pass list that is refused is None."""
+
+    def __init__(self, loaded, calib, prefix: list):
+        self.loaded, self.calib, self.prefix = loaded, calib, prefix
+        self.size = tuple(loaded.data_cfg["input_size"])
+        self.flops0, self.params0 = count_flops(loaded.model, self.size), count_params(loaded.model)
+        with torch.no_grad():
+            self.ref = loaded.model(calib)
+        self.seen: dict[str, dict | None] = {}
+
+    def build(self, passes: list):
+        """(student, teacher logits, student logits) of prefix + passes, through the pass functions.
+
+        Unlike pipeline.rewrite this checks no exactness and runs in float32 with the teacher's logits
+        computed once: a candidate is scored here, and verified by the pipeline if it is chosen.
+        """
+        recipe = parse_recipe({"version": 1, "passes": self.prefix + passes})
+        student = copy.deepcopy(self.loaded.model)
+        for i, step in enumerate(recipe.steps):
+            spec = get_pass(step.name)
+            if self.loaded.adapter.family not in spec.families:
+                raise InputError(f"pass '{step.name}' does not apply to {self.loaded.adapter.name} models")
+            student = spec.fn(student, self.loaded.adapter, step.config, PassContext(self.calib)).model.eval()
+        with torch.no_grad():
+            return student, self.ref, student(self.calib)
+
+    def dry(self, passes: list) -> dict | None:
+        key = json.dumps(passes, sort_keys=True)
+        if key not in self.seen:
+            try:
+                student, ref, out = self.build(passes)
+            except InputError:  # e.g. a budget below the smallest ranks, or growth an exact pass refuses
+                self.seen[key] = None
+            else:
+                fid = fidelity(ref, out)
+                self.seen[key] = {"passes": passes, "flops_ratio": count_flops(student, self.size) / self.flops0,
+                                  "params_ratio": count_params(student) / self.params0,
+                                  "kl": fid["kl"], "agreement": fid["agreement"]}
+        return self.seen[key]
+
+    def fit(self, make, level: float, kind: str) -> dict | None:
+        """Bisect a budget knob in (0, 1) for the largest FLOPs (or params) within `level` of the teacher's."""
+        lo, hi, best = 0.0, 1.0, None
+        for _ in range(FIT_ITERS):
+            mid = (lo + hi) / 2
+            got = self.dry(make(mid))
+            if got is None:
+                lo = mid
+            elif got[f"{kind}_ratio"] <= level * SLACK:
+                best, lo = got, mid
+            else:
+                hi = mid
+        return best
+
+    def enumerate(self, levels: list[tuple[str, float]], log) -> list[dict]:
+        """Every candidate: MLP strip windows and auto, exact passes where they pay, lowrank (each allocation,
+        alone and on top of short strips) and width fitted to each budget level."""
+        fam, passes = self.loaded.adapter.family, all_passes()
+        found = [self.dry([])]
+        strips: dict[int, dict] = {}
+        if fam == "vit" and "mlp_strip" in passes:
+            n = len(self.loaded.adapter.vit_blocks(copy.deepcopy(self.loaded.model)))
+            for k in range(1, n):
+                windows = [self.dry([{"mlp_strip": {"blocks": list(range(s, s + k))}}]) for s in range(n - k + 1)]
+                found += windows
+                strips[k] = min(windows, key=lambda w: w["kl"])
+            found += [self.dry([{"mlp_strip": {"blocks": "auto", "fraction": f}}]) for f in (0.25, 0.5)]
+            exact = [self.dry([{p: cfg}]) for p, cfg in (("qk_merge", {"mode": "exact"}), ("vo", {"mode": "fold"}))
+                     if p in passes]
+            found += [c for c in exact if c and (c["flops_ratio"] < 1 or c["params_ratio"] < 1)]  # where they pay
+        for kind, level in levels:
+            log(f"plan: fitting budgets to {kind} {level:.0%} of the teacher")
+            if "lowrank" in passes:
+                for a in ("greedy", "uniform"):
+                    found.append(self.fit(lambda t, a=a: [_lowrank(t, a, kind)], level, kind))
+                    for k in (1, 2):
+                        if k in strips and strips[k][f"{kind}_ratio"] > level * SLACK:
+                            found.append(self.fit(lambda t, a=a, s=strips[k]: s["passes"] + [_lowrank(t, a, kind)],
+                                                  level, kind))
+            if "width" in passes and fam in WIDTH_LAYERS:
+                found.append(self.dry([width_candidate(level, fam, kind)]))
+        unique = {}
+        for c in found:
+            if c is not None:
+                unique.setdefault(json.dumps(c["passes"], sort_keys=True), c)
+        return list(unique.values())
+
+
+def _levels(t, teacher: dict) -> list[tuple[str, float]]:
+    """FLOP/param levels where candidates may meet the target (FLOPs only prune and place candidates)."""
+    out = []
+    if t.flops is not None:
+        out.append(("flops", t.flops))
+    if t.params is not None:
+        out.append(("params", t.params))
+    s = t.speedup or (teacher["p50_ms"] / t.latency_ms if t.latency_ms else None)
+    if s is not None:
+        out += [("flops", 1 / s), ("flops", 0.8 / s)]
+        if "int8_dynamic" in t.variants:
+            out.append(("flops", 1.5 / s))
+    if t.size_mb is not None:
+        r = t.size_mb * 1e6 / teacher["bytes"]
+        out += [("params", r)] + ([("params", 3.5 * r)] if "int8_dynamic" in t.variants else [])
+    return sorted({(k, round(v, 4)) for k, v in out if 0 < v < 1}, key=lambda kv: (kv[0], -kv[1]))
+
+
+def _feasible(row: dict, t, teacher: dict) -> bool:
+    """Can this (candidate, variant) still meet the target? Decided on FLOPs and params alone."""
+    v, f, p = row["variant"], row["flops_ratio"], row["params_ratio"]
+    if t.flops is not None and f > t.flops * SLACK or t.params is not None and p > t.params * SLACK:
+        return False
+    s = t.speedup or (teacher["p50_ms"] / t.latency_ms if t.latency_ms else None)
+    if s is not None and f > ALLOW[v] / s:
+        return False
+    if t.size_mb is not None and p * teacher["bytes"] * (0.25 if v != "fp32" else 1) > 1.5 * t.size_mb * 1e6:
+        return False
+    return True
+
+
+def _meets(row: dict, t, teacher: dict) -> bool:
+    bs = str(t.batch)
+    ok = (t.flops is None or row["flops_ratio"] <= t.flops * SLACK) and (t.params is None or row["params_ratio"] <= t.params * SLACK)
+    if t.speedup is not None:
+        ok = ok and row["speedup"][bs] >= t.speedup
+    if t.latency_ms is not None:
+        ok = ok and row["p50_ms"][bs] <= t.latency_ms
+    if t.size_mb is not None:
+        ok = ok and row["bytes"] <= t.size_mb * 1e6
+    return ok
+
+
+def _export_row(cands: Candidates, row: dict, folder: Path, i: int, recipe: Recipe) -> Path | None:
+    """Write the file that would ship for this row; fills in its bytes (and KL/agreement for int8)."""
+    ex = recipe.export
+    student, ref, _ = cands.build(row["passes"])
+    base = folder / f"c{i}.onnx"
+    write_onnx(student, base, cands.calib, opset=ex.opset, dynamic_batch=True, tol=ex.parity_tol, slim=ex.slim)
+    if row["variant"] == "fp32":
+        row["bytes"] = base.stat().st_size
+        return base
+    path = folder / f"c{i}.{row['variant']}.onnx"
+    with torch.no_grad():
+        out = student(cands.calib)
+    try:
+        write_int8(base, path, row["variant"], out, cands.calib, min_agreement=ex.int8_min_agreement)
+    except VerificationError as e:
+        row["note"] = str(e).split(";")[0]
+        return None
+    fid = fidelity(ref, ort_predictor(path, True)(cands.calib))
+    row.update(bytes=path.stat().st_size, kl=fid["kl"], agreement=fid["agreement"])
+    return path
+
+
+def _time(paths: dict, rows: dict, teacher_path: Path, recipe: Recipe, batches: list[int], size) -> dict:
+    lat = recipe.report.latency
+    res = latency({"teacher": teacher_path, **paths}, size, batch_sizes=batches, threads=lat.threads,
+                  warmup=lat.warmup, runs=lat.runs)
+    for k, row in rows.items():
+        row["p50_ms"] = {bs: res[k][bs]["p50_ms"] for bs in res[k]}
+        row["speedup"] = {bs: res["teacher"][bs]["p50_ms"] / res[k][bs]["p50_ms"] for bs in res[k]}
+    return {bs: res["teacher"][bs]["p50_ms"] for bs in res["teacher"]}
+
+
+def plan(loaded, recipe: Recipe, calib, log=print, cands: Candidates | None = None) -> dict:
+    """Candidate table and choice for `recipe.target`. Raises TargetError (exit 4) when nothing meets it.
+
+    `cands` lets a caller planning several targets for one teacher (the benchmark) share the dry rewrites.
+    """
+    t0 = time.perf_counter()
+    t = recipe.target
+    prefix = [{s.name: s.config.model_dump(mode="json")} for s in recipe.steps]
+    cands = cands or Candidates(loaded, calib, prefix)
+    timed = t.speedup is not None or t.latency_ms is not None
+    exported = timed or t.size_mb is not None
+    batches = sorted({*recipe.report.latency.batch_sizes, t.batch}) if timed else []
+    variants = list(t.variants) if exported else ["fp32"]
+    teacher = {"flops": cands.flops0, "params": cands.params0}
+    with tempfile.TemporaryDirectory(prefix="compress-plan-") as tmp:
+        folder = Path(tmp)
+        tpath = folder / "teacher.onnx"
+        if exported:
+            ex = recipe.export
+            write_onnx(loaded.model, tpath, calib, opset=ex.opset, dynamic_batch=True, tol=ex.parity_tol, slim=ex.slim)
+            teacher["bytes"] = tpath.stat().st_size
+        if timed:
+            log(f"plan: timing the teacher at batch {batches}")
+            teacher["p50_ms"] = dict(latency({"teacher": tpath}, cands.size, batch_sizes=batches,
+                                             threads=recipe.report.latency.threads, warmup=recipe.report.latency.warmup,
+                                             runs=recipe.report.latency.runs)["teacher"])
+            teacher["p50_ms"] = {bs: v["p50_ms"] for bs, v in teacher["p50_ms"].items()}
+        tref = {**teacher, "p50_ms": teacher.get("p50_ms", {}).get(str(t.batch))}
+        base = cands.dry([])
+        first = {**base, "variant": "fp32", "bytes": teacher.get("bytes"), "measured": timed,
+                 **({"p50_ms": teacher["p50_ms"], "speedup": {bs: 1.0 for bs in teacher["p50_ms"]}} if timed else {})}
+        if _meets(first, t, tref):  # nothing to do: say so rather than compress for nothing
+            log("plan: the teacher already meets the target")
+            return _result(t, teacher, [first], 0, [0], t0, met_by_teacher=True, timed_rows=0)
+        log("plan: rewriting candidates on the calibration batch")
+        found = cands.enumerate(_levels(t, tref), log)
+        rows = [{**c, "variant": v} for c in found for v in variants]
+        for r in rows:
+            r["feasible"] = _feasible(r, t, tref)
+        order = sorted((i for i, r in enumerate(rows) if r["feasible"]), key=lambda i: (rows[i]["kl"], i))
+        log(f"plan: {len(rows)} candidate rows, {len(order)} within reach on FLOPs/params")
+        done = 0
+        if exported:
+            for start in range(0, min(len(order), TIMED_MAX), CHUNK):
+                chunk = order[start:min(start + CHUNK, TIMED_MAX)]
+                paths = {}
+                for i in chunk:
+                    p = _export_row(cands, rows[i], folder, i, recipe)
+                    rows[i]["measured"] = p is not None
+                    if p is not None:
+                        paths[f"c{i}"] = p
+                if timed and paths:
+                    log(f"plan: timing {len(paths)} candidates interleaved with the teacher")
+                    _time(paths, {k: rows[int(k[1:])] for k in paths}, tpath, recipe, batches, cands.size)
+                done += len(chunk)
+                if any(rows[i].get("measured") and _meets(rows[i], t, tref) for i in chunk):
+                    break
+        else:
+            for i in order:
+                rows[i]["measured"] = True
+        meeting = sorted((i for i in order if rows[i].get("measured") and _meets(rows[i], t, tref)),
+                         key=lambda i: (rows[i]["kl"], i))
+        result = _result(t, teacher, rows, meeting[0] if meeting else None, meeting, t0, met_by_teacher=False,
+                         timed_rows=done)
+    if not meeting:
+        best = _best_effort(rows, t)
+        err = TargetError(f"target {_target_text(t)} is out of reach: the best candidate measured, "
+                          f"{describe(best)}, reaches {_reach(best, t)}; relax the target or allow more variants")
+        err.plan = result
+        raise err
+    return result
+
+
+def _best_effort(rows: list[dict], t) -> dict:
+    measured = [r for r in rows if r.get("measured")] or rows
+    if t.speedup is not None or t.latency_ms is not None:
+        timed = [r for r in measured if "speedup" in r]
+        if timed:
+            return max(timed, key=lambda r: r["speedup"][str(t.batch)])
+    if t.size_mb is not None and any("bytes" in r and r["bytes"] for r in measured):
+        return min((r for r in measured if r.get("bytes")), key=lambda r: r["bytes"])
+    return min(rows, key=lambda r: (r["params_ratio"] if t.params else r["flops_ratio"]))
+
+
+def _reach(r: dict, t) -> str:
+    bits = [f"FLOPs {r['flops_ratio']:.0%}", f"params {r['params_ratio']:.0%}"]
+    if "speedup" in r:
+        bits.append(f"{r['speedup'][str(t.batch)]:.2f}x at batch {t.batch}")
+    if r.get("bytes"):
+        bits.append(f"{r['bytes'] / 1e6:.2f} MB")
+    return ", ".join(bits)
+
+
+def _target_text(t) -> str:
+    keys = ("speedup", "latency_ms", "flops", "params", "size_mb")
+    return ", ".join(f"{k} {getattr(t, k)}" for k in keys if getattr(t, k) is not None) + (
+        f" (batch {t.batch})" if t.speedup or t.latency_ms else "")
+
+
+def describe(row: dict) -> str:
+    """A candidate in one short phrase: its passes and the file variant."""
+    parts = []
+    for p in row["passes"]:
+        (name, cfg), = p.items()
+        if name == "mlp_strip":
+            b = cfg["blocks"]
+            parts.append(f"strip auto {cfg['fraction']}" if b == "auto" else "strip " + ",".join(map(str, b)))
+        elif name in ("lowrank", "width"):
+            parts.append(f"{name} {cfg['target']:.3g} {cfg.get('allocate', '')}".strip())
+        else:
+            parts.append(f"{name} {cfg.get('mode', '')}".strip())
+    return (" + ".join(parts) or "teacher") + ("" if row["variant"] == "fp32" else f" [{row['variant']}]")
+
+
+def _result(t, teacher, rows, choice, meeting, t0, *, met_by_teacher: bool, timed_rows: int) -> dict:
+    return {"target": t.model_dump(mode="json"), "teacher": teacher, "rows": rows, "choice": choice,
+            "ranked": meeting, "met_by_teacher": met_by_teacher, "timed_rows": timed_rows,
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def planned_recipe(recipe: Recipe, result: dict, index: int) -> dict:
+    """The chosen candidate as a plain recipe (no target:) that `compress apply` replays without searching."""
+    t, row = recipe.target, result["rows"][index]
+    d = recipe.resolved()
+    d.pop("target", None)
+    d["passes"] = d["passes"] + row["passes"]
+    g = d["gates"]
+    if row["variant"] != "fp32":
+        d["export"]["quantize"] = sorted({*d["export"]["quantize"], row["variant"]})
+        g["variant"] = row["variant"]
+    if t.speedup is not None or t.latency_ms is not None:
+        lat = d["report"]["latency"]
+        lat["batch_sizes"] = sorted({*lat["batch_sizes"], t.batch})
+        g["speedup_batch"] = t.batch
+        g["min_speedup"] = t.speedup or round(result["teacher"]["p50_ms"][str(t.batch)] / t.latency_ms, 4)
+    if t.flops is not None:
+        g["max_flops_ratio"] = t.flops
+    if t.params is not None:
+        g["max_params_ratio"] = t.params
+    if t.size_mb is not None:
+        g["max_size_ratio"] = round(t.size_mb * 1e6 / result["teacher"]["bytes"], 4)
+    if t.max_top1_drop is not None:
+        g["max_top1_drop"] = t.max_top1_drop
+    return d
+
+
+def table(result: dict) -> tuple[list[tuple], int]:
+    """Rows for report.align, one per measured candidate (lowest KL first, the choice marked *), and how
+    many candidates were left out (beyond reach on FLOPs/params, or not timed once one met the target)."""
+    bss = sorted(result["teacher"].get("p50_ms", {}), key=int)
+    out = [("", "candidate", "FLOPs", "params", *[f"speedup b{b}" for b in bss], "MB", "KL", "agree", "meets")]
+    rows = result["rows"]
+    shown = sorted((i for i, r in enumerate(rows) if r.get("measured")), key=lambda i: (rows[i]["kl"], i))
+    for i in shown:
+        r = rows[i]
+        out.append(("*" if i == result["choice"] else "", describe(r), f"{r['flops_ratio']:.1%}", f"{r['params_ratio']:.1%}",
+                    *[f"{r['speedup'][b]:.2f}x" if "speedup" in r else "-" for b in bss],
+                    f"{r['bytes'] / 1e6:.2f}" if r.get("bytes") else "-", f"{r['kl']:.4f}",
+                    f"{100 * r['agreement']:.1f}%", ("yes" if i in result["ranked"] else "no")))
+    return out, len(rows) - len(shown)
+
+
+def summary(result: dict) -> dict:
+    """The plan as the report keeps it: the table (rendered rows), the choice, and the raw candidate rows."""
+    rows, left = table(result)
+    choice = result["choice"]
+    return {**{k: result[k] for k in ("target", "teacher", "met_by_teacher", "timed_rows", "seconds", "ranked")},
+            "choice": describe(result["rows"][choice]) if choice is not None else None,
+            "table": [list(r) for r in rows], "left_out": left, "rows": result["rows"]}
+
+
+def run_target(recipe: Recipe, loaded, data, run, log) -> dict:
+    """Plan, then run the chosen recipe through `run(recipe, extra)`; when only the accuracy gate is missed
+    after distillation, try the next candidate, up to target.attempts, and say so in the record."""
+    from .data import calibration_batch
+    from .errors import GateError
+
+    calib_path = data if data is not None else recipe.calibration.data
+    calib, _ = calibration_batch(calib_path, loaded.data_cfg, recipe.calibration.images, recipe.calibration.seed)
+    result = plan(loaded, recipe, calib, log)
+    tries = result["ranked"][:recipe.target.attempts]
+    kept = summary(result)
+    kept["attempts"] = []
+    log(f"plan: chose {kept['choice']} in {result['seconds']:.0f} s"
+        + (f"; up to {len(tries)} candidates will be tried if the accuracy gate is missed" if len(tries) > 1 else ""))
+    for n, i in enumerate(tries):
+        kept["attempts"].append({"candidate": describe(result["rows"][i]), "result": "this run"})
+        try:
+            return run(parse_recipe(planned_recipe(recipe, result, i)), {"plan": kept})
+        except GateError as e:
+            failed = getattr(e, "record", {}).get("failed_gates", [])
+            accuracy = failed and all(g["gate"].startswith(("max_top1_drop", "min_agreement")) for g in failed)
+            kept["attempts"][-1]["result"] = str(e)
+            if not accuracy or n + 1 == len(tries):
+                raise
+            log(f"plan: attempt {n + 1} of {len(tries)} missed the accuracy gate; trying the next candidate, "
+                f"{describe(result['rows'][tries[n + 1]])}")
+    raise AssertionError("unreachable: plan() raises when no candidate meets the target")

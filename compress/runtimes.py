@@ -1,0 +1,164 @@
+"""Older onnxruntime releases, each installed once into its own cached venv, so every exported
+file is also run on the runtime the recipe promises (`export.min_runtime`), not only the newest."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime
+
+from .errors import InputError, VerificationError
+
+
+@dataclass(frozen=True)
+class Runtime:
+    release: str           # the pip version installed for this min_runtime
+    opset: int             # newest ai.onnx opset it implements
+    ir: int                # newest ONNX IR version it reads
+    pythons: tuple         # CPython minor versions it has wheels for
+    numpy: str = "numpy<2"  # its wheels were built against NumPy 1
+
+
+# From onnxruntime's compatibility table (opset / IR per release) and its wheels on PyPI.
+RUNTIMES = {
+    "1.16": Runtime("1.16.3", 19, 9, (8, 9, 10, 11)),
+    "1.17": Runtime("1.17.3", 20, 9, (8, 9, 10, 11, 12)),
+    "1.18": Runtime("1.18.1", 21, 10, (10, 11, 12)),
+}
+INT8_CONV_RUNTIME = "1.24"  # first release whose CPU ConvInteger takes int8 weights (onnxruntime PR 26585)
+
+
+def version_tuple(v: str) -> tuple:
+    return tuple(int(p) for p in v.split(".")[:3] if p.isdigit())
+
+
+def installed() -> str:
+    return onnxruntime.__version__
+
+
+@dataclass(frozen=True)
+class OldRuntime:
+    """An isolated onnxruntime: its python runs ort_runner.py on one file at a time."""
+    version: str
+    python: Path
+    limits: Runtime
+
+
+def fit_check(ex) -> None:
+    """Refuse, before any work, a recipe whose files cannot run on export.min_runtime (one line, exit 2)."""
+    if ex.min_runtime is None:
+        return
+    rt = RUNTIMES[ex.min_runtime]
+    if "onnx" in ex.formats and ex.opset > rt.opset:
+        raise InputError(f"export.opset {ex.opset} is newer than onnxruntime {ex.min_runtime} reads (opset <= {rt.opset}); "
+                         f"set export.opset: {min(rt.opset, 18)} or raise export.min_runtime")
+    if "int8_dynamic" in ex.quantize and ex.int8_dynamic_convs:
+        raise InputError(f"export variant int8_dynamic with int8_dynamic_convs: true makes ConvInteger with int8 weights, "
+                         f"which onnxruntime {ex.min_runtime} cannot run (needs >= {INT8_CONV_RUNTIME}); drop "
+                         "int8_dynamic_convs or set export.min_runtime: null")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("COMPRESS_CACHE") or Path.home() / ".cache" / "compress")
+
+
+def _python_for(rt: Runtime) -> str | None:
+    """This interpreter if the release has wheels for it, else a python3.X on PATH that has them."""
+    if sys.version_info[0] == 3 and sys.version_info[1] in rt.pythons:
+        return sys.executable
+    for minor in sorted(rt.pythons, reverse=True):
+        found = shutil.which(f"python3.{minor}")
+        if found:
+            return found
+    return None
+
+
+def prepare(min_runtime: str, log=print) -> OldRuntime:
+    """The cached venv for `min_runtime`, built from the package registry the first time (then reused)."""
+    rt = RUNTIMES[min_runtime]
+    home = cache_dir() / f"ort-{rt.release}"
+    python = home / "bin" / "python"
+    how = (f"run `compress runtime prepare {min_runtime}` where the package registry is reachable, or set "
+           "export.min_runtime_check: warn (or export.min_runtime: null)")
+    if (home / ".ready").exists():
+        return OldRuntime(rt.release, python, rt)
+    base = _python_for(rt)
+    if base is None:
+        raise InputError(f"onnxruntime {rt.release} has wheels for Python 3.{'/3.'.join(map(str, rt.pythons))} only and "
+                         f"none is installed; install one of them, then {how}")
+    log(f"runtime: installing onnxruntime {rt.release} into {home} (once)")
+    home.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".ort-{rt.release}-", dir=home.parent))
+    try:
+        subprocess.run([base, "-m", "venv", str(tmp)], check=True, capture_output=True, text=True)
+        subprocess.run([str(tmp / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                        "--timeout", "30", "--retries", "1", f"onnxruntime=={rt.release}", rt.numpy],
+                       check=True, capture_output=True, text=True, timeout=900)
+        got = subprocess.run([str(tmp / "bin" / "python"), "-I", "-c", "import onnxruntime; print(onnxruntime.__version__)"],
+                             check=True, capture_output=True, text=True).stdout.strip()
+        if got != rt.release:
+            raise subprocess.CalledProcessError(1, "pip", stderr=f"installed onnxruntime {got}")
+        (tmp / ".ready").write_text(rt.release + "\n")
+        if not (home / ".ready").exists():  # else another process (a batch job) finished first: use that one
+            shutil.rmtree(home, ignore_errors=True)  # a half-built venv from an interrupted run
+            os.replace(tmp, home)  # a venv's python finds its packages relative to itself: it survives the rename
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if (home / ".ready").exists():
+            return OldRuntime(rt.release, python, rt)
+        lines = (getattr(e, "stderr", None) or str(e)).strip().splitlines() or [""]
+        raise InputError(f"onnxruntime {rt.release} for export.min_runtime is not in {home} and could not be installed "
+                         f"({lines[-1][:160]}); {how}") from None
+    shutil.rmtree(tmp, ignore_errors=True)
+    return OldRuntime(rt.release, python, rt)
+
+
+def for_recipe(ex, log=print) -> OldRuntime | dict | None:
+    """The older runtime every file must also run on; None when the installed one is that old;
+    {onnxruntime, skipped: why} when it is missing and the recipe says to warn instead of failing."""
+    if ex.min_runtime is None or "onnx" not in ex.formats:
+        return None
+    rt = RUNTIMES[ex.min_runtime]
+    if version_tuple(installed()) <= version_tuple(rt.release):
+        return None
+    try:
+        return prepare(ex.min_runtime, log)
+    except InputError as e:
+        if ex.min_runtime_check == "require":
+            raise
+        log(f"warning: ONNX files will not be run on onnxruntime {rt.release}: {e}")
+        return {"onnxruntime": rt.release, "skipped": str(e)}
+
+
+def static_check(path: Path, name: str, rt: Runtime, version: str) -> None:
+    """IR version and ai.onnx opset of the file against what the runtime reads: a clear line before running it."""
+    m = onnx.load(str(path), load_external_data=False)
+    opset = max((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    if m.ir_version > rt.ir or opset > rt.opset:
+        path.unlink()
+        raise VerificationError(f"{name}: IR {m.ir_version} / opset {opset} is newer than onnxruntime {version} reads "
+                                f"(IR <= {rt.ir}, opset <= {rt.opset}); not written. Lower export.opset or raise "
+                                "export.min_runtime")
+
+
+def run(old: OldRuntime, path: Path, name: str, x: np.ndarray, threads: int) -> np.ndarray:
+    """Run the file in the isolated runtime; a runtime that refuses it fails the variant (file deleted)."""
+    static_check(path, name, old.limits, old.version)
+    runner = Path(__file__).with_name("ort_runner.py")
+    with tempfile.TemporaryDirectory(prefix="compress-ort-") as tmp:
+        np.save(Path(tmp) / "x.npy", x)
+        done = subprocess.run([str(old.python), "-I", str(runner), str(path), str(Path(tmp) / "x.npy"),
+                               str(Path(tmp) / "y.npy"), str(threads)], capture_output=True, text=True)
+        if done.returncode != 0:
+            path.unlink()
+            lines = done.stderr.strip().splitlines() or [f"exit code {done.returncode}"]
+            raise VerificationError(f"{name}: {lines[-1][:300]}; not written. Drop this variant or set "
+                                    "export.min_runtime to a newer release")
+        return np.load(Path(tmp) / "y.npy")

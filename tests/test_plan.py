@@ -1,0 +1,104 @@
+"""The planner: deterministic choice, a written plan that replays, a target the teacher meets, bad targets."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from compress.data import calibration_batch
+from compress.errors import InputError
+from compress.load import load
+from compress.pipeline import apply
+from compress.plan import plan, planned_recipe
+from compress.recipe import load_recipe, parse_recipe
+from tests.conftest import FAST, run_cli, save_timm_dir, tiny_vit, tiny_vit_args, write_recipe
+
+
+@pytest.fixture
+def deep_vit(tmp_path):
+    """Four blocks, so MLP strip windows and strip + lowrank combinations exist."""
+    args = tiny_vit_args(heads=3, depth=4)
+    return save_timm_dir(tiny_vit(heads=3, depth=4), "vit_tiny_patch16_224", args, tmp_path / "vit4")
+
+
+def _recipe(target: str, extra: str = FAST) -> dict:
+    return yaml.safe_load(f"version: 1\ncalibration: {{images: 8, seed: 0}}\ntarget: {target}\n" + extra)
+
+
+def _plan(ckpt, data: dict):
+    r = parse_recipe(data)
+    loaded = load(str(ckpt))
+    calib, _ = calibration_batch(None, loaded.data_cfg, r.calibration.images, r.calibration.seed)
+    return r, plan(loaded, r, calib, log=lambda _m: None)
+
+
+def test_choice_is_deterministic_for_a_seed_and_meets_the_budget(deep_vit):
+    r, first = _plan(deep_vit, _recipe("{flops: 0.6}"))
+    _, again = _plan(deep_vit, _recipe("{flops: 0.6}"))
+    assert first["choice"] is not None and not first["met_by_teacher"]
+    chosen = first["rows"][first["choice"]]
+    assert again["rows"][again["choice"]]["passes"] == chosen["passes"]
+    assert [x["kl"] for x in again["rows"]] == [x["kl"] for x in first["rows"]]
+    assert chosen["flops_ratio"] <= 0.6 * 1.02
+    meeting = [first["rows"][i] for i in first["ranked"]]
+    assert chosen["kl"] == min(m["kl"] for m in meeting)  # the lowest KL among those meeting the target
+    kinds = {next(iter(p)) for x in first["rows"] for p in x["passes"]}
+    assert {"mlp_strip", "lowrank"} <= kinds
+
+
+def test_written_plan_replays_to_the_same_structure(tmp_path, deep_vit):
+    recipe = write_recipe(tmp_path / "r.yaml", yaml.safe_dump(_recipe("{flops: 0.6}")))
+    res = run_cli("plan", recipe, deep_vit, "-o", tmp_path / "plan.yaml")
+    assert res.returncode == 0, res.stderr
+    assert "chose" in res.stdout and "KL" in res.stdout
+    written = load_recipe(tmp_path / "plan.yaml")
+    assert written.target is None and written.gates.max_flops_ratio == 0.6
+    r, result = _plan(deep_vit, _recipe("{flops: 0.6}"))
+    chosen = result["rows"][result["choice"]]
+    assert [{s.name: s.config.model_dump(mode="json")} for s in written.steps] == \
+        [{s.name: s.config.model_dump(mode="json")} for s in parse_recipe(planned_recipe(r, result, result["choice"])).steps]
+    record = apply(written, str(deep_vit), tmp_path / "out", dry_run=True, log=lambda _m: None)
+    assert record["summary"]["flops"]["ratio"] == pytest.approx(chosen["flops_ratio"])
+    assert record["summary"]["params"]["ratio"] == pytest.approx(chosen["params_ratio"])
+
+
+def test_target_already_met_by_the_teacher_is_reported(tmp_path, deep_vit):
+    recipe = write_recipe(tmp_path / "r.yaml", yaml.safe_dump(_recipe("{flops: 1.0}")))
+    res = run_cli("plan", recipe, deep_vit, "-o", tmp_path / "plan.yaml")
+    assert res.returncode == 0, res.stderr
+    assert "the teacher already meets the target" in res.stdout
+    assert load_recipe(tmp_path / "plan.yaml").steps == []
+
+
+def test_apply_with_target_reports_the_plan_table(tmp_path, deep_vit):
+    recipe = write_recipe(tmp_path / "r.yaml", yaml.safe_dump(_recipe("{flops: 0.6}")))
+    res = run_cli("apply", recipe, deep_vit, "-o", tmp_path / "out")
+    assert res.returncode == 0, res.stderr
+    rep = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert rep["plan"]["choice"] and rep["plan"]["table"][0][1] == "candidate"
+    assert rep["summary"]["flops"]["ratio"] <= 0.6 * 1.02 and rep["recipe"].get("target") is None
+    assert "## Plan" in (tmp_path / "out" / "report.md").read_text()
+    assert any(g["gate"] == "max_flops_ratio" and g["ok"] for g in rep["gates"])
+
+
+@pytest.mark.parametrize("target, extra, code, words", [
+    ("{speedup: 0}", FAST, 2, "target.speedup: Input should be greater than 0"),
+    ("{speedup: 1.5, latency_ms: 3}", FAST, 2, "give speedup or latency_ms, not both"),
+    ("{batch: 8}", FAST, 2, "name what to reach"),
+    ("{speedup: 1.5}", "report: {latency: null}\n", 2, "report.latency is null"),
+    ("{flops: 0.5, max_top1_drop: 1.0}", FAST, 2, "max_top1_drop needs report.eval_data"),
+    ("{speedup: 50, batch: 2}", FAST, 4, "is out of reach: the best candidate measured"),
+])
+def test_bad_targets_fail_in_one_line(tmp_path, deep_vit, target, extra, code, words):
+    recipe = write_recipe(tmp_path / "r.yaml", yaml.safe_dump(_recipe(target, extra)))
+    res = run_cli("plan", recipe, deep_vit, "-o", tmp_path / "plan.yaml")
+    assert res.returncode == code, res.stderr
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and words in errors[0], res.stderr
+    assert "Traceback" not in res.stderr and not (tmp_path / "plan.yaml").exists()
+
+
+def test_target_and_gate_that_disagree_are_refused():
+    with pytest.raises(InputError, match="target and gates.max_flops_ratio disagree"):
+        parse_recipe(_recipe("{flops: 0.5}", FAST + "gates: {max_flops_ratio: 0.7}\n"))
