@@ -36,7 +36,7 @@ class WidthConfig(PassConfig):
     # per unit of cost saved; `auto` = both, the lower calibration KL wins (as lowrank's bench search does)
     allocate: Literal["auto", "uniform", "greedy"] = "auto"
     refit: bool = True  # least-squares refit of each consumer (false: the same selection, only sliced)
-    ridge: float = Field(1e-3, ge=0)  # ridge lambda relative to the mean feature energy
+    ridge: float = Field(0.03, ge=0)  # pull of the refit towards the sliced weights, relative to the feature energy
 
     @model_validator(mode="after")
     def _target_or_keep(self):
