@@ -28,6 +28,12 @@ def count_flops(model: nn.Module, input_size) -> int:
 
 
 @torch.no_grad()
+def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """float32 logits in eval mode: fidelity of approximate passes needs no more (and no model copy)."""
+    return model.eval()(x)
+
+
+@torch.no_grad()
 def logits64(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Logits computed in float64 on a copy, so an exactness check measures the maths, not rounding."""
     m = copy.deepcopy(model).double().eval()

@@ -28,7 +28,7 @@ from .errors import GateError, InputError, VerificationError
 from .export import write_fp16, write_int8, write_onnx, write_safetensors
 from .outdir import check_inputs_untouched, publish, remove_created, stage
 from .load import load
-from .metrics import count_flops, count_params, evaluate, fidelity, latency, logits64, ort_predictor
+from .metrics import count_flops, count_params, evaluate, fidelity, latency, logits, logits64, ort_predictor
 from .modules import learned_parameters
 from .recipe import Recipe
 from .registry import PassContext, get_pass
@@ -65,13 +65,15 @@ def _check_recipe_needs(recipe: Recipe, data) -> None:
 def rewrite(loaded, recipe: Recipe, calib, log) -> tuple:
     """Apply the passes in order to a copy of the teacher; verify exact ones, measure the rest.
 
-    Returns the student, the per-pass ledger, and the float64 logits on `calib` of the teacher
-    and of the student.
+    Returns the student, the per-pass ledger (FLOPs before/after each pass included) and the
+    logits on `calib` of the teacher and of the student. Logits are float32 (one teacher forward, reused); an exact
+    pass alone is checked in float64, before and after it, so the check measures the maths.
     """
     teacher, adapter = loaded.model, loaded.adapter
     size = loaded.data_cfg["input_size"]
     student = copy.deepcopy(teacher)
-    ref = prev = logits64(teacher, calib)
+    ref = prev = logits(teacher, calib)
+    prev64 = None  # float64 logits of the student as it is now, while still valid
     params, flops = count_params(student), count_flops(student, size)
     ledger = []
     for i, step in enumerate(recipe.steps):
@@ -84,19 +86,22 @@ def rewrite(loaded, recipe: Recipe, calib, log) -> tuple:
             log(f"skipped {step.name}: {msg}")
             ledger.append({"pass": step.name, "skipped": msg})
             continue
+        exact = step.config.is_exact()
+        if exact and prev64 is None:
+            prev64 = logits64(student, calib)
         t0 = time.perf_counter()
         try:
             result = spec.fn(student, adapter, step.config, PassContext(calib))
         except InputError as e:
             raise InputError(f"recipe passes[{i}]: {e}") from None
         student = result.model.eval()
-        now = logits64(student, calib)
+        now64 = logits64(student, calib) if exact else None
+        now = now64.float() if exact else logits(student, calib)
         p1, f1 = count_params(student), count_flops(student, size)
-        exact = step.config.is_exact()
         entry = {"pass": step.name, "config": step.config.model_dump(mode="json"), "exact": exact,
                  "params": [params, p1], "flops": [flops, f1], "changes": result.changes, "details": result.details}
         if exact:
-            check = fidelity(prev, now)
+            check = fidelity(prev64, now64)
             entry["verified"] = {**check, "tolerance": EXACT_TOL}
             if not check["rel_diff"] <= EXACT_TOL:
                 raise VerificationError(f"pass '{step.name}' is declared exact but moved the logits by {check['rel_diff']:.2e} "
@@ -107,7 +112,7 @@ def rewrite(loaded, recipe: Recipe, calib, log) -> tuple:
         ledger.append(entry)
         for line in result.changes:
             log(f"{step.name}: {line}")
-        params, flops, prev = p1, f1, now
+        params, flops, prev, prev64 = p1, f1, now, now64
     return student, ledger, ref, prev
 
 
@@ -153,7 +158,7 @@ def run_distill(recipe: Recipe, loaded, student, train, calib, ref, start, work:
                     fingerprint=fingerprint, log=log)
     if checkpoint is not None and (not dist.is_initialized() or dist.get_rank() == 0):
         shutil.rmtree(work, ignore_errors=True)  # training finished: nothing left to resume
-    after = fidelity(ref, logits64(student, calib))
+    after = fidelity(ref, logits(student, calib))
     log(f"distill: done in {stats['seconds']:.0f} s ({stats['images_per_s']:.0f} images/s), final loss "
         f"{stats['final_loss']:.4f}; calibration agreement {100 * before['agreement']:.1f}% -> {100 * after['agreement']:.1f}%")
     return {**stats, "data": str(train.path), "images": len(train), "calib_before": before, "calib_after": after}
@@ -255,6 +260,14 @@ def _gates(recipe: Recipe, summary: dict) -> list[dict]:
     return checks
 
 
+def _flops(ledger: list, teacher, student, size) -> tuple[int, int]:
+    """Teacher and student FLOPs, from the ledger when a pass ran (counted there already)."""
+    ran = [e for e in ledger if "flops" in e]
+    if ran:
+        return ran[0]["flops"][0], ran[-1]["flops"][1]
+    return count_flops(teacher, size), count_flops(student, size)
+
+
 def _ratio(a, b) -> dict:
     return {"teacher": a, "student": b, "ratio": b / a if a else None}
 
@@ -303,7 +316,7 @@ def _run(recipe: Recipe, loaded, staging: Path | None, data, train, work: Path, 
               "source": loaded.source, "input_size": list(size), "calibration": calib_desc,
               "recipe": recipe.resolved(), "passes": ledger}
     summary = {"params": _ratio(count_params(teacher), count_params(student)),
-               "flops": _ratio(count_flops(teacher, size), count_flops(student, size))}
+               "flops": _ratio(*_flops(ledger, teacher, student, size))}
     record["summary"] = summary
     if dry_run:
         record["stages_s"] = stages.seconds
