@@ -142,10 +142,7 @@ def run_distill(recipe: Recipe, loaded, student, train, calib, ref, start, work:
     world = dist.get_world_size() if dist.is_initialized() else 1
     what = {k: v for k, v in recipe.resolved().items() if k in ("model", "passes", "distill", "calibration")}
     fingerprint = hashlib.sha256(json.dumps([what, str(Path(ckpt).resolve()), world], sort_keys=True).encode()).hexdigest()
-    checkpoint = None
-    if d.checkpoint_every:
-        work.mkdir(exist_ok=True)
-        checkpoint = work / "distill.pt"
+    checkpoint = work / "distill.pt"  # written every checkpoint_every steps, and at once on SIGINT/SIGTERM
     teacher, adapter = loaded.model, loaded.adapter
     feats = (adapter.feature_modules(teacher), adapter.feature_modules(student)) if d.feature_weight > 0 else None
     before = fidelity(ref, start)
@@ -156,7 +153,7 @@ def run_distill(recipe: Recipe, loaded, student, train, calib, ref, start, work:
                     label_weight=d.label_weight, features=feats, seed=d.seed, device=dev, amp=d.amp, workers=d.workers,
                     checkpoint=checkpoint, checkpoint_every=d.checkpoint_every, resume=resume,
                     fingerprint=fingerprint, log=log)
-    if checkpoint is not None and (not dist.is_initialized() or dist.get_rank() == 0):
+    if not dist.is_initialized() or dist.get_rank() == 0:
         shutil.rmtree(work, ignore_errors=True)  # training finished: nothing left to resume
     after = fidelity(ref, logits(student, calib))
     log(f"distill: done in {stats['seconds']:.0f} s ({stats['images_per_s']:.0f} images/s), final loss "
