@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -94,12 +95,48 @@ def _verify(tmp: Path, name: str, parity: dict, *, tol: float | None = None, min
     return {**parity, "tolerance": tol, "min_agreement": min_agreement}
 
 
+EXTERNAL_ABOVE = 1800 * 2**20  # weights above this go to NAME.data beside NAME (protobuf refuses files over 2 GiB)
+
+
+def _folder_bytes(folder: Path) -> int:
+    """Size of an export in `folder`: the graph file and any external tensor files the exporter wrote beside it."""
+    return sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+
+
+def _save_proto(proto, path: Path, external: bool) -> None:
+    """One file, or the graph plus all its weights in one NAME.data file (location relative, so the pair moves)."""
+    for f in path.parent.iterdir():  # the exporter may have written one file per tensor: replaced below
+        f.unlink()
+    if external:
+        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(proto, str(path))
+
+
 def write_onnx(model: nn.Module, path: Path, calib: torch.Tensor, *, opset: int, dynamic_batch: bool,
-               tol: float, slim: bool = False, threads: int = 2) -> dict:
-    """Export (+ onnxslim when it keeps the outputs), run in onnxruntime against PyTorch, rename if they agree."""
-    tmp = path.with_name(path.name + ".tmp")
+               tol: float, slim: bool = False, threads: int = 2, external_above: int = EXTERNAL_ABOVE) -> dict:
+    """Export (+ onnxslim when it keeps the outputs), run in onnxruntime against PyTorch, rename if they agree.
+
+    Above `external_above` bytes the weights go to `NAME.data` beside `NAME` (ONNX external data); both
+    files are verified together in a private folder, then moved into place (data first).
+    """
+    work = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    try:
+        return _write_onnx(model, path, work / path.name, calib, opset=opset, dynamic_batch=dynamic_batch, tol=tol,
+                           slim=slim, threads=threads, external_above=external_above)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _write_onnx(model, path: Path, tmp: Path, calib, *, opset, dynamic_batch, tol, slim, threads, external_above) -> dict:
     tied = any(getattr(m, "ties_weights", False) for m in model.modules())  # one weight used in two places
     to_onnx(model, tmp, tuple(calib.shape[1:]), opset=opset, dynamic_batch=dynamic_batch, fold_batchnorm=not tied)
+    external = _folder_bytes(tmp.parent) > external_above
+    if external or len(list(tmp.parent.iterdir())) > 1:  # rewrite as graph + one data file
+        _save_proto(onnx.load(str(tmp)), tmp, external)
     x = calib if dynamic_batch else calib[:1]
     with torch.no_grad():
         ref = model(x)
@@ -109,22 +146,40 @@ def write_onnx(model: nn.Module, path: Path, calib: torch.Tensor, *, opset: int,
         import onnxslim
 
         nodes = _graph(tmp)[1]
-        cand = path.with_name(path.name + ".slim.tmp")
-        onnx.save(onnxslim.slim(onnx.load(str(tmp))), str(cand))
+        cand_dir = tmp.parent / "slim"
+        cand_dir.mkdir()
+        cand = cand_dir / tmp.name
+        proto = onnxslim.slim(onnx.load(str(tmp)))
+        if external:
+            onnx.save_model(proto, str(cand), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=tmp.name + ".data", size_threshold=1024)
+        else:
+            onnx.save_model(proto, str(cand))
+        del proto
         p2 = _parity(cand, ref, x, threads)
         # a model that shares a weight must keep storing it once (Conv+BN fusion gives each use its own copy);
         # elsewhere small constant rewrites by onnxslim are not duplication
         grew = tied and _weights(cand) > _weights(tmp)
         if p2["rel_diff"] <= tol and not grew:
-            os.replace(cand, tmp)
+            for f in cand_dir.iterdir():
+                os.replace(f, tmp.parent / f.name)
             parity, slimmed = {**parity, **p2}, {"nodes_before": nodes, "applied": True}
         else:  # keep the plain export: slimming is an optimisation, never a reason to change outputs or size
-            cand.unlink()
             why = "it would store shared weights twice" if grew else f"changed outputs by {p2['rel_diff']:.1e}"
             slimmed = {"nodes_before": nodes, "applied": False, "why": why}
+        shutil.rmtree(cand_dir)
     ops, nodes = _graph(tmp)
-    return {"path": path.name, "precision": "fp32", "bytes": _publish(tmp, path), "opset": opset,
-            "dynamic_batch": dynamic_batch, "parity": parity, "operators": ops, "nodes": nodes, "slim": slimmed}
+    data = tmp.with_name(tmp.name + ".data")
+    files, size = [path.name], 0
+    if data.exists():  # the weights file first: the graph appears only once what it points to is in place
+        size += _publish(data, path.with_name(data.name))
+        files.append(data.name)
+    else:
+        path.with_name(data.name).unlink(missing_ok=True)  # a stale data file from an earlier, larger export
+    size += _publish(tmp, path)
+    return {"path": path.name, "files": files, "external_data": data.name if len(files) > 1 else None,
+            "precision": "fp32", "bytes": size, "opset": opset, "dynamic_batch": dynamic_batch, "parity": parity,
+            "operators": ops, "nodes": nodes, "slim": slimmed}
 
 
 def write_fp16(base: Path, path: Path, ref: torch.Tensor, x: torch.Tensor, *, tol: float, threads: int = 2) -> dict:

@@ -176,7 +176,7 @@ def _export(recipe: Recipe, loaded, student, staging: Path, calib, ledger: list,
     if "onnx" in ex.formats:
         base = staging / "model.onnx"
         artifacts["onnx"] = write_onnx(student, base, calib, opset=ex.opset, dynamic_batch=ex.dynamic_batch,
-                                       tol=ex.parity_tol, slim=ex.slim)
+                                       tol=ex.parity_tol, slim=ex.slim, external_above=int(ex.external_data_mb * 2**20))
         x = calib if ex.dynamic_batch else calib[:1]
         with torch.no_grad():
             ref = student(x)
@@ -204,7 +204,8 @@ def _measure(recipe: Recipe, loaded, student, staging: Path, calib, artifacts: d
             summary["safetensors_bytes"] = _ratio(t["bytes"], artifacts["safetensors"]["bytes"])
         if "onnx" in ex.formats:
             t = write_onnx(teacher, Path(tmp) / "teacher.onnx", calib, opset=ex.opset,
-                           dynamic_batch=ex.dynamic_batch, tol=ex.parity_tol, slim=ex.slim)
+                           dynamic_batch=ex.dynamic_batch, tol=ex.parity_tol, slim=ex.slim,
+                           external_above=int(ex.external_data_mb * 2**20))
             summary["onnx_bytes"] = _ratio(t["bytes"], artifacts["onnx"]["bytes"])
             onnx_files = {"teacher": Path(tmp) / "teacher.onnx", "student": staging / "model.onnx",
                           **{v: staging / f"model.{v}.onnx" for v in variants(ex)}}

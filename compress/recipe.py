@@ -55,6 +55,8 @@ class ExportSpec(_Strict):
     parity_tol: PositiveFloat = Field(1e-4, description="fp32: max |ONNX - PyTorch| relative to the logit scale")
     fp16_tol: PositiveFloat = Field(1e-2, description="fp16: the same bound")
     int8_min_agreement: float = Field(0.9, ge=0, le=1, description="int8: top-1 agreement with PyTorch on calibration")
+    external_data_mb: float = Field(1800, ge=0, description="an fp32 ONNX whose weights exceed this goes out as "
+                                    "model.onnx + model.onnx.data (protobuf cannot hold 2 GiB in one file)")
 
 
 class LatencySpec(_Strict):
