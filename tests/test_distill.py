@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -120,10 +121,17 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path, vit_dir, image_zip):
     recipe = write_recipe(tmp_path / "r.yaml", _distill(image_zip, 6, batch=8, workers=1))
     single = run_cli("apply", recipe, vit_dir, "-o", tmp_path / "one")
     assert single.returncode == 0, single.stderr
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "compress", "apply", str(recipe), str(vit_dir), "-o", str(tmp_path / "two")],
-                         cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    # two "nodes" of one process each, joined by the c10d rendezvous: the multi-node command of the README
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "t",
+                               "-m", "compress", "apply", str(recipe), str(vit_dir), "-o", str(tmp_path / "two")],
+                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for node in nodes:
+        _, err = node.communicate(timeout=600)
+        assert node.returncode == 0, err[-3000:]
     one = json.loads((tmp_path / "one" / "report.json").read_text())["distill"]
     two = json.loads((tmp_path / "two" / "report.json").read_text())["distill"]
     assert two["world_size"] == 2 and one["world_size"] == 1
