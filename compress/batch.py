@@ -27,6 +27,8 @@ from .outdir import check_inputs_untouched, write_text_atomic
 from .recipe import _check_keys, _fmt, read_yaml
 
 PARTIAL_FAILURE = 5  # exit code: the batch ran, and at least one entry failed
+RUNNING: set = set()  # entries' processes now running: told to stop when the batch is stopped
+RUNNING_LOCK = threading.Lock()
 
 
 class ZooEntry(BaseModel):
@@ -161,7 +163,16 @@ def _run_entry(job: dict, out: Path, manifest: Manifest, log) -> None:
     manifest.update(name, state="running", started=time.time(), checkpoint=job["checkpoint"], recipe=job["recipe"],
                     fingerprint=_fingerprint(job), attempts=manifest.entries.get(name, {}).get("attempts", 0) + 1)
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=_die_with_parent if os.name == "posix" else None)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_die_with_parent if os.name == "posix" else None)
+    with RUNNING_LOCK:
+        RUNNING.add(proc)
+    try:
+        stdout, stderr = proc.communicate()
+    finally:
+        with RUNNING_LOCK:
+            RUNNING.discard(proc)
+    proc = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
     seconds = round(time.perf_counter() - t0, 1)
     if proc.returncode == 0:
         record = json.loads(proc.stdout)
@@ -218,7 +229,14 @@ def run_batch(zoo_path: Path, out: Path, *, jobs: int, resume: bool, shard: tupl
     if not todo:  # an empty shard (few entries, many tasks) still leaves a manifest to merge
         manifest.save()
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        list(pool.map(lambda j: _run_entry(j, out, manifest, log), todo))
+        try:
+            list(pool.map(lambda j: _run_entry(j, out, manifest, log), todo))
+        except BaseException:  # Ctrl-C or SIGTERM: pass it on, so each entry stops cleanly and is recorded failed
+            pool.shutdown(wait=False, cancel_futures=True)
+            with RUNNING_LOCK:
+                for proc in RUNNING:
+                    proc.send_signal(signal.SIGTERM)
+            raise
     names = [j["name"] for j in entries]
     summary = {"zoo": str(zoo_path), "out": str(out), "ran": [j["name"] for j in todo],
                "entries": {n: manifest.entries[n] for n in names}}

@@ -182,3 +182,21 @@ def test_shards_in_parallel_then_merge_equal_the_unsharded_batch(tmp_path):
 
     again = run_cli("batch", "--merge", tmp_path / "s0", tmp_path / "s0", "-o", tmp_path / "twice")
     assert again.returncode == 2 and "overlap" in again.stderr and not (tmp_path / "twice").exists()
+
+
+def test_sigterm_stops_the_batch_and_its_running_entry_cleanly(tmp_path, image_zip):
+    zoo, out = _zoo(tmp_path, n_good=2, broken=False), tmp_path / "out"
+    write_recipe(tmp_path / "r.yaml", RECIPE + f"distill: {{data: {image_zip}, steps: 100000, batch_size: 8, device: cpu}}\n")
+    proc = subprocess.Popen([sys.executable, "-m", "compress", "batch", str(zoo), "-o", str(out)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(out.glob(".m0.tmp-*")):  # the first entry's run has staged
+        time.sleep(0.2)
+    time.sleep(2)  # into its rewrite or distillation
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=300)[1]
+    assert proc.returncode == 143 and "error: terminated; nothing was published" in err, err
+    states = {n: e["state"] for n, e in _manifest(out).items()}
+    assert states == {"m0": "failed", "m1": "pending"}, states  # the running entry was told to stop, and said so
+    assert _manifest(out)["m0"]["exit_code"] == 143
+    assert not (out / "m0").exists() and not list(out.glob(".m0.tmp-*"))  # nothing published, no staging left
