@@ -115,33 +115,37 @@ def _save_proto(proto, path: Path, external: bool) -> None:
 
 
 def write_onnx(model: nn.Module, path: Path, calib: torch.Tensor, *, opset: int, dynamic_batch: bool,
-               tol: float, slim: bool = False, threads: int = 2, external_above: int = EXTERNAL_ABOVE) -> dict:
+               tol: float, slim: bool = False, threads: int = 2, external_above: int = EXTERNAL_ABOVE,
+               check: bool = True) -> dict:
     """Export (+ onnxslim when it keeps the outputs), run in onnxruntime against PyTorch, rename if they agree.
 
     Above `external_above` bytes the weights go to `NAME.data` beside `NAME` (ONNX external data); both
     files are verified together in a private folder, then moved into place (data first).
+    check=False (only for a file that is measured for its size, never run or shipped) skips parity and slimming.
     """
     work = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
     try:
         return _write_onnx(model, path, work / path.name, calib, opset=opset, dynamic_batch=dynamic_batch, tol=tol,
-                           slim=slim, threads=threads, external_above=external_above)
+                           slim=slim and check, threads=threads, external_above=external_above, check=check)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _write_onnx(model, path: Path, tmp: Path, calib, *, opset, dynamic_batch, tol, slim, threads, external_above) -> dict:
+def _write_onnx(model, path: Path, tmp: Path, calib, *, opset, dynamic_batch, tol, slim, threads, external_above,
+                check) -> dict:
     tied = any(getattr(m, "ties_weights", False) for m in model.modules())  # one weight used in two places
     to_onnx(model, tmp, tuple(calib.shape[1:]), opset=opset, dynamic_batch=dynamic_batch, fold_batchnorm=not tied)
     external = _folder_bytes(tmp.parent) > external_above
     if external or len(list(tmp.parent.iterdir())) > 1:  # rewrite as graph + one data file
         _save_proto(onnx.load(str(tmp)), tmp, external)
-    x = calib if dynamic_batch else calib[:1]
-    with torch.no_grad():
-        ref = model(x)
-    parity = _verify(tmp, path.name, _parity(tmp, ref, x, threads), tol=tol)
-    slimmed = None
+    parity = slimmed = None
+    if check:
+        x = calib if dynamic_batch else calib[:1]
+        with torch.no_grad():
+            ref = model(x)
+        parity = _verify(tmp, path.name, _parity(tmp, ref, x, threads), tol=tol)
     if slim:
         import onnxslim
 
