@@ -1,4 +1,4 @@
-"""Thin typer app: apply, inspect, analyze, batch, schema. Errors print one line and exit non-zero (see README)."""
+"""Thin typer app: apply, inspect, analyze, batch, verify, schema. Errors print one line and exit non-zero (see README)."""
 from __future__ import annotations
 
 import json
@@ -38,6 +38,16 @@ def _errors(debug: bool):
     except KeyboardInterrupt:
         print("error: interrupted; nothing was published", file=sys.stderr)
         raise typer.Exit(130) from None
+    except (MemoryError, RuntimeError) as e:  # out of memory is a size problem, not a bug; anything else is a bug
+        if debug:
+            raise
+        text = str(e)
+        if isinstance(e, MemoryError) or "out of memory" in text.lower() or "can't allocate memory" in text:
+            print(f"error: out of memory ({text.strip().splitlines()[0][:120] if text.strip() else 'MemoryError'}); "
+                  "lower the input size, calibration.images or distill.batch_size", file=sys.stderr)
+            raise typer.Exit(2) from None
+        print(f"internal error: {type(e).__name__}: {e}; rerun with --debug for the traceback and report it", file=sys.stderr)
+        raise typer.Exit(1) from None
     except Exception as e:  # noqa: BLE001 - a bug: one line, and the traceback on request
         if debug:
             raise
@@ -195,6 +205,21 @@ def batch(zoo: list[Path] = typer.Argument(..., help="zoo YAML: version, entries
         if failed:
             print(f"error: {len(failed)} of {len(summary['entries'])} entries failed: {', '.join(failed)}", file=sys.stderr)
             raise typer.Exit(PARTIAL_FAILURE)
+
+
+@app.command()
+def verify(out: Path = typer.Argument(..., help="a directory written by compress apply"),
+           images: int = typer.Option(8, "--images", help="inputs for the ONNX vs safetensors comparison"),
+           debug: bool = typer.Option(False, "--debug")):
+    """Re-check a result: file hashes against report.json, model.onnx against the rebuilt safetensors (exit 0 / 3)."""
+    with _errors(debug):
+        from .verify import verify as run
+
+        checked = run(out, images)
+        par = checked.get("parity")
+        print(f"ok: {checked['hashes']} files match their sha256"
+              + (f"; model.onnx matches model.safetensors within {par['rel_diff']:.1e} of the logit scale on {par['inputs']}"
+                 if par else ""))
 
 
 @app.command()

@@ -24,8 +24,9 @@ class ImageFolderData(torch.utils.data.Dataset):
     for an image that cannot be decoded (`collate` drops and counts those).
     """
 
-    def __init__(self, path: str | Path, transform, limit: int | None = None):
+    def __init__(self, path: str | Path, transform, limit: int | None = None, channels: int = 3):
         self.path, self.transform = Path(path), transform
+        self.mode = "L" if channels == 1 else "RGB"  # grayscale <-> colour to the model's channel count
         self._zip = None
         if not self.path.exists():
             raise InputError(f"data not found: {self.path}; pass an ImageFolder directory or a .zip of one")
@@ -61,7 +62,7 @@ class ImageFolderData(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         try:
             img = Image.open(io.BytesIO(self._read(self.names[i])))
-            img = img.convert("RGB")
+            img = img.convert(self.mode)
         except (UnidentifiedImageError, OSError, ValueError, zipfile.BadZipFile, Image.DecompressionBombError):
             return None
         return self.transform(img), self.labels[i]
@@ -105,13 +106,44 @@ def collate(batch):
     return torch.stack([b[0] for b in good]), torch.tensor([b[1] for b in good]), len(batch) - len(good)
 
 
+def resolve_preprocess(cfg: dict, channels: int | None, pre) -> tuple[dict, str | None]:
+    """The recipe's `model.preprocess` over the checkpoint's data config, with the model's channel count.
+
+    A model with one input channel gets grayscale images and, unless told, the mean of the 3-channel
+    mean/std; the reverse (3 values expected, 1 given) repeats the value.
+    """
+    cfg = dict(cfg)
+    if pre is not None:
+        for key in ("mean", "std", "interpolation", "crop_pct"):
+            if getattr(pre, key) is not None:
+                cfg[key] = tuple(getattr(pre, key)) if key in ("mean", "std") else getattr(pre, key)
+        if pre.input_size is not None:
+            if channels is not None and pre.input_size[0] != channels:
+                raise InputError(f"model.preprocess.input_size says {pre.input_size[0]} channels but the model's first "
+                                 f"convolution takes {channels}; set input_size to [{channels}, ...]")
+            cfg["input_size"] = tuple(pre.input_size)
+    notes = []
+    c = channels or cfg["input_size"][0]
+    if cfg["input_size"][0] != c:
+        cfg["input_size"] = (c, *cfg["input_size"][1:])
+    for key in ("mean", "std"):
+        v = tuple(cfg[key])
+        if len(v) != c:
+            cfg[key] = (sum(v) / len(v),) if c == 1 else v * c if len(v) == 1 else v
+            notes.append(f"{key} {tuple(round(x, 4) for x in cfg[key])}")
+    if notes:
+        return cfg, (f"the model takes {c}-channel images: {', '.join(notes)} derived from the 3-channel values; "
+                     "set model.preprocess mean/std if it was trained with others")
+    return cfg, None
+
+
 def eval_transform(data_cfg: dict):
     keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
     return create_transform(**{k: data_cfg[k] for k in keys if k in data_cfg}, is_training=False)
 
 
 def dataset(path, data_cfg: dict, limit: int | None = None) -> ImageFolderData:
-    return ImageFolderData(path, eval_transform(data_cfg), limit)
+    return ImageFolderData(path, eval_transform(data_cfg), limit, data_cfg["input_size"][0])
 
 
 def loader(path, data_cfg: dict, *, limit: int | None, batch_size: int = 64, workers: int = 0):

@@ -7,6 +7,7 @@ import warnings
 from pathlib import Path
 
 import onnx
+import onnxruntime as ort
 import torch
 from safetensors.torch import load_file, save_model
 from torch import nn
@@ -95,6 +96,60 @@ def _verify(tmp: Path, name: str, parity: dict, *, tol: float | None = None, min
     return {**parity, "tolerance": tol, "min_agreement": min_agreement}
 
 
+def _dynamo_onnx(model: nn.Module, path: Path, sample: torch.Tensor, *, opset: int) -> None:
+    """torch.export with a symbolic batch dimension: `len(x)` stays symbolic where a trace bakes it in."""
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        # strict (TorchDynamo): non-strict export runs the Python forward, where len(x) turns the batch into an
+        # int and specialises it, exactly as the trace did
+        program = torch.export.export(model.eval(), (sample,), dynamic_shapes=({0: batch},), strict=True)
+        torch.onnx.export(program, (sample,), str(path), dynamo=True, opset_version=opset, verbose=False,
+                          input_names=["input"], output_names=["logits"], external_data=False)
+    onnx.checker.check_model(str(path))
+
+
+def _batch_check(tmp: Path, model: nn.Module, x: torch.Tensor, tol: float, threads: int) -> dict | str:
+    """The parity record when onnxruntime matches PyTorch at this batch; else what went wrong, in a few words."""
+    with torch.no_grad():
+        ref = model(x)
+    ort.set_default_logger_severity(4)  # a failure is reported below, once, not also as an onnxruntime log line
+    try:
+        got = _parity(tmp, ref, x, threads)
+    except Exception as e:  # noqa: BLE001 - onnxruntime's shape errors have no common public type
+        return f"onnxruntime fails at batch {len(x)} ({str(e).strip().splitlines()[0][:120]})"
+    finally:
+        ort.set_default_logger_severity(2)  # onnxruntime's default (warnings)
+    return got if got["rel_diff"] <= tol else f"outputs at batch {len(x)} differ by {got['rel_diff']:.1e}"
+
+
+def _export_batch(model: nn.Module, tmp: Path, calib: torch.Tensor, *, opset: int, tol: float, fold: bool,
+                  threads: int) -> tuple[torch.Tensor, dict, dict | None]:
+    """A dynamic-batch export that really works at another batch size, else a fixed batch-1 one.
+
+    The trace runs at batch 1; a forward that reads the batch size as a Python int (`len(x)`,
+    `int(x.shape[0])`) bakes 1 into the graph. Checked at batch >= 2; retried with the dynamo exporter;
+    a fixed-batch file is the last resort, and the returned record says why.
+    """
+    x = calib if len(calib) >= 2 else torch.cat([calib, calib])
+    size = tuple(calib.shape[1:])
+    to_onnx(model, tmp, size, opset=opset, dynamic_batch=True, fold_batchnorm=fold)
+    baked = _batch_check(tmp, model, x, tol, threads)
+    if isinstance(baked, dict):
+        return x, {"dynamic_batch": True, "exporter": "torchscript"}, baked
+    try:
+        _dynamo_onnx(model, tmp, x[:2], opset=opset)
+        again = _batch_check(tmp, model, x, tol, threads)
+    except Exception as e:  # noqa: BLE001 - torch.export refuses data-dependent code in many ways; all mean "cannot"
+        again = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:120] if str(e).strip() else ''}"
+    if isinstance(again, dict):
+        return x, {"dynamic_batch": True, "exporter": "dynamo", "traced_batch_baked": baked}, again
+    to_onnx(model, tmp, size, opset=opset, dynamic_batch=False, fold_batchnorm=fold)
+    why = (f"the traced graph works at batch 1 only ({baked}; a forward that reads the batch size as a number, "
+           f"e.g. len(x)); the dynamo exporter could not make it symbolic either ({again}); model.onnx takes batches of 1 only")
+    return x[:1], {"dynamic_batch": False, "exporter": "torchscript", "fixed_batch": why}, None
+
+
 EXTERNAL_ABOVE = 1800 * 2**20  # weights above this go to NAME.data beside NAME (protobuf refuses files over 2 GiB)
 
 
@@ -136,16 +191,20 @@ def write_onnx(model: nn.Module, path: Path, calib: torch.Tensor, *, opset: int,
 def _write_onnx(model, path: Path, tmp: Path, calib, *, opset, dynamic_batch, tol, slim, threads, external_above,
                 check) -> dict:
     tied = any(getattr(m, "ties_weights", False) for m in model.modules())  # one weight used in two places
-    to_onnx(model, tmp, tuple(calib.shape[1:]), opset=opset, dynamic_batch=dynamic_batch, fold_batchnorm=not tied)
+    if dynamic_batch and check:
+        x, how, checked = _export_batch(model, tmp, calib, opset=opset, tol=tol, fold=not tied, threads=threads)
+    else:  # a size-only file is not run, so its batch is not checked either
+        to_onnx(model, tmp, tuple(calib.shape[1:]), opset=opset, dynamic_batch=dynamic_batch, fold_batchnorm=not tied)
+        x, how, checked = (calib if dynamic_batch else calib[:1]), {"dynamic_batch": dynamic_batch, "exporter": "torchscript"}, None
     external = _folder_bytes(tmp.parent) > external_above
     if external or len(list(tmp.parent.iterdir())) > 1:  # rewrite as graph + one data file
         _save_proto(onnx.load(str(tmp)), tmp, external)
+        checked = None  # the file run below is the one rewritten
     parity = slimmed = None
     if check:
-        x = calib if dynamic_batch else calib[:1]
         with torch.no_grad():
             ref = model(x)
-        parity = _verify(tmp, path.name, _parity(tmp, ref, x, threads), tol=tol)
+        parity = _verify(tmp, path.name, checked or _parity(tmp, ref, x, threads), tol=tol)
     if slim:
         import onnxslim
 
@@ -173,16 +232,14 @@ def _write_onnx(model, path: Path, tmp: Path, calib, *, opset, dynamic_batch, to
             slimmed = {"nodes_before": nodes, "applied": False, "why": why}
         shutil.rmtree(cand_dir)
     ops, nodes = _graph(tmp)
-    data = tmp.with_name(tmp.name + ".data")
-    files, size = [path.name], 0
+    data, external = tmp.with_name(tmp.name + ".data"), None
     if data.exists():  # the weights file first: the graph appears only once what it points to is in place
-        size += _publish(data, path.with_name(data.name))
-        files.append(data.name)
+        external = {"path": data.name, "bytes": _publish(data, path.with_name(data.name))}
     else:
         path.with_name(data.name).unlink(missing_ok=True)  # a stale data file from an earlier, larger export
-    size += _publish(tmp, path)
-    return {"path": path.name, "files": files, "external_data": data.name if len(files) > 1 else None,
-            "precision": "fp32", "bytes": size, "opset": opset, "dynamic_batch": dynamic_batch, "parity": parity,
+    size = _publish(tmp, path) + (external["bytes"] if external else 0)  # both files: what a deployment ships
+    return {"path": path.name, "files": [path.name, *([data.name] if external else [])], "external_data": external,
+            "precision": "fp32", "bytes": size, "opset": opset, **how, "parity": parity,
             "operators": ops, "nodes": nodes, "slim": slimmed}
 
 

@@ -3,11 +3,8 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
-import re
 import socket
 import threading
-import zipfile
 from dataclasses import dataclass, field
 from typing import Callable
 from pathlib import Path
@@ -18,11 +15,11 @@ import timm.data
 import torch
 from safetensors import SafetensorError
 from safetensors import safe_open
-from safetensors.torch import load_file
 from torch import nn
 
-from . import sources
+from . import checkpoint, sources
 from .adapters import Adapter, detect
+from .data import resolve_preprocess
 from .errors import InputError
 from .sources import hf, user
 from .sources import torchvision as tv
@@ -45,48 +42,8 @@ class Loaded:
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Read a .safetensors or a .pth/.bin/.pt state dict (weights_only: no code runs)."""
-    if not path.is_file():
-        raise InputError(f"checkpoint not found: {path}; check the path")
-    if path.stat().st_size == 0:
-        raise InputError(f"checkpoint {path} is empty (0 bytes); re-export or re-download it")
-    if path.suffix == ".safetensors":
-        try:
-            sd = load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise InputError(f"cannot read {path}: not a valid safetensors file, truncated or corrupt ({e}); "
-                             "re-export or re-download it") from None
-    elif path.suffix in (".pth", ".pt", ".bin"):
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-            what = f" (it references {found.group(1)})" if found else ""
-            raise InputError(f"refusing to load {path}: it holds pickled Python objects beyond tensors, which could run "
-                             f"code{what}; re-save it as a plain state dict or as .safetensors") from None
-        except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-            raise InputError(f"cannot read {path}: truncated or not a PyTorch checkpoint "
-                             f"({str(e).strip().splitlines()[0][:160]}); re-export it") from None
-    else:
-        raise InputError(f"unsupported checkpoint format '{path.suffix}' ({path}); "
-                         "use .safetensors, .pth, .pt or .bin, or a model directory")
-    return _unwrap(sd, path)
-
-
-def _unwrap(sd, path: Path) -> dict[str, torch.Tensor]:
-    if isinstance(sd, dict):
-        for key in ("state_dict", "model", "model_state_dict", "module"):
-            if isinstance(sd.get(key), dict) and all(isinstance(v, torch.Tensor) for v in sd[key].values()):
-                sd = sd[key]
-                break
-    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise InputError(f"{path} is not a state dict of tensors; save model.state_dict() (or safetensors) instead")
-    if all(k.startswith("module.") for k in sd):  # saved from DataParallel/DDP
-        sd = {k[len("module."):]: v for k, v in sd.items()}
-    for k, v in sd.items():
-        if v.is_floating_point() and not torch.isfinite(v).all():
-            raise InputError(f"{path}: tensor '{k}' contains NaN or Inf; the checkpoint is broken, use another one")
-    return sd
+    """The state dict in a weights file, whatever its name (see checkpoint.read)."""
+    return checkpoint.read(path)[0]
 
 
 def _timm_name(arch: str) -> str:
@@ -108,6 +65,17 @@ def _data_cfg(model: nn.Module, adapter: Adapter, pretrained_cfg: dict | None, i
 
 
 def load(ckpt: str, spec: ModelSpec | None = None) -> Loaded:
+    """`_load`, then the recipe's model.preprocess (and the model's channel count) on top of what the checkpoint said."""
+    loaded = _load(ckpt, spec)
+    chans = next((m.in_channels for m in loaded.model.modules() if isinstance(m, nn.Conv2d)), None)
+    loaded.data_cfg, notes = resolve_preprocess(loaded.data_cfg, chans, spec.preprocess if spec is not None else None)
+    loaded.source["preprocess"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in loaded.data_cfg.items()}
+    if notes:
+        loaded.source["preprocess_note"] = notes
+    return loaded
+
+
+def _load(ckpt: str, spec: ModelSpec | None = None) -> Loaded:
     """Load a checkpoint: a timm or Hugging Face directory, a weights file (+ `spec`, else its keys say
     the family), or a timm:/hf: hub id. Other families are converted to timm form, checked numerically."""
     if ckpt.startswith(("timm:", "hf:")) and not Path(ckpt).exists():
@@ -122,12 +90,10 @@ def load(ckpt: str, spec: ModelSpec | None = None) -> Loaded:
         if weights is None:
             raise InputError(f"{path}: no weights file ({', '.join(WEIGHT_FILES)})")
     else:
-        weights = path
-        if path.suffix not in (".safetensors", ".pth", ".pt", ".bin"):
-            raise InputError(f"unsupported checkpoint format '{path.suffix}' ({path}); "
-                             "use .safetensors, .pth, .pt or .bin, or a model directory")
-    sd = read_state_dict(weights)
-    info = {"path": str(path), "weights": str(weights), "bytes": weights.stat().st_size}
+        weights = path  # any name: the content says the format
+    sd, read_info = checkpoint.read(weights, spec.weights_key if spec is not None else None)
+    info = {"path": str(path), "weights": str(weights), "bytes": weights.stat().st_size, "checkpoint": read_info,
+            "read": checkpoint.describe(read_info)}
     if config is not None and "architecture" not in config:  # a Hugging Face directory: its config says the rest
         size = spec.img_size if spec is not None else None  # a convnet's input size, where no preprocessor config says it
         return _converted(hf.read(path, config, weights, sd), info, f"hf:{hf.architecture(config, path)}", {}, size)

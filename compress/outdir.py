@@ -5,11 +5,21 @@ that process is gone), never a half-written OUT.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from pathlib import Path
 
 from .errors import InputError
+
+
+def sha256(path: Path) -> str:
+    """A file's hash as recorded in report.json (`compress verify` checks it later)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def write_text_atomic(path: Path, text: str) -> None:

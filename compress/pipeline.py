@@ -26,7 +26,8 @@ from .data import calibration_batch, dataset, loader
 from .distill import distill
 from .errors import GateError, InputError, VerificationError
 from .export import write_fp16, write_int8, write_onnx, write_safetensors
-from .outdir import check_inputs_untouched, publish, remove_created, stage
+from .outdir import check_inputs_untouched, publish, remove_created, sha256, stage
+from .limits import check_memory
 from .load import load
 from .metrics import count_flops, count_params, evaluate, fidelity, latency, logits, logits64, ort_predictor
 from .modules import learned_parameters
@@ -80,7 +81,7 @@ def rewrite(loaded, recipe: Recipe, calib, log) -> tuple:
         spec = get_pass(step.name)
         if adapter.family not in spec.families:
             msg = (f"pass '{step.name}' does not apply to {adapter.name} models (it needs family "
-                   f"{'/'.join(sorted(spec.families))})")
+                   f"{'/'.join(sorted(spec.families))})" + (f": {loaded.source['note']}" if adapter.family == "other" else ""))
             if not recipe.skip_inapplicable:
                 raise InputError(f"{msg}; remove it from the recipe or set skip_inapplicable: true")
             log(f"skipped {step.name}: {msg}")
@@ -175,9 +176,14 @@ def _export(recipe: Recipe, loaded, student, staging: Path, calib, ledger: list,
                                                               staging / "model.fp16.safetensors", meta)
     if "onnx" in ex.formats:
         base = staging / "model.onnx"
-        artifacts["onnx"] = write_onnx(student, base, calib, opset=ex.opset, dynamic_batch=ex.dynamic_batch,
-                                       tol=ex.parity_tol, slim=ex.slim, external_above=int(ex.external_data_mb * 2**20))
-        x = calib if ex.dynamic_batch else calib[:1]
+        artifacts["onnx"] = onnx_rec = write_onnx(student, base, calib, opset=ex.opset, dynamic_batch=ex.dynamic_batch,
+                                                  tol=ex.parity_tol, slim=ex.slim,
+                                                  external_above=int(ex.external_data_mb * 2**20))
+        if onnx_rec.get("fixed_batch"):
+            log(f"export: warning: {onnx_rec['fixed_batch']}")
+        elif onnx_rec.get("traced_batch_baked"):
+            log(f"export: the trace baked the batch size in ({onnx_rec['traced_batch_baked']}); exported with the dynamo exporter instead")
+        x = calib if onnx_rec["dynamic_batch"] else calib[:1]
         with torch.no_grad():
             ref = student(x)
         for v in variants(ex):
@@ -210,12 +216,16 @@ def _measure(recipe: Recipe, loaded, student, staging: Path, calib, artifacts: d
             summary["onnx_bytes"] = _ratio(t["bytes"], artifacts["onnx"]["bytes"])
             if not timed:
                 summary["onnx_bytes"]["teacher_file"] = "plain export, size only (no latency asked: not slimmed or run)"
+            dyn = t["dynamic_batch"] and artifacts["onnx"]["dynamic_batch"]  # a forward may fix the batch (see write_onnx)
             onnx_files = {"teacher": Path(tmp) / "teacher.onnx", "student": staging / "model.onnx",
                           **{v: staging / f"model.{v}.onnx" for v in variants(ex)}}
             lat = recipe.report.latency
             if lat is not None:
                 log(f"timing onnxruntime: batch {lat.batch_sizes}, {lat.threads} threads, {lat.runs} interleaved runs")
-                res = latency(onnx_files, size, batch_sizes=lat.batch_sizes if ex.dynamic_batch else [1],
+                if not dyn and lat.batch_sizes != [1]:
+                    summary["latency_note"] = "batch 1 only: model.onnx has a fixed batch of 1 (see artifacts.onnx.fixed_batch)"
+                    log(f"timing: {summary['latency_note']}")
+                res = latency(onnx_files, size, batch_sizes=lat.batch_sizes if dyn else [1],
                               threads=lat.threads, warmup=lat.warmup, runs=lat.runs)
                 summary["latency"] = {bs: {"teacher": res["teacher"][bs], "student": res["student"][bs],
                                            "speedup": res["teacher"][bs]["p50_ms"] / res["student"][bs]["p50_ms"],
@@ -224,10 +234,16 @@ def _measure(recipe: Recipe, loaded, student, staging: Path, calib, artifacts: d
                                       for bs in res["student"]}
         if recipe.report.eval_data is not None:
             log(f"evaluating on {recipe.report.eval_data}")
-            _, dl = loader(recipe.report.eval_data, cfg, limit=recipe.report.eval_images)
+            ds, dl = loader(recipe.report.eval_data, cfg, limit=recipe.report.eval_images)
+            outputs = int(logits64(teacher, calib[:1]).shape[-1])
+            warn = (f"{recipe.report.eval_data} has {len(ds.classes)} class folders but the model has {outputs} outputs; "
+                    "top-1 assumes folder i (sorted by name) is output i" if ds.labeled and len(ds.classes) != outputs else None)
+            if warn:
+                log(f"warning: {warn}")
             models = {"teacher": teacher, "student": student,
-                      **{v: ort_predictor(onnx_files[v], ex.dynamic_batch) for v in variants(ex) if v in onnx_files}}
-            summary["eval"] = {"data": str(recipe.report.eval_data), **evaluate(models, dl)}
+                      **{v: ort_predictor(onnx_files[v], ex.dynamic_batch and artifacts["onnx"]["dynamic_batch"])
+                         for v in variants(ex) if v in onnx_files}}
+            summary["eval"] = {"data": str(recipe.report.eval_data), **evaluate(models, dl), **({"warning": warn} if warn else {})}
 
 
 def _gates(recipe: Recipe, summary: dict) -> list[dict]:
@@ -247,7 +263,7 @@ def _gates(recipe: Recipe, summary: dict) -> list[dict]:
         r = summary["onnx_bytes"]["ratio"]
         add("max_size_ratio", g.max_size_ratio, r, r <= g.max_size_ratio)
     if g.min_speedup is not None:
-        bs = str(max(recipe.report.latency.batch_sizes))
+        bs = str(max(int(b) for b in summary["latency"]))  # batch 1 only when model.onnx has a fixed batch
         s = summary["latency"][bs]["speedup"]
         add(f"min_speedup (batch {bs}, p50)", g.min_speedup, s, s >= g.min_speedup)
     ev = summary.get("eval") or {}
@@ -282,7 +298,7 @@ def apply(recipe: Recipe, ckpt: str, out: Path, *, data: str | None = None, dry_
     _check_recipe_needs(recipe, data)
     with stages("load"):
         loaded = load(ckpt, recipe.model)
-    for key in ("detected", "converted", "note"):
+    for key in ("read", "detected", "converted", "note", "preprocess_note"):
         if loaded.source.get(key):
             log(f"load: {loaded.source[key]}")
     data_paths = [recipe.calibration.data, recipe.report.eval_data, recipe.distill and recipe.distill.data, data]
@@ -310,12 +326,14 @@ def _run(recipe: Recipe, loaded, staging: Path | None, data, train, work: Path, 
     teacher, cfg = loaded.model, loaded.data_cfg
     size = tuple(cfg["input_size"])
     calib_path = data if data is not None else recipe.calibration.data
+    train_batch = recipe.distill.batch_size if recipe.distill is not None and not torch.cuda.is_available() else None
+    memory = check_memory(teacher, size, calib_images=recipe.calibration.images, train_batch=train_batch)
     calib, calib_desc = calibration_batch(calib_path, cfg, recipe.calibration.images, recipe.calibration.seed)
     with stages("rewrite"):
         student, ledger, ref, rewritten = rewrite(loaded, recipe, calib, log)
     record = {"compress_version": __version__, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "source": loaded.source, "input_size": list(size), "calibration": calib_desc,
-              "recipe": recipe.resolved(), "passes": ledger}
+              "recipe": recipe.resolved(), "passes": ledger, **({"memory_estimate": memory} if memory else {})}
     summary = {"params": _ratio(count_params(teacher), count_params(student)),
                "flops": _ratio(*_flops(ledger, teacher, student, size))}
     record["summary"] = summary
@@ -338,6 +356,11 @@ def _run(recipe: Recipe, loaded, staging: Path | None, data, train, work: Path, 
             record["family_layout"] = lay = loaded.save_back(student, staging, calib, recipe.export.parity_tol)
             log(f"export: {loaded.source['arch']} layout " + (f"not written: {lay['skipped']}" if "skipped" in lay
                                                                else f"in {lay['path']} (reloaded and compared)"))
+        for a in [*artifacts.values(), record.get("family_layout") or {}]:  # `compress verify` checks these later
+            if a.get("path"):
+                a["sha256"] = sha256(staging / a["path"])
+            if a.get("external_data"):  # model.onnx.data beside model.onnx
+                a["external_data"]["sha256"] = sha256(staging / a["external_data"]["path"])
     with stages("measure"):
         _measure(recipe, loaded, student, staging, calib, artifacts, summary, log)
     if summary.get("eval", {}).get("images") == 0:

@@ -19,13 +19,55 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+MAX_SIDE = 4096  # an input side beyond this is a typo, not a model: refuse it before anything is allocated
+
+
+class PreprocessSpec(_Strict):
+    """How the model expects its images, where the checkpoint does not say it (bare weights, your own model)."""
+
+    input_size: Optional[list[PositiveInt]] = Field(None, min_length=3, max_length=3, description="[channels, height, width]")
+    mean: Optional[list[float]] = Field(None, min_length=1, max_length=3, description="one value per channel")
+    std: Optional[list[PositiveFloat]] = Field(None, min_length=1, max_length=3, description="one value per channel")
+    interpolation: Optional[Literal["bilinear", "bicubic", "nearest"]] = None
+    crop_pct: Optional[float] = Field(None, gt=0, le=1, description="resize to side/crop_pct, centre-crop side")
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.input_size is not None:
+            c, h, w = self.input_size
+            if c not in (1, 3):
+                raise ValueError(f"input_size channels must be 1 or 3 (got {c})")
+            if h != w:
+                raise ValueError(f"input_size must be square (got {h}x{w})")
+            if h > MAX_SIDE:
+                raise ValueError(f"input side {h} is beyond {MAX_SIDE}; check the value")
+        for name in ("mean", "std"):
+            v = getattr(self, name)
+            if v is not None and self.input_size is not None and len(v) != self.input_size[0]:
+                raise ValueError(f"{name} has {len(v)} values for {self.input_size[0]} channels")
+        if self.mean is not None and self.std is not None and len(self.mean) != len(self.std):
+            raise ValueError("mean and std need the same number of values")
+        return self
+
+
 class ModelSpec(_Strict):
     """Architecture for a bare weights file (a checkpoint directory's config.json says it itself)."""
 
     arch: str = Field(description="timm:NAME (or a bare timm name)")
     num_classes: Optional[PositiveInt] = None
-    img_size: Optional[PositiveInt] = None
+    img_size: Optional[int] = Field(None, ge=1, le=MAX_SIDE)
     kwargs: dict[str, Any] = Field(default_factory=dict, description="extra model constructor arguments")
+    weights_key: Optional[str] = Field(None, description="which weights in a container: ema, plain, or a key such as state_dict_ema")
+    preprocess: Optional[PreprocessSpec] = None
+
+    @model_validator(mode="after")
+    def _size(self):
+        p = self.preprocess
+        if p is not None and p.input_size is not None:
+            if self.img_size is not None and self.img_size != p.input_size[1]:
+                raise ValueError(f"img_size {self.img_size} and preprocess.input_size {p.input_size} disagree; set one")
+            self.img_size = p.input_size[1]
+        return self
 
 
 class CalibrationSpec(_Strict):

@@ -122,6 +122,15 @@ def _ledger_md(record: dict) -> list[str]:
     return out
 
 
+def _notes(record: dict) -> list[str]:
+    """What was read and repaired, and anything the run had to work around (fixed-batch export, class count)."""
+    src, onnx = record["source"], record.get("artifacts", {}).get("onnx", {})
+    summary = record.get("summary", {})
+    return [n for n in (src.get("read"), src.get("note"), src.get("preprocess_note"), onnx.get("fixed_batch"),
+                        onnx.get("traced_batch_baked") and f"exported with the dynamo exporter: {onnx['traced_batch_baked']} "
+                        "with the traced graph", summary.get("latency_note"), summary.get("eval", {}).get("warning")) if n]
+
+
 def markdown(record: dict) -> str:
     src, m = record["source"], record["machine"]
     lines = [f"# compress report: {src['path']}", "",
@@ -129,6 +138,9 @@ def markdown(record: dict) -> str:
              f"by compress {record['compress_version']}. Every figure below was measured in this run.", "",
              "| metric | teacher | student | change |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows(record)]
+    notes = _notes(record)
+    if notes:
+        lines += ["", "## Notes", "", *[f"- {n}" for n in notes]]
     lines += ["", "## Passes", "", f"Calibration: {record['calibration']}.", "", *_ledger_md(record)]
     d = record.get("distill")
     if d:

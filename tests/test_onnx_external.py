@@ -22,10 +22,10 @@ def test_forced_external_data_round_trips_and_moves_with_its_graph(tmp_path):
     (tmp_path / "a").mkdir()
     art = write_onnx(model, tmp_path / "a" / "model.onnx", calib, opset=18, dynamic_batch=True, tol=1e-4, slim=True,
                      external_above=0)
-    assert art["files"] == ["model.onnx", "model.onnx.data"] and art["external_data"] == "model.onnx.data"
+    assert art["files"] == ["model.onnx", "model.onnx.data"] and art["external_data"]["path"] == "model.onnx.data"
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["model.onnx", "model.onnx.data"]  # nothing else left
     sizes = {p.name: p.stat().st_size for p in (tmp_path / "a").iterdir()}
-    assert art["bytes"] == sum(sizes.values()) and sizes["model.onnx.data"] > sizes["model.onnx"]
+    assert art["bytes"] == sum(sizes.values()) and sizes["model.onnx.data"] == art["external_data"]["bytes"] > sizes["model.onnx"]
     assert art["parity"]["rel_diff"] <= 1e-4
     shutil.move(tmp_path / "a", tmp_path / "b")  # the data file is found relative to the graph
     x = torch.randn(3, 3, 16, 16)
@@ -54,5 +54,8 @@ def test_apply_and_batch_count_and_hash_the_data_file(tmp_path, vit_dir):
     assert run_cli("batch", zoo, "-o", tmp_path / "batch").returncode == 0
     entry = json.loads((tmp_path / "batch" / "manifest.json").read_text())["entries"]["v"]
     assert {"model.onnx", "model.onnx.data"} <= set(entry["files"]) and verified("v", entry, tmp_path / "batch")
+    assert run_cli("verify", tmp_path / "batch" / "v").returncode == 0  # compress verify: both files, and parity
     (tmp_path / "batch" / "v" / "model.onnx.data").write_bytes(b"changed")
     assert not verified("v", entry, tmp_path / "batch")  # a changed data file makes the entry redo on --resume
+    res = run_cli("verify", tmp_path / "batch" / "v")
+    assert res.returncode == 3 and "model.onnx.data changed" in res.stderr, res.stderr

@@ -95,3 +95,84 @@ def resnet(num_classes: int = 5) -> nn.Module:
 
 def not_a_model():
     return {"weights": 1}
+
+
+class BatchReadingViT(TinyViT):
+    """A forward that reads the batch size as a Python int, as hand-written models do: a trace bakes it in."""
+
+    def __init__(self, num_classes: int = 5, as_int: bool = False):
+        super().__init__(num_classes)
+        self.as_int = as_int
+
+    def forward(self, x):
+        b = int(x.shape[0]) if self.as_int else len(x)
+        x = self.patch(x).reshape(b, self.pos.shape[-1], -1).transpose(1, 2)
+        x = torch.cat([self.cls.expand(b, -1, -1), x], 1) + self.pos
+        for blk in self.layers:
+            x = blk(x)
+        return self.classifier(self.norm(x)[:, 0].reshape(b, -1))
+
+
+def vit_len(num_classes: int = 5, as_int: bool = False) -> nn.Module:
+    return BatchReadingViT(num_classes, as_int)
+
+
+class PadShortcut(nn.Module):
+    """The CIFAR ResNet paper's option A: subsample and zero-pad channels; no parameters."""
+
+    def __init__(self, planes: int):
+        super().__init__()
+        self.pad = planes // 4
+
+    def forward(self, x):
+        return nn.functional.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
+
+
+class CifarBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = PadShortcut(cout) if stride != 1 or cin != cout else nn.Sequential()
+
+    def forward(self, x):
+        y = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+        return torch.relu(y + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """Blocks with an empty-Sequential identity shortcut, and one downsampling block with a parameter-free shortcut."""
+
+    def __init__(self, num_classes: int = 5, in_chans: int = 3, width: int = 8):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_chans, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.layer1 = nn.Sequential(CifarBlock(width, width, 1), CifarBlock(width, 2 * width, 2))
+        self.linear = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x):
+        x = self.layer1(torch.relu(self.bn1(self.conv1(x))))
+        return self.linear(x.mean((2, 3)))
+
+
+class SmallCNN(nn.Module):
+    """No residual or transformer blocks at all (a 1-channel 28x28 digit classifier)."""
+
+    def __init__(self, num_classes: int = 10, in_chans: int = 1):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(in_chans, 8, 3, 1, 1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+                                      nn.Conv2d(8, 16, 3, 1, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+        self.head = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        return self.head(self.features(x).flatten(1))
+
+
+def cifar_resnet(num_classes: int = 5, in_chans: int = 3) -> nn.Module:
+    return CifarResNet(num_classes, in_chans)
+
+
+def small_cnn(num_classes: int = 10, in_chans: int = 1) -> nn.Module:
+    return SmallCNN(num_classes, in_chans)

@@ -16,6 +16,11 @@ CONVERT_TOL = 1e-4  # max |Δ| / max |ref| between an original model (or block) 
 def fit(model: nn.Module, sd: dict, what: str, path: Path | str) -> None:
     """load_state_dict(strict) with a one-line summary of every mismatch."""
     own = model.state_dict()
+    if set(sd) != set(own):  # the reader stripped a wrapper prefix that this model's own keys do have
+        for p in ("model.", "module.", "_orig_mod."):
+            if {p + k for k in sd} == set(own):
+                sd = {p + k: v for k, v in sd.items()}
+                break
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
     shapes = [f"{k} {list(sd[k].shape)} vs {list(v.shape)}" for k, v in own.items()

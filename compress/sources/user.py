@@ -94,16 +94,20 @@ def _find(model: nn.Module):
     if best is not None:
         return "vit", best
     res = {n: p for n, m in model.named_modules() if n and (p := res_parts(m)) is not None}
-    return ("resnet", res) if res else (None, None)
+    if not any(isinstance(p, tuple) for p in res.values()):
+        return None, res  # reasons only: no block could be mapped
+    return "resnet", res
 
 
 def convert(model: nn.Module, arch: str, input_size, choices: dict | None = None) -> tuple[UserAdapter, dict]:
     """Convert recognised blocks in place (search and verify, or replay recorded `choices`)."""
     family, found = _find(model)
-    if family is None:
-        kinds = sorted({type(m).__name__ for m in model.modules()})[:6]
-        raise InputError(f"model.arch '{arch}': no ViT-like (2 LayerNorms + attention + 2-Linear MLP) or ResNet-like "
-                         f"(conv+BN pairs + shortcut) blocks found (module types: {', '.join(kinds)}); passes need one of them")
+    if family is None:  # it still loads, exports and distills; only the passes that rewrite blocks refuse it
+        kinds = sorted({type(m).__name__ for m in model.modules()} - {"Sequential", "ModuleList", "ModuleDict"})
+        unmapped = [f"{n} ({why})" for n, why in (found or {}).items()]
+        record = {"family": None, "blocks": {}, "unmapped": unmapped, "tokens": None, "input_size": list(input_size),
+                  "module_types": kinds}
+        return UserAdapter("other", [], unmapped, input_size, None), record
     unmapped, done, tokens = [], {}, None
     if family == "vit":
         path, blocks, parts = found
@@ -125,6 +129,8 @@ def convert(model: nn.Module, arch: str, input_size, choices: dict | None = None
                 new, how = got
             blocks[i], done[names[i]] = new, how
     else:
+        unmapped = [f"{n} ({p})" for n, p in found.items() if isinstance(p, str)]
+        found = {n: p for n, p in found.items() if not isinstance(p, str)}
         xs = _inputs(model, list(found), input_size) if choices is None else {}
         for n, p in found.items():
             new = res_block(p)
@@ -154,8 +160,15 @@ def read(arch: str, kwargs: dict, num_classes, img_size, sd: dict, weights) -> C
     back = _origin(model, before)
     note = (f"blocks {', '.join(record['unmapped'])} could not be mapped; passes that rewrite {record['family']} blocks "
             "cannot run on this model" if record["unmapped"] else None)
-    source = {"read_as": f"user:{arch}", "converted": f"{len(adapter.blocks)} {record['family']} blocks converted in place, "
-              f"each checked on its real input; whole model max |Δlogit| {diff:.1e} of the scale", "note": note}
+    if record["family"] is None:
+        note = (f"no ViT-like (2 LayerNorms + attention + 2-Linear MLP) or ResNet-like (conv+BN pairs + shortcut) blocks "
+                f"recognised (module types seen: {', '.join(record['module_types'][:12])}"
+                + (f"; unconverted: {', '.join(record['unmapped'])}" if record["unmapped"] else "")
+                + "); it loads, exports and distills, but passes that rewrite blocks cannot run on it")
+    converted = (f"{len(adapter.blocks)} {record['family']} blocks converted in place, each checked on its real input; "
+                 f"whole model max |Δlogit| {diff:.1e} of the scale" if record["family"] else None)
+    source = {"read_as": f"user:{arch}", "converted": converted,
+              "note": note, "unmapped": record["unmapped"]}
     args = {**kwargs, **({"num_classes": num_classes} if num_classes else {})}
     base = {"builder": "user", "arch": arch, "kwargs": args, "conversion": record}
     shapes = {k: tuple(v.shape) for k, v in sd.items()}

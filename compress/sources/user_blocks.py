@@ -94,22 +94,30 @@ def fit_vit_block(blk, x, parts) -> tuple[ViTBlock, dict] | str:
 # ----------------------------------------------------------------------------- ResNet-like blocks
 
 def res_parts(blk: nn.Module):
-    """([(conv, bn)...], shortcut or None) of a ResNet-like block, or None."""
+    """([(conv, bn)...], shortcut or None) of a ResNet-like block; why not, for a block with 2-3 conv+BN pairs
+    and a part that does not fit (a parameter-free shortcut, an SE module, ...); None for anything else."""
     kids = list(blk.named_children())
-    pairs, shortcut = [], None
+    pairs, shortcut, odd = [], None, []
     for i, (name, c) in enumerate(kids):
         if isinstance(c, nn.Conv2d):
             nxt = kids[i + 1][1] if i + 1 < len(kids) else None
             if not isinstance(nxt, nn.BatchNorm2d):
                 return None
             pairs.append((c, nxt))
+        elif isinstance(c, nn.Sequential) and not len(c):
+            continue  # an empty Sequential is the identity shortcut
         elif not isinstance(c, (nn.BatchNorm2d, nn.ReLU, nn.Identity)):
             inner = list(c.modules())
             if sum(isinstance(m, nn.Conv2d) for m in inner) == 1 and sum(isinstance(m, nn.BatchNorm2d) for m in inner) == 1:
                 shortcut = c
             else:
-                return None
-    return (pairs, shortcut) if len(pairs) in (2, 3) else None
+                odd.append(f"{name} ({type(c).__name__})")
+    if len(pairs) not in (2, 3):
+        return None
+    if odd:
+        return (f"part {', '.join(odd)} is neither a conv+BN pair nor a conv+BN shortcut"
+                " (a parameter-free shortcut such as zero-padding has no mapped form)")
+    return pairs, shortcut
 
 
 def res_block(parts) -> nn.Module:
