@@ -196,7 +196,7 @@ def _uniform(cands: dict[str, dict], target: float, total: float, budget: str) -
 def _replace(model, name: str, layer: nn.Module, u: torch.Tensor | None, rank: int) -> nn.Sequential:
     new = factorised(layer, rank).to(layer.weight.dtype)
     if u is not None:
-        ur = u[:, :rank]
+        ur = u[:, :rank].double()
         w = layer.weight.detach().double()
         with torch.no_grad():
             new[0].weight.copy_((ur.T @ w.flatten(1)).view_as(new[0].weight))
@@ -249,6 +249,7 @@ def lowrank(model, adapter, cfg: LowRankConfig, ctx: PassContext) -> PassResult:
                           is not None else f"break-even rank {even:.1f} is below the smallest rank {cfg.multiple}")
             continue
         u, lost, raw = _basis(m, stats[n][0], stats[n][1] * len(ctx.calib), cfg.method, max(ranks))
+        u, stats[n] = u.float(), (None, stats[n][1])  # a float32 basis is exact enough for float32 factors; moment done
         steps = [(None, 0.0, weight[n] * out * inn)] + [(r, float(lost[r - 1]), weight[n] * r * (out + inn)) for r in ranks]
         cands[n] = {"u": u, "lost": raw, "steps": steps, "shape": (out, inn), "even": even, "top": top}
     if cfg.target is not None:
