@@ -27,6 +27,8 @@ from .outdir import check_inputs_untouched, write_text_atomic
 from .recipe import _check_keys, _fmt, read_yaml
 
 PARTIAL_FAILURE = 5  # exit code: the batch ran, and at least one entry failed
+RUNNING: set = set()  # entries' processes now running: told to stop when the batch is stopped
+RUNNING_LOCK = threading.Lock()
 
 
 class ZooEntry(BaseModel):
@@ -71,6 +73,23 @@ def load_zoo(path: Path) -> list[dict]:
         seen.add(name)
         jobs.append({"name": name, "checkpoint": ckpt, "recipe": str((base / recipe).resolve()), "overrides": e.overrides})
     return jobs
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'i/n' with 0 <= i < n (Slurm's SLURM_ARRAY_TASK_ID from 0, Kubernetes' JOB_COMPLETION_INDEX)."""
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        i = n = -1
+    if not 0 <= i < n:
+        raise InputError(f"--shard {text!r}: use i/n with 0 <= i < n, e.g. --shard 0/4 ... --shard 3/4")
+    return i, n
+
+
+def shard_of(name: str, n: int) -> int:
+    """The shard an entry belongs to: its name's sha256 mod n. Stable across machines, runs and zoo edits
+    (adding or removing one entry never moves another), so every task of an array job agrees."""
+    return int(hashlib.sha256(name.encode()).hexdigest(), 16) % n
 
 
 def _fingerprint(job: dict) -> str:
@@ -121,7 +140,10 @@ class Manifest:
     def update(self, name: str, **fields) -> None:
         with self.lock:
             self.entries.setdefault(name, {}).update(fields)
-            write_text_atomic(self.path, json.dumps({"version": 1, "entries": self.entries}, indent=2))
+            self.save()
+
+    def save(self) -> None:
+        write_text_atomic(self.path, json.dumps({"version": 1, "entries": self.entries}, indent=2))
 
 
 def _die_with_parent() -> None:
@@ -141,7 +163,16 @@ def _run_entry(job: dict, out: Path, manifest: Manifest, log) -> None:
     manifest.update(name, state="running", started=time.time(), checkpoint=job["checkpoint"], recipe=job["recipe"],
                     fingerprint=_fingerprint(job), attempts=manifest.entries.get(name, {}).get("attempts", 0) + 1)
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=_die_with_parent if os.name == "posix" else None)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_die_with_parent if os.name == "posix" else None)
+    with RUNNING_LOCK:
+        RUNNING.add(proc)
+    try:
+        stdout, stderr = proc.communicate()
+    finally:
+        with RUNNING_LOCK:
+            RUNNING.discard(proc)
+    proc = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
     seconds = round(time.perf_counter() - t0, 1)
     if proc.returncode == 0:
         record = json.loads(proc.stdout)
@@ -169,10 +200,14 @@ def _result(record: dict) -> dict:
             "top1_drop": (100 * (ev["teacher_top1"] - ev["student_top1"])) if "teacher_top1" in ev else None}
 
 
-def run_batch(zoo_path: Path, out: Path, *, jobs: int, resume: bool, log=print) -> dict:
+def run_batch(zoo_path: Path, out: Path, *, jobs: int, resume: bool, shard: tuple[int, int] | None = None,
+              log=print) -> dict:
     if jobs < 1:
         raise InputError(f"--jobs {jobs}: use 1 or more")
     entries = load_zoo(zoo_path)
+    if shard is not None:
+        entries = [j for j in entries if shard_of(j["name"], shard[1]) == shard[0]]
+        log(f"batch: shard {shard[0]}/{shard[1]} holds {len(entries)} entries")
     check_inputs_untouched([zoo_path, *[j["recipe"] for j in entries],
                             *[j["checkpoint"] for j in entries if Path(j["checkpoint"]).exists()]], out)
     if out.exists() and not resume and any(out.iterdir()):
@@ -191,11 +226,22 @@ def run_batch(zoo_path: Path, out: Path, *, jobs: int, resume: bool, log=print) 
         manifest.update(job["name"], state="pending")
         todo.append(job)
     log(f"batch: {len(todo)} of {len(entries)} entries to run, {jobs} at a time")
+    if not todo:  # an empty shard (few entries, many tasks) still leaves a manifest to merge
+        manifest.save()
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        list(pool.map(lambda j: _run_entry(j, out, manifest, log), todo))
+        try:
+            list(pool.map(lambda j: _run_entry(j, out, manifest, log), todo))
+        except BaseException:  # Ctrl-C or SIGTERM: pass it on, so each entry stops cleanly and is recorded failed
+            pool.shutdown(wait=False, cancel_futures=True)
+            with RUNNING_LOCK:
+                for proc in RUNNING:
+                    proc.send_signal(signal.SIGTERM)
+            raise
     names = [j["name"] for j in entries]
     summary = {"zoo": str(zoo_path), "out": str(out), "ran": [j["name"] for j in todo],
                "entries": {n: manifest.entries[n] for n in names}}
+    if shard is not None:
+        summary["shard"] = f"{shard[0]}/{shard[1]}"
     _write_summary(summary, out)
     return summary
 

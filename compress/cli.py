@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from .errors import CompressError, InputError
+from .errors import CompressError, InputError, Terminated, terminate_like_interrupt
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Turn pretrained ViT/ResNet checkpoints into smaller, faster, verified models.")
@@ -17,6 +17,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 @contextmanager
 def _errors(debug: bool):
+    terminate_like_interrupt()
     try:
         yield
     except CompressError as e:
@@ -36,6 +37,9 @@ def _errors(debug: bool):
         raise typer.Exit(e.exit_code) from None
     except (typer.Exit, typer.Abort):
         raise
+    except Terminated:
+        print("error: terminated; nothing was published", file=sys.stderr)
+        raise typer.Exit(143) from None
     except KeyboardInterrupt:
         print("error: interrupted; nothing was published", file=sys.stderr)
         raise typer.Exit(130) from None
@@ -223,17 +227,30 @@ def analyze(ckpt: str = typer.Argument(..., help="timm directory, weights file, 
 
 
 @app.command()
-def batch(zoo: Path = typer.Argument(..., help="zoo YAML: version, entries (checkpoint, recipe, name, overrides)"),
+def batch(zoo: list[Path] = typer.Argument(..., help="zoo YAML: version, entries (checkpoint, recipe, name, overrides); "
+                                           "with --merge: the shard output folders"),
           out: Path = typer.Option(Path("compressed/batch"), "-o", "--out", help="output directory"),
           jobs: int = typer.Option(1, "--jobs", help="entries converted at once, each in its own process"),
           resume: bool = typer.Option(False, "--resume", help="skip entries done and verified; retry the rest"),
+          shard: Optional[str] = typer.Option(None, "--shard", help="i/n: run only shard i (0 <= i < n) of the "
+                                              "zoo's entries, assigned by a hash of the entry name"),
+          merge: bool = typer.Option(False, "--merge", help="join the outputs of --shard runs (the arguments) into -o"),
           debug: bool = typer.Option(False, "--debug")):
     """Convert every entry of a model zoo; a failing entry never stops the others."""
     with _errors(debug):
-        from .batch import PARTIAL_FAILURE, run_batch, summary_rows
+        from .batch import PARTIAL_FAILURE, parse_shard, run_batch, summary_rows
         from .report import align
 
-        summary = run_batch(zoo, out, jobs=jobs, resume=resume)
+        if merge:
+            from .batch_merge import merge as join
+
+            if shard is not None:
+                raise InputError("--merge joins finished shards; drop --shard")
+            summary = join(zoo, out)
+        else:
+            if len(zoo) != 1:
+                raise InputError(f"batch takes one zoo file, got {len(zoo)} paths; to join shard outputs add --merge")
+            summary = run_batch(zoo[0], out, jobs=jobs, resume=resume, shard=parse_shard(shard) if shard else None)
         print()
         print(align(summary_rows(summary), left=(0, 6)))
         failed = [n for n, e in summary["entries"].items() if e["state"] != "done"]
@@ -283,7 +300,19 @@ def schema():
     print(json.dumps(json_schema(), indent=2))
 
 
+def _return_freed_memory() -> None:
+    """glibc raises its mmap threshold after big frees, so later tensors come from a heap it never gives
+    back and RSS creeps up by GBs over a large model's run; a fixed 1 MiB threshold returns them (Linux)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def main():
+    _return_freed_memory()
     app()
 
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -17,10 +19,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from .data import Augmented, ImageFolderData, collate
-from .errors import InputError
+from .errors import InputError, Terminated
+from .progress import progress
 
 
 class StepBatches(torch.utils.data.Sampler):
@@ -103,9 +105,36 @@ def _capture(modules: list[nn.Module], store: list):
 
 
 def _save(path: Path, state: dict) -> None:
+    path.parent.mkdir(exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)  # a kill leaves the previous checkpoint or the new one, never half of one
+
+
+class StopRequests:
+    """SIGINT/SIGTERM during training stop the loop at the next step boundary (so a checkpoint of a
+    whole step can be saved) instead of wherever the signal lands; a second signal stops at once."""
+
+    def __init__(self):
+        self.signum, self.old = None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self.old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            self.raise_()
+        self.signum = signum
+
+    def raise_(self):
+        raise Terminated() if self.signum == signal.SIGTERM else KeyboardInterrupt()
+
+    def __exit__(self, *exc):
+        for s, h in self.old.items():
+            signal.signal(s, h)
 
 
 def distill(student: nn.Module, teacher: nn.Module, data: ImageFolderData, *, steps: int, batch_size: int,
@@ -153,11 +182,18 @@ def distill(student: nn.Module, teacher: nn.Module, data: ImageFolderData, *, st
     t_feats, s_feats = [], []
     hooks = _capture(features[0], t_feats) + _capture(features[1], s_feats) if feature_weight > 0 else []
     use_amp = amp and device.type == "cuda"
-    bar = tqdm(total=steps, initial=start, disable=rank != 0, desc="distill", unit="step", file=sys.stderr,
-               mininterval=2.0, dynamic_ncols=True)
+    bar = progress(steps, start, "distill", disable=rank != 0, file=sys.stderr)
     t0, images = time.perf_counter(), 0
     if keep is not None and start == 0:  # the start competes too
         keep.check(student, 0, device)
+
+    def save(done):
+        _save(checkpoint, {"fingerprint": fingerprint, "step": done, "student": student.state_dict(),
+                           "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                           "rng": torch.get_rng_state(), "history": history, "skipped": skipped,
+                           "keep": keep.state() if keep is not None else None})
+
+    stop = StopRequests().__enter__()  # left in `finally`, with the bar and the hooks
     try:
         for step, (x, y, bad) in zip(range(start, steps), batches):
             skipped += bad
@@ -199,12 +235,15 @@ def distill(student: nn.Module, teacher: nn.Module, data: ImageFolderData, *, st
             done = step + 1
             if keep is not None and (done % keep.every == 0 or done == steps):
                 keep.check(student, done, device)
-            if rank == 0 and checkpoint is not None and checkpoint_every and done % checkpoint_every == 0 and done < steps:
-                _save(checkpoint, {"fingerprint": fingerprint, "step": done, "student": student.state_dict(),
-                                   "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                                   "rng": torch.get_rng_state(), "history": history, "skipped": skipped,
-                                   "keep": keep.state() if keep is not None else None})
+            if rank == 0 and checkpoint is not None and (stop.signum is not None or (
+                    checkpoint_every and done % checkpoint_every == 0 and done < steps)):
+                save(done)  # on a stop request at once: a scheduler's SIGTERM loses no finished step
+            if stop.signum is not None:
+                log(f"distill: stopped at step {done} of {steps}" + (f"; resume checkpoint in {checkpoint}"
+                                                                     if checkpoint is not None else ""))
+                stop.raise_()
     finally:
+        stop.__exit__()
         bar.close()
         for h in hooks:
             h.remove()

@@ -29,3 +29,20 @@ class TargetError(GateError):
     """A recipe's `target:` is out of reach: no candidate the planner measured meets it (exit 4)."""
 
     exit_code = 4
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's stop: Kubernetes eviction, Slurm time limit), handled like Ctrl-C (exit 143)."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def terminate_like_interrupt() -> None:
+    """From now on SIGTERM raises Terminated in the main thread, so cleanup runs as for SIGINT."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_terminated)

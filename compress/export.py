@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -172,41 +173,98 @@ def _on_runtimes(tmp: Path, name: str, parity: dict, ref: torch.Tensor, x: torch
     return {"runtimes": runs, "oldest_runtime": min(ran, key=runtimes.version_tuple)}
 
 
-def write_onnx(model: nn.Module, path: Path, calib: torch.Tensor, *, opset: int, dynamic_batch: bool,
-               tol: float, slim: bool = False, threads: int = 2, old=None) -> dict:
-    """Export (+ onnxslim when it keeps the outputs), run in onnxruntime against PyTorch, rename if they agree."""
-    tmp = path.with_name(path.name + ".tmp")
-    tied = any(getattr(m, "ties_weights", False) for m in model.modules())  # one weight used in two places
-    if dynamic_batch:
-        x, how, checked = _export_batch(model, tmp, calib, opset=opset, tol=tol, fold=not tied, threads=threads)
+EXTERNAL_ABOVE = 1800 * 2**20  # weights above this go to NAME.data beside NAME (protobuf refuses files over 2 GiB)
+
+
+def _folder_bytes(folder: Path) -> int:
+    """Size of an export in `folder`: the graph file and any external tensor files the exporter wrote beside it."""
+    return sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+
+
+def _save_proto(proto, path: Path, external: bool) -> None:
+    """One file, or the graph plus all its weights in one NAME.data file (location relative, so the pair moves)."""
+    for f in path.parent.iterdir():  # the exporter may have written one file per tensor: replaced below
+        f.unlink()
+    if external:
+        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data", size_threshold=1024)
     else:
-        to_onnx(model, tmp, tuple(calib.shape[1:]), opset=opset, dynamic_batch=False, fold_batchnorm=not tied)
-        x, how, checked = calib[:1], {"dynamic_batch": False, "exporter": "torchscript"}, None
-    with torch.no_grad():
-        ref = model(x)
-    parity = _verify(tmp, path.name, checked or _parity(tmp, ref, x, threads), tol=tol)
-    slimmed = None
+        onnx.save_model(proto, str(path))
+
+
+def write_onnx(model: nn.Module, path: Path, calib: torch.Tensor, *, opset: int, dynamic_batch: bool,
+               tol: float, slim: bool = False, threads: int = 2, external_above: int = EXTERNAL_ABOVE,
+               check: bool = True, old=None) -> dict:
+    """Export (+ onnxslim when it keeps the outputs), run in onnxruntime against PyTorch, rename if they agree.
+
+    Above `external_above` bytes the weights go to `NAME.data` beside `NAME` (ONNX external data); both
+    files are verified together in a private folder, then moved into place (data first).
+    check=False (only for a file that is measured for its size, never run or shipped) skips parity and slimming.
+    """
+    work = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    try:
+        return _write_onnx(model, path, work / path.name, calib, opset=opset, dynamic_batch=dynamic_batch, tol=tol,
+                           slim=slim and check, threads=threads, external_above=external_above, check=check, old=old)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _write_onnx(model, path: Path, tmp: Path, calib, *, opset, dynamic_batch, tol, slim, threads, external_above,
+                check, old) -> dict:
+    tied = any(getattr(m, "ties_weights", False) for m in model.modules())  # one weight used in two places
+    if dynamic_batch and check:
+        x, how, checked = _export_batch(model, tmp, calib, opset=opset, tol=tol, fold=not tied, threads=threads)
+    else:  # a size-only file is not run, so its batch is not checked either
+        to_onnx(model, tmp, tuple(calib.shape[1:]), opset=opset, dynamic_batch=dynamic_batch, fold_batchnorm=not tied)
+        x, how, checked = (calib if dynamic_batch else calib[:1]), {"dynamic_batch": dynamic_batch, "exporter": "torchscript"}, None
+    external = _folder_bytes(tmp.parent) > external_above
+    if external or len(list(tmp.parent.iterdir())) > 1:  # rewrite as graph + one data file
+        _save_proto(onnx.load(str(tmp)), tmp, external)
+        checked = None  # the file run below is the one rewritten
+    parity = slimmed = None
+    if check:
+        with torch.no_grad():
+            ref = model(x)
+        parity = _verify(tmp, path.name, checked or _parity(tmp, ref, x, threads), tol=tol)
     if slim:
         import onnxslim
 
         nodes = _graph(tmp)[1]
-        cand = path.with_name(path.name + ".slim.tmp")
-        onnx.save(onnxslim.slim(onnx.load(str(tmp))), str(cand))
+        cand_dir = tmp.parent / "slim"
+        cand_dir.mkdir()
+        cand = cand_dir / tmp.name
+        proto = onnxslim.slim(onnx.load(str(tmp)))
+        if external:
+            onnx.save_model(proto, str(cand), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=tmp.name + ".data", size_threshold=1024)
+        else:
+            onnx.save_model(proto, str(cand))
+        del proto
         p2 = _parity(cand, ref, x, threads)
         # a model that shares a weight must keep storing it once (Conv+BN fusion gives each use its own copy);
         # elsewhere small constant rewrites by onnxslim are not duplication
         grew = tied and _weights(cand) > _weights(tmp)
         if p2["rel_diff"] <= tol and not grew:
-            os.replace(cand, tmp)
+            for f in cand_dir.iterdir():
+                os.replace(f, tmp.parent / f.name)
             parity, slimmed = {**parity, **p2}, {"nodes_before": nodes, "applied": True}
         else:  # keep the plain export: slimming is an optimisation, never a reason to change outputs or size
-            cand.unlink()
             why = "it would store shared weights twice" if grew else f"changed outputs by {p2['rel_diff']:.1e}"
             slimmed = {"nodes_before": nodes, "applied": False, "why": why}
-    ran = _on_runtimes(tmp, path.name, parity, ref, x, threads, old, tol=tol)
+        shutil.rmtree(cand_dir)
+    ran = _on_runtimes(tmp, path.name, parity, ref, x, threads, old, tol=tol) if check else {}
     ops, nodes = _graph(tmp)
-    return {"path": path.name, "precision": "fp32", "bytes": _publish(tmp, path), "opset": opset,
-            **how, "parity": parity, "operators": ops, "nodes": nodes, "slim": slimmed, **ran}
+    data, external = tmp.with_name(tmp.name + ".data"), None
+    if data.exists():  # the weights file first: the graph appears only once what it points to is in place
+        external = {"path": data.name, "bytes": _publish(data, path.with_name(data.name))}
+    else:
+        path.with_name(data.name).unlink(missing_ok=True)  # a stale data file from an earlier, larger export
+    size = _publish(tmp, path) + (external["bytes"] if external else 0)  # both files: what a deployment ships
+    return {"path": path.name, "files": [path.name, *([data.name] if external else [])], "external_data": external,
+            "precision": "fp32", "bytes": size, "opset": opset, **how, "parity": parity,
+            "operators": ops, "nodes": nodes, "slim": slimmed, **ran}
 
 
 # No fp16 CPU kernel in older onnxruntime (1.16): it falls back to the ops' function bodies, written

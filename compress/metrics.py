@@ -18,13 +18,32 @@ def count_params(model: nn.Module) -> int:
 def count_flops(model: nn.Module, input_size) -> int:
     """FLOPs of one image (a multiply-add counts 2), via torch.utils.flop_counter.
 
+    Counted on the meta device (shapes only: no arithmetic, no weight copy); a model whose forward
+    needs real values (a plain tensor attribute, a data-dependent branch) is counted for real.
     The math SDPA backend is forced so fused attention kernels are counted too (the
     flop counter has no formula for the CPU flash kernel and would skip attention).
     """
-    x = torch.zeros((1, *input_size))
+    try:
+        return _count_flops(model, input_size, meta=True)
+    except Exception:  # noqa: BLE001 - any failure on meta tensors: count on real ones
+        return _count_flops(model, input_size, meta=False)
+
+
+def _count_flops(model: nn.Module, input_size, *, meta: bool) -> int:
+    x = torch.zeros((1, *input_size), device="meta" if meta else "cpu")
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
-        model(x)
+        if meta:
+            tensors = {**dict(model.named_parameters(remove_duplicate=False)), **dict(model.named_buffers(remove_duplicate=False))}
+            torch.func.functional_call(model, {k: torch.empty_like(v, device="meta") for k, v in tensors.items()}, (x,))
+        else:
+            model(x)
     return int(fc.get_total_flops())
+
+
+@torch.no_grad()
+def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """float32 logits in eval mode: fidelity of approximate passes needs no more (and no model copy)."""
+    return model.eval()(x)
 
 
 @torch.no_grad()

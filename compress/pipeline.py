@@ -29,7 +29,7 @@ from .export import write_fp16, write_int8, write_onnx, write_safetensors
 from .outdir import check_inputs_untouched, publish, remove_created, sha256, stage
 from .limits import check_memory
 from .load import load
-from .metrics import count_flops, count_params, evaluate, fidelity, latency, logits64, ort_predictor
+from .metrics import count_flops, count_params, evaluate, fidelity, latency, logits, logits64, ort_predictor
 from .modules import learned_parameters
 from .recipe import Recipe
 from .registry import PassContext, get_pass
@@ -71,13 +71,15 @@ def _check_recipe_needs(recipe: Recipe, data) -> None:
 def rewrite(loaded, recipe: Recipe, calib, log) -> tuple:
     """Apply the passes in order to a copy of the teacher; verify exact ones, measure the rest.
 
-    Returns the student, the per-pass ledger, and the float64 logits on `calib` of the teacher
-    and of the student.
+    Returns the student, the per-pass ledger (FLOPs before/after each pass included) and the
+    logits on `calib` of the teacher and of the student. Logits are float32 (one teacher forward, reused); an exact
+    pass alone is checked in float64, before and after it, so the check measures the maths.
     """
     teacher, adapter = loaded.model, loaded.adapter
     size = loaded.data_cfg["input_size"]
     student = copy.deepcopy(teacher)
-    ref = prev = logits64(teacher, calib)
+    ref = prev = logits(teacher, calib)
+    prev64 = None  # float64 logits of the student as it is now, while still valid
     params, flops = count_params(student), count_flops(student, size)
     ledger = []
     for i, step in enumerate(recipe.steps):
@@ -90,19 +92,22 @@ def rewrite(loaded, recipe: Recipe, calib, log) -> tuple:
             log(f"skipped {step.name}: {msg}")
             ledger.append({"pass": step.name, "skipped": msg})
             continue
+        exact = step.config.is_exact()
+        if exact and prev64 is None:
+            prev64 = logits64(student, calib)
         t0 = time.perf_counter()
         try:
             result = spec.fn(student, adapter, step.config, PassContext(calib))
         except InputError as e:
             raise InputError(f"recipe passes[{i}]: {e}") from None
         student = result.model.eval()
-        now = logits64(student, calib)
+        now64 = logits64(student, calib) if exact else None
+        now = now64.float() if exact else logits(student, calib)
         p1, f1 = count_params(student), count_flops(student, size)
-        exact = step.config.is_exact()
         entry = {"pass": step.name, "config": step.config.model_dump(mode="json"), "exact": exact,
                  "params": [params, p1], "flops": [flops, f1], "changes": result.changes, "details": result.details}
         if exact:
-            check = fidelity(prev, now)
+            check = fidelity(prev64, now64)
             entry["verified"] = {**check, "tolerance": EXACT_TOL}
             if not check["rel_diff"] <= EXACT_TOL:
                 raise VerificationError(f"pass '{step.name}' is declared exact but moved the logits by {check['rel_diff']:.2e} "
@@ -113,7 +118,7 @@ def rewrite(loaded, recipe: Recipe, calib, log) -> tuple:
         ledger.append(entry)
         for line in result.changes:
             log(f"{step.name}: {line}")
-        params, flops, prev = p1, f1, now
+        params, flops, prev, prev64 = p1, f1, now, now64
     return student, ledger, ref, prev
 
 
@@ -143,10 +148,7 @@ def run_distill(recipe: Recipe, loaded, student, train, calib, ref, start, work:
     world = dist.get_world_size() if dist.is_initialized() else 1
     what = {k: v for k, v in recipe.resolved().items() if k in ("model", "passes", "distill", "calibration")}
     fingerprint = hashlib.sha256(json.dumps([what, str(Path(ckpt).resolve()), world], sort_keys=True).encode()).hexdigest()
-    checkpoint = None
-    if d.checkpoint_every:
-        work.mkdir(exist_ok=True)
-        checkpoint = work / "distill.pt"
+    checkpoint = work / "distill.pt"  # written every checkpoint_every steps, and at once on SIGINT/SIGTERM
     teacher, adapter = loaded.model, loaded.adapter
     feats = (adapter.feature_modules(teacher), adapter.feature_modules(student)) if d.feature_weight > 0 else None
     before = fidelity(ref, start)
@@ -162,9 +164,9 @@ def run_distill(recipe: Recipe, loaded, student, train, calib, ref, start, work:
                     label_weight=d.label_weight, features=feats, seed=d.seed, device=dev, amp=d.amp, workers=d.workers,
                     checkpoint=checkpoint, checkpoint_every=d.checkpoint_every, resume=resume,
                     fingerprint=fingerprint, keep=keep, log=log)
-    if checkpoint is not None and (not dist.is_initialized() or dist.get_rank() == 0):
+    if not dist.is_initialized() or dist.get_rank() == 0:
         shutil.rmtree(work, ignore_errors=True)  # training finished: nothing left to resume
-    after = fidelity(ref, logits64(student, calib))
+    after = fidelity(ref, logits(student, calib))
     log(f"distill: done in {stats['seconds']:.0f} s ({stats['images_per_s']:.0f} images/s), final loss "
         f"{stats['final_loss']:.4f}; calibration agreement {100 * before['agreement']:.1f}% -> {100 * after['agreement']:.1f}%")
     return {**stats, "data": str(train.path), "images": len(train), "calib_before": before, "calib_after": after}
@@ -193,7 +195,8 @@ def _export(recipe: Recipe, loaded, student, staging: Path, calib, ledger: list,
     if "onnx" in ex.formats:
         base = staging / "model.onnx"
         artifacts["onnx"] = onnx_rec = write_onnx(student, base, calib, opset=ex.opset, dynamic_batch=ex.dynamic_batch,
-                                                  tol=ex.parity_tol, slim=ex.slim, old=old)
+                                                  tol=ex.parity_tol, slim=ex.slim, old=old,
+                                                  external_above=int(ex.external_data_mb * 2**20))
         if onnx_rec.get("fixed_batch"):
             log(f"export: warning: {onnx_rec['fixed_batch']}")
         elif onnx_rec.get("traced_batch_baked"):
@@ -227,9 +230,13 @@ def _measure(recipe: Recipe, loaded, student, staging: Path, calib, artifacts: d
             t = write_safetensors(teacher, Path(tmp) / "teacher.safetensors", {})
             summary["safetensors_bytes"] = _ratio(t["bytes"], artifacts["safetensors"]["bytes"])
         if "onnx" in ex.formats:
+            timed = recipe.report.latency is not None  # else the teacher's file is only measured for its size
             t = write_onnx(teacher, Path(tmp) / "teacher.onnx", calib, opset=ex.opset,
-                           dynamic_batch=ex.dynamic_batch, tol=ex.parity_tol, slim=ex.slim)
+                           dynamic_batch=ex.dynamic_batch, tol=ex.parity_tol, slim=ex.slim,
+                           external_above=int(ex.external_data_mb * 2**20), check=timed)
             summary["onnx_bytes"] = _ratio(t["bytes"], artifacts["onnx"]["bytes"])
+            if not timed:
+                summary["onnx_bytes"]["teacher_file"] = "plain export, size only (no latency asked: not slimmed or run)"
             dyn = t["dynamic_batch"] and artifacts["onnx"]["dynamic_batch"]  # a forward may fix the batch (see write_onnx)
             summary["variant_bytes"] = {v: artifacts[f"onnx.{v}"]["bytes"] for v in variants(ex)}
             onnx_files = {"teacher": Path(tmp) / "teacher.onnx", "student": staging / "model.onnx",
@@ -295,6 +302,14 @@ def _gates(recipe: Recipe, summary: dict) -> list[dict]:
     return checks
 
 
+def _flops(ledger: list, teacher, student, size) -> tuple[int, int]:
+    """Teacher and student FLOPs, from the ledger when a pass ran (counted there already)."""
+    ran = [e for e in ledger if "flops" in e]
+    if ran:
+        return ran[0]["flops"][0], ran[-1]["flops"][1]
+    return count_flops(teacher, size), count_flops(student, size)
+
+
 def _ratio(a, b) -> dict:
     return {"teacher": a, "student": b, "ratio": b / a if a else None}
 
@@ -358,7 +373,7 @@ def _run(recipe: Recipe, loaded, staging: Path | None, data, train, work: Path, 
               "recipe": recipe.resolved(), "passes": ledger, **({"memory_estimate": memory} if memory else {}),
               **(extra or {})}
     summary = {"params": _ratio(count_params(teacher), count_params(student)),
-               "flops": _ratio(count_flops(teacher, size), count_flops(student, size))}
+               "flops": _ratio(*_flops(ledger, teacher, student, size))}
     record["summary"] = summary
     if dry_run:
         record["stages_s"] = stages.seconds
@@ -382,6 +397,8 @@ def _run(recipe: Recipe, loaded, staging: Path | None, data, train, work: Path, 
         for a in [*artifacts.values(), record.get("family_layout") or {}]:  # `compress verify` checks these later
             if a.get("path"):
                 a["sha256"] = sha256(staging / a["path"])
+            if a.get("external_data"):  # model.onnx.data beside model.onnx
+                a["external_data"]["sha256"] = sha256(staging / a["external_data"]["path"])
     with stages("measure"):
         _measure(recipe, loaded, student, staging, calib, artifacts, summary, log)
     if summary.get("eval", {}).get("images") == 0:

@@ -84,7 +84,7 @@ def variant_rows(record: dict) -> list[tuple]:
         top1 = acc.get("student_top1", acc.get("top1"))
         p = a["parity"]
         check = f"max rel Δ {p['rel_diff']:.1e}, agree {100 * p['agreement']:.1f}%"
-        out.append((v, a["path"], _bytes(a["bytes"]), check,
+        out.append((v, " + ".join(a.get("files", [a["path"]])), _bytes(a["bytes"]), check,
                     "  ".join(f"b{bs} {d['p50_ms']:.2f} ms" for bs, d in lat) or "-",
                     f"{100 * top1:.2f}%" if top1 is not None else "-",
                     f"{100 * acc['agreement']:.2f}%" if "agreement" in acc else "-", name, a.get("oldest_runtime", "-")))
@@ -209,7 +209,7 @@ def markdown(record: dict) -> str:
                         f" (onnxslim not applied: {slim['why']})" if slim else "")
                      + f"; operators: {', '.join(a['operators'])}" + _runs_md(a)
                      + (f"; **{a['note']}**" if a.get("note") else ""))
-        lines.append(f"- `{a['path']}`: {_bytes(a['bytes'])}{extra}")
+        lines.append(f"- `{' + '.join(a.get('files', [a['path']]))}`: {_bytes(a['bytes'])}{extra}")
     lay = record.get("family_layout")
     if lay:  # the checkpoint's own family layout (Hugging Face directory, torchvision state dict)
         lines.append(f"- {lay['format']} layout: not written, {lay['skipped']}" if "skipped" in lay else

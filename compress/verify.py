@@ -15,7 +15,8 @@ from .metrics import fidelity, ort_run, ort_session
 
 
 def _files(record: dict) -> list[dict]:
-    return [a for a in [*record.get("artifacts", {}).values(), record.get("family_layout") or {}] if a.get("path")]
+    arts = [a for a in [*record.get("artifacts", {}).values(), record.get("family_layout") or {}] if a.get("path")]
+    return arts + [a["external_data"] for a in arts if a.get("external_data")]  # an ONNX's weights file too
 
 
 def _inputs(record: dict, images: int) -> tuple[torch.Tensor, str]:

@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
-from compress.batch import verified
+from compress.batch import shard_of, verified
 from tests.conftest import FAST, REPO, run_cli, save_timm_dir, tiny_vit, tiny_vit_args, write_recipe
 
 RECIPE = "version: 1\npasses:\n  - mlp_strip: {blocks: [0]}\n" + FAST
@@ -124,3 +127,76 @@ def test_bad_zoo_files(tmp_path, text, expect):
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [res.stderr.strip()] and expect in res.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5])
+def test_shards_hold_every_entry_exactly_once(n):
+    names = [f"model-{i}" for i in range(40)] + ["vit_base", "resnet50", "deit.s"]
+    shards = [[m for m in names if shard_of(m, n) == i] for i in range(n)]
+    assert sorted(m for s in shards for m in s) == sorted(names)  # each exactly once
+    code = f"from compress.batch import shard_of; print([shard_of(m, {n}) for m in {names!r}])"
+    other = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                           env={**os.environ, "PYTHONHASHSEED": "12345"})
+    assert other.stdout.strip() == str([shard_of(m, n) for m in names])  # another process (task) agrees
+
+
+@pytest.mark.parametrize("text", ["3/3", "-1/2", "1", "a/b", "0/0"])
+def test_bad_shard_is_one_line(tmp_path, text):
+    res = run_cli("batch", _zoo(tmp_path, n_good=1, broken=False), "-o", tmp_path / "out", "--shard", text)
+    assert res.returncode == 2 and "--shard" in res.stderr and "0 <= i < n" in res.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_shards_in_parallel_then_merge_equal_the_unsharded_batch(tmp_path):
+    zoo = _zoo(tmp_path, n_good=3)  # 3 good entries and 2 failing ones
+    whole = run_cli("batch", zoo, "-o", tmp_path / "whole", "--jobs", "2")
+    assert whole.returncode == 5, whole.stderr
+    n = 3
+    procs = [subprocess.Popen([sys.executable, "-m", "compress", "batch", str(zoo), "-o", str(tmp_path / f"s{i}"),
+                               "--shard", f"{i}/{n}"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for i in range(n)]
+    assert all(p.wait(timeout=600) in (0, 5) for p in procs)
+    shard_names = [set(_manifest(tmp_path / f"s{i}")) for i in range(n)]
+    assert sum(len(s) for s in shard_names) == 5 and set().union(*shard_names) == set(_manifest(tmp_path / "whole"))
+
+    merged = tmp_path / "merged"
+    res = run_cli("batch", "--merge", *[tmp_path / f"s{i}" for i in range(n)], "-o", merged)
+    assert res.returncode == 5 and "2 of 5 entries failed" in res.stderr, res.stderr
+    a, b = _manifest(tmp_path / "whole"), _manifest(merged)
+    assert list(a) == list(b)  # zoo order
+    assert {k: e["state"] for k, e in a.items()} == {k: e["state"] for k, e in b.items()}
+    for name, e in b.items():
+        if e["state"] != "done":
+            assert e["error"] == a[name]["error"]
+            continue
+        assert verified(name, e, merged)  # every file there, hashes as recorded
+        owner = next(tmp_path / f"s{i}" for i in range(n) if name in shard_names[i])
+        assert e["files"] == _manifest(owner)[name]["files"]
+        assert e["files"]["model.onnx"] == a[name]["files"]["model.onnx"], name  # the same bytes as unsharded
+        # safetensors stores its metadata map in no fixed order, so compare the tensors
+        x, y = load_file(str(merged / name / "model.safetensors")), load_file(str(tmp_path / "whole" / name / "model.safetensors"))
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), name
+    summary = json.loads((merged / "summary.json").read_text())
+    assert list(summary["entries"]) == list(a) and sorted(summary["ran"]) == sorted(a)
+    _no_partial_files(merged)
+
+    again = run_cli("batch", "--merge", tmp_path / "s0", tmp_path / "s0", "-o", tmp_path / "twice")
+    assert again.returncode == 2 and "overlap" in again.stderr and not (tmp_path / "twice").exists()
+
+
+def test_sigterm_stops_the_batch_and_its_running_entry_cleanly(tmp_path, image_zip):
+    zoo, out = _zoo(tmp_path, n_good=2, broken=False), tmp_path / "out"
+    write_recipe(tmp_path / "r.yaml", RECIPE + f"distill: {{data: {image_zip}, steps: 100000, batch_size: 8, device: cpu}}\n")
+    proc = subprocess.Popen([sys.executable, "-m", "compress", "batch", str(zoo), "-o", str(out)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(out.glob(".m0.tmp-*")):  # the first entry's run has staged
+        time.sleep(0.2)
+    time.sleep(2)  # into its rewrite or distillation
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=300)[1]
+    assert proc.returncode == 143 and "error: terminated; nothing was published" in err, err
+    states = {n: e["state"] for n, e in _manifest(out).items()}
+    assert states == {"m0": "failed", "m1": "pending"}, states  # the running entry was told to stop, and said so
+    assert _manifest(out)["m0"]["exit_code"] == 143
+    assert not (out / "m0").exists() and not list(out.glob(".m0.tmp-*"))  # nothing published, no staging left

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -119,10 +121,17 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path, vit_dir, image_zip):
     recipe = write_recipe(tmp_path / "r.yaml", _distill(image_zip, 6, batch=8, workers=1))
     single = run_cli("apply", recipe, vit_dir, "-o", tmp_path / "one")
     assert single.returncode == 0, single.stderr
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "compress", "apply", str(recipe), str(vit_dir), "-o", str(tmp_path / "two")],
-                         cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    # two "nodes" of one process each, joined by the c10d rendezvous: the multi-node command of the README
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "t",
+                               "-m", "compress", "apply", str(recipe), str(vit_dir), "-o", str(tmp_path / "two")],
+                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for node in nodes:
+        _, err = node.communicate(timeout=600)
+        assert node.returncode == 0, err[-3000:]
     one = json.loads((tmp_path / "one" / "report.json").read_text())["distill"]
     two = json.loads((tmp_path / "two" / "report.json").read_text())["distill"]
     assert two["world_size"] == 2 and one["world_size"] == 1
@@ -139,3 +148,40 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path, vit_dir, image_zip):
     with torch.no_grad():
         torch.testing.assert_close(load_compressed(tmp_path / "two")(x), load_compressed(tmp_path / "one")(x),
                                    rtol=1e-4, atol=1e-5)
+
+
+def test_sigterm_saves_at_once_publishes_nothing_and_resume_equals_uninterrupted(tmp_path, vit_dir, image_zip):
+    """SIGTERM (a scheduler's stop) mid-distillation, with no periodic checkpoints: exit 143, a checkpoint
+    of the step reached, nothing published; --resume ends with the clean run's weights."""
+    steps = 200
+    recipe = write_recipe(tmp_path / "r.yaml", _distill(image_zip, steps, batch=16, every="null"))
+    clean = run_cli("apply", recipe, vit_dir, "-o", tmp_path / "clean")
+    assert clean.returncode == 0, clean.stderr
+
+    out, ckpt = tmp_path / "out", tmp_path / ".out.work" / "distill.pt"
+    env = {**os.environ, "COMPRESS_PROGRESS_S": "0.2"}
+    proc = subprocess.Popen([sys.executable, "-m", "compress", "apply", str(recipe), str(vit_dir), "-o", str(out)],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    lines = []
+    for line in proc.stderr:  # not a TTY: plain progress lines; stop at the first one (training is under way)
+        lines.append(line)
+        if line.startswith("distill: step "):
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest = proc.stderr.read()
+    proc.wait()
+    assert proc.returncode == 143, "".join(lines) + rest
+    assert "error: terminated; nothing was published" in rest
+    assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))  # no output, no staging left
+    step = torch.load(ckpt, weights_only=True)["step"]
+    assert 0 < step < steps  # saved at once although checkpoint_every is null
+
+    res = run_cli("apply", recipe, vit_dir, "-o", out, "--resume")
+    assert res.returncode == 0, res.stderr
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["distill"]["resumed_from"] == step
+    a, b = _weights(tmp_path / "clean"), _weights(out)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
+    assert not (tmp_path / ".out.work").exists()

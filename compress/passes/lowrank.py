@@ -59,19 +59,32 @@ def factorised(layer: nn.Module, rank: int) -> nn.Sequential:
     return nn.Sequential(first, nn.Conv2d(rank, layer.out_channels, 1, bias=bias))
 
 
+def _input_side(layer: nn.Module) -> bool:
+    """A Linear wider out than in (qkv, fc1) keeps its moments on the narrower input side: C = W M W^T."""
+    return isinstance(layer, nn.Linear) and layer.in_features < layer.out_features
+
+
 @torch.no_grad()
 def _output_stats(model: nn.Module, layers: dict[str, nn.Module], calib: torch.Tensor) -> dict[str, tuple]:
-    """Per layer: second moment C = sum y y^T of its bias-free outputs (float64) and positions per image."""
+    """Per layer: a second moment and positions per image.
+
+    Mostly C = sum y y^T of the bias-free outputs; for a Linear with in < out, the input moment
+    M = sum x x^T instead (C = W M W^T, the same information in in^2 instead of out^2 numbers).
+    Products in float32 (the slow part), sums in float64.
+    """
     stats, hooks = {}, []
 
     def hook(name):
         def fn(mod, inp, out):
-            y = out.movedim(1, -1) if isinstance(mod, nn.Conv2d) else out  # channels last
-            y = y.reshape(-1, y.shape[-1]).double()
-            if mod.bias is not None:
-                y = y - mod.bias.double()
+            if _input_side(mod):
+                y = inp[0]
+            else:
+                y = out.movedim(1, -1) if isinstance(mod, nn.Conv2d) else out  # channels last
+                if mod.bias is not None:
+                    y = y - mod.bias
+            y = y.reshape(-1, y.shape[-1]).float()
             c, n = stats.get(name, (0, 0))
-            stats[name] = (c + y.T @ y, n + y.shape[0])
+            stats[name] = (c + (y.T @ y).double(), n + y.shape[0])
         return fn
 
     for name, layer in layers.items():
@@ -84,31 +97,45 @@ def _output_stats(model: nn.Module, layers: dict[str, nn.Module], calib: torch.T
     return {k: (c, n // len(calib)) for k, (c, n) in stats.items()}
 
 
-def _lost(u: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
-    """Fraction of the output energy tr(C) that projecting on u[:, :r] loses, for r = 1..k."""
-    kept = torch.cumsum(((u.T @ cov) * u.T).sum(1), 0)
-    total = float(cov.trace())
+def _lost(u: torch.Tensor, cov: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+    """Fraction of the output energy tr(C) that projecting on u[:, :r] loses, for r = 1..k.
+
+    With `w`, `cov` is an input moment M and C = W M W^T (never formed).
+    """
+    g = u if w is None else w.T @ u
+    kept = torch.cumsum(((g.T @ cov) * g.T).sum(1), 0)
+    total = float(cov.trace()) if w is None else float(((w @ cov) * w).sum())
     return (1 - kept / total).clamp_min(0) if total > 0 else torch.zeros_like(kept)
 
 
-def _basis(layer: nn.Module, cov: torch.Tensor, samples: int, method: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _basis(layer: nn.Module, cov: torch.Tensor, samples: int, method: str,
+           k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Orthonormal output basis U (out x k); energy lost per rank under the shrunk and the raw calibration moments.
 
     With few output samples (a ResNet's last stage sees 2x2 positions per image at 64 px) the raw
     moment is rank-deficient and promises zero error at tiny ranks. Shrink it towards the
     white-input moment W W^T with a prior worth `out` samples (an inverse-Wishart posterior
     mean): the basis and the budget use that; the ledger reports the raw calibration error.
+    Only the first k directions are kept (no candidate rank is larger).
     """
     w = layer.weight.detach().double().flatten(1)
+    side = w if _input_side(layer) else None  # cov is the input moment M: C = W M W^T
     if method == "whitened_svd":
-        out, wwt = w.shape[0], w @ w.T
+        out = w.shape[0]
         a = out / (out + samples)
-        prior = wwt * (float(cov.trace()) / max(float(wwt.trace()), 1e-300))
-        used = (1 - a) * cov + a * prior
-        u = torch.linalg.eigh(used)[1].flip(-1)
+        if side is None:
+            wwt = w @ w.T
+            prior = wwt * (float(cov.trace()) / max(float(wwt.trace()), 1e-300))
+            used = (1 - a) * cov + a * prior
+            u = torch.linalg.eigh(used)[1].flip(-1)[:, :k]
+        else:  # shrunk C = W M' W^T with M' = (1-a) M + a s I: its top eigenvectors are the left singular vectors of W M'^1/2
+            scale = float(((w @ cov) * w).sum()) / max(float((w * w).sum()), 1e-300)
+            used = (1 - a) * cov + a * scale * torch.eye(len(cov), dtype=cov.dtype)
+            lam, q = torch.linalg.eigh(used)
+            u = torch.linalg.svd(w @ (q * lam.clamp_min(0).sqrt()), full_matrices=False)[0][:, :k]
     else:
-        u, used = torch.linalg.svd(w, full_matrices=False)[0], cov
-    return u, _lost(u, used), _lost(u, cov)
+        u, used = torch.linalg.svd(w, full_matrices=False)[0][:, :k], cov
+    return u, _lost(u, used, side), _lost(u, cov, side)
 
 
 def _allocate(cands: dict[str, dict], target: float, total: float, budget: str) -> dict[str, int]:
@@ -171,7 +198,7 @@ def _uniform(cands: dict[str, dict], target: float, total: float, budget: str) -
 def _replace(model, name: str, layer: nn.Module, u: torch.Tensor | None, rank: int) -> nn.Sequential:
     new = factorised(layer, rank).to(layer.weight.dtype)
     if u is not None:
-        ur = u[:, :rank]
+        ur = u[:, :rank].double()
         w = layer.weight.detach().double()
         with torch.no_grad():
             new[0].weight.copy_((ur.T @ w.flatten(1)).view_as(new[0].weight))
@@ -241,7 +268,8 @@ def lowrank(model, adapter, cfg: LowRankConfig, ctx: PassContext) -> PassResult:
             skipped[n] = (f"rank {min(r, top)} would not save: break-even is {even:.1f} = in*out/(in+out)" if cfg.rank
                           is not None else f"break-even rank {even:.1f} is below the smallest rank {cfg.multiple}")
             continue
-        u, lost, raw = _basis(m, stats[n][0], stats[n][1] * len(ctx.calib), cfg.method)
+        u, lost, raw = _basis(m, stats[n][0], stats[n][1] * len(ctx.calib), cfg.method, max(ranks))
+        u, stats[n] = u.float(), (None, stats[n][1])  # a float32 basis is exact enough for float32 factors; moment done
         steps = [(None, 0.0, weight[n] * out * inn)] + [(r, float(lost[r - 1]), weight[n] * r * (out + inn)) for r in ranks]
         cands[n] = {"u": u, "lost": raw, "steps": steps, "shape": (out, inn), "even": even, "top": top}
     allocate, compared = cfg.allocate, None

@@ -1,0 +1,114 @@
+"""Conversion cost at scale: `compress apply` (lowrank target 0.5) on ImageNet-size timm ViTs with random
+weights, each in a child process: seconds per stage (from its report.json), wall, and the child's peak
+RSS measured from outside (resource.getrusage(RUSAGE_CHILDREN) of a one-child wrapper process).
+
+    python -m benchmarks.scale [--models vit_base_patch16_224,...] [--latency|--no-latency] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DEFAULT = "vit_base_patch16_224,vit_large_patch16_224,vit_huge_patch14_224"
+RECIPE = "version: 1\npasses:\n  - lowrank: {target: 0.5}\nreport: {latency: %s}\n"
+# a child that runs one command and prints the peak RSS of its own child (the converter) on its last line
+WRAP = ("import resource, subprocess, sys; rc = subprocess.call(sys.argv[1:]); "
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024, file=sys.stderr); sys.exit(rc)")
+
+
+def build(arch: str, folder: Path, model_args: dict) -> Path:
+    """Random weights as a timm directory (config.json + model.safetensors), built in a child process
+    so its memory is not counted in (and not shared with) the conversion."""
+    code = ("import json, sys, timm, torch; from safetensors.torch import save_file; torch.manual_seed(0); "
+            f"m = timm.create_model({arch!r}, pretrained=False, **{model_args!r}); "
+            f"save_file({{k: v.contiguous() for k, v in m.state_dict().items()}}, {str(folder / 'model.safetensors')!r}); "
+            f"args = {{k: v for k, v in {model_args!r}.items() if k != 'num_classes'}}; "
+            f"open({str(folder / 'config.json')!r}, 'w').write(json.dumps({{'architecture': {arch!r}, "
+            f"'num_classes': {model_args.get('num_classes', 1000)}, 'model_args': args}}))")
+    folder.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-c", code], check=True)
+    return folder
+
+
+def convert(folder: Path, recipe: Path, out: Path) -> dict:
+    cmd = [sys.executable, "-c", WRAP, sys.executable, "-m", "compress", "apply", str(recipe), str(folder),
+           "-o", str(out), "--overwrite", "--json"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    peak = int(proc.stderr.strip().splitlines()[-1])
+    if proc.returncode != 0:
+        return {"ok": False, "exit_code": proc.returncode, "error": proc.stderr.strip().splitlines()[-2:-1],
+                "wall_s": round(wall, 1), "peak_rss_bytes": peak}
+    rep = json.loads(proc.stdout)
+    weights = (folder / "model.safetensors").stat().st_size
+    onnx = rep["artifacts"]["onnx"]
+    return {"ok": True, "params": rep["summary"]["params"]["teacher"], "weights_bytes": weights,
+            "stages_s": rep["stages_s"], "wall_s": round(wall, 1), "peak_rss_bytes": peak,
+            "peak_rss_x_weights": round(peak / weights, 2), "flops_ratio": rep["summary"]["flops"]["ratio"],
+            "onnx_bytes": onnx["bytes"], "onnx_files": onnx.get("files", [onnx["path"]]),
+            "onnx_parity_rel": onnx["parity"]["rel_diff"],
+            "latency_b1": (rep["summary"].get("latency") or {}).get("1")}
+
+
+def markdown(res: dict) -> str:
+    lines = ["## Conversion at scale (`python -m benchmarks.scale`)", "",
+             f"`compress apply` with `lowrank: {{target: 0.5}}`, report.latency {res['latency']}, random weights, "
+             f"one child process per model; peak RSS of that child measured from outside. {res['machine']}.", "",
+             "| model | params | weights | load s | rewrite s | export s | measure s | wall s | peak RSS | × weights | ONNX |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for arch, r in res["models"].items():
+        if not r["ok"]:
+            lines.append(f"| {arch} | failed (exit {r['exit_code']}): {r['error']} | | | | | | {r['wall_s']} "
+                         f"| {r['peak_rss_bytes'] / 1e9:.2f} GB | | |")
+            continue
+        s = r["stages_s"]
+        lines.append(f"| {arch} | {r['params'] / 1e6:.1f}M | {r['weights_bytes'] / 1e9:.2f} GB | {s.get('load', 0):.1f} "
+                     f"| {s.get('rewrite', 0):.1f} | {s.get('export', 0):.1f} | {s.get('measure', 0):.1f} | {r['wall_s']:.0f} "
+                     f"| {r['peak_rss_bytes'] / 1e9:.2f} GB | {r['peak_rss_x_weights']:.1f} "
+                     f"| {r['onnx_bytes'] / 1e9:.2f} GB in {len(r['onnx_files'])} file(s) |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default=DEFAULT)
+    ap.add_argument("--latency", action=argparse.BooleanOptionalAction, default=True,
+                    help="time batch 1 in onnxruntime (the issue's setting); --no-latency for conversion cost alone")
+    ap.add_argument("--quick", action="store_true", help="a tiny ViT, results in a temp dir (CI smoke test)")
+    ap.add_argument("--out", type=Path, default=None, help="results folder [benchmarks/results, or a temp dir with --quick]")
+    args = ap.parse_args(argv)
+    out = args.out or (Path(tempfile.mkdtemp(prefix="scale-")) if args.quick else RESULTS)
+    out.mkdir(parents=True, exist_ok=True)
+    lat = "{batch_sizes: [1], threads: 2, runs: 20}" if args.latency else "null"
+    models = {"vit_tiny_patch16_224": {"img_size": 32, "patch_size": 8, "depth": 2, "num_classes": 10}} if args.quick \
+        else {m: {} for m in args.models.split(",")}
+    res = {"latency": "batch 1" if args.latency else "null", "models": {},
+           "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"}
+    with tempfile.TemporaryDirectory(prefix="compress-scale-") as tmp:
+        recipe = Path(tmp) / "recipe.yaml"
+        recipe.write_text(RECIPE % lat)
+        for arch, margs in models.items():
+            print(f"{arch}: building random weights", file=sys.stderr)
+            folder = build(arch, Path(tmp) / arch, margs)
+            print(f"{arch}: converting", file=sys.stderr)
+            res["models"][arch] = r = convert(folder, recipe, Path(tmp) / f"{arch}-out")
+            print(f"{arch}: {json.dumps(r)}", file=sys.stderr)
+            for f in folder.iterdir():
+                f.unlink()
+    (out / "scale.json").write_text(json.dumps(res, indent=2) + "\n")
+    (out / "scale.md").write_text(markdown(res))
+    print(markdown(res))
+    return res
+
+
+if __name__ == "__main__":
+    main()
