@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import os
 import zipfile
 from pathlib import Path
 
@@ -27,7 +28,7 @@ class ImageFolderData(torch.utils.data.Dataset):
     def __init__(self, path: str | Path, transform, limit: int | None = None, channels: int = 3):
         self.path, self.transform = Path(path), transform
         self.mode = "L" if channels == 1 else "RGB"  # grayscale <-> colour to the model's channel count
-        self._zip = None
+        self._zip, self._zip_pid = None, None
         if not self.path.exists():
             raise InputError(f"data not found: {self.path}; pass an ImageFolder directory or a .zip of one")
         if self.path.is_dir():
@@ -55,8 +56,8 @@ class ImageFolderData(torch.utils.data.Dataset):
     def _read(self, name: str) -> bytes:
         if self.path.is_dir():
             return (self.path / name).read_bytes()
-        if self._zip is None:  # opened lazily, once per worker process
-            self._zip = zipfile.ZipFile(self.path)
+        if self._zip_pid != os.getpid():  # once per process: a forked DataLoader worker must not share the
+            self._zip, self._zip_pid = zipfile.ZipFile(self.path), os.getpid()  # parent's handle (one file offset)
         return self._zip.read(name)
 
     def __getitem__(self, i: int):
