@@ -18,6 +18,7 @@ PROBES = {
     "crate": [{"mode": "mssa"}],
     "lowrank": [{"target": 0.5, "layers": ["attn", "mlp", "conv"]}],
     "tie_rowcol": [{"blocks": "all"}],
+    "width": [{"target": 0.5, "scope": "model", "allocate": "uniform"}],
 }
 
 

@@ -14,8 +14,13 @@ from .errors import InputError
 
 
 def sha256(path: Path) -> str:
-    """A file's hash as recorded in report.json (`compress verify` checks it later)."""
+    """A file's hash as recorded in report.json (`compress verify` checks it later); a directory (e.g. the
+    Hugging Face layout written back) hashes each file's relative name and hash, in sorted order."""
     h = hashlib.sha256()
+    if path.is_dir():
+        for f in sorted(p for p in path.rglob("*") if p.is_file()):
+            h.update(f"{f.relative_to(path).as_posix()}\0{sha256(f)}\n".encode())
+        return h.hexdigest()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)

@@ -62,6 +62,7 @@ def test_inspect_resnet_says_which_passes_do_not_apply(tmp_path):
     info = json.loads(res.stdout)
     assert info["family"] == "resnet" and info["blocks"] == 8 and info["block_type"] == "BasicBlock"
     applies = {k for k, v in info["passes"].items() if v["applies"]}
-    assert applies == {"lowrank", "tie_rowcol"}  # every other shipped pass is ViT-only
+    assert applies == {"lowrank", "tie_rowcol", "width"}  # every other shipped pass is ViT-only
+    assert info["passes"]["width"]["flops_change"] < -0.3  # half the model's FLOPs, rounded widths
     assert {"mlp_strip", "qk_merge", "vo", "crate", "attn_diffusion"} <= set(info["passes"])
     assert info["passes"]["tie_rowcol"]["flops_change"] == 0 and info["passes"]["tie_rowcol"]["params_change"] < 0
