@@ -212,7 +212,8 @@ def main(argv=None) -> int:
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - t0:6.0f}s] {msg}", flush=True)
 
-    result = {"mode": "quick" if args.quick else "full", "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+    result = {"mode": "quick" if args.quick else "full",
+              "command": " ".join(["python -m benchmarks.bench", *(argv if argv is not None else sys.argv[1:])]), "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
               "machine": machine_info(cfg["latency"]["threads"]), "load_at_start": _loadavg(),
               "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in cfg.items()},
               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "lowrank_available": contenders.has_lowrank(), "json": str(out / "bench.json"), "teachers": []}
