@@ -85,8 +85,7 @@ def _resnet_groups(blocks, names, calib, cfg) -> list[tuple[Group, object]]:
     convs = [c for b in blocks for c in (b.conv1, b.conv2, getattr(b, "conv3", None)) if c is not None]
     pos = {}
     if calib is not None:  # positions per image of each conv's output, for the FLOP costs
-        model_in = calib[:1]
-        outs = capture(_Chain(blocks), convs, model_in)
+        outs = capture(_Chain(blocks), convs, calib[:1])
         pos = {id(c): o.shape[-1] * o.shape[-2] for c, o in zip(convs, outs)}
     out = []
     for i, (b, name) in enumerate(zip(blocks, names)):
@@ -116,7 +115,7 @@ def _resnet_groups(blocks, names, calib, cfg) -> list[tuple[Group, object]]:
 
 
 class _Chain(nn.Module):
-    """The residual blocks alone, in order (for shapes: stem output = first block input is not needed there)."""
+    """The residual blocks alone, in order: run on the first block's input, it gives every conv's output shape."""
 
     def __init__(self, blocks):
         super().__init__()
@@ -145,7 +144,7 @@ def _cost(groups: list[Group], widths: dict[str, int], budget: str) -> float:
     total = 0.0
     for g in groups:
         k = widths[g.name]
-        total += k * g.heads * (g.flops / g.heads if budget == "flops" else g.params / g.heads)
+        total += k * (g.flops if budget == "flops" else g.params)  # per unit of width, all heads included
         if g.pair and g.pair[0] in by:
             total += k * widths[g.pair[0]] * (g.pair[1] if budget == "flops" else g.pair[2])
     return total
@@ -211,17 +210,18 @@ def _survey(model, blocks, found, calib) -> dict[str, dict[int, float]]:
 
 
 def _cut(model, blocks, found, widths: dict[str, int], calib) -> dict[str, float]:
-    errors, state = {}, {"dirty": False, "h_ref": None}
-    ref_in = capture(model, [blocks[0]], calib, inputs=True)[0]
-    state["h_ref"] = ref_in
+    errors = {}
+    h_ref = capture(model, [blocks[0]], calib, inputs=True)[0]  # the teacher's chain, block by block
+    dirty = False  # something upstream was narrowed: later consumers are refit even at full width
 
     def per_block(i, blk, h):
+        nonlocal h_ref, dirty
         ref = copy.deepcopy(blk)
         for g, cut in found:
             if g.block == i and g.name in widths:
-                errors[g.name] = cut.cut(blk, ref, h, state["h_ref"], widths[g.name], state["dirty"])
-                state["dirty"] |= widths[g.name] < g.full
-        state["h_ref"] = ref(state["h_ref"])
+                errors[g.name] = cut.cut(blk, ref, h, h_ref, widths[g.name], dirty)
+                dirty |= widths[g.name] < g.full
+        h_ref = ref(h_ref)
 
     _walk(model, blocks, calib, per_block)
     return errors
@@ -243,7 +243,7 @@ def width(model, adapter, cfg: WidthConfig, ctx: PassContext) -> PassResult:
                          f"(ViT: mlp, qk, vo; ResNet: conv)")
     groups = [g for g, _ in found]
     cuts = {g.name: c for g, c in found}
-    total = _cost(groups, {g.name: g.full for g in groups}, cfg.budget)
+    total = selected = _cost(groups, {g.name: g.full for g in groups}, cfg.budget)
     floor = _cost(groups, {g.name: min(cuts[g.name].widths()) for g in groups}, cfg.budget)
     target = cfg.target
     if target is not None and cfg.scope == "model":  # the rest of the model stays as it is
@@ -269,21 +269,19 @@ def width(model, adapter, cfg: WidthConfig, ctx: PassContext) -> PassResult:
     tried = {}
     for how, widths in plans.items():
         trial = copy.deepcopy(model) if len(plans) > 1 else model
-        trial_blocks = _chain(trial, adapter)[0]
-        trial_found = [(g, c) for g, c in _groups(trial, adapter, ctx.calib, cfg)[1] if g.name in widths]
-        errors = _cut(trial, trial_blocks, trial_found, widths, ctx.calib)
+        # the cuts hold block indices and attribute paths only, so they serve the copy's own blocks
+        errors = _cut(trial, _chain(trial, adapter)[0], found, widths, ctx.calib)
         with torch.no_grad():
             tried[how] = (kl(ref, trial(ctx.calib)), trial, errors, widths)
     how = min(tried, key=lambda k: tried[k][0])
     score, model, errors, widths = tried[how]
     cost = _cost(groups, widths, cfg.budget)
-    total = _cost(groups, {g.name: g.full for g in groups}, cfg.budget)
-    details = {"allocate": how, "kept": round(cost / total, 6), "budget": cfg.budget, "kl": {k: round(v[0], 6) for k, v in tried.items()},
+    details = {"allocate": how, "kept": round(cost / selected, 6), "budget": cfg.budget, "kl": {k: round(v[0], 6) for k, v in tried.items()},
                "groups": {g.name: {"kind": g.kind, "width": [g.full, widths[g.name]], "heads": g.heads,
                                    "rel_error": round(errors.get(g.name, 0.0), 6)} for g in groups}}
     changes = [f"width ({'refit' if cfg.refit else 'no refit'}, {how} allocation; calibration KL "
                + ", ".join(f"{k} {v[0]:.4g}" for k, v in tried.items())
-               + f"): the selected layers keep {cost / total:.1%} of their {cfg.budget}"]
+               + f"): the selected layers keep {cost / selected:.1%} of their {cfg.budget}"]
     for g in groups:
         k = widths[g.name]
         what = f"{k}/{g.full} per head x {g.heads}" if g.heads > 1 else f"{k}/{g.full}"
