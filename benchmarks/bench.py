@@ -36,7 +36,7 @@ from .render import render
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 
-FULL = {"budgets": [0.75, 0.5, 0.3], "steps": 150, "batch_size": 64, "eval_images": 2000, "calib_images": 32,
+FULL = {"budgets": [0.75, 0.5, 0.3], "steps": 150, "batch_size": 64, "eval_images": 2000, "calib_images": 128,
         "latency": {"batch_sizes": [1, 8], "threads": 2, "warmup": 5, "runs": 30}, "teachers": None,
         "scaling": ["vit_small_patch16_224", "vit_base_patch16_224", "resnet50"], "scaling_runs": 10, "tp_search_steps": 8, "workers": 1,
         "gpu": {"batch_size": 256, "steps": 50, "warmup": 10, "workers": 8}}
@@ -63,7 +63,7 @@ def width_passes(loaded, budget: float, refit: bool = True) -> list:
     """The width pass alone at a share of the whole model's FLOPs, as the planner proposes it; without refit:
     the same selection (uniform allocation) with the consumers only sliced."""
     wid = width_candidate(budget, loaded.adapter.family, "flops")
-    return [wid if refit else {"width": {**wid["width"], "refit": False, "allocate": "uniform"}}]
+    return [wid if refit else {"width": {**wid["width"], "refit": False}}]
 
 
 def row_of(record: dict, variant: str | None = None) -> dict:
@@ -132,7 +132,9 @@ def svd_fit(cands: Candidates, budget: float) -> dict | None:
 def bench_teacher(ckpt: Path, cfg: dict, work: Path, log) -> dict:
     loaded = load(str(ckpt))
     calib, _ = calibration_batch(cfg["train"], loaded.data_cfg, cfg["calib_images"], 0)
-    cands = Candidates(loaded, calib, [])
+    holdout, _ = calibration_batch(cfg["train"], loaded.data_cfg, cfg["calib_images"], 0, holdout=True)
+    cands = Candidates(loaded, calib, [], holdout)  # candidates are scored on images they were not fitted to
+    ran: dict[str, dict] = {}  # a contender whose recipe another already ran reuses that run
     out = {"teacher": ckpt.name, "family": loaded.adapter.family, "input_size": list(loaded.data_cfg["input_size"]),
            "rows": []}
 
@@ -143,8 +145,14 @@ def bench_teacher(ckpt: Path, cfg: dict, work: Path, log) -> dict:
             log(f"  {contender} @ {budget}: skipped ({why})")
         else:
             entry["passes"] = recipe["passes"]
-            log(f"  {contender} @ {budget}: {json.dumps(recipe['passes'])}")
-            got = run_one(f"{ckpt.name}-{contender}-{budget}", recipe, ckpt, work, log)
+            key = json.dumps([recipe["passes"], variant], sort_keys=True)
+            if key in ran:
+                got = ran[key]
+                entry["same_run_as"] = got["contender"]
+                log(f"  {contender} @ {budget}: the recipe {got['contender']} ran; its run counts for both")
+            else:
+                log(f"  {contender} @ {budget}: {json.dumps(recipe['passes'])}")
+                got = ran[key] = {**run_one(f"{ckpt.name}-{contender}-{budget}", recipe, ckpt, work, log), "contender": contender}
             entry["wall_s"] = round(got["wall_s"], 1)
             if "error" in got:
                 entry.update(error=got["error"], traceback=got["traceback"])
@@ -167,18 +175,23 @@ def bench_teacher(ckpt: Path, cfg: dict, work: Path, log) -> dict:
         add("ours", b, best and recipe_dict("ours", best["passes"], cfg, distill=True), why, search_s=search_s,
             picked=best and describe(best),
             candidates=[{k: t[k] for k in ("passes", "flops_ratio", "kl", "agreement")} for t in tried],
-            calib_kl=best and best["kl"])
+            **kls(best))
         svd = svd_fit(cands, b)
         add("svd", b, svd and recipe_dict("svd", svd["passes"], cfg, distill=True),
             "the lowrank pass is not in this build" if not contenders.has_lowrank() else "no rank meets the budget",
-            calib_kl=svd and svd["kl"])
+            **kls(svd))
         wid, plain = (cands.dry(width_passes(loaded, b, refit)) for refit in (True, False))
         add("width", b, wid and recipe_dict("width", wid["passes"], cfg, distill=True), "the width pass cannot reach this budget",
-            calib_kl=wid and wid["kl"], calib_kl_no_refit=plain and plain["kl"])
+            **kls(wid), **kls(plain, "_no_refit"))
         for name, rnd in (("torch-pruning", None), ("torch-pruning-r8", 8)):
             tp = {"flops_ratio": b, "search_steps": cfg["tp_search_steps"], **({"round_to": rnd} if rnd else {})}
             add(name, b, recipe_dict(name, [{"bench_torch_pruning": tp}], cfg, distill=True))
     return out
+
+
+def kls(row: dict | None, suffix: str = "") -> dict:
+    """A candidate's KL to the teacher before training, on the calibration images it was fitted to and on others."""
+    return {f"calib_kl{suffix}": row and row.get("calib_kl", row["kl"]), f"holdout_kl{suffix}": row and row["kl"]}
 
 
 def teachers(cfg: dict) -> list[Path]:

@@ -68,13 +68,15 @@ def teacher_table(t: dict) -> list[str]:
 
 
 def recipes_table(t: dict) -> list[str]:
-    lines = ["| contender | budget | planner's pick | recipe (passes) | calibration KL before training | same selection without refit |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| contender | budget | planner's pick | recipe (passes) | KL before training: calibration / held-out images "
+             "| same selection without refit: calibration / held-out |", "|---|---|---|---|---|---|"]
     for r in t["rows"]:
         if "passes" in r:
             b = "-" if r["budget"] is None else f"{r['budget']:.0%}"
-            kl, plain = ("-" if r.get(k) is None else f"{r[k]:.4f}" for k in ("calib_kl", "calib_kl_no_refit"))
-            lines.append(f"| {r['contender']} | {b} | {r.get('picked') or '-'} | `{_passes(r['passes'])}` | {kl} | {plain} |")
+            kl, plain = (" / ".join("-" if r.get(k + s) is None else f"{r[k + s]:.4f}" for k in ("calib_kl", "holdout_kl"))
+                         for s in ("", "_no_refit"))
+            same = f" (the run of {r['same_run_as']})" if r.get("same_run_as") else ""
+            lines.append(f"| {r['contender']}{same} | {b} | {r.get('picked') or '-'} | `{_passes(r['passes'])}` | {kl} | {plain} |")
     return lines
 
 
@@ -194,18 +196,19 @@ def render(result: dict, md: Path, png: Path, reading: Path) -> None:
            "alternating contender and teacher in one process; p50. `speedup / ÷FLOP cut` = (teacher p50 / contender p50) "
            "÷ (teacher FLOPs / contender FLOPs): 1.0 means latency follows FLOPs exactly.",
            "- Contenders: **ours** = `compress plan` asked for the FLOP budget (`target: {flops: B}`): the candidate "
-           f"recipe of this tool's passes with the lowest KL to the teacher on {c['calib_images']} calibration images "
-           "after the rewrite, before training, among those meeting the budget (candidates: every window of MLP "
+           f"recipe of this tool's passes with the lowest KL to the teacher after the rewrite, before training, on "
+           f"{c['calib_images']} held-out images (not the {c['calib_images']} calibration images the refits are fitted "
+           "to), among those meeting the budget (candidates: every window of MLP "
            "stripping, auto stripping, whitened low-rank alone and on top of short strips with the greedy and the "
            "uniform allocation, the width pass; the table of recipes names the pick); **width** = the `width` pass alone "
-           "at the budget of the whole model (`scope: model`, allocation auto: uniform or greedy by calibration KL; "
-           "its last column is the KL of the same uniform selection with the consumers only sliced, no least-squares "
-           "refit); **torch-pruning** = Torch-Pruning `BasePruner`, `GroupMagnitudeImportance(p=2)`, uniform ratio "
+           "at the budget of the whole model (`scope: model`, uniform allocation topped up to the budget; "
+           "its last column is the KL of the same selection with the consumers only sliced, no least-squares "
+           "refit; a contender whose recipe equals ours reuses ours' run, named in the table of recipes); **torch-pruning** = Torch-Pruning `BasePruner`, `GroupMagnitudeImportance(p=2)`, uniform ratio "
            "bisected to the budget, classifier kept, ViT head dims pruned as in its timm example, widths unrounded "
            "(its documented default); **torch-pruning-r8** = the same with `round_to=8` (widths multiples of 8: the "
            "fair latency contender); **svd** = the "
            "`lowrank` pass with plain weight SVD at a target bisected to the budget (greedy or uniform allocation, "
-           "whichever has the lower calibration KL); **int8-dynamic** = the teacher through onnxruntime "
+           "whichever has the lower held-out KL); **int8-dynamic** = the teacher through onnxruntime "
            "`quantize_dynamic` (no training; FLOPs unchanged, cheaper arithmetic). The from-scratch contender of "
            "earlier runs (every rewrite beat it by 30+ points) is left out to keep the run within the hour.",
            "- Seconds: `convert` = the rewrite stage of the pipeline (passes + their checks; the planner's search for "

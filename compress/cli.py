@@ -152,10 +152,9 @@ def plan(recipe: Path = typer.Argument(..., help="recipe YAML with a target: sec
     with _errors(debug):
         import yaml
 
-        from .data import calibration_batch
         from .load import load
         from .outdir import write_text_atomic
-        from .plan import plan as run_plan, planned_recipe, summary
+        from .plan import calibration_pair, plan as run_plan, planned_recipe, summary
         from .recipe import load_recipe
         from .report import align
 
@@ -167,9 +166,9 @@ def plan(recipe: Path = typer.Argument(..., help="recipe YAML with a target: sec
             raise InputError(f"-o {out} is a directory; give the path of the YAML file to write")
         loaded = load(ckpt, r.model)
         calib_path = data if data is not None else r.calibration.data
-        calib, _ = calibration_batch(calib_path, loaded.data_cfg, r.calibration.images, r.calibration.seed)
+        calib, holdout = calibration_pair(calib_path, loaded.data_cfg, r.calibration)
         log = (lambda m: print(m, file=sys.stderr)) if as_json else print
-        result = run_plan(loaded, r, calib, log)
+        result = run_plan(loaded, r, calib, log, holdout=holdout)
         chosen = planned_recipe(r, result, result["choice"])
         write_text_atomic(out, yaml.safe_dump(chosen, sort_keys=False))
         kept = summary(result)

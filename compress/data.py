@@ -25,7 +25,7 @@ class ImageFolderData(torch.utils.data.Dataset):
     for an image that cannot be decoded (`collate` drops and counts those).
     """
 
-    def __init__(self, path: str | Path, transform, limit: int | None = None, channels: int = 3):
+    def __init__(self, path: str | Path, transform, limit: int | None = None, channels: int = 3, phase: float = 0.0):
         self.path, self.transform = Path(path), transform
         self.mode = "L" if channels == 1 else "RGB"  # grayscale <-> colour to the model's channel count
         self._zip, self._zip_pid = None, None
@@ -45,7 +45,8 @@ class ImageFolderData(torch.utils.data.Dataset):
         self.labeled = all(len(Path(n).parts) >= 2 for n in names)
         self.classes = sorted({Path(n).parts[-2] for n in names}) if self.labeled else []
         if limit is not None and limit < len(names):  # evenly spaced, so every class is represented
-            names = [names[i] for i in np.linspace(0, len(names) - 1, limit).round().astype(int)]
+            step = (len(names) - 1) / max(limit - 1, 1)  # phase 0.5: the images half-way between those of phase 0
+            names = [names[min(i, len(names) - 1)] for i in ((np.arange(limit) + phase) * step).round().astype(int)]
         self.names = names
         index = {c: i for i, c in enumerate(self.classes)}
         self.labels = [index[Path(n).parts[-2]] for n in names] if self.labeled else [-1] * len(names)
@@ -143,21 +144,25 @@ def eval_transform(data_cfg: dict):
     return create_transform(**{k: data_cfg[k] for k in keys if k in data_cfg}, is_training=False)
 
 
-def dataset(path, data_cfg: dict, limit: int | None = None) -> ImageFolderData:
-    return ImageFolderData(path, eval_transform(data_cfg), limit, data_cfg["input_size"][0])
+def dataset(path, data_cfg: dict, limit: int | None = None, phase: float = 0.0) -> ImageFolderData:
+    return ImageFolderData(path, eval_transform(data_cfg), limit, data_cfg["input_size"][0], phase)
 
 
-def loader(path, data_cfg: dict, *, limit: int | None, batch_size: int = 64, workers: int = 0):
-    ds = dataset(path, data_cfg, limit)
+def loader(path, data_cfg: dict, *, limit: int | None, batch_size: int = 64, workers: int = 0, phase: float = 0.0):
+    ds = dataset(path, data_cfg, limit, phase)
     return ds, torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=collate, num_workers=workers)
 
 
-def calibration_batch(path, data_cfg: dict, n: int, seed: int) -> tuple[torch.Tensor, str]:
-    """n preprocessed images from `path`, or seeded random inputs when no data is given."""
+def calibration_batch(path, data_cfg: dict, n: int, seed: int, *, holdout: bool = False) -> tuple[torch.Tensor, str]:
+    """n preprocessed images from `path`, or seeded random inputs when no data is given.
+
+    holdout: n other images (half-way between the calibration ones; another seed for random inputs), on
+    which rewrites fitted to the calibration batch are scored without flattering them.
+    """
     if path is None:
-        g = torch.Generator().manual_seed(seed)
-        return torch.randn((n, *data_cfg["input_size"]), generator=g), f"{n} random N(0,1) inputs (seed {seed})"
-    ds, dl = loader(path, data_cfg, limit=n, batch_size=n)
+        g = torch.Generator().manual_seed(seed + holdout)
+        return torch.randn((n, *data_cfg["input_size"]), generator=g), f"{n} random N(0,1) inputs (seed {seed + holdout})"
+    ds, dl = loader(path, data_cfg, limit=n, batch_size=n, phase=0.5 if holdout else 0.0)
     x, _, bad = next(iter(dl))
     if x is None:
         raise InputError(f"{path}: none of the {len(ds)} calibration images could be read; check the data")

@@ -15,13 +15,16 @@ from pathlib import Path
 
 import torch
 
+from .data import calibration_batch
 from .errors import InputError, TargetError, VerificationError
 from .export import write_int8, write_onnx
 from .metrics import count_flops, count_params, fidelity, latency, ort_predictor
 from .recipe import Recipe, parse_recipe
 from .registry import PassContext, all_passes, get_pass
 
-SLACK = 1.02  # a FLOP/param budget may be exceeded by 2% (ranks and widths are rounded)
+# A FLOP/param budget is met exactly: the written plan's gate restates the target, and a candidate 2% over it
+# (once allowed, for rounded ranks) was chosen by the plan and then refused by its own gate
+SLACK = 1.0
 # How much faster than its FLOP cut a file can run (DESIGN §8): fp32 tracks FLOPs; int8 dynamic speeds
 # ViT MatMuls up about 2x. Candidates beyond these bounds are not worth exporting and timing.
 ALLOW = {"fp32": 1.15, "int8_dynamic": 2.5}
@@ -38,18 +41,24 @@ def _lowrank(t: float, allocate: str, budget: str) -> dict:
 def width_candidate(t: float, family: str, budget: str) -> dict:
     """width at a share of the whole model (scope: model): no bisection needed, the pass spreads the cut."""
     return {"width": {"target": round(t, 4), "scope": "model", "budget": budget, "layers": WIDTH_LAYERS[family],
-                      "multiple": 8, "allocate": "auto"}}
+                      "multiple": 8, "allocate": "uniform"}}
 
 
 class Candidates:
-    """Dry rewrites of one teacher on one calibration batch, memoised; a pass list that is refused is None."""
+    """Dry rewrites of one teacher on one calibration batch, memoised; a pass list that is refused is None.
 
-    def __init__(self, loaded, calib, prefix: list):
-        self.loaded, self.calib, self.prefix = loaded, calib, prefix
+    Each is scored on `holdout` images when given: least-squares refits (width, whitened lowrank) fit the
+    calibration batch itself, and a KL measured there flatters them (a ResNet's 3x3 refit from 32 images:
+    calibration KL 0.002, test KL 0.22).
+    """
+
+    def __init__(self, loaded, calib, prefix: list, holdout: torch.Tensor | None = None):
+        self.loaded, self.calib, self.prefix, self.holdout = loaded, calib, prefix, holdout
         self.size = tuple(loaded.data_cfg["input_size"])
         self.flops0, self.params0 = count_flops(loaded.model, self.size), count_params(loaded.model)
         with torch.no_grad():
             self.ref = loaded.model(calib)
+            self.ref_holdout = loaded.model(holdout) if holdout is not None else None
         self.seen: dict[str, dict | None] = {}
 
     def build(self, passes: list):
@@ -77,9 +86,13 @@ class Candidates:
                 self.seen[key] = None
             else:
                 fid = fidelity(ref, out)
-                self.seen[key] = {"passes": passes, "flops_ratio": count_flops(student, self.size) / self.flops0,
-                                  "params_ratio": count_params(student) / self.params0,
-                                  "kl": fid["kl"], "agreement": fid["agreement"]}
+                row = {"passes": passes, "flops_ratio": count_flops(student, self.size) / self.flops0,
+                       "params_ratio": count_params(student) / self.params0, "kl": fid["kl"], "agreement": fid["agreement"]}
+                if self.holdout is not None:
+                    with torch.no_grad():
+                        held = fidelity(self.ref_holdout, student(self.holdout))
+                    row.update(calib_kl=fid["kl"], kl=held["kl"], agreement=held["agreement"], scored_on="holdout")
+                self.seen[key] = row
         return self.seen[key]
 
     def fit(self, make, level: float, kind: str) -> dict | None:
@@ -205,7 +218,13 @@ def _time(paths: dict, rows: dict, teacher_path: Path, recipe: Recipe, batches: 
     return {bs: res["teacher"][bs]["p50_ms"] for bs in res["teacher"]}
 
 
-def plan(loaded, recipe: Recipe, calib, log=print, cands: Candidates | None = None) -> dict:
+def calibration_pair(path, data_cfg: dict, cal) -> tuple[torch.Tensor, torch.Tensor]:
+    """The calibration batch candidates are fitted on, and as many other images they are scored on."""
+    calib, _ = calibration_batch(path, data_cfg, cal.images, cal.seed)
+    return calib, calibration_batch(path, data_cfg, cal.images, cal.seed, holdout=True)[0]
+
+
+def plan(loaded, recipe: Recipe, calib, log=print, cands: Candidates | None = None, holdout=None) -> dict:
     """Candidate table and choice for `recipe.target`. Raises TargetError (exit 4) when nothing meets it.
 
     `cands` lets a caller planning several targets for one teacher (the benchmark) share the dry rewrites.
@@ -213,7 +232,7 @@ def plan(loaded, recipe: Recipe, calib, log=print, cands: Candidates | None = No
     t0 = time.perf_counter()
     t = recipe.target
     prefix = [{s.name: s.config.model_dump(mode="json")} for s in recipe.steps]
-    cands = cands or Candidates(loaded, calib, prefix)
+    cands = cands or Candidates(loaded, calib, prefix, holdout)
     timed = t.speedup is not None or t.latency_ms is not None
     exported = timed or t.size_mb is not None
     batches = sorted({*recipe.report.latency.batch_sizes, t.batch}) if timed else []
@@ -355,7 +374,8 @@ def table(result: dict) -> tuple[list[tuple], int]:
     """Rows for report.align, one per measured candidate (lowest KL first, the choice marked *), and how
     many candidates were left out (beyond reach on FLOPs/params, or not timed once one met the target)."""
     bss = sorted(result["teacher"].get("p50_ms", {}), key=int)
-    out = [("", "candidate", "FLOPs", "params", *[f"speedup b{b}" for b in bss], "MB", "KL", "agree", "meets")]
+    out = [("", "candidate", "FLOPs", "params", *[f"speedup b{b}" for b in bss], "MB",
+            "KL held-out" if any(r.get("scored_on") == "holdout" for r in result["rows"]) else "KL", "agree", "meets")]
     rows = result["rows"]
     shown = sorted((i for i, r in enumerate(rows) if r.get("measured")), key=lambda i: (rows[i]["kl"], i))
     for i in shown:
@@ -379,12 +399,11 @@ def summary(result: dict) -> dict:
 def run_target(recipe: Recipe, loaded, data, run, log) -> dict:
     """Plan, then run the chosen recipe through `run(recipe, extra)`; when only the accuracy gate is missed
     after distillation, try the next candidate, up to target.attempts, and say so in the record."""
-    from .data import calibration_batch
     from .errors import GateError
 
     calib_path = data if data is not None else recipe.calibration.data
-    calib, _ = calibration_batch(calib_path, loaded.data_cfg, recipe.calibration.images, recipe.calibration.seed)
-    result = plan(loaded, recipe, calib, log)
+    calib, holdout = calibration_pair(calib_path, loaded.data_cfg, recipe.calibration)
+    result = plan(loaded, recipe, calib, log, holdout=holdout)
     tries = result["ranked"][:recipe.target.attempts]
     kept = summary(result)
     kept["attempts"] = []

@@ -6,11 +6,10 @@ import json
 import pytest
 import yaml
 
-from compress.data import calibration_batch
 from compress.errors import InputError
 from compress.load import load
 from compress.pipeline import apply
-from compress.plan import plan, planned_recipe
+from compress.plan import calibration_pair, plan, planned_recipe
 from compress.recipe import load_recipe, parse_recipe
 from tests.conftest import FAST, run_cli, save_timm_dir, tiny_vit, tiny_vit_args, write_recipe
 
@@ -29,8 +28,8 @@ def _recipe(target: str, extra: str = FAST) -> dict:
 def _plan(ckpt, data: dict):
     r = parse_recipe(data)
     loaded = load(str(ckpt))
-    calib, _ = calibration_batch(None, loaded.data_cfg, r.calibration.images, r.calibration.seed)
-    return r, plan(loaded, r, calib, log=lambda _m: None)
+    calib, holdout = calibration_pair(None, loaded.data_cfg, r.calibration)  # as `compress plan` does
+    return r, plan(loaded, r, calib, log=lambda _m: None, holdout=holdout)
 
 
 def test_choice_is_deterministic_for_a_seed_and_meets_the_budget(deep_vit):

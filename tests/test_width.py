@@ -98,7 +98,7 @@ def test_auto_keeps_the_lower_kl_and_refit_is_worth_it():
     x = _x("vit")
     with torch.no_grad():
         ref = teacher(x)
-    auto = _run(teacher, "vit", target=0.5, multiple=4)
+    auto = _run(teacher, "vit", target=0.5, multiple=4, allocate="auto")
     assert set(auto.details["kl"]) == {"uniform", "greedy"}
     assert auto.details["kl"][auto.details["allocate"]] == min(auto.details["kl"].values())
     plain = _run(teacher, "vit", target=0.5, multiple=4, allocate="uniform", refit=False)
