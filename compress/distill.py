@@ -82,10 +82,11 @@ class KeepBest:
 
     @torch.no_grad()
     def check(self, student: nn.Module, step: int, device: torch.device) -> None:
-        was = student.training
+        was = {m: m.training for m in student.modules()}  # frozen BatchNorm layers stay frozen afterwards
         student.eval()
         out = torch.cat([student(c.to(device)).float().cpu() for c in self.x.split(64)]).double().log_softmax(-1)
-        student.train(was)
+        for m, mode in was.items():
+            m.training = mode
         kl = float(F.kl_div(out, self.ref, log_target=True, reduction="batchmean"))
         self.history.append([step, kl])
         if kl < self.best_kl:
@@ -141,7 +142,7 @@ def distill(student: nn.Module, teacher: nn.Module, data: ImageFolderData, *, st
             lr: float, weight_decay: float, warmup_steps: int, temperature: float, feature_weight: float,
             label_weight: float, features: tuple[list, list] | None, seed: int, device: torch.device,
             amp: bool, workers: int, checkpoint: Path | None, checkpoint_every: int | None, resume: bool,
-            fingerprint: str, keep: KeepBest | None = None, log=print) -> dict:
+            fingerprint: str, keep: KeepBest | None = None, frozen_bn: bool = False, log=print) -> dict:
     """Train `student` in place; returns the figures for the report (loss per step included)."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     if batch_size % world:
@@ -150,6 +151,10 @@ def distill(student: nn.Module, teacher: nn.Module, data: ImageFolderData, *, st
         raise InputError(f"distill.label_weight > 0 needs labels, but {data.path} has no class folders; set it to 0")
     torch.manual_seed(seed)
     student.to(device).train()
+    if frozen_bn:  # normalise by the running statistics, as in eval mode; the affine weights still train
+        for m in student.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
     teacher.to(device).eval().requires_grad_(False)
     if device.type == "cuda":  # NHWC convolutions are faster on tensor cores; a no-op for ViT blocks
         student.to(memory_format=torch.channels_last)

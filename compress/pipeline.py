@@ -158,12 +158,14 @@ def run_distill(recipe: Recipe, loaded, student, train, calib, ref, start, work:
         hx = _holdout(train, d.holdout_images, d.seed)
         with torch.no_grad():
             keep = KeepBest(hx, torch.cat([teacher(c) for c in hx.split(64)]), every=max(1, steps // 15))
-    log(f"distill: {steps} steps of {d.batch_size} images on {dev} x{world} from {train.path}")
+    frozen = d.batchnorm == "frozen" or d.batchnorm == "auto" and any(get_pass(s.name).fits_batchnorm for s in recipe.steps)
+    log(f"distill: {steps} steps of {d.batch_size} images on {dev} x{world} from {train.path}"
+        + (" (BatchNorm statistics frozen)" if frozen else ""))
     stats = distill(student, teacher, train, steps=steps, batch_size=d.batch_size, lr=d.lr, weight_decay=d.weight_decay,
                     warmup_steps=min(d.warmup_steps, steps), temperature=d.temperature, feature_weight=d.feature_weight,
                     label_weight=d.label_weight, features=feats, seed=d.seed, device=dev, amp=d.amp, workers=d.workers,
                     checkpoint=checkpoint, checkpoint_every=d.checkpoint_every, resume=resume,
-                    fingerprint=fingerprint, keep=keep, log=log)
+                    fingerprint=fingerprint, keep=keep, frozen_bn=frozen, log=log)
     if not dist.is_initialized() or dist.get_rank() == 0:
         shutil.rmtree(work, ignore_errors=True)  # training finished: nothing left to resume
     after = fidelity(ref, logits(student, calib))

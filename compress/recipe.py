@@ -140,6 +140,10 @@ class DistillSpec(_Strict):
     amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")
     workers: int = Field(2, ge=0, description="data loader processes")
     checkpoint_every: Optional[PositiveInt] = Field(100, description="steps between resumable checkpoints; null: none")
+    batchnorm: Literal["auto", "train", "frozen"] = Field(
+        "auto", description="frozen: BatchNorm layers keep their running statistics while their weights train (train "
+        "mode would normalise by batch statistics and overwrite them); auto: frozen when a pass fitted them (width "
+        "on a ResNet), else train")
     holdout_images: int = Field(256, ge=0, description="seeded training images scored every steps/15 steps; the "
                                 "weights with the lowest KL to the teacher there are kept (the start included). 0: off")
 

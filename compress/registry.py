@@ -49,16 +49,20 @@ class PassSpec:
     config_cls: type[PassConfig]
     families: frozenset[str]
     summary: str
+    fits_batchnorm: bool = False  # it fits BatchNorm running statistics: distillation must not re-estimate them
+
+
 
 
 _PASSES: dict[str, PassSpec] = {}
 
 
-def register_pass(name: str, config_cls: type[PassConfig], *, families: set[str], summary: str):
+def register_pass(name: str, config_cls: type[PassConfig], *, families: set[str], summary: str,
+                  fits_batchnorm: bool = False):
     def deco(fn):
         if name in _PASSES:
             raise RuntimeError(f"pass {name!r} registered twice")
-        _PASSES[name] = PassSpec(name, fn, config_cls, frozenset(families), summary)
+        _PASSES[name] = PassSpec(name, fn, config_cls, frozenset(families), summary, fits_batchnorm)
         return fn
 
     return deco

@@ -185,3 +185,26 @@ def test_sigterm_saves_at_once_publishes_nothing_and_resume_equals_uninterrupted
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
     assert not (tmp_path / ".out.work").exists()
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_frozen_batchnorm_keeps_running_statistics_and_trains_the_weights(tmp_path, image_zip, frozen):
+    """width fits a refit conv's constant into its BatchNorm's running mean: frozen, training must not re-estimate it."""
+    from timm.models.resnet import BasicBlock, ResNet
+
+    from compress.data import dataset
+    from compress.distill import distill
+    from tests.conftest import random_bn_stats
+
+    torch.manual_seed(0)
+    teacher = random_bn_stats(ResNet(block=BasicBlock, layers=[1, 1, 1, 1], num_classes=4).eval())
+    student = random_bn_stats(ResNet(block=BasicBlock, layers=[1, 1, 1, 1], num_classes=4).eval())
+    bn = student.layer1[0].bn1
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    distill(student, teacher, dataset(image_zip, {"input_size": (3, 32, 32)}), steps=3, batch_size=4, lr=1e-2,
+            weight_decay=0.0, warmup_steps=1, temperature=2.0, feature_weight=0.0, label_weight=0.0, features=None,
+            seed=0, device=torch.device("cpu"), amp=False, workers=0, checkpoint=None, checkpoint_every=None,
+            resume=False, fingerprint="t", frozen_bn=frozen, log=lambda _m: None)
+    assert not torch.equal(bn.weight, before["weight"])  # the affine weights train either way
+    same = torch.equal(bn.running_mean, before["running_mean"]) and torch.equal(bn.running_var, before["running_var"])
+    assert same == frozen

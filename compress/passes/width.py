@@ -242,7 +242,8 @@ def _cut(model, blocks, found, widths: dict[str, int], calib) -> dict[str, float
 
 
 @register_pass("width", WidthConfig, families={"vit", "resnet"},
-               summary="narrower dense layers: keep MLP units / head dims / inner channels, refit by least squares")
+               summary="narrower dense layers: keep MLP units / head dims / inner channels, refit by least squares",
+               fits_batchnorm=True)  # a refit conv's fitted constant lives in its BatchNorm's running mean
 def width(model, adapter, cfg: WidthConfig, ctx: PassContext) -> PassResult:
     blocks, found = _groups(model, adapter, ctx.calib, cfg)
     if ctx.replay is not None:  # rebuild the recorded widths; the weights are loaded afterwards
