@@ -36,7 +36,24 @@ class Terminated(KeyboardInterrupt):
 
 
 def _raise_terminated(signum, frame):
+    if _importing(frame):
+        # An exception thrown into a module being imported leaves it half-initialised in sys.modules; the
+        # next import of it can then recurse forever (numpy's __getattr__ -> RecursionError, exit 1, seen
+        # when SIGTERM reached a `compress batch` entry that was just starting). Ask again once it is done.
+        import os
+        import threading
+
+        threading.Timer(0.05, os.kill, (os.getpid(), signum)).start()
+        return
     raise Terminated()
+
+
+def _importing(frame) -> bool:
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def terminate_like_interrupt() -> None:

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_model
 from torch import nn
 
 from . import runtimes
+from .limits import release
 from .errors import VerificationError
 from .metrics import fidelity, ort_run, ort_session
 
@@ -209,6 +210,7 @@ def write_onnx(model: nn.Module, path: Path, calib: torch.Tensor, *, opset: int,
                            slim=slim and check, threads=threads, external_above=external_above, check=check, old=old)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        release()
 
 
 def _write_onnx(model, path: Path, tmp: Path, calib, *, opset, dynamic_batch, tol, slim, threads, external_above,
@@ -219,9 +221,9 @@ def _write_onnx(model, path: Path, tmp: Path, calib, *, opset, dynamic_batch, to
     else:  # a size-only file is not run, so its batch is not checked either
         to_onnx(model, tmp, tuple(calib.shape[1:]), opset=opset, dynamic_batch=dynamic_batch, fold_batchnorm=not tied)
         x, how, checked = (calib if dynamic_batch else calib[:1]), {"dynamic_batch": dynamic_batch, "exporter": "torchscript"}, None
+    release()  # the exporter's graph and the parity session
     external = _folder_bytes(tmp.parent) > external_above
-    if external or len(list(tmp.parent.iterdir())) > 1:  # rewrite as graph + one data file
-        _save_proto(onnx.load(str(tmp)), tmp, external)
+    if _one_or_two_files(tmp, external):
         checked = None  # the file run below is the one rewritten
     parity = slimmed = None
     if check:
@@ -242,6 +244,7 @@ def _write_onnx(model, path: Path, tmp: Path, calib, *, opset, dynamic_batch, to
         else:
             onnx.save_model(proto, str(cand))
         del proto
+        release()  # the loaded and the slimmed graph: up to twice the weights
         p2 = _parity(cand, ref, x, threads)
         # a model that shares a weight must keep storing it once (Conv+BN fusion gives each use its own copy);
         # elsewhere small constant rewrites by onnxslim are not duplication
@@ -256,15 +259,39 @@ def _write_onnx(model, path: Path, tmp: Path, calib, *, opset, dynamic_batch, to
         shutil.rmtree(cand_dir)
     ran = _on_runtimes(tmp, path.name, parity, ref, x, threads, old, tol=tol) if check else {}
     ops, nodes = _graph(tmp)
+    return {"path": path.name, **_publish_onnx(tmp, path), "precision": "fp32", "opset": opset, **how,
+            "parity": parity, "operators": ops, "nodes": nodes, "slim": slimmed, **ran}
+
+
+def _one_or_two_files(tmp: Path, external: bool) -> bool:
+    """Make the export in tmp's private folder one file, or the graph plus one NAME.data (`external`);
+    True when it had to be rewritten (the exporter or quantizer wrote another layout)."""
+    files = sorted(f.name for f in tmp.parent.iterdir())
+    if files == ([tmp.name, tmp.name + ".data"] if external else [tmp.name]):
+        return False
+    _save_proto(onnx.load(str(tmp)), tmp, external)
+    release()
+    return True
+
+
+def _publish_onnx(tmp: Path, path: Path) -> dict:
+    """Move an ONNX file (and its NAME.data) into place, the weights first: the graph appears only once what
+    it points to is there. Bytes count both files: what a deployment ships."""
     data, external = tmp.with_name(tmp.name + ".data"), None
-    if data.exists():  # the weights file first: the graph appears only once what it points to is in place
+    if data.exists():
         external = {"path": data.name, "bytes": _publish(data, path.with_name(data.name))}
     else:
         path.with_name(data.name).unlink(missing_ok=True)  # a stale data file from an earlier, larger export
-    size = _publish(tmp, path) + (external["bytes"] if external else 0)  # both files: what a deployment ships
-    return {"path": path.name, "files": [path.name, *([data.name] if external else [])], "external_data": external,
-            "precision": "fp32", "bytes": size, "opset": opset, **how, "parity": parity,
-            "operators": ops, "nodes": nodes, "slim": slimmed, **ran}
+    size = _publish(tmp, path) + (external["bytes"] if external else 0)
+    return {"files": [path.name, *([data.name] if external else [])], "external_data": external, "bytes": size}
+
+
+def _private(path: Path) -> Path:
+    """A private folder beside `path` in which a variant (graph, maybe NAME.data) is written and checked."""
+    work = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    return work / path.name
 
 
 # No fp16 CPU kernel in older onnxruntime (1.16): it falls back to the ops' function bodies, written
@@ -274,38 +301,58 @@ FP16_KEEP_FLOAT = ["LayerNormalization", "Softmax"]
 
 
 def write_fp16(base: Path, path: Path, ref: torch.Tensor, x: torch.Tensor, *, tol: float, threads: int = 2,
-               old=None) -> dict:
-    """fp16 weights and activations inside, fp32 input and output (so callers feed the same tensors)."""
+               old=None, external_above: int = EXTERNAL_ABOVE) -> dict:
+    """fp16 weights and activations inside, fp32 input and output (so callers feed the same tensors).
+    Weights above `external_above` bytes go to NAME.data, as for model.onnx."""
     from onnxconverter_common import float16
 
-    tmp = path.with_name(path.name + ".tmp")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        onnx.save(float16.convert_float_to_float16(onnx.load(str(base)), keep_io_types=True,
-                                                   op_block_list=float16.DEFAULT_OP_BLOCK_LIST + FP16_KEEP_FLOAT), str(tmp))
-    parity = _verify(tmp, path.name, _parity(tmp, ref, x, threads), tol=tol)
-    ran = _on_runtimes(tmp, path.name, parity, ref, x, threads, old, tol=tol)
-    ops, nodes = _graph(tmp)
-    return {"path": path.name, "precision": "fp16", "bytes": _publish(tmp, path), "parity": parity,
-            "operators": ops, "nodes": nodes, "kept_float32": FP16_KEEP_FLOAT, **ran}
+    tmp = _private(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            proto = float16.convert_float_to_float16(onnx.load(str(base)), keep_io_types=True,
+                                                     op_block_list=float16.DEFAULT_OP_BLOCK_LIST + FP16_KEEP_FLOAT)
+        _save_proto(proto, tmp, sum(t.ByteSize() for t in proto.graph.initializer) > external_above)
+        del proto
+        release()
+        parity = _verify(tmp, path.name, _parity(tmp, ref, x, threads), tol=tol)
+        ran = _on_runtimes(tmp, path.name, parity, ref, x, threads, old, tol=tol)
+        ops, nodes = _graph(tmp)
+        return {"path": path.name, **_publish_onnx(tmp, path), "precision": "fp16", "parity": parity,
+                "operators": ops, "nodes": nodes, "kept_float32": FP16_KEEP_FLOAT, **ran}
+    finally:
+        shutil.rmtree(tmp.parent, ignore_errors=True)
+        release()
 
 
 def write_int8(base: Path, path: Path, mode: str, ref: torch.Tensor, x: torch.Tensor, *, min_agreement: float,
-               threads: int = 2, convs: bool = False, old=None) -> dict:
+               threads: int = 2, convs: bool = False, old=None, external_above: int = EXTERNAL_ABOVE) -> dict:
     """onnxruntime quantization: dynamic (weights int8, activations at run time) or static (QDQ, calibrated on x).
 
     Dynamic quantizes MatMul only unless `convs`: ConvInteger with int8 weights is missing from older
     runtimes and was 3.6-6x slower than the float conv on the ResNets measured (BENCHMARKS.md).
     Gemm (the classifier head) has no dynamic int8 form in onnxruntime's quantizer and stays float.
+    Weights above `external_above` bytes go to NAME.data, as for model.onnx.
     """
+    tmp = _private(path)
+    try:
+        return _write_int8(base, path, tmp, mode, ref, x, min_agreement=min_agreement, threads=threads, convs=convs,
+                           old=old, external_above=external_above)
+    finally:
+        shutil.rmtree(tmp.parent, ignore_errors=True)
+        release()
+
+
+def _write_int8(base: Path, path: Path, tmp: Path, mode: str, ref, x, *, min_agreement, threads, convs, old,
+                external_above) -> dict:
     import logging
 
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
-    tmp = path.with_name(path.name + ".tmp")
     logging.getLogger().setLevel(logging.ERROR)  # the quantizer logs advice at WARNING on the root logger
+    big = base.with_name(base.name + ".data").exists()  # a proto over 2 GiB cannot even be written in one file
     if mode == "int8_dynamic":
-        quantize_dynamic(str(base), str(tmp), weight_type=QuantType.QInt8,
+        quantize_dynamic(str(base), str(tmp), weight_type=QuantType.QInt8, use_external_data_format=big,
                          op_types_to_quantize=["MatMul", "Conv"] if convs else ["MatMul"])
     else:
         class Reader(CalibrationDataReader):
@@ -316,7 +363,8 @@ def write_int8(base: Path, path: Path, mode: str, ref: torch.Tensor, x: torch.Te
                 return next(self.batches, None)
 
         quantize_static(str(base), str(tmp), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, use_external_data_format=big)
+    _one_or_two_files(tmp, _folder_bytes(tmp.parent) > external_above)
     parity = _verify(tmp, path.name, _parity(tmp, ref, x, threads), min_agreement=min_agreement)
     ran = _on_runtimes(tmp, path.name, parity, ref, x, threads, old, min_agreement=min_agreement)
     ops, nodes = _graph(tmp)
@@ -330,5 +378,5 @@ def write_int8(base: Path, path: Path, mode: str, ref: torch.Tensor, x: torch.Te
         if share < 0.5:  # e.g. a ResNet: convolutions (left float) and one small MatMul/Gemm head
             extra["note"] = (f"only {100 * share:.1f}% of the weights are int8 (convolutions stay float unless "
                              "export.int8_dynamic_convs: true): this file computes mostly in float32 like model.onnx")
-    return {"path": path.name, "precision": mode, "bytes": _publish(tmp, path), "parity": parity,
+    return {"path": path.name, **_publish_onnx(tmp, path), "precision": mode, "parity": parity,
             "operators": ops, "nodes": nodes, **extra, **ran}

@@ -27,7 +27,7 @@ from .distill import KeepBest, distill
 from .errors import GateError, InputError, VerificationError
 from .export import write_fp16, write_int8, write_onnx, write_safetensors
 from .outdir import check_inputs_untouched, publish, remove_created, sha256, stage
-from .limits import check_memory
+from .limits import check_memory, release
 from .load import load
 from .metrics import count_flops, count_params, evaluate, fidelity, latency, logits, logits64, ort_predictor
 from .modules import learned_parameters
@@ -119,6 +119,8 @@ def rewrite(loaded, recipe: Recipe, calib, log) -> tuple:
         for line in result.changes:
             log(f"{step.name}: {line}")
         params, flops, prev, prev64 = p1, f1, now, now64
+        del result
+        release()  # the pass's statistics, the float64 copies, the replaced layers
     return student, ledger, ref, prev
 
 
@@ -209,11 +211,14 @@ def _export(recipe: Recipe, loaded, student, staging: Path, calib, ledger: list,
         for v in variants(ex):
             log(f"export: {v} variant")
             path = staging / f"model.{v}.onnx"
-            artifacts[f"onnx.{v}"] = (write_fp16(base, path, ref, x, tol=ex.fp16_tol, old=old) if v == "fp16" else
+            big = int(ex.external_data_mb * 2**20)
+            artifacts[f"onnx.{v}"] = (write_fp16(base, path, ref, x, tol=ex.fp16_tol, old=old, external_above=big)
+                                      if v == "fp16" else
                                       write_int8(base, path, v, ref, x, min_agreement=ex.int8_min_agreement,
-                                                 convs=ex.int8_dynamic_convs, old=old))
+                                                 convs=ex.int8_dynamic_convs, old=old, external_above=big))
             if "note" in artifacts[f"onnx.{v}"]:
                 log(f"export: warning: {v}: {artifacts[f'onnx.{v}']['note']}")
+            release()
     return artifacts
 
 

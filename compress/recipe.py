@@ -104,8 +104,8 @@ class ExportSpec(_Strict):
                             "null = the installed one only")
     min_runtime_check: Literal["require", "warn"] = Field(
         "require", description="min_runtime not installable (offline, not cached): fail (require) or skip with a warning")
-    external_data_mb: float = Field(1800, ge=0, description="an fp32 ONNX whose weights exceed this goes out as "
-                                    "model.onnx + model.onnx.data (protobuf cannot hold 2 GiB in one file)")
+    external_data_mb: float = Field(1800, ge=0, description="an ONNX file (model.onnx or a variant) whose weights exceed "
+                                    "this goes out as NAME.onnx + NAME.onnx.data (protobuf cannot hold 2 GiB in one file)")
 
 
 class LatencySpec(_Strict):

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from compress.batch import verified
-from compress.export import write_onnx
+from compress.export import write_fp16, write_int8, write_onnx
 from compress.metrics import ort_run, ort_session
 from tests.conftest import run_cli, tiny_vit, write_recipe
 
@@ -36,6 +36,37 @@ def test_forced_external_data_round_trips_and_moves_with_its_graph(tmp_path):
     small = write_onnx(model, tmp_path / "b" / "model.onnx", calib, opset=18, dynamic_batch=True, tol=1e-4)
     assert small["files"] == ["model.onnx"] and small["external_data"] is None  # below the threshold: one file
     assert not (tmp_path / "b" / "model.onnx.data").exists()  # and no stale data file beside it
+
+
+def test_fp16_and_int8_variants_go_external_above_the_threshold(tmp_path):
+    model = tiny_vit()
+    calib = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    (tmp_path / "a").mkdir()
+    write_onnx(model, tmp_path / "a" / "model.onnx", calib, opset=18, dynamic_batch=True, tol=1e-4, slim=True,
+               external_above=0)  # slimmed, as export.slim does by default
+    with torch.no_grad():
+        ref = model(calib)
+    fp16 = write_fp16(tmp_path / "a" / "model.onnx", tmp_path / "a" / "model.fp16.onnx", ref, calib, tol=1e-2,
+                      external_above=0)
+    int8 = write_int8(tmp_path / "a" / "model.onnx", tmp_path / "a" / "model.int8_dynamic.onnx", "int8_dynamic", ref,
+                      calib, min_agreement=0.0, external_above=0)
+    for art, name in ((fp16, "model.fp16.onnx"), (int8, "model.int8_dynamic.onnx")):
+        assert art["files"] == [name, name + ".data"] and art["external_data"]["path"] == name + ".data"
+        assert art["bytes"] == sum((tmp_path / "a" / f).stat().st_size for f in art["files"])
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == sorted(
+        ["model.onnx", "model.onnx.data", *fp16["files"], *int8["files"]])  # no private folder or tmp file left
+    assert fp16["parity"]["rel_diff"] <= 1e-2
+    shutil.move(tmp_path / "a", tmp_path / "b")  # each variant finds its own data file relative to its graph
+    for art in (fp16, int8):
+        got = torch.from_numpy(ort_run(ort_session(tmp_path / "b" / art["path"], 1), calib.numpy()))
+        assert torch.allclose(got, ref, atol=0.1 * float(ref.abs().max()))
+
+    small = write_fp16(tmp_path / "b" / "model.onnx", tmp_path / "b" / "model.fp16.onnx", ref, calib, tol=1e-2)
+    assert small["files"] == ["model.fp16.onnx"] and small["external_data"] is None  # below the threshold: one file
+    assert not (tmp_path / "b" / "model.fp16.onnx.data").exists()  # and no stale data file beside it
+    small = write_int8(tmp_path / "b" / "model.onnx", tmp_path / "b" / "model.int8_dynamic.onnx", "int8_dynamic", ref,
+                       calib, min_agreement=0.0)
+    assert small["files"] == ["model.int8_dynamic.onnx"] and not (tmp_path / "b" / "model.int8_dynamic.onnx.data").exists()
 
 
 def test_apply_and_batch_count_and_hash_the_data_file(tmp_path, vit_dir):
