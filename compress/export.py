@@ -175,6 +175,7 @@ def _on_runtimes(tmp: Path, name: str, parity: dict, ref: torch.Tensor, x: torch
 
 
 EXTERNAL_ABOVE = 1800 * 2**20  # weights above this go to NAME.data beside NAME (protobuf refuses files over 2 GiB)
+SLIM_AUTO_MAX = 512 * 2**20  # export.slim auto: larger files are not slimmed (onnxslim holds ~6x the file)
 
 
 def _folder_bytes(folder: Path) -> int:
@@ -194,7 +195,7 @@ def _save_proto(proto, path: Path, external: bool) -> None:
 
 
 def write_onnx(model: nn.Module, path: Path, calib: torch.Tensor, *, opset: int, dynamic_batch: bool,
-               tol: float, slim: bool = False, threads: int = 2, external_above: int = EXTERNAL_ABOVE,
+               tol: float, slim: bool | str = False, threads: int = 2, external_above: int = EXTERNAL_ABOVE,
                check: bool = True, old=None) -> dict:
     """Export (+ onnxslim when it keeps the outputs), run in onnxruntime against PyTorch, rename if they agree.
 
@@ -207,7 +208,7 @@ def write_onnx(model: nn.Module, path: Path, calib: torch.Tensor, *, opset: int,
     work.mkdir()
     try:
         return _write_onnx(model, path, work / path.name, calib, opset=opset, dynamic_batch=dynamic_batch, tol=tol,
-                           slim=slim and check, threads=threads, external_above=external_above, check=check, old=old)
+                           slim=slim if check else False, threads=threads, external_above=external_above, check=check, old=old)
     finally:
         shutil.rmtree(work, ignore_errors=True)
         release()
@@ -226,6 +227,12 @@ def _write_onnx(model, path: Path, tmp: Path, calib, *, opset, dynamic_batch, to
     if _one_or_two_files(tmp, external):
         checked = None  # the file run below is the one rewritten
     parity = slimmed = None
+    if slim == "auto":  # onnxslim holds about 6x the file in memory: large models are shipped as exported
+        size = _folder_bytes(tmp.parent)
+        slim = size <= SLIM_AUTO_MAX
+        if not slim:
+            slimmed = {"applied": False, "why": f"{size / 2**20:.0f} MB is above export.slim auto's "
+                                                f"{SLIM_AUTO_MAX / 2**20:.0f} MB (onnxslim needs ~6x the file in memory)"}
     if check:
         with torch.no_grad():
             ref = model(x)
