@@ -6,6 +6,7 @@ CLI's exit code, as `python -m compress ...` would. Kill/SIGTERM tests still sta
 """
 from __future__ import annotations
 
+import atexit
 import multiprocessing
 import multiprocessing.forkserver
 import multiprocessing.util
@@ -52,6 +53,7 @@ def _child(args: list, cwd: str, env: dict, out: str, err: str) -> None:
         if not isinstance(e.code, (int, type(None))):
             print(e.code, file=sys.stderr)
     finally:
+        atexit._run_exitfuncs()  # what the interpreter does at exit (multiprocessing's own exit skips it)
         sys.stdout.flush()
         sys.stderr.flush()
     os._exit(code)
