@@ -40,6 +40,7 @@ def _child(args: list, cwd: str, env: dict, out: str, err: str) -> None:
     os.environ.clear()
     os.environ.update(env)
     tempfile.tempdir = None  # TMPDIR is the caller's, not the fork server's
+    multiprocessing.set_start_method(None, force=True)  # the platform's default again (DataLoader workers), not ours
     for fd, path in ((1, out), (2, err)):
         f = os.open(path, os.O_WRONLY | os.O_TRUNC)
         os.dup2(f, fd)
