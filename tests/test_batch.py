@@ -88,7 +88,7 @@ def test_resume_redoes_an_entry_whose_files_changed(tmp_path):
 
 
 def test_kill_batch_then_resume_leaves_nothing_partial(tmp_path):
-    zoo, out = _zoo(tmp_path, n_good=4), tmp_path / "out"
+    zoo, out = _zoo(tmp_path, n_good=2), tmp_path / "out"  # killed while m1 runs; the resume does m1 and the failing two
     proc = subprocess.Popen([sys.executable, "-m", "compress", "batch", str(zoo), "-o", str(out)], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
@@ -111,8 +111,8 @@ def test_kill_batch_then_resume_leaves_nothing_partial(tmp_path):
     res = run_cli("batch", zoo, "-o", out, "--resume")
     assert res.returncode == 5
     m = _manifest(out)
-    assert [n for n, e in m.items() if e["state"] == "done"] == ["m0", "m1", "m2", "m3"]
-    assert all(verified(n, m[n], out) for n in ("m0", "m1", "m2", "m3"))
+    assert [n for n, e in m.items() if e["state"] == "done"] == ["m0", "m1"]
+    assert all(verified(n, m[n], out) for n in ("m0", "m1"))
     _no_partial_files(out)
 
 
