@@ -1,4 +1,6 @@
 """User-facing failures: one line that names the problem and the fix, and a documented exit code."""
+import json
+from pathlib import Path
 
 
 class CompressError(Exception):
@@ -29,6 +31,15 @@ class TargetError(GateError):
     """A recipe's `target:` is out of reach: no candidate the planner measured meets it (exit 4)."""
 
     exit_code = 4
+
+
+def read_json(path: Path, fix: str, error: type = InputError):
+    """A JSON file's content, or `error` (an InputError unless the caller says what a bad file means) in one
+    line: the file, the parser's words, and `fix`."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path}: not valid JSON ({e}); {fix}") from None
 
 
 class Terminated(KeyboardInterrupt):

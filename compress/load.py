@@ -20,7 +20,7 @@ from torch import nn
 from . import checkpoint, sources
 from .adapters import Adapter, detect
 from .data import resolve_preprocess
-from .errors import InputError
+from .errors import InputError, read_json
 from .sources import hf, user
 from .sources import torchvision as tv
 from .sources.common import Converted, fit
@@ -128,10 +128,7 @@ def _read_config(path: Path) -> dict:
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
         raise InputError(f"{path} is a directory without config.json; pass the weights file and set model.arch in the recipe")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{cfg_path}: not valid JSON ({e}); repair or regenerate it") from None
+    config = read_json(cfg_path, "repair or regenerate it")
     if not isinstance(config, dict) or not {"architecture", "architectures", "model_type"} & set(config):
         keys = ", ".join(sorted(config)[:8]) if isinstance(config, dict) else type(config).__name__
         raise InputError(f"{cfg_path}: neither a timm config ('architecture') nor a Hugging Face one ('architectures', "

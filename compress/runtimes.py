@@ -23,7 +23,7 @@ class Runtime:
     opset: int             # newest ai.onnx opset it implements
     ir: int                # newest ONNX IR version it reads
     pythons: tuple         # CPython minor versions it has wheels for
-    numpy: str = "numpy<2"  # its wheels were built against NumPy 1
+    numpy: str = "numpy>=1.24.2,<2"  # its wheels were built against NumPy 1 (and need >= 1.24.2)
 
 
 # From onnxruntime's compatibility table (opset / IR per release) and its wheels on PyPI.
@@ -80,6 +80,28 @@ def _python_for(rt: Runtime) -> str | None:
     return None
 
 
+# Only what running a file needs: onnxruntime's other requirements (sympy, protobuf, coloredlogs, flatbuffers,
+# packaging) serve its offline tools, not InferenceSession; wheels only; no .pyc compile of what is never imported.
+PIP_FLAGS = ("--no-deps", "--only-binary", ":all:", "--no-compile")
+
+
+def _own_pip() -> bool:
+    """This interpreter's pip can install into another venv (`pip --python`, pip >= 22.3): no pip needed there."""
+    try:
+        from pip import __version__ as v
+    except ImportError:
+        return False
+    return version_tuple(v) >= (22, 3)
+
+
+def _venv_flags() -> list:
+    return ["--without-pip"] if _own_pip() else []
+
+
+def _pip_for(python: Path) -> list:
+    return [sys.executable, "-m", "pip", "--python", str(python)] if _own_pip() else [str(python), "-m", "pip"]
+
+
 def prepare(min_runtime: str, log=print) -> OldRuntime:
     """The cached venv for `min_runtime`, built from the package registry the first time (then reused)."""
     rt = RUNTIMES[min_runtime]
@@ -97,9 +119,9 @@ def prepare(min_runtime: str, log=print) -> OldRuntime:
     home.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".ort-{rt.release}-", dir=home.parent))
     try:
-        subprocess.run([base, "-m", "venv", str(tmp)], check=True, capture_output=True, text=True)
-        subprocess.run([str(tmp / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                        "--timeout", "30", "--retries", "1", f"onnxruntime=={rt.release}", rt.numpy],
+        subprocess.run([base, "-m", "venv", str(tmp), *_venv_flags()], check=True, capture_output=True, text=True)
+        subprocess.run([*_pip_for(tmp / "bin" / "python"), "install", "--quiet", "--disable-pip-version-check",
+                        "--timeout", "30", "--retries", "1", *PIP_FLAGS, f"onnxruntime=={rt.release}", rt.numpy],
                        check=True, capture_output=True, text=True, timeout=900)
         got = subprocess.run([str(tmp / "bin" / "python"), "-I", "-c", "import onnxruntime; print(onnxruntime.__version__)"],
                              check=True, capture_output=True, text=True).stdout.strip()

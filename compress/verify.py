@@ -5,12 +5,11 @@ still compute what the safetensors, rebuilt by `load_compressed`, compute on the
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from .errors import InputError, VerificationError
+from .errors import InputError, VerificationError, read_json
 from .metrics import fidelity, ort_run, ort_session
 
 
@@ -40,10 +39,7 @@ def verify(out: Path, images: int = 8, log=print) -> dict:
     report = out / "report.json"
     if not report.is_file():
         raise InputError(f"{out}: no report.json; pass a directory written by `compress apply`")
-    try:
-        record = json.loads(report.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise VerificationError(f"{report}: not valid JSON ({e}); the result directory was altered") from None
+    record = read_json(report, "the result directory was altered", VerificationError)
     files = _files(record)
     if not files:
         raise InputError(f"{report} lists no artifacts; was it written by `compress apply`?")

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -54,6 +53,18 @@ def tiny_vit(seed: int = 0, **kw) -> torch.nn.Module:
     return m.eval()
 
 
+def random_bn_stats(model: torch.nn.Module) -> torch.nn.Module:
+    """Trained-looking BatchNorm statistics (mean ~ N(0, 0.2), var ~ U(0.5, 1.5)): with init's 0 and 1 a BN
+    fold or a BN-aware equivalence check would be vacuous."""
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            if name.endswith("running_var"):
+                b.uniform_(0.5, 1.5)
+            elif name.endswith("running_mean"):
+                b.normal_(0, 0.2)
+    return model
+
+
 def save_timm_dir(model: torch.nn.Module, arch: str, model_args: dict, folder: Path) -> Path:
     """A timm-style directory: config.json (architecture, num_classes, model_args) + model.safetensors."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -78,10 +89,12 @@ def write_recipe(path: Path, text: str) -> Path:
 FAST = "report: {latency: {batch_sizes: [1, 2], threads: 1, warmup: 1, runs: 3}}\n"
 
 
-def run_cli(*args, cwd=None) -> subprocess.CompletedProcess:
-    """Run the real console entry point in a subprocess (exit codes and stderr as users see them)."""
-    return subprocess.run([sys.executable, "-m", "compress", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd or REPO, timeout=600)
+def run_cli(*args, cwd=None, env=None) -> subprocess.CompletedProcess:
+    """Run the real console entry point in a child process (exit codes and stderr as users see them),
+    forked from one that has imported compress already (tests/forkcli.py); env: the whole environment."""
+    from tests import forkcli
+
+    return forkcli.run(list(args), cwd or REPO, env)
 
 
 def make_image_zip(path: Path, classes: int = 3, per_class: int = 16, size: int = 16, corrupt: int = 1, seed: int = 0) -> Path:

@@ -5,9 +5,10 @@ problem (no traceback), and no file created, changed or removed anywhere under t
 directory (which holds the inputs and the output path). Cases whose message or behaviour is a
 known package bug are marked xfail(strict=True) with the observed stderr in the reason.
 
-Speed: each subprocess imports torch, timm and onnx (~4-5 s of CPU), so the corpus is run up
-front by a module fixture, 2-4 subprocesses at a time (one per core), and each parametrized
-test then checks its own result. Selecting tests with -k runs only the cases they need.
+Speed: each subprocess is forked from one that has imported torch, timm and onnx already
+(tests/forkcli.py: ~4-5 s of CPU saved a case); the corpus is run up front by a module fixture,
+2-4 subprocesses at a time (one per core), and each parametrized test then checks its own
+result. Selecting tests with -k runs only the cases they need.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ import yaml
 from safetensors.torch import save_file
 
 from conftest import FAST, run_cli, save_timm_dir, tiny_vit, tiny_vit_args, write_recipe
+from tests import forkcli
 
 VIT_ARCH = "vit_tiny_patch16_224"
 GOOD = "version: 1\npasses:\n  - mlp_strip: {blocks: [0]}\n" + FAST
@@ -363,6 +365,7 @@ def corpus(request, tmp_path_factory) -> dict[str, Result]:
             out = _out_of(args)
             results[case.id] = Result(root, args, out, out is not None and out.exists(), snapshot(root))
     systmp = tmp_path_factory.mktemp("systmp")  # TMPDIR of the subprocesses, checked at the end
+    forkcli.start()  # the fork server itself keeps the TMPDIR it starts with
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TMPDIR", str(systmp))
         with ThreadPoolExecutor(max_workers=max(2, min(4, os.cpu_count() or 2))) as pool:

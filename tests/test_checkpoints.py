@@ -24,7 +24,7 @@ from compress.limits import check_memory
 from compress.load import load, load_compressed
 from compress.pipeline import apply
 from compress.recipe import parse_recipe
-from conftest import tiny_vit, tiny_vit_args
+from conftest import random_bn_stats, tiny_vit, tiny_vit_args
 
 LAT = {"latency": None}
 
@@ -35,12 +35,7 @@ def jitter(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.normal_(0, 1.5 / p[0].numel() ** 0.5) if p.dim() >= 2 else p.normal_(0, 0.3)
-        for name, b in model.named_buffers():
-            if name.endswith("running_var"):
-                b.uniform_(0.5, 1.5)
-            elif name.endswith("running_mean"):
-                b.normal_(0, 0.2)
-    return model.eval()
+    return random_bn_stats(model).eval()
 
 
 def convert(tmp_path, ckpt, model: dict, original, size, passes=(), name="out", **extra) -> dict:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,7 +13,7 @@ from compress import runtimes
 from compress.load import load, load_compressed
 from compress.pipeline import apply
 from compress.recipe import load_recipe
-from tests.conftest import CIFAR_TRAIN, REPO, RESNET_TEACHER, VIT_TEACHER, need_shared, write_recipe
+from tests.conftest import CIFAR_TRAIN, RESNET_TEACHER, VIT_TEACHER, need_shared, run_cli, write_recipe
 
 OLD = runtimes.RUNTIMES["1.16"].release
 TOL = {"fp32": 1e-4, "fp16": 1e-2}  # max |Δlogit| relative to the logit scale (recipe defaults); int8: agreement
@@ -62,8 +60,7 @@ def test_every_variant_of_the_shared_teachers_runs_on_onnxruntime_1_16(tmp_path,
 
 
 def _cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "compress", *map(str, args)], capture_output=True, text=True,
-                          cwd=REPO, timeout=600, env={**os.environ, **(env or {})})
+    return run_cli(*args, env={**os.environ, **(env or {})})
 
 
 @pytest.mark.parametrize("export, words", [

@@ -14,11 +14,11 @@ from compress.recipe import load_recipe, parse_recipe
 from tests.conftest import FAST, run_cli, save_timm_dir, tiny_vit, tiny_vit_args, write_recipe
 
 
-@pytest.fixture
-def deep_vit(tmp_path):
-    """Four blocks, so MLP strip windows and strip + lowrank combinations exist."""
+@pytest.fixture(scope="module")
+def deep_vit(tmp_path_factory):
+    """Four blocks, so MLP strip windows and strip + lowrank combinations exist (read only: shared)."""
     args = tiny_vit_args(heads=3, depth=4)
-    return save_timm_dir(tiny_vit(heads=3, depth=4), "vit_tiny_patch16_224", args, tmp_path / "vit4")
+    return save_timm_dir(tiny_vit(heads=3, depth=4), "vit_tiny_patch16_224", args, tmp_path_factory.mktemp("deep") / "vit4")
 
 
 def _recipe(target: str, extra: str = FAST) -> dict:
@@ -32,8 +32,14 @@ def _plan(ckpt, data: dict):
     return r, plan(loaded, r, calib, log=lambda _m: None, holdout=holdout)
 
 
-def test_choice_is_deterministic_for_a_seed_and_meets_the_budget(deep_vit):
-    r, first = _plan(deep_vit, _recipe("{flops: 0.6}"))
+@pytest.fixture(scope="module")
+def planned(deep_vit):
+    """The flops 0.6 plan of deep_vit, made once for the tests that read it (each plan measures every candidate)."""
+    return _plan(deep_vit, _recipe("{flops: 0.6}"))
+
+
+def test_choice_is_deterministic_for_a_seed_and_meets_the_budget(deep_vit, planned):
+    r, first = planned
     _, again = _plan(deep_vit, _recipe("{flops: 0.6}"))
     assert first["choice"] is not None and not first["met_by_teacher"]
     chosen = first["rows"][first["choice"]]
@@ -46,14 +52,14 @@ def test_choice_is_deterministic_for_a_seed_and_meets_the_budget(deep_vit):
     assert {"mlp_strip", "lowrank"} <= kinds
 
 
-def test_written_plan_replays_to_the_same_structure(tmp_path, deep_vit):
+def test_written_plan_replays_to_the_same_structure(tmp_path, deep_vit, planned):
     recipe = write_recipe(tmp_path / "r.yaml", yaml.safe_dump(_recipe("{flops: 0.6}")))
     res = run_cli("plan", recipe, deep_vit, "-o", tmp_path / "plan.yaml")
     assert res.returncode == 0, res.stderr
     assert "chose" in res.stdout and "KL" in res.stdout
     written = load_recipe(tmp_path / "plan.yaml")
     assert written.target is None and written.gates.max_flops_ratio == 0.6
-    r, result = _plan(deep_vit, _recipe("{flops: 0.6}"))
+    r, result = planned
     chosen = result["rows"][result["choice"]]
     assert [{s.name: s.config.model_dump(mode="json")} for s in written.steps] == \
         [{s.name: s.config.model_dump(mode="json")} for s in parse_recipe(planned_recipe(r, result, result["choice"])).steps]

@@ -16,6 +16,7 @@ from compress.pipeline import apply
 from compress.recipe import parse_recipe
 from compress.sources import hf
 from compress.sources.detect import guess_arch
+from tests.conftest import random_bn_stats
 
 transformers = pytest.importorskip("transformers")
 
@@ -45,12 +46,7 @@ def jitter(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
                 p.normal_(0, 1.5 / p[0].numel() ** 0.5)
             else:
                 p.normal_(1.0 if "norm" in name and name.endswith("weight") else 0.0, 0.3 if "norm" in name else 0.5)
-        for name, b in model.named_buffers():
-            if name.endswith("running_var"):
-                b.uniform_(0.5, 1.5)
-            elif name.endswith("running_mean"):
-                b.normal_(0, 0.2)
-    return model.eval()
+    return random_bn_stats(model).eval()
 
 
 def hf_dir(tmp_path, cls: str, config: dict, image_size: int | None = None):

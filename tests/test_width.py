@@ -20,7 +20,7 @@ from compress.pipeline import apply
 from compress.probe import kl
 from compress.recipe import parse_recipe
 from compress.registry import PassContext
-from tests.conftest import save_timm_dir, tiny_vit, tiny_vit_args
+from tests.conftest import random_bn_stats, save_timm_dir, tiny_vit, tiny_vit_args
 
 VIT = {"heads": 2, "depth": 2}  # embed 16, head dim 8: with multiple 4, every kind can narrow
 
@@ -34,14 +34,12 @@ def _vit():
 def _resnet(block=Bottleneck, seed=0):
     torch.manual_seed(seed)
     m = ResNet(block=block, layers=[1, 1, 1, 1], num_classes=10).eval()
-    with torch.no_grad():  # trained-looking BatchNorm statistics, so the folds are exercised
+    with torch.no_grad():  # trained-looking BatchNorm affine and statistics, so the folds are exercised
         for mod in m.modules():
             if isinstance(mod, torch.nn.BatchNorm2d):
-                mod.running_mean.normal_(0, 0.2)
-                mod.running_var.uniform_(0.5, 1.5)
                 mod.weight.normal_(1, 0.2)
                 mod.bias.normal_(0, 0.2)
-    return m
+    return random_bn_stats(m)
 
 
 def _x(family, n=12):

@@ -6,14 +6,13 @@ is imported only here, when an HF checkpoint is read (it takes seconds).
 """
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from ..errors import InputError, VerificationError
+from ..errors import InputError, VerificationError, read_json
 from .common import Converted, check_same, fit, logits_of, merge_qkv, rel_diff, rename, split_qkv
 from .timm_src import build
 
@@ -127,10 +126,7 @@ def _pretrained_cfg(folder: Path, arch: str, c: dict) -> dict:
     size, crop_pct, p = c.get("image_size", 224), 1.0, {}
     pp = folder / "preprocessor_config.json"
     if pp.is_file():
-        try:
-            p = json.loads(pp.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise InputError(f"{pp}: not valid JSON ({e}); repair or delete it") from None
+        p = read_json(pp, "repair or delete it")
         cfg.update({k: tuple(p[f"image_{k}"]) for k in ("mean", "std") if p.get(f"image_{k}")})
         resize, crop = _side(p.get("size")), _side(p.get("crop_size")) if p.get("do_center_crop") else None
         size = crop or resize or size
