@@ -132,6 +132,9 @@ class DistillSpec(_Strict):
     limit: Optional[PositiveInt] = Field(None, description="use an evenly spaced subset of this many images")
     batch_size: PositiveInt = 64
     lr: PositiveFloat = 5e-4
+    lr_scale: Literal["start_kl", "none"] = Field(
+        "start_kl", description="start_kl: the lr times clip(sqrt(KL0), 0.1, 1), KL0 = the student's KL to the teacher at "
+        "the start (held-out images, else calibration): a near-exact student needs small steps")
     weight_decay: float = Field(0.05, ge=0)
     warmup_steps: int = Field(50, ge=0)
     temperature: PositiveFloat = 2.0

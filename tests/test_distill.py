@@ -63,6 +63,8 @@ def test_distill_improves_fidelity_and_reports(tmp_path, vit_dir, image_zip):
     d = rep["distill"]
     assert d["steps"] == 40 and len(d["loss_history"]) == 40 and d["resumed_from"] == 0
     assert d["calib_after"]["kl"] < d["calib_before"]["kl"]
+    assert d["lr"] == pytest.approx(2.0e-3 * min(1.0, max(0.1, d["start_kl"] ** 0.5)))  # lr_scale: start_kl (default)
+    assert d["start_kl"] > 0 and d["batchnorm"] == "train"  # a ViT: nothing to freeze
     assert d["skipped_images"] >= 1  # the corrupt file was drawn, skipped and counted, not fatal
     assert d["images_per_s"] > 0 and d["device"] == "cpu"
     assert rep["summary"]["eval"]["images"] == 48 and rep["summary"]["eval"]["skipped"] == 1
