@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -19,6 +18,8 @@ from pathlib import Path
 
 import onnxruntime
 import torch
+
+from compress.report import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT.parent / "shared" / "data" / "models"
@@ -110,7 +111,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "plans")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
-    res = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+    m = machine_info(2)
+    res = {"machine": f"{m['cpu']}, {m['cores']} cores, {m['os']}",
            "onnxruntime": onnxruntime.__version__, "torch": torch.__version__,
            "load_at_start": " ".join(f"{x:.2f}" for x in os.getloadavg()), "applies": [], "plans": [],
            "command": "python -m benchmarks.plans " + " ".join(argv if argv is not None else sys.argv[1:])}

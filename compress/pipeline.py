@@ -164,7 +164,7 @@ def run_distill(recipe: Recipe, loaded, student, train, calib, ref, start, work:
             start_kl = kl(keep.ref, torch.cat([student.eval()(c) for c in hx.split(64)]))
     # A near-exact student only loses at a full lr: for the shared ResNet's width student at 50% (KL0 0.04) keep-best
     # returned the untrained start (77.8% top-1) at lr 5e-4; at 1e-4 (what sqrt(KL0) gives) it reached 79.4%
-    lr = d.lr * (min(1.0, max(0.1, start_kl ** 0.5)) if d.lr_scale == "start_kl" else 1.0)
+    lr = d.lr * (min(1.0, max(0.1, max(start_kl, 0.0) ** 0.5)) if d.lr_scale == "start_kl" else 1.0)
     frozen = d.batchnorm == "frozen" or d.batchnorm == "auto" and any(get_pass(s.name).fits_batchnorm for s in recipe.steps)
     log(f"distill: {steps} steps of {d.batch_size} images on {dev} x{world} from {train.path}, lr {lr:.3g}"
         + (f" (= {d.lr:g} x {lr / d.lr:.3g}: starting KL {start_kl:.4g})" if d.lr_scale == "start_kl" else "")
