@@ -107,3 +107,18 @@ def test_bad_targets_fail_in_one_line(tmp_path, deep_vit, target, extra, code, w
 def test_target_and_gate_that_disagree_are_refused():
     with pytest.raises(InputError, match="target and gates.max_flops_ratio disagree"):
         parse_recipe(_recipe("{flops: 0.5}", FAST + "gates: {max_flops_ratio: 0.7}\n"))
+
+
+def test_measured_levels_aim_each_kind_at_the_speed_target():
+    """No file met 1.5x: the narrowest width file, 53% FLOPs at 1.39x, keeps its speedup ÷ FLOP cut, so width is
+    aimed at 0.533 * 1.39 / 1.5 (3% under); lowrank's narrowest file (5%) gives a level under 5%: not proposed."""
+    from compress.plan import _measured_levels
+
+    target = parse_recipe(_recipe("{speedup: 1.5, batch: 8}")).target
+    rows = [{"passes": [{"width": {}}], "variant": "fp32", "flops_ratio": 0.533, "speedup": {"8": 1.39}},
+            {"passes": [{"width": {}}], "variant": "fp32", "flops_ratio": 0.667, "speedup": {"8": 1.22}},
+            {"passes": [{"lowrank": {}}], "variant": "fp32", "flops_ratio": 0.484, "speedup": {"8": 1.25}},
+            {"passes": [], "variant": "int8_dynamic", "flops_ratio": 1.0, "speedup": {"8": 1.33}},
+            {"passes": [{"lowrank": {}}], "variant": "fp32", "flops_ratio": 0.05, "speedup": {"8": 1.0}}]
+    levels = _measured_levels(rows, target, {"p50_ms": 10.0})
+    assert levels == [("flops", round(0.97 * 0.533 * 1.39 / 1.5, 3))]
