@@ -466,8 +466,17 @@ def run_target(recipe: Recipe, loaded, data, run, log) -> dict:
             failed = getattr(e, "record", {}).get("failed_gates", [])
             accuracy = failed and all(g["gate"].startswith(("max_top1_drop", "min_agreement")) for g in failed)
             kept["attempts"][-1]["result"] = str(e)
-            if not accuracy or n + 1 == len(tries):
+            kept["attempts"][-1]["missed"] = ", ".join(f"{g['gate']} {g['measured']:.3g} (target {g['target']:.3g})"
+                                                       for g in failed)
+            e.plan = result  # the CLI prints the candidate table, then the run's own table, then the line
+            if not accuracy:
                 raise
+            if n + 1 == len(tries):
+                err = GateError(f"target {_target_text(recipe.target)} not met after {len(tries)} attempt(s): "
+                                + "; ".join(f"{a['candidate']} missed {a['missed']}" for a in kept["attempts"])
+                                + "; nothing was published. Relax max_top1_drop, raise target.attempts or distill longer")
+                err.record, err.plan = e.record, result
+                raise err from None
             log(f"plan: attempt {n + 1} of {len(tries)} missed the accuracy gate; trying the next candidate, "
                 f"{describe(result['rows'][tries[n + 1]])}")
     raise AssertionError("unreachable: plan() raises when no candidate meets the target")

@@ -122,3 +122,26 @@ def test_measured_levels_aim_each_kind_at_the_speed_target():
             {"passes": [{"lowrank": {}}], "variant": "fp32", "flops_ratio": 0.05, "speedup": {"8": 1.0}}]
     levels = _measured_levels(rows, target, {"p50_ms": 10.0})
     assert levels == [("flops", round(0.97 * 0.533 * 1.39 / 1.5, 3))]
+
+
+def test_accuracy_misses_try_the_next_candidate_then_name_every_attempt(deep_vit):
+    """With attempts: 2, a run that misses the top-1 gate moves to the next candidate; when that misses too,
+    exit 4 names both candidates and what each missed, and carries the plan table and the last run's record."""
+    from compress.errors import GateError
+    from compress.plan import run_target
+
+    r = parse_recipe(_recipe("{flops: 0.6, attempts: 2}"))
+    ran = []
+
+    def run(recipe, extra):
+        ran.append([s.name for s in recipe.steps])
+        err = GateError("gate max_top1_drop (points) missed")
+        err.record = {"failed_gates": [{"gate": "max_top1_drop (points)", "target": 1.0, "measured": 1.2 + len(ran)}]}
+        raise err
+
+    with pytest.raises(GateError) as e:
+        run_target(r, load(str(deep_vit)), None, run, lambda _m: None)
+    msg = str(e.value)
+    assert len(ran) == 2 and "not met after 2 attempt(s)" in msg and "\n" not in msg
+    assert msg.count("missed max_top1_drop (points)") == 2 and "2.2 (target 1)" in msg and "3.2 (target 1)" in msg
+    assert e.value.plan["choice"] is not None and e.value.record["failed_gates"][0]["measured"] == 3.2

@@ -35,7 +35,7 @@ class WidthConfig(PassConfig):
     # how a target is spread: `uniform` = one fraction for every width, topped up to the target; `greedy` = least
     # calibration error per unit of cost saved; `auto` = both, the lower calibration KL wins. Uniform is the default:
     # greedy's error curves are fitted on the calibration images and overfit them (shared ResNet at 50%, KL on
-    # held-out images: greedy 0.70, uniform 0.10), and on the ViT uniform had both the lower KL and the speed
+    # held-out images: greedy 0.70, uniform 0.10), and on the ViT uniform had the lower calibration KL too
     allocate: Literal["auto", "uniform", "greedy"] = "uniform"
     refit: bool = True  # least-squares refit of each consumer (false: the same selection, only sliced)
     ridge: float = Field(0.03, ge=0)  # pull of the refit towards the sliced weights, relative to the feature energy
