@@ -204,8 +204,12 @@ def _export_row(cands: Candidates, row: dict, folder: Path, i: int, recipe: Reci
     except VerificationError as e:
         row["note"] = str(e).split(";")[0]
         return None
-    fid = fidelity(ref, ort_predictor(path, True)(cands.calib))
+    run = ort_predictor(path, True)
+    fid = fidelity(ref, run(cands.calib))
     row.update(bytes=path.stat().st_size, kl=fid["kl"], agreement=fid["agreement"])
+    if cands.holdout is not None:  # scored where the fp32 rows are: on the held-out images
+        held = fidelity(cands.ref_holdout, run(cands.holdout))
+        row.update(calib_kl=fid["kl"], kl=held["kl"], agreement=held["agreement"], scored_on="holdout")
     return path
 
 

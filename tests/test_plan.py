@@ -145,3 +145,18 @@ def test_accuracy_misses_try_the_next_candidate_then_name_every_attempt(deep_vit
     assert len(ran) == 2 and "not met after 2 attempt(s)" in msg and "\n" not in msg
     assert msg.count("missed max_top1_drop (points)") == 2 and "2.2 (target 1)" in msg and "3.2 (target 1)" in msg
     assert e.value.plan["choice"] is not None and e.value.record["failed_gates"][0]["measured"] == 3.2
+
+
+def test_an_int8_file_is_scored_on_the_held_out_images_like_the_fp32_rows(deep_vit, tmp_path):
+    """The variant rows were once scored on the calibration images the refits fit (a ResNet's int8 width file:
+    KL 0.007 against its own fp32 file's 0.11 held out), so the planner preferred int8 for the wrong reason."""
+    from compress.plan import Candidates, _export_row
+
+    r = parse_recipe(_recipe("{speedup: 1.2, batch: 2}"))
+    loaded = load(str(deep_vit))
+    calib, holdout = calibration_pair(None, loaded.data_cfg, r.calibration)
+    cands = Candidates(loaded, calib, [], holdout)
+    passes = [{"mlp_strip": {"blocks": [0]}}]
+    row = {**cands.dry(passes), "variant": "int8_dynamic"}
+    assert _export_row(cands, row, tmp_path, 0, r) is not None
+    assert row["scored_on"] == "holdout" and row["kl"] != row["calib_kl"]
