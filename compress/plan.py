@@ -82,19 +82,25 @@ class Candidates:
         key = json.dumps(passes, sort_keys=True)
         if key not in self.seen:
             try:
-                student, ref, out = self.build(passes)
+                student, _, out = self.build(passes)
             except InputError:  # e.g. a budget below the smallest ranks, or growth an exact pass refuses
                 self.seen[key] = None
             else:
-                fid = fidelity(ref, out)
                 row = {"passes": passes, "flops_ratio": count_flops(student, self.size) / self.flops0,
-                       "params_ratio": count_params(student) / self.params0, "kl": fid["kl"], "agreement": fid["agreement"]}
-                if self.holdout is not None:
-                    with torch.no_grad():
-                        held = fidelity(self.ref_holdout, student(self.holdout))
-                    row.update(calib_kl=fid["kl"], kl=held["kl"], agreement=held["agreement"], scored_on="holdout")
+                       "params_ratio": count_params(student) / self.params0}
+                self.score(row, out, student)
                 self.seen[key] = row
         return self.seen[key]
+
+    @torch.no_grad()
+    def score(self, row: dict, out: torch.Tensor, predict) -> None:
+        """KL and agreement of a candidate (its calibration logits `out`; `predict` runs it on other images):
+        on the held-out images when there are some, the calibration figure kept beside it."""
+        fid = fidelity(self.ref, out)
+        row.update(kl=fid["kl"], agreement=fid["agreement"])
+        if self.holdout is not None:
+            held = fidelity(self.ref_holdout, predict(self.holdout))
+            row.update(calib_kl=fid["kl"], kl=held["kl"], agreement=held["agreement"], scored_on="holdout")
 
     def fit(self, make, level: float, kind: str) -> dict | None:
         """Bisect a budget knob in (0, 1) for the largest FLOPs (or params) within `level` of the teacher's."""
@@ -190,26 +196,21 @@ def _meets(row: dict, t, teacher: dict) -> bool:
 def _export_row(cands: Candidates, row: dict, folder: Path, i: int, recipe: Recipe) -> Path | None:
     """Write the file that would ship for this row; fills in its bytes (and KL/agreement for int8)."""
     ex = recipe.export
-    student, ref, _ = cands.build(row["passes"])
+    student, _, out = cands.build(row["passes"])
     base = folder / f"c{i}.onnx"
     write_onnx(student, base, cands.calib, opset=ex.opset, dynamic_batch=True, tol=ex.parity_tol, slim=ex.slim)
     if row["variant"] == "fp32":
         row["bytes"] = base.stat().st_size
         return base
     path = folder / f"c{i}.{row['variant']}.onnx"
-    with torch.no_grad():
-        out = student(cands.calib)
     try:
         write_int8(base, path, row["variant"], out, cands.calib, min_agreement=ex.int8_min_agreement)
     except VerificationError as e:
         row["note"] = str(e).split(";")[0]
         return None
     run = ort_predictor(path, True)
-    fid = fidelity(ref, run(cands.calib))
-    row.update(bytes=path.stat().st_size, kl=fid["kl"], agreement=fid["agreement"])
-    if cands.holdout is not None:  # scored where the fp32 rows are: on the held-out images
-        held = fidelity(cands.ref_holdout, run(cands.holdout))
-        row.update(calib_kl=fid["kl"], kl=held["kl"], agreement=held["agreement"], scored_on="holdout")
+    row["bytes"] = path.stat().st_size
+    cands.score(row, run(cands.calib), run)  # scored where the fp32 rows are: on the held-out images
     return path
 
 
