@@ -81,13 +81,17 @@ class KeepBest:
         self.best_kl, self.best_step, self.best, self.history = float("inf"), None, None, []
 
     @torch.no_grad()
-    def check(self, student: nn.Module, step: int, device: torch.device) -> None:
+    def measure(self, student: nn.Module, device: torch.device) -> float:
+        """The student's KL to the teacher on the held-out images, in eval mode; each module's mode is restored."""
         was = {m: m.training for m in student.modules()}  # frozen BatchNorm layers stay frozen afterwards
         student.eval()
         out = torch.cat([student(c.to(device)).float().cpu() for c in self.x.split(64)]).double().log_softmax(-1)
         for m, mode in was.items():
             m.training = mode
-        kl = float(F.kl_div(out, self.ref, log_target=True, reduction="batchmean"))
+        return float(F.kl_div(out, self.ref, log_target=True, reduction="batchmean"))
+
+    def check(self, student: nn.Module, step: int, device: torch.device) -> None:
+        kl = self.measure(student, device)
         self.history.append([step, kl])
         if kl < self.best_kl:
             self.best_kl, self.best_step = kl, step

@@ -31,7 +31,6 @@ from .limits import check_memory, release
 from .load import load
 from .metrics import count_flops, count_params, evaluate, fidelity, latency, logits, logits64, ort_predictor
 from .modules import learned_parameters
-from .probe import kl
 from .recipe import Recipe
 from .registry import PassContext, get_pass
 from .report import machine_info, write_reports
@@ -161,7 +160,7 @@ def run_distill(recipe: Recipe, loaded, student, train, calib, ref, start, work:
         hx = _holdout(train, d.holdout_images, d.seed)
         with torch.no_grad():
             keep = KeepBest(hx, torch.cat([teacher(c) for c in hx.split(64)]), every=max(1, steps // 15))
-            start_kl = kl(keep.ref, torch.cat([student.eval()(c) for c in hx.split(64)]))
+        start_kl = keep.measure(student, torch.device("cpu"))
     # A near-exact student only loses at a full lr: for the shared ResNet's width student at 50% (KL0 0.04) keep-best
     # returned the untrained start (77.8% top-1) at lr 5e-4; at 1e-4 (what sqrt(KL0) gives) it reached 79.4%
     lr = d.lr * (min(1.0, max(0.1, max(start_kl, 0.0) ** 0.5)) if d.lr_scale == "start_kl" else 1.0)
