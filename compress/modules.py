@@ -11,9 +11,11 @@ from torch import nn
 
 
 def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
-    """(B, N, H*dh) -> (B, H, N, dh)."""
-    b, n, _ = t.shape
-    return t.view(b, n, heads, -1).transpose(1, 2)
+    """(B, N, H*dh) -> (B, H, N, dh). Every size but the batch is spelled out (no -1): onnxslim then folds the
+    exported shape to a constant [-1, N, H, dh]; with -1 on dh the batch stayed a Shape/Gather/Concat chain, 120
+    extra nodes on a 6-block ViT, each an onnxruntime kernel launch."""
+    b, n, c = t.shape
+    return t.view(b, n, heads, c // heads).transpose(1, 2)
 
 
 class SeparateQK(nn.Module):
@@ -62,8 +64,8 @@ class SeparateVO(nn.Module):
 
     def forward(self, attn, x):
         o = attn @ _heads(self.v(x), self.heads)  # (B, H, N, dh)
-        b, _, n, _ = o.shape
-        return self.proj(o.transpose(1, 2).reshape(b, n, -1))
+        b, h, n, dh = o.shape
+        return self.proj(o.transpose(1, 2).reshape(b, n, h * dh))  # no -1: see _heads
 
 
 class FoldedVO(nn.Module):
@@ -203,8 +205,8 @@ class MSSA(nn.Module):
         if attn_mask is not None:
             logits = logits.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else logits + attn_mask
         o = self.attn_drop(logits.softmax(dim=-1)) @ p
-        b, _, n, _ = o.shape
-        return self.proj_drop(self.proj(o.transpose(1, 2).reshape(b, n, -1)))
+        b, h, n, dh = o.shape
+        return self.proj_drop(self.proj(o.transpose(1, 2).reshape(b, n, h * dh)))  # no -1: see _heads
 
 
 def learned_parameters(model: nn.Module) -> dict[str, dict]:

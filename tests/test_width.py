@@ -145,3 +145,20 @@ def test_apply_exports_and_load_compressed_replays_the_widths(tmp_path, family):
         got = {"mlp": lambda: mod.fc1.out_features, "qk": lambda: mod.q.out_features // g["heads"],
                "vo": lambda: mod.v.out_features // g["heads"], "conv": lambda: mod.out_channels}[g["kind"]]()
         assert got == g["width"][1]
+
+
+def test_narrow_vit_exports_static_reshapes(tmp_path):
+    """Every reshape in the exported narrow ViT is a constant shape after onnxslim (batch -1): a head split
+    written with -1 on the head dim left a Shape/Gather/Unsqueeze/Concat chain per reshape (321 nodes against
+    the teacher's 201 on the shared ViT), each an onnxruntime kernel launch that does not shrink with the width."""
+    import onnx
+
+    from compress.export import write_onnx
+
+    student = _run(_vit(), "vit", target=0.5, layers=["mlp", "qk", "vo"], multiple=4).model
+    path = tmp_path / "narrow.onnx"
+    write_onnx(student, path, _x("vit", 4), opset=17, dynamic_batch=True, tol=1e-4, slim=True)
+    graph = onnx.load(str(path)).graph
+    made = {o: n.op_type for n in graph.node for o in n.output}
+    shapes = [made.get(n.input[1], "initializer") for n in graph.node if n.op_type == "Reshape"]
+    assert shapes and all(s in ("initializer", "Constant") for s in shapes), shapes
