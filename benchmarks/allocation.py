@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="alloc-") as work:
         for b in args.budgets:
             for method, alloc in VARIANTS:
-                fit = finder.fit(lambda t: [{"lowrank": {"method": method, "target": round(t, 4), "allocate": alloc}}], b, "flops")
+                fit = finder.dry([{"lowrank": {"method": method, "target": round(b, 4), "scope": "model", "allocate": alloc}}])
                 if fit is None:
                     rows.append({"budget": b, "method": method, "allocate": alloc, "skipped": "no target meets the budget"})
                     continue

@@ -124,7 +124,7 @@ def svd_fit(cands: Candidates, budget: float) -> dict | None:
     """Plain weight-SVD truncation fitted to the budget, with whichever allocation keeps the teacher better."""
     if not contenders.has_lowrank():
         return None
-    fits = [cands.fit(lambda t, a=a: [{"lowrank": {"method": "svd", "target": round(t, 4), "allocate": a}}], budget, "flops")
+    fits = [cands.dry([{"lowrank": {"method": "svd", "target": round(budget, 4), "scope": "model", "allocate": a}}])
             for a in ("greedy", "uniform")]
     return min((f for f in fits if f), key=lambda f: f["kl"], default=None)
 

@@ -207,7 +207,7 @@ def render(result: dict, md: Path, png: Path, reading: Path) -> None:
            "bisected to the budget, classifier kept, ViT head dims pruned as in its timm example, widths unrounded "
            "(its documented default); **torch-pruning-r8** = the same with `round_to=8` (widths multiples of 8: the "
            "fair latency contender); **svd** = the "
-           "`lowrank` pass with plain weight SVD at a target bisected to the budget (greedy or uniform allocation, "
+           "`lowrank` pass with plain weight SVD at the budget as a share of the whole model (`scope: model`; greedy or uniform allocation, "
            "whichever has the lower held-out KL); **int8-dynamic** = the teacher through onnxruntime "
            "`quantize_dynamic` (no training; FLOPs unchanged, cheaper arithmetic). The from-scratch contender of "
            "earlier runs (every rewrite beat it by 30+ points) is left out to keep the run within the hour.",

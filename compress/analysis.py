@@ -5,12 +5,18 @@ cosines leave out high-norm outlier tokens, which would otherwise dominate them.
 """
 from __future__ import annotations
 
+import json
 import math
+import os
+from pathlib import Path
 
 import torch
 
+from .data import calibration_batch
 from .errors import InputError
-from .probe import capture, kl, zeroed
+from .load import load
+from .outdir import check_inputs_untouched, write_text_atomic
+from .probe import capture, greedy_mlp_skip, skip_kl
 
 OUTLIER = 3.0  # a token whose norm exceeds this multiple of its image's median token norm is an outlier
 EPS = 0.5  # default coding-rate distortion epsilon
@@ -34,29 +40,6 @@ def coding_rate(z: torch.Tensor, eps: float) -> float:
     gram = z @ z.transpose(1, 2)  # (B, N, N): same determinant as the d x d form (Sylvester)
     eye = torch.eye(n, dtype=torch.float64)
     return float(0.5 * torch.logdet(eye + d / (n * eps ** 2) * gram).mean())
-
-
-def _skip_kl(model, branch, x, ref) -> float:
-    with zeroed([branch]), torch.no_grad():
-        return kl(ref, model(x))
-
-
-def greedy_mlp_skip(model, adapter, x: torch.Tensor, k: int) -> list[dict]:
-    """Choose k MLPs to remove: each round skips the one whose removal (on top of those chosen) costs the
-    least KL against the unmodified model. Returns [{block, kl}] in the order chosen, kl cumulative."""
-    blocks = adapter.vit_blocks(model)
-    with torch.no_grad():
-        ref = model(x)
-    chosen: list[dict] = []
-    cands = [i for i, b in enumerate(blocks) if b.mlp is not None]
-    for _ in range(min(k, len(cands))):
-        gone = [blocks[c["block"]].ls2 for c in chosen]
-        with zeroed(gone):
-            scores = {i: _skip_kl(model, blocks[i].ls2, x, ref) for i in cands}
-        best = min(scores, key=scores.get)
-        chosen.append({"block": best, "kl": round(scores[best], 6)})
-        cands.remove(best)
-    return chosen
 
 
 @torch.no_grad()
@@ -90,8 +73,8 @@ def analyze(model, adapter, x: torch.Tensor, eps: float = EPS) -> dict:
             "influence_mlp": 1 - _cos(xm, xo, keep) if has_mlp else None,
             "influence_cls": 1 - float(torch.nn.functional.cosine_similarity(xi[:, 0].double(), xo[:, 0].double(), dim=-1).mean()),
             "update_attn": _ratio(attn_out[i], xi, keep), "update_mlp": _ratio(xo - xm, xm, keep) if has_mlp else None,
-            "skip_kl_attn": _skip_kl(model, b.ls1, x, ref),
-            "skip_kl_mlp": _skip_kl(model, b.ls2, x, ref) if has_mlp else None,
+            "skip_kl_attn": skip_kl(model, b.ls1, x, ref),
+            "skip_kl_mlp": skip_kl(model, b.ls2, x, ref) if has_mlp else None,
             "coding_rate": coding_rate(xo, eps),
             "mlp_sparsity": float((next(hidden_iter) <= 0).double().mean()) if has_mlp and hasattr(b.mlp, "fc1") else None,
             "feature_cos_prev_cls": (float(torch.nn.functional.cosine_similarity(outs[i - 1][:, 0].double(), xo[:, 0].double(), dim=-1).mean())
@@ -162,14 +145,6 @@ def chart(result: dict, path) -> None:
 
 def run(ckpt: str, data: str | None, images: int, eps: float, out, seed: int = 0) -> dict:
     """Load, measure on `images` calibration images, write analysis.json and analysis.png into `out` atomically."""
-    import json
-    import os
-    from pathlib import Path
-
-    from .data import calibration_batch
-    from .load import load
-    from .outdir import check_inputs_untouched, write_text_atomic
-
     if images < 2:
         raise InputError(f"--images {images}: need at least 2 images")
     if eps <= 0:

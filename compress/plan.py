@@ -31,12 +31,15 @@ ALLOW = {"fp32": 1.15, "int8_dynamic": 2.5}
 TIMED_MAX = 12  # (candidate, variant) rows exported and timed at most, in KL order
 CHUNK = 6  # rows timed together (interleaved with the teacher); stop after a chunk where one meets
 REFINE_ROUNDS = 2  # rounds of candidates aimed at a speed target from measured speedups, when none met it
-FIT_ITERS = 4  # bisection steps when a pass's budget is fitted to a FLOP/param level
+CACHE_BYTES = 1 << 30  # students kept from the dry rewrites for their export (the lowest KL kept when over)
+PARITY_IMAGES = 16  # a candidate's file is checked against PyTorch on this many images (the shipped file on all)
 WIDTH_LAYERS = {"vit": ["mlp", "qk", "vo"], "resnet": ["conv"]}
 
 
 def _lowrank(t: float, allocate: str, budget: str) -> dict:
-    return {"lowrank": {"method": "whitened_svd", "target": round(t, 4), "budget": budget, "allocate": allocate}}
+    """lowrank at a share of the whole model (scope: model): one rewrite meets a level, no bisection."""
+    return {"lowrank": {"method": "whitened_svd", "target": round(t, 4), "scope": "model", "budget": budget,
+                        "allocate": allocate}}
 
 
 def width_candidate(t: float, family: str, budget: str) -> dict:
@@ -61,6 +64,24 @@ class Candidates:
             self.ref = loaded.model(calib)
             self.ref_holdout = loaded.model(holdout) if holdout is not None else None
         self.seen: dict[str, dict | None] = {}
+        self.kept: dict[str, tuple] = {}  # passes -> (student, calibration logits), for _export_row
+        # per model state (the passes before a step): what a pass keeps across targets, for models that fit it
+        size = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+        self.memos: dict[str, dict] | None = {} if size <= CACHE_BYTES // 8 else None
+
+    def student(self, passes: list) -> tuple:
+        """(student, calibration logits) of a dry rewrite: the one kept from dry() when there is one."""
+        got = self.kept.get(json.dumps(passes, sort_keys=True))
+        return got if got is not None else self.build(passes)[::2]
+
+    def _keep(self, key: str, student, out: torch.Tensor) -> None:
+        """Keep students within CACHE_BYTES, dropping the highest-KL ones first (files are exported in KL order)."""
+        self.kept[key] = (student, out)
+        size = {k: sum(p.numel() * p.element_size() for p in m.parameters()) for k, (m, _) in self.kept.items()}
+        for k in sorted(self.kept, key=lambda k: -self.seen[k]["kl"]):
+            if sum(size.values()) <= CACHE_BYTES:
+                break
+            del self.kept[k], size[k]
 
     def build(self, passes: list):
         """(student, teacher logits, student logits) of prefix + passes, through the pass functions.
@@ -68,13 +89,15 @@ class Candidates:
         Unlike pipeline.rewrite this checks no exactness and runs in float32 with the teacher's logits
         computed once: a candidate is scored here, and verified by the pipeline if it is chosen.
         """
-        recipe = parse_recipe({"version": 1, "passes": self.prefix + passes})
+        raw = self.prefix + passes
+        recipe = parse_recipe({"version": 1, "passes": raw})
         student = copy.deepcopy(self.loaded.model)
         for i, step in enumerate(recipe.steps):
             spec = get_pass(step.name)
             if self.loaded.adapter.family not in spec.families:
                 raise InputError(f"pass '{step.name}' does not apply to {self.loaded.adapter.name} models")
-            student = spec.fn(student, self.loaded.adapter, step.config, PassContext(self.calib)).model.eval()
+            memo = self.memos.setdefault(json.dumps(raw[:i], sort_keys=True), {}) if self.memos is not None else None
+            student = spec.fn(student, self.loaded.adapter, step.config, PassContext(self.calib, memo=memo)).model.eval()
         with torch.no_grad():
             return student, self.ref, student(self.calib)
 
@@ -90,6 +113,7 @@ class Candidates:
                        "params_ratio": count_params(student) / self.params0}
                 self.score(row, out, student)
                 self.seen[key] = row
+                self._keep(key, student, out)
         return self.seen[key]
 
     @torch.no_grad()
@@ -102,46 +126,34 @@ class Candidates:
             held = fidelity(self.ref_holdout, predict(self.holdout))
             row.update(calib_kl=fid["kl"], kl=held["kl"], agreement=held["agreement"], scored_on="holdout")
 
-    def fit(self, make, level: float, kind: str) -> dict | None:
-        """Bisect a budget knob in (0, 1) for the largest FLOPs (or params) within `level` of the teacher's."""
-        lo, hi, best = 0.0, 1.0, None
-        for _ in range(FIT_ITERS):
-            mid = (lo + hi) / 2
-            got = self.dry(make(mid))
-            if got is None:
-                lo = mid
-            elif got[f"{kind}_ratio"] <= level * SLACK:
-                best, lo = got, mid
-            else:
-                hi = mid
-        return best
-
-    def enumerate(self, levels: list[tuple[str, float]], log) -> list[dict]:
+    def enumerate(self, levels: list[tuple[str, float]], log, only: set[str] | None = None) -> list[dict]:
         """Every candidate: MLP strip windows and auto, exact passes where they pay, lowrank (each allocation,
-        alone and on top of short strips) and width fitted to each budget level."""
+        alone and on top of short strips) and width at each budget level; `only` names the passes to place at
+        the levels (and skips the level-free strips and exact passes)."""
         fam, passes = self.loaded.adapter.family, all_passes()
+        placed = set(passes) if only is None else only
         found = [self.dry([])]
         strips: dict[int, dict] = {}
         if fam == "vit" and "mlp_strip" in passes:
             n = len(self.loaded.adapter.vit_blocks(copy.deepcopy(self.loaded.model)))
             for k in range(1, n):
                 windows = [self.dry([{"mlp_strip": {"blocks": list(range(s, s + k))}}]) for s in range(n - k + 1)]
-                found += windows
+                found += windows if only is None else []
                 strips[k] = min(windows, key=lambda w: w["kl"])
-            found += [self.dry([{"mlp_strip": {"blocks": "auto", "fraction": f}}]) for f in (0.25, 0.5)]
-            exact = [self.dry([{p: cfg}]) for p, cfg in (("qk_merge", {"mode": "exact"}), ("vo", {"mode": "fold"}))
-                     if p in passes]
-            found += [c for c in exact if c and (c["flops_ratio"] < 1 or c["params_ratio"] < 1)]  # where they pay
+            if only is None:
+                found += [self.dry([{"mlp_strip": {"blocks": "auto", "fraction": f}}]) for f in (0.5, 0.25)]  # 0.25 reuses 0.5's greedy order
+                exact = [self.dry([{p: cfg}]) for p, cfg in (("qk_merge", {"mode": "exact"}), ("vo", {"mode": "fold"}))
+                         if p in passes]
+                found += [c for c in exact if c and (c["flops_ratio"] < 1 or c["params_ratio"] < 1)]  # where they pay
         for kind, level in levels:
-            log(f"plan: fitting budgets to {kind} {level:.0%} of the teacher")
-            if "lowrank" in passes:
+            log(f"plan: candidates at {kind} {level:.0%} of the teacher")
+            if "lowrank" in placed and "lowrank" in passes:
                 for a in ("greedy", "uniform"):
-                    found.append(self.fit(lambda t, a=a: [_lowrank(t, a, kind)], level, kind))
-                    for k in (1, 2):
+                    found.append(self.dry([_lowrank(level, a, kind)]))
+                    for k in (1, 2):  # the strip's own share is taken out of the level: lowrank's scope is its model
                         if k in strips and strips[k][f"{kind}_ratio"] > level * SLACK:
-                            found.append(self.fit(lambda t, a=a, s=strips[k]: s["passes"] + [_lowrank(t, a, kind)],
-                                                  level, kind))
-            if "width" in passes and fam in WIDTH_LAYERS:
+                            found.append(self.dry(strips[k]["passes"] + [_lowrank(level / strips[k][f"{kind}_ratio"], a, kind)]))
+            if "width" in placed and "width" in passes and fam in WIDTH_LAYERS:
                 found.append(self.dry([width_candidate(level, fam, kind)]))
         unique = {}
         for c in found:
@@ -196,9 +208,10 @@ def _meets(row: dict, t, teacher: dict) -> bool:
 def _export_row(cands: Candidates, row: dict, folder: Path, i: int, recipe: Recipe) -> Path | None:
     """Write the file that would ship for this row; fills in its bytes (and KL/agreement for int8)."""
     ex = recipe.export
-    student, _, out = cands.build(row["passes"])
+    student, out = cands.student(row["passes"])
     base = folder / f"c{i}.onnx"
-    write_onnx(student, base, cands.calib, opset=ex.opset, dynamic_batch=True, tol=ex.parity_tol, slim=ex.slim)
+    write_onnx(student, base, cands.calib[:PARITY_IMAGES], opset=ex.opset, dynamic_batch=True, tol=ex.parity_tol,
+               slim=ex.slim)
     if row["variant"] == "fp32":
         row["bytes"] = base.stat().st_size
         return base
@@ -236,6 +249,11 @@ def plan(loaded, recipe: Recipe, calib, log=print, cands: Candidates | None = No
     `cands` lets a caller planning several targets for one teacher (the benchmark) share the dry rewrites.
     """
     t0 = time.perf_counter()
+    say = log
+
+    def log(m: str) -> None:  # each line says when it happened: where the planning time goes
+        say(f"{m} ({time.perf_counter() - t0:.0f} s)")
+
     t = recipe.target
     prefix = [{s.name: s.config.model_dump(mode="json")} for s in recipe.steps]
     cands = cands or Candidates(loaded, calib, prefix, holdout)
@@ -280,8 +298,9 @@ def plan(loaded, recipe: Recipe, calib, log=print, cands: Candidates | None = No
                     break
                 levels = _measured_levels(rows, t, tref)
                 seen = {_key(r) for r in rows}
-                new = [{**c, "variant": v} for c in cands.enumerate(levels, log) for v in variants
-                       if _key({**c, "variant": v}) not in seen]
+                placed = [c for name, lv in levels for c in cands.enumerate([("flops", lv)], log, only={name})]
+                new = list({_key(r): r for r in ({**c, "variant": v} for c in placed for v in variants)
+                            if _key(r) not in seen}.values())
                 if not new:
                     break
                 log(f"plan: none met the target; {len(new)} candidates at FLOP levels {[lv for _, lv in levels]} "
@@ -336,19 +355,19 @@ def _key(row: dict) -> str:
 
 
 def _measured_levels(rows: list[dict], t, tref: dict) -> list[tuple[str, float]]:
-    """FLOP levels where each pass kind's files should meet the speed target, from what they measured: a file
+    """(pass, FLOP level) where each pass kind's files should meet the speed target, from what they measured: a file
     keeps its speedup ÷ FLOP cut roughly as its pass narrows further (the shared ViT's width files: about 0.74),
     so each kind's narrowest timed file, at ratio f with speedup s_f, is aimed at f·s_f/s (3% under it, for the
     timing noise; the ratio drifts down as a cut deepens, and the narrowest file is the nearest to the target)."""
     bs, s = str(t.batch), t.speedup or tref["p50_ms"] / t.latency_ms
-    narrowest: dict[str, dict] = {}
+    narrowest: dict[tuple, dict] = {}
     for r in rows:
         if "speedup" in r and r["passes"] and r["flops_ratio"] < 1:
-            kind = f"{next(iter(r['passes'][-1]))}/{r['variant']}"
+            kind = (next(iter(r["passes"][-1])), r["variant"])
             if kind not in narrowest or r["flops_ratio"] < narrowest[kind]["flops_ratio"]:
                 narrowest[kind] = r
-    aims = (0.97 * r["speedup"][bs] * r["flops_ratio"] / s for r in narrowest.values())
-    return sorted({("flops", round(a, 3)) for a in aims if 0.05 < a < 1}, key=lambda kv: -kv[1])[:3]
+    aims = ((kind[0], 0.97 * r["speedup"][bs] * r["flops_ratio"] / s) for kind, r in narrowest.items())
+    return sorted({(name, round(a, 3)) for name, a in aims if 0.05 < a < 1}, key=lambda kv: -kv[1])[:3]
 
 
 def _best_effort(rows: list[dict], t) -> dict:

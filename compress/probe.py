@@ -41,3 +41,27 @@ def kl(ref_logits: torch.Tensor, logits: torch.Tensor) -> float:
     """KL(teacher || model) per image, in float64."""
     return float(torch.nn.functional.kl_div(logits.double().log_softmax(-1), ref_logits.double().log_softmax(-1),
                                             log_target=True, reduction="batchmean"))
+
+
+def skip_kl(model, branch, x, ref) -> float:
+    """KL to `ref` with one residual branch skipped."""
+    with zeroed([branch]), torch.no_grad():
+        return kl(ref, model(x))
+
+
+def greedy_mlp_skip(model, adapter, x: torch.Tensor, k: int) -> list[dict]:
+    """Choose k MLPs to remove: each round skips the one whose removal (on top of those chosen) costs the
+    least KL against the unmodified model. Returns [{block, kl}] in the order chosen, kl cumulative."""
+    blocks = adapter.vit_blocks(model)
+    with torch.no_grad():
+        ref = model(x)
+    chosen: list[dict] = []
+    cands = [i for i, b in enumerate(blocks) if b.mlp is not None]
+    for _ in range(min(k, len(cands))):
+        gone = [blocks[c["block"]].ls2 for c in chosen]
+        with zeroed(gone):
+            scores = {i: skip_kl(model, blocks[i].ls2, x, ref) for i in cands}
+        best = min(scores, key=scores.get)
+        chosen.append({"block": best, "kl": round(scores[best], 6)})
+        cands.remove(best)
+    return chosen

@@ -33,6 +33,9 @@ class PassContext:
 
     calib: torch.Tensor | None  # None when a pass is replayed for structure only (load_compressed)
     replay: dict | None = None
+    # a caller rewriting the same model (same weights, same calib) many times, as the planner does, may give one
+    # dict per model state: a pass keeps there what does not depend on its target (lowrank's bases)
+    memo: dict | None = None
 
 
 @dataclass

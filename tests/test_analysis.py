@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from compress.adapters import detect
-from compress.analysis import analyze, coding_rate, greedy_mlp_skip, run
+from compress.analysis import analyze, coding_rate, run
+from compress.probe import greedy_mlp_skip
 from compress.errors import InputError
 from compress.passes.mlp_strip import MLPStripConfig, mlp_strip
 from compress.registry import PassContext

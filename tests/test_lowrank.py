@@ -115,6 +115,48 @@ def test_budget_is_met_and_unreachable_budget_refused():
         LowRankConfig(rank=8, target=0.5)
 
 
+@pytest.mark.parametrize("allocate", ["greedy", "uniform"])
+def test_scope_model_meets_a_whole_model_budget_in_one_rewrite(allocate):
+    """scope: model counts the whole model's FLOPs (attention products, patch embedding, head stay as they are):
+    the student lands at or under the level, where the layers-scope reading of the same number leaves it above."""
+    teacher = tiny_vit(depth=2)
+    x, size = torch.randn(8, 3, 16, 16), (3, 16, 16)
+    adapter = detect(teacher)
+    whole = count_flops(teacher, size)
+    got = {}
+    for scope in ("model", "layers"):
+        student = lowrank(copy.deepcopy(teacher), adapter, LowRankConfig(target=0.6, scope=scope, multiple=2,
+                                                                         allocate=allocate), PassContext(x)).model
+        got[scope] = count_flops(student, size) / whole
+    assert got["model"] <= 0.6 + 1e-9
+    assert got["model"] > 0.5  # met, not overshot
+    assert got["layers"] > 0.6  # the layers' 60% leaves the model's untouched costs whole: above 60% overall
+    with pytest.raises(InputError, match="of the model's flops is out of reach"):
+        lowrank(copy.deepcopy(teacher), adapter, LowRankConfig(target=0.01, scope="model"), PassContext(x))
+
+
+def test_memo_reuses_the_bases_and_changes_nothing(monkeypatch):
+    """A planner's memo (one dict per model state) serves a second target from the first one's bases: the
+    student is the same as without it, and the statistics forward ran once for the two memo calls."""
+    import compress.passes.lowrank as lr
+
+    calls = []
+    real = lr._output_stats
+    monkeypatch.setattr(lr, "_output_stats", lambda *a: calls.append(1) or real(*a))
+    teacher = tiny_vit(depth=2)
+    x = torch.randn(8, 3, 16, 16)
+    adapter = detect(teacher)
+    memo = {}
+    for target in (0.7, 0.5):
+        cfg = LowRankConfig(target=target, multiple=2, allocate="uniform")
+        fresh = lowrank(copy.deepcopy(teacher), adapter, cfg, PassContext(x)).model
+        kept = lowrank(copy.deepcopy(teacher), adapter, cfg, PassContext(x, memo=memo)).model
+        assert len(memo) == 1
+        for (n, a), (_, b) in zip(fresh.state_dict().items(), kept.state_dict().items()):
+            assert torch.equal(a, b), n
+    assert len(calls) == 3  # two fresh calls and one memo call
+
+
 def test_whitened_beats_plain_svd_on_the_teacher():
     """At equal rank, the output-principal basis loses less calibration output than the weight SVD."""
     from compress.data import calibration_batch

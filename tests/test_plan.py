@@ -121,7 +121,7 @@ def test_measured_levels_aim_each_kind_at_the_speed_target():
             {"passes": [], "variant": "int8_dynamic", "flops_ratio": 1.0, "speedup": {"8": 1.33}},
             {"passes": [{"lowrank": {}}], "variant": "fp32", "flops_ratio": 0.05, "speedup": {"8": 1.0}}]
     levels = _measured_levels(rows, target, {"p50_ms": 10.0})
-    assert levels == [("flops", round(0.97 * 0.533 * 1.39 / 1.5, 3))]
+    assert levels == [("width", round(0.97 * 0.533 * 1.39 / 1.5, 3))]
 
 
 def test_accuracy_misses_try_the_next_candidate_then_name_every_attempt(deep_vit):

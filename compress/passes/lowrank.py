@@ -15,6 +15,7 @@ from torch import nn
 
 from ..adapters.base import set_module
 from ..errors import InputError
+from ..metrics import count_flops
 from ..registry import PassConfig, PassContext, PassResult, register_pass
 
 Kind = Literal["attn", "mlp", "conv", "stem", "head"]
@@ -24,7 +25,10 @@ Fraction = Annotated[float, Field(gt=0, lt=1)]
 class LowRankConfig(PassConfig):
     method: Literal["whitened_svd", "svd"] = "whitened_svd"
     rank: Optional[Union[PositiveInt, Fraction]] = None  # every layer: an int, or a fraction of min(in, out)
-    target: Optional[Fraction] = None  # fraction of the selected layers' params/FLOPs to keep
+    target: Optional[Fraction] = None  # fraction of the params/FLOPs to keep (of the selected layers', see scope)
+    # `model`: target is a share of the whole model's cost (the rest stays as it is), so a planner asks for a model-level
+    # budget in one rewrite instead of bisecting the layers' share (as width's scope)
+    scope: Literal["layers", "model"] = "layers"
     budget: Literal["flops", "params"] = "flops"
     layers: list[Kind] = ["attn", "mlp", "conv"]
     multiple: PositiveInt = 8  # ranks are multiples of this (DESIGN §8: odd widths waste the FLOP gain)
@@ -240,14 +244,27 @@ def _replace(model, name: str, layer: nn.Module, u: torch.Tensor | None, rank: i
     return new
 
 
+def _layer_target(model, cfg: LowRankConfig, total: float, size: tuple) -> float:
+    """The selected layers' share that leaves the model at cfg.target of its cost (scope: model), else cfg.target."""
+    if cfg.scope == "layers":
+        return cfg.target
+    whole = count_flops(model, size) / 2 if cfg.budget == "flops" else sum(p.numel() for p in model.parameters())  # MACs
+    target = (cfg.target * whole - (whole - total)) / total
+    if target <= 0:
+        raise InputError(f"lowrank: target {cfg.target} of the model's {cfg.budget} is out of reach: the layers it may "
+                         f"factorise are {total / whole:.0%} of them; raise target or select more layer kinds")
+    return target
+
+
 @torch.no_grad()
-def _better_allocation(model, layers: dict, cands: dict, cfg: LowRankConfig, total: float, calib, ref) -> tuple:
+def _better_allocation(model, layers: dict, cands: dict, cfg: LowRankConfig, target: float, total: float, calib,
+                       ref) -> tuple:
     """allocate: auto. Each allocation tried in place (factorised layers swapped in, then the originals back:
     no copy of the model); the lower calibration KL to `ref`, the model's logits, wins (greedy on a tie)."""
     ref = ref.double().log_softmax(-1)
     kls, picks = {}, {}
     for name, fn in (("greedy", _allocate), ("uniform", _uniform)):
-        picks[name] = fn(cands, cfg.target, total, cfg.budget)
+        picks[name] = fn(cands, target, total, cfg.budget)
         try:
             for n, r in picks[name].items():
                 _replace(model, n, layers[n], cands[n]["u"], r)
@@ -260,24 +277,12 @@ def _better_allocation(model, layers: dict, cands: dict, cfg: LowRankConfig, tot
     return best, picks[best], kls
 
 
-@register_pass("lowrank", LowRankConfig, families={"vit", "resnet"},
-               summary="factorise Linear/conv layers at ranks fitted to the outputs' principal directions (approximate)")
-def lowrank(model, adapter, cfg: LowRankConfig, ctx: PassContext) -> PassResult:
-    listed = adapter.layers(model)  # converts the family's blocks first, so the names resolve
-    if ctx.replay is not None:  # rebuild the recorded structure; weights are loaded afterwards
-        for name, info in ctx.replay["layers"].items():
-            _replace(model, name, model.get_submodule(name), None, info["rank"])
-        return PassResult(model, [], ctx.replay)
-    chosen = {n: model.get_submodule(n) for n, kind in listed if kind in cfg.layers}
-    kinds = {n: kind for n, kind in listed}
-    if not chosen:
-        have = sorted({k for _, k in listed})
-        raise InputError(f"lowrank: this model has no plain layers of kinds {cfg.layers}; it has {have}. "
-                         "Choose layers from those")
-    skipped = {n: "grouped conv: the factorisation is per group, not supported" for n, m in chosen.items()
-               if getattr(m, "groups", 1) != 1}
-    layers = {n: m for n, m in chosen.items() if n not in skipped}
-    stats, ref = _output_stats(model, chosen, ctx.calib)
+def _prepare(model, chosen: dict, layers: dict, cfg: LowRankConfig, calib) -> tuple:
+    """Per layer: the cost weight, the basis and error curve over ranks; the model's logits; layers left out and why.
+    Depends on the model, calib and cfg's method/multiple/budget/layers/rank only (not the target): a planner trying
+    several targets on one model keeps it in PassContext.memo."""
+    skipped = {}
+    stats, ref = _output_stats(model, chosen, calib)
     weight = {n: (stats[n][1] if cfg.budget == "flops" else 1) for n in chosen}  # FLOPs scale with positions
     full = {n: min(_shape(m)) for n, m in layers.items()}
     if isinstance(cfg.rank, int) and full and cfg.rank > max(full.values()):
@@ -302,17 +307,46 @@ def lowrank(model, adapter, cfg: LowRankConfig, ctx: PassContext) -> PassResult:
                           is not None else f"break-even rank {even:.1f} is below the smallest rank {cfg.multiple}")
             continue
         with _one_thread():
-            u, lost, raw = _basis(m, stats[n][0].double(), stats[n][1] * len(ctx.calib), cfg.method, max(ranks))
+            u, lost, raw = _basis(m, stats[n][0].double(), stats[n][1] * len(calib), cfg.method, max(ranks))
         u, stats[n] = u.float(), (None, stats[n][1])  # a float32 basis is exact enough for float32 factors; moment done
         steps = [(None, 0.0, weight[n] * out * inn)] + [(r, float(lost[r - 1]), weight[n] * r * (out + inn)) for r in ranks]
         cands[n] = {"u": u, "lost": raw, "steps": steps, "shape": (out, inn), "even": even, "top": top}
+    return weight, cands, ref, skipped
+
+
+@register_pass("lowrank", LowRankConfig, families={"vit", "resnet"},
+               summary="factorise Linear/conv layers at ranks fitted to the outputs' principal directions (approximate)")
+def lowrank(model, adapter, cfg: LowRankConfig, ctx: PassContext) -> PassResult:
+    listed = adapter.layers(model)  # converts the family's blocks first, so the names resolve
+    if ctx.replay is not None:  # rebuild the recorded structure; weights are loaded afterwards
+        for name, info in ctx.replay["layers"].items():
+            _replace(model, name, model.get_submodule(name), None, info["rank"])
+        return PassResult(model, [], ctx.replay)
+    chosen = {n: model.get_submodule(n) for n, kind in listed if kind in cfg.layers}
+    kinds = {n: kind for n, kind in listed}
+    if not chosen:
+        have = sorted({k for _, k in listed})
+        raise InputError(f"lowrank: this model has no plain layers of kinds {cfg.layers}; it has {have}. "
+                         "Choose layers from those")
+    skipped = {n: "grouped conv: the factorisation is per group, not supported" for n, m in chosen.items()
+               if getattr(m, "groups", 1) != 1}
+    layers = {n: m for n, m in chosen.items() if n not in skipped}
+    key = ("lowrank", cfg.method, cfg.multiple, cfg.budget, tuple(cfg.layers), cfg.rank)
+    prepared = ctx.memo.get(key) if ctx.memo is not None else None
+    if prepared is None:
+        prepared = _prepare(model, chosen, layers, cfg, ctx.calib)
+        if ctx.memo is not None:
+            ctx.memo[key] = prepared
+    weight, cands, ref, unfit = prepared
+    skipped.update(unfit)
     allocate, compared = cfg.allocate, None
     if cfg.target is not None:
         total = sum(weight[n] * _shape(m)[0] * _shape(m)[1] for n, m in chosen.items())
+        target = _layer_target(model, cfg, total, tuple(ctx.calib.shape[1:]))
         if allocate == "auto":
-            allocate, ranks, compared = _better_allocation(model, layers, cands, cfg, total, ctx.calib, ref)
+            allocate, ranks, compared = _better_allocation(model, layers, cands, cfg, target, total, ctx.calib, ref)
         else:
-            ranks = (_uniform if allocate == "uniform" else _allocate)(cands, cfg.target, total, cfg.budget)
+            ranks = (_uniform if allocate == "uniform" else _allocate)(cands, target, total, cfg.budget)
         for n in cands:
             if n not in ranks:
                 skipped[n] = ("kept whole: the uniform rank fraction is at or above its break-even"

@@ -11,6 +11,7 @@ from typing import Optional
 from pydantic import Field, model_validator
 
 from ..errors import InputError
+from ..probe import greedy_mlp_skip
 from ..registry import PassConfig, PassContext, PassResult, register_pass
 from ._blocks import BlockSelOrAuto, select
 
@@ -36,11 +37,13 @@ def _auto(model, adapter, cfg: MLPStripConfig, ctx: PassContext) -> tuple[list[i
         return list(ctx.replay["blocks"]), [], {}
     if ctx.calib is None:
         raise InputError("mlp_strip blocks: auto ranks blocks on calibration data; give the recipe calibration images")
-    from ..analysis import greedy_mlp_skip
-
     blocks = adapter.vit_blocks(model)
     k = int(cfg.fraction * len(blocks) + 0.5)  # round half up: 0.5 of 5 blocks strips 3
-    order = greedy_mlp_skip(model, adapter, ctx.calib, k)
+    # greedy picks in sequence, so a longer order from an earlier call on this model (a planner's memo) holds k's
+    done = ctx.memo.get("mlp_strip_greedy", []) if ctx.memo is not None else []
+    order = done[:k] if len(done) >= k else greedy_mlp_skip(model, adapter, ctx.calib, k)
+    if ctx.memo is not None and len(order) > len(done):
+        ctx.memo["mlp_strip_greedy"] = order
     scores = ", ".join(f"{s['block']} (KL {s['kl']:.4g})" for s in order)
     return [s["block"] for s in order], [f"auto: greedy skip-KL chose, in order, blocks {scores}"], {"scores": order}
 
