@@ -40,11 +40,16 @@ def _fail(proc) -> dict:
     return {"exit_code": proc.returncode, "error": lines[-1] if lines else "", "stderr_tail": tail}
 
 
+def _plan_log(proc) -> list[str]:
+    """The planner's own lines, each ending with the seconds since planning began: where its time went."""
+    return [x for x in proc.stderr.splitlines() if x.startswith("plan:")]
+
+
 def plan_run(teacher: str, speedup: float, tmp: Path) -> dict:
     override = json.dumps({"target": {"speedup": speedup}})
     proc, wall = _child(["plan", str(RECIPES[teacher]), str(MODELS / teacher), "--override", override, "--json",
                          "-o", str(tmp / f"{teacher}-{speedup}.yaml")])
-    out = {"teacher": teacher, "speedup": speedup, "wall_s": round(wall, 1)}
+    out = {"teacher": teacher, "speedup": speedup, "wall_s": round(wall, 1), "plan_log": _plan_log(proc)}
     if proc.returncode != 0:  # exit 4: no candidate meets the target (the line names the best found)
         return {**out, **_fail(proc)}
     got = json.loads(proc.stdout)
@@ -53,7 +58,8 @@ def plan_run(teacher: str, speedup: float, tmp: Path) -> dict:
 
 def apply_run(teacher: str, tmp: Path) -> dict:
     proc, wall = _child(["apply", str(RECIPES[teacher]), str(MODELS / teacher), "-o", str(tmp / teacher), "--json"])
-    out = {"teacher": teacher, "recipe": str(RECIPES[teacher].relative_to(ROOT)), "wall_s": round(wall, 1)}
+    out = {"teacher": teacher, "recipe": str(RECIPES[teacher].relative_to(ROOT)), "wall_s": round(wall, 1),
+           "plan_log": _plan_log(proc)}
     if proc.returncode != 0:
         return {**out, **_fail(proc)}
     rep = json.loads(proc.stdout)
@@ -85,7 +91,10 @@ def markdown(res: dict) -> str:
                       *r.get("stderr_tail", []), "```", ""]
             continue
         drop = 100 * (r["teacher_top1"] - r["student_top1"])
-        lines += [f"Chose **{r['choice']}**, planned in {r['plan_seconds']:.0f} s; the report's own measurements: "
+        share = r["plan_seconds"] / r["stages_s"]["distill"] if r["stages_s"].get("distill") else None
+        lines += [f"Chose **{r['choice']}**, planned in {r['plan_seconds']:.0f} s"
+                  + (f" ({share:.0%} of the distillation's {r['stages_s']['distill']:.0f} s)" if share else "")
+                  + "; the report's own measurements: "
                   f"speedup {r['speedup'].get('8', 0):.2f}× at batch 8 ({r['speedup'].get('1', 0):.2f}× at batch 1), "
                   f"FLOPs {r['flops_ratio']:.1%}, top-1 {100 * r['student_top1']:.1f}% vs the teacher's "
                   f"{100 * r['teacher_top1']:.1f}% (drop {drop:.1f} points) and agreement {100 * r['agreement']:.1f}% on "
@@ -98,7 +107,10 @@ def markdown(res: dict) -> str:
                       *r.get("stderr_tail", []), "```", ""]
             continue
         what = "the teacher already meets it" if r["met_by_teacher"] else f"chose **{r['choice']}**"
-        lines += [f"{what}; planned in {r['seconds']:.0f} s (wall {r['wall_s']:.0f} s).", ""]
+        distill = next((a["stages_s"]["distill"] for a in res["applies"] if a["teacher"] == r["teacher"]
+                        and a.get("stages_s", {}).get("distill")), None)
+        share = f", {r['seconds'] / distill:.0%} of that teacher's {distill:.0f} s distillation above" if distill else ""
+        lines += [f"{what}; planned in {r['seconds']:.0f} s (wall {r['wall_s']:.0f} s{share}).", ""]
         lines += _table(r["table"]) + ["", f"({r['left_out']} more candidates beyond reach on FLOPs or not timed.)", ""]
     return "\n".join(lines)
 
