@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -33,6 +34,7 @@ CHUNK = 6  # rows timed together (interleaved with the teacher); stop after a ch
 REFINE_ROUNDS = 2  # rounds of candidates aimed at a speed target from measured speedups, when none met it
 CACHE_BYTES = 1 << 30  # students kept from the dry rewrites for their export (the lowest KL kept when over)
 PARITY_IMAGES = 16  # a candidate's file is checked against PyTorch on this many images (the shipped file on all)
+BUSY = 0.75  # load average per core above which the planner warns that its timings may not be the machine's
 WIDTH_LAYERS = {"vit": ["mlp", "qk", "vo"], "resnet": ["conv"]}
 
 
@@ -270,6 +272,10 @@ def plan(loaded, recipe: Recipe, calib, log=print, cands: Candidates | None = No
             write_onnx(loaded.model, tpath, calib, opset=ex.opset, dynamic_batch=True, tol=ex.parity_tol, slim=ex.slim)
             teacher["bytes"] = tpath.stat().st_size
         if timed:
+            busy = os.getloadavg()[0]
+            if busy >= BUSY * (os.cpu_count() or 1):
+                log(f"plan: warning: the machine is busy (load average {busy:.1f} on {os.cpu_count()} cores); timings "
+                    "taken now, and the choice made from them, may not hold on the idle machine")
             log(f"plan: timing the teacher at batch {batches}")
             teacher["p50_ms"] = dict(latency({"teacher": tpath}, cands.size, batch_sizes=batches,
                                              threads=recipe.report.latency.threads, warmup=recipe.report.latency.warmup,

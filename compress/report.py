@@ -22,7 +22,7 @@ def machine_info(threads: int | None) -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "ort_threads": threads, "torch_threads": __import__("torch").get_num_threads(),
             "os": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
             "timm": timm.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
-            "numpy": numpy.__version__}
+            "numpy": numpy.__version__, "load_average": [round(x, 2) for x in os.getloadavg()]}
 
 
 def _num(n) -> str:
@@ -217,7 +217,9 @@ def markdown(record: dict) -> str:
                      f"({lay['parity']['rel_diff']:.1e} of logit scale)")
     lines += ["", "## Machine", "", f"{m['cpu']}, {m['cores']} cores; onnxruntime {m['onnxruntime']} with "
               f"{m['ort_threads'] or '-'} intra-op threads (latency: warm-up, then teacher and student interleaved); "
-              f"torch {m['torch']}, timm {m['timm']}, onnx {m['onnx']}, Python {m['python']}, {m['os']}.", "",
+              f"torch {m['torch']}, timm {m['timm']}, onnx {m['onnx']}, Python {m['python']}, {m['os']}"
+              + (f"; load average {'/'.join(map(str, m['load_average']))} (1/5/15 min) when the run ended" if m.get("load_average") else "")
+              + ".", "",
               "Seconds per stage: " + ", ".join(f"{k} {v:.1f}" for k, v in record["stages_s"].items()) + "."]
     return "\n".join(lines) + "\n"
 
