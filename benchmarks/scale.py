@@ -1,8 +1,9 @@
 """Conversion cost at scale: `compress apply` (lowrank target 0.5) on ImageNet-size timm ViTs with random
-weights, each in a child process: seconds per stage (from its report.json), wall, and the child's peak
-RSS measured from outside (resource.getrusage(RUSAGE_CHILDREN) of a one-child wrapper process).
+weights, each in a child process: seconds per stage (from its report.json), wall, and peak RSS measured from
+outside: the summed RSS of the child's whole process tree polled every 50 ms (a latency child counts with its
+parent), with the largest single process's peak (getrusage's ru_maxrss) beside it.
 
-    python -m benchmarks.scale [--models vit_base_patch16_224,...] [--latency|--no-latency] [--quick]
+    python -m benchmarks.scale [--models vit_base_patch16_224,...] [--latency|--no-latency] [--quick] [--rss-log DIR]
 """
 from __future__ import annotations
 
@@ -19,9 +20,7 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT = "vit_base_patch16_224,vit_large_patch16_224,vit_huge_patch14_224"
 RECIPE = "version: 1\npasses:\n  - lowrank: {target: 0.5}\nreport: {latency: %s}\n"
-# a child that runs one command and prints the peak RSS of its own child (the converter) on its last line
-WRAP = ("import resource, subprocess, sys; rc = subprocess.call(sys.argv[1:]); "
-        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024, file=sys.stderr); sys.exit(rc)")
+POLL_S = 0.05
 
 
 def build(arch: str, folder: Path, model_args: dict) -> Path:
@@ -38,21 +37,52 @@ def build(arch: str, folder: Path, model_args: dict) -> Path:
     return folder
 
 
-def convert(folder: Path, recipe: Path, out: Path) -> dict:
-    cmd = [sys.executable, "-c", WRAP, sys.executable, "-m", "compress", "apply", str(recipe), str(folder),
-           "-o", str(out), "--overwrite", "--json"]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    peak = int(proc.stderr.strip().splitlines()[-1])
-    if proc.returncode != 0:
-        return {"ok": False, "exit_code": proc.returncode, "error": proc.stderr.strip().splitlines()[-2:-1],
-                "wall_s": round(wall, 1), "peak_rss_bytes": peak}
-    rep = json.loads(proc.stdout)
+def _tree_rss(root: int) -> int:
+    """Summed VmRSS of `root` and all its descendants (children found through /proc/PID/task/*/children)."""
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                total += next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:")), 0)
+            for task in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{task}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
+        except (OSError, ValueError):  # the process ended between the reads
+            continue
+    return total
+
+
+def run_measured(cmd: list[str], env: dict | None = None) -> tuple[int, str, str, float, int, int]:
+    """(exit code, stdout, stderr, wall s, peak summed RSS of the process tree, largest single peak RSS)."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env)
+        tree = 0
+        while True:  # wait4: this child's own rusage (its ru_maxrss: the largest of it and what it waited for)
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            tree = max(tree, _tree_rss(proc.pid))
+            time.sleep(POLL_S)
+        wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0), err.seek(0)
+        return proc.returncode, out.read(), err.read(), wall, tree, usage.ru_maxrss * 1024
+
+
+def convert(folder: Path, recipe: Path, out: Path, rss_log: Path | None = None) -> dict:
+    cmd = [sys.executable, "-m", "compress", "apply", str(recipe), str(folder), "-o", str(out), "--overwrite", "--json"]
+    env = {**os.environ, "COMPRESS_RSS_LOG": str(rss_log)} if rss_log else None
+    rc, stdout, stderr, wall, peak, single = run_measured(cmd, env)
+    if rc != 0:
+        return {"ok": False, "exit_code": rc, "error": stderr.strip().splitlines()[-1:],
+                "wall_s": round(wall, 1), "peak_rss_bytes": peak, "max_process_rss_bytes": single}
+    rep = json.loads(stdout)
     weights = (folder / "model.safetensors").stat().st_size
     onnx = rep["artifacts"]["onnx"]
     return {"ok": True, "params": rep["summary"]["params"]["teacher"], "weights_bytes": weights,
-            "stages_s": rep["stages_s"], "wall_s": round(wall, 1), "peak_rss_bytes": peak,
+            "stages_s": rep["stages_s"], "wall_s": round(wall, 1), "peak_rss_bytes": peak, "max_process_rss_bytes": single,
             "peak_rss_x_weights": round(peak / weights, 2), "flops_ratio": rep["summary"]["flops"]["ratio"],
             "onnx_bytes": onnx["bytes"], "onnx_files": onnx.get("files", [onnx["path"]]),
             "onnx_parity_rel": onnx["parity"]["rel_diff"],
@@ -62,7 +92,8 @@ def convert(folder: Path, recipe: Path, out: Path) -> dict:
 def markdown(res: dict) -> str:
     lines = ["## Conversion at scale (`python -m benchmarks.scale`)", "",
              f"`compress apply` with `lowrank: {{target: 0.5}}`, report.latency {res['latency']}, random weights, "
-             f"one child process per model; peak RSS of that child measured from outside. {res['machine']}.", "",
+             f"one child process per model; peak RSS = the summed RSS of that child's process tree, polled from outside "
+             f"every 50 ms. {res['machine']}.", "",
              "| model | params | weights | load s | rewrite s | export s | measure s | wall s | peak RSS | × weights | ONNX |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for arch, r in res["models"].items():
@@ -85,6 +116,8 @@ def main(argv=None) -> dict:
                     help="time batch 1 in onnxruntime (the issue's setting); --no-latency for conversion cost alone")
     ap.add_argument("--quick", action="store_true", help="a tiny ViT, results in a temp dir (CI smoke test)")
     ap.add_argument("--out", type=Path, default=None, help="results folder [benchmarks/results, or a temp dir with --quick]")
+    ap.add_argument("--rss-log", type=Path, default=None,
+                    help="folder for per-stage RSS logs (ARCH.rss.jsonl, one line per stage; COMPRESS_RSS_LOG)")
     args = ap.parse_args(argv)
     out = args.out or (Path(tempfile.mkdtemp(prefix="scale-")) if args.quick else RESULTS)
     out.mkdir(parents=True, exist_ok=True)
@@ -100,7 +133,11 @@ def main(argv=None) -> dict:
             print(f"{arch}: building random weights", file=sys.stderr)
             folder = build(arch, Path(tmp) / arch, margs)
             print(f"{arch}: converting", file=sys.stderr)
-            res["models"][arch] = r = convert(folder, recipe, Path(tmp) / f"{arch}-out")
+            log = None
+            if args.rss_log:
+                args.rss_log.mkdir(parents=True, exist_ok=True)
+                (log := args.rss_log / f"{arch}.rss.jsonl").unlink(missing_ok=True)
+            res["models"][arch] = r = convert(folder, recipe, Path(tmp) / f"{arch}-out", log)
             print(f"{arch}: {json.dumps(r)}", file=sys.stderr)
             for f in folder.iterdir():
                 f.unlink()

@@ -14,6 +14,7 @@ from torch import nn
 
 from . import runtimes
 from .limits import release
+from .rsslog import mark
 from .errors import VerificationError
 from .metrics import fidelity, ort_run, ort_session
 
@@ -223,6 +224,7 @@ def _write_onnx(model, path: Path, tmp: Path, calib, *, opset, dynamic_batch, to
         to_onnx(model, tmp, tuple(calib.shape[1:]), opset=opset, dynamic_batch=dynamic_batch, fold_batchnorm=not tied)
         x, how, checked = (calib if dynamic_batch else calib[:1]), {"dynamic_batch": dynamic_batch, "exporter": "torchscript"}, None
     release()  # the exporter's graph and the parity session
+    mark(f"{path.name}: torch.onnx.export + batch check")
     external = _folder_bytes(tmp.parent) > external_above
     if _one_or_two_files(tmp, external):
         checked = None  # the file run below is the one rewritten
@@ -237,6 +239,7 @@ def _write_onnx(model, path: Path, tmp: Path, calib, *, opset, dynamic_batch, to
         with torch.no_grad():
             ref = model(x)
         parity = _verify(tmp, path.name, checked or _parity(tmp, ref, x, threads), tol=tol)
+        mark(f"{path.name}: parity")
     if slim:
         import onnxslim
 
@@ -264,7 +267,9 @@ def _write_onnx(model, path: Path, tmp: Path, calib, *, opset, dynamic_batch, to
             why = "it would store shared weights twice" if grew else f"changed outputs by {p2['rel_diff']:.1e}"
             slimmed = {"nodes_before": nodes, "applied": False, "why": why}
         shutil.rmtree(cand_dir)
+        mark(f"{path.name}: slim")
     ran = _on_runtimes(tmp, path.name, parity, ref, x, threads, old, tol=tol) if check else {}
+    mark(f"{path.name}: min_runtime check")
     ops, nodes = _graph(tmp)
     return {"path": path.name, **_publish_onnx(tmp, path), "precision": "fp32", "opset": opset, **how,
             "parity": parity, "operators": ops, "nodes": nodes, "slim": slimmed, **ran}

@@ -34,6 +34,7 @@ from .modules import learned_parameters
 from .recipe import Recipe
 from .registry import PassContext, get_pass
 from .report import machine_info, write_reports
+from .rsslog import mark
 
 EXACT_TOL = 1e-4  # max |Δlogit| / max |logit| allowed for a pass that declares itself exact
 
@@ -78,9 +79,12 @@ def rewrite(loaded, recipe: Recipe, calib, log) -> tuple:
     teacher, adapter = loaded.model, loaded.adapter
     size = loaded.data_cfg["input_size"]
     student = copy.deepcopy(teacher)
+    mark("rewrite: copy teacher")
     ref = prev = logits(teacher, calib)
+    mark("rewrite: teacher logits")
     prev64 = None  # float64 logits of the student as it is now, while still valid
     params, flops = count_params(student), count_flops(student, size)
+    mark("rewrite: flops")
     ledger = []
     for i, step in enumerate(recipe.steps):
         spec = get_pass(step.name)
@@ -121,6 +125,7 @@ def rewrite(loaded, recipe: Recipe, calib, log) -> tuple:
         params, flops, prev, prev64 = p1, f1, now, now64
         del result
         release()  # the pass's statistics, the float64 copies, the replaced layers
+        mark(f"rewrite: {step.name}")
     return student, ledger, ref, prev
 
 
@@ -199,6 +204,7 @@ def _export(recipe: Recipe, loaded, student, staging: Path, calib, ledger: list,
             "structure": json.dumps([entry.get("details", {}) for entry in ledger])}  # what load_compressed replays
     if "safetensors" in ex.formats:
         artifacts["safetensors"] = write_safetensors(student, staging / "model.safetensors", meta)
+        mark("export: safetensors")
         if "fp16" in ex.precision:
             artifacts["safetensors.fp16"] = write_safetensors(copy.deepcopy(student).half(),
                                                               staging / "model.fp16.safetensors", meta)
@@ -207,6 +213,7 @@ def _export(recipe: Recipe, loaded, student, staging: Path, calib, ledger: list,
         artifacts["onnx"] = onnx_rec = write_onnx(student, base, calib, opset=ex.opset, dynamic_batch=ex.dynamic_batch,
                                                   tol=ex.parity_tol, slim=ex.slim, old=old,
                                                   external_above=int(ex.external_data_mb * 2**20))
+        mark("export: onnx")
         if onnx_rec.get("fixed_batch"):
             log(f"export: warning: {onnx_rec['fixed_batch']}")
         elif onnx_rec.get("traced_batch_baked"):
@@ -242,12 +249,14 @@ def _measure(recipe: Recipe, loaded, student, staging: Path, calib, artifacts: d
         if "safetensors" in ex.formats:
             t = write_safetensors(teacher, Path(tmp) / "teacher.safetensors", {})
             summary["safetensors_bytes"] = _ratio(t["bytes"], artifacts["safetensors"]["bytes"])
+            mark("measure: teacher safetensors")
         if "onnx" in ex.formats:
             timed = recipe.report.latency is not None  # else the teacher's file is only measured for its size
             t = write_onnx(teacher, Path(tmp) / "teacher.onnx", calib, opset=ex.opset,
                            dynamic_batch=ex.dynamic_batch, tol=ex.parity_tol, slim=ex.slim,
                            external_above=int(ex.external_data_mb * 2**20), check=timed)
             summary["onnx_bytes"] = _ratio(t["bytes"], artifacts["onnx"]["bytes"])
+            mark("measure: teacher onnx")
             if not timed:
                 summary["onnx_bytes"]["teacher_file"] = "plain export, size only (no latency asked: not slimmed or run)"
             dyn = t["dynamic_batch"] and artifacts["onnx"]["dynamic_batch"]  # a forward may fix the batch (see write_onnx)
@@ -267,6 +276,7 @@ def _measure(recipe: Recipe, loaded, student, staging: Path, calib, artifacts: d
                                            "variants": {v: {**res[v][bs], "speedup": res["teacher"][bs]["p50_ms"] / res[v][bs]["p50_ms"]}
                                                         for v in variants(ex)}}
                                       for bs in res["student"]}
+                mark("measure: latency")
         if recipe.report.eval_data is not None:
             log(f"evaluating on {recipe.report.eval_data}")
             ds, dl = loader(recipe.report.eval_data, cfg, limit=recipe.report.eval_images)
@@ -279,6 +289,7 @@ def _measure(recipe: Recipe, loaded, student, staging: Path, calib, artifacts: d
                       **{v: ort_predictor(onnx_files[v], ex.dynamic_batch and artifacts["onnx"]["dynamic_batch"])
                          for v in variants(ex) if v in onnx_files}}
             summary["eval"] = {"data": str(recipe.report.eval_data), **evaluate(models, dl), **({"warning": warn} if warn else {})}
+            mark("measure: eval")
 
 
 def _gates(recipe: Recipe, summary: dict) -> list[dict]:
@@ -331,6 +342,7 @@ def apply(recipe: Recipe, ckpt: str, out: Path, *, data: str | None = None, dry_
           overwrite: bool = False, resume: bool = False, device: str | None = None, inputs: tuple = (),
           log=print) -> dict:
     """Run a recipe. Under torchrun every rank rewrites and distills; rank 0 alone writes."""
+    mark("start (imports)")
     stages = Stages()
     primary = not dist.is_initialized() or dist.get_rank() == 0
     _check_recipe_needs(recipe, data)
@@ -338,6 +350,7 @@ def apply(recipe: Recipe, ckpt: str, out: Path, *, data: str | None = None, dry_
     old = runtimes.for_recipe(recipe.export, log) if primary and not dry_run else None
     with stages("load"):
         loaded = load(ckpt, recipe.model)
+    mark("load")
     for key in ("read", "detected", "converted", "note", "preprocess_note"):
         if loaded.source.get(key):
             log(f"load: {loaded.source[key]}")
@@ -379,6 +392,7 @@ def _run(recipe: Recipe, loaded, staging: Path | None, data, train, work: Path, 
     train_batch = recipe.distill.batch_size if recipe.distill is not None and not torch.cuda.is_available() else None
     memory = check_memory(teacher, size, calib_images=recipe.calibration.images, train_batch=train_batch)
     calib, calib_desc = calibration_batch(calib_path, cfg, recipe.calibration.images, recipe.calibration.seed)
+    mark("calibration batch")
     with stages("rewrite"):
         student, ledger, ref, rewritten = rewrite(loaded, recipe, calib, log)
     record = {"compress_version": __version__, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -420,10 +434,12 @@ def _run(recipe: Recipe, loaded, staging: Path | None, data, train, work: Path, 
     record["gates"] = _gates(recipe, summary)
     record["machine"] = machine_info(recipe.report.latency.threads if recipe.report.latency else None)
     record["stages_s"] = stages.seconds
+    mark("measure: rest")
     with stages("report"):
         (staging / "recipe.yaml").write_text(yaml.safe_dump(recipe.resolved(), sort_keys=False))
         write_reports(record, staging)
     record["stages_s"] = stages.seconds
+    mark("report")
     failed = [g for g in record["gates"] if not g["ok"]]
     if failed:
         record["failed_gates"] = failed
