@@ -1,7 +1,8 @@
 """Conversion cost at scale: `compress apply` (lowrank target 0.5) on ImageNet-size timm ViTs with random
-weights, each in a child process: seconds per stage (from its report.json), wall, and peak RSS measured from
-outside: the summed RSS of the child's whole process tree polled every 50 ms (a latency child counts with its
-parent), with the largest single process's peak (getrusage's ru_maxrss) beside it.
+weights, each in a child process: seconds per stage (from its report.json), wall (and wall without the latency
+timing), and peak RSS measured from outside: the larger of the process tree's summed RSS polled every 50 ms (the
+latency child counts with its parent) and the converter's exact own peak (wait4's ru_maxrss); an upper bound
+(the sum of each process's own peak) beside it. --rss-log DIR writes each stage's exact in-process peak too.
 
     python -m benchmarks.scale [--models vit_base_patch16_224,...] [--latency|--no-latency] [--quick] [--rss-log DIR]
 """
@@ -37,53 +38,74 @@ def build(arch: str, folder: Path, model_args: dict) -> Path:
     return folder
 
 
-def _tree_rss(root: int) -> int:
-    """Summed VmRSS of `root` and all its descendants (children found through /proc/PID/task/*/children)."""
+PF_FORKNOEXEC = 0x40  # /proc/PID/stat flags: forked, not yet exec'd (a vfork child shares its parent's memory)
+
+
+def _tree(root: int, hwm: dict) -> int:
+    """Summed VmRSS of `root` and its descendants (found through /proc/PID/task/*/children); records each process's
+    high-water mark (VmHWM) in `hwm`. A process between fork and exec is not summed: it shares its parent's pages."""
     total, todo = 0, [root]
     while todo:
         pid = todo.pop()
         try:
+            with open(f"/proc/{pid}/stat") as f:
+                flags = int(f.read().rsplit(")", 1)[1].split()[6])
             with open(f"/proc/{pid}/status") as f:
-                total += next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:")), 0)
+                got = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.startswith(("VmRSS", "VmHWM"))}
+            if not flags & PF_FORKNOEXEC:
+                total += got.get("VmRSS", 0)
+                hwm[pid] = max(hwm.get(pid, 0), got.get("VmHWM", 0))
             for task in os.listdir(f"/proc/{pid}/task"):
                 with open(f"/proc/{pid}/task/{task}/children") as f:
                     todo += [int(c) for c in f.read().split()]
-        except (OSError, ValueError):  # the process ended between the reads
+        except (OSError, ValueError, IndexError):  # the process ended between the reads
             continue
     return total
 
 
-def run_measured(cmd: list[str], env: dict | None = None) -> tuple[int, str, str, float, int, int]:
-    """(exit code, stdout, stderr, wall s, peak summed RSS of the process tree, largest single peak RSS)."""
+def _tree_rss(root: int) -> int:
+    return _tree(root, {})
+
+
+def run_measured(cmd: list[str], env: dict | None = None) -> tuple[int, str, str, float, dict]:
+    """(exit code, stdout, stderr, wall s, memory). Memory: `tree_sampled` the peak of the process tree's summed RSS
+    polled every 50 ms (misses spikes shorter than that), `max_process` the converter's exact peak (wait4's
+    ru_maxrss: its own or a waited-for child's, the largest), `peak` the larger of the two (a lower bound of the
+    tree's true peak) and `upper` the sum of every process's own peak (an upper bound: they peak at different times)."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env)
-        tree = 0
-        while True:  # wait4: this child's own rusage (its ru_maxrss: the largest of it and what it waited for)
+        tree, hwm = 0, {}
+        while True:
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 break
-            tree = max(tree, _tree_rss(proc.pid))
+            tree = max(tree, _tree(proc.pid, hwm))
             time.sleep(POLL_S)
         wall = time.perf_counter() - t0
         proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0), err.seek(0)
-        return proc.returncode, out.read(), err.read(), wall, tree, usage.ru_maxrss * 1024
+        single = usage.ru_maxrss * 1024
+        hwm[proc.pid] = max(hwm.get(proc.pid, 0), single)
+        mem = {"peak": max(tree, single), "tree_sampled": tree, "max_process": single, "upper": sum(hwm.values())}
+        return proc.returncode, out.read(), err.read(), wall, mem
 
 
 def convert(folder: Path, recipe: Path, out: Path, rss_log: Path | None = None) -> dict:
     cmd = [sys.executable, "-m", "compress", "apply", str(recipe), str(folder), "-o", str(out), "--overwrite", "--json"]
     env = {**os.environ, "COMPRESS_RSS_LOG": str(rss_log)} if rss_log else None
-    rc, stdout, stderr, wall, peak, single = run_measured(cmd, env)
+    rc, stdout, stderr, wall, mem = run_measured(cmd, env)
+    rss = {"peak_rss_bytes": mem["peak"], "tree_rss_sampled_bytes": mem["tree_sampled"],
+           "max_process_rss_bytes": mem["max_process"], "rss_upper_bound_bytes": mem["upper"]}
     if rc != 0:
-        return {"ok": False, "exit_code": rc, "error": stderr.strip().splitlines()[-1:],
-                "wall_s": round(wall, 1), "peak_rss_bytes": peak, "max_process_rss_bytes": single}
+        return {"ok": False, "exit_code": rc, "error": stderr.strip().splitlines()[-1:], "wall_s": round(wall, 1), **rss}
     rep = json.loads(stdout)
     weights = (folder / "model.safetensors").stat().st_size
     onnx = rep["artifacts"]["onnx"]
     return {"ok": True, "params": rep["summary"]["params"]["teacher"], "weights_bytes": weights,
-            "stages_s": rep["stages_s"], "wall_s": round(wall, 1), "peak_rss_bytes": peak, "max_process_rss_bytes": single,
-            "peak_rss_x_weights": round(peak / weights, 2), "flops_ratio": rep["summary"]["flops"]["ratio"],
+            "stages_s": rep["stages_s"], "wall_s": round(wall, 1),
+            "wall_excl_latency_s": round(wall - rep["stages_s"].get("latency", 0.0), 1), **rss,
+            "peak_rss_x_weights": round(mem["peak"] / weights, 2), "flops_ratio": rep["summary"]["flops"]["ratio"],
             "onnx_bytes": onnx["bytes"], "onnx_files": onnx.get("files", [onnx["path"]]),
             "onnx_parity_rel": onnx["parity"]["rel_diff"],
             "latency_b1": (rep["summary"].get("latency") or {}).get("1")}
@@ -92,18 +114,20 @@ def convert(folder: Path, recipe: Path, out: Path, rss_log: Path | None = None) 
 def markdown(res: dict) -> str:
     lines = ["## Conversion at scale (`python -m benchmarks.scale`)", "",
              f"`compress apply` with `lowrank: {{target: 0.5}}`, report.latency {res['latency']}, random weights, "
-             f"one child process per model; peak RSS = the summed RSS of that child's process tree, polled from outside "
-             f"every 50 ms. {res['machine']}.", "",
-             "| model | params | weights | load s | rewrite s | export s | measure s | wall s | peak RSS | × weights | ONNX |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"one child process per model; peak RSS from outside: the larger of its process tree's summed RSS (polled "
+             f"every 50 ms) and its own exact peak. {res['machine']}.", "",
+             "| model | params | weights | load s | rewrite s | export s | measure s | latency s | wall s "
+             "| wall s w/o latency | peak RSS | × weights | ONNX |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for arch, r in res["models"].items():
         if not r["ok"]:
-            lines.append(f"| {arch} | failed (exit {r['exit_code']}): {r['error']} | | | | | | {r['wall_s']} "
+            lines.append(f"| {arch} | failed (exit {r['exit_code']}): {r['error']} | | | | | | | {r['wall_s']} | "
                          f"| {r['peak_rss_bytes'] / 1e9:.2f} GB | | |")
             continue
         s = r["stages_s"]
         lines.append(f"| {arch} | {r['params'] / 1e6:.1f}M | {r['weights_bytes'] / 1e9:.2f} GB | {s.get('load', 0):.1f} "
-                     f"| {s.get('rewrite', 0):.1f} | {s.get('export', 0):.1f} | {s.get('measure', 0):.1f} | {r['wall_s']:.0f} "
+                     f"| {s.get('rewrite', 0):.1f} | {s.get('export', 0):.1f} | {s.get('measure', 0):.1f} "
+                     f"| {s.get('latency', 0):.1f} | {r['wall_s']:.0f} | {r['wall_excl_latency_s']:.0f} "
                      f"| {r['peak_rss_bytes'] / 1e9:.2f} GB | {r['peak_rss_x_weights']:.1f} "
                      f"| {r['onnx_bytes'] / 1e9:.2f} GB in {len(r['onnx_files'])} file(s) |")
     return "\n".join(lines) + "\n"

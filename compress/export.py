@@ -118,10 +118,8 @@ def _dynamo_onnx(model: nn.Module, path: Path, sample: torch.Tensor, *, opset: i
     onnx.checker.check_model(str(path))
 
 
-def _batch_check(tmp: Path, model: nn.Module, x: torch.Tensor, tol: float, threads: int) -> dict | str:
-    """The parity record when onnxruntime matches PyTorch at this batch; else what went wrong, in a few words."""
-    with torch.no_grad():
-        ref = model(x)
+def _batch_check(tmp: Path, ref: torch.Tensor, x: torch.Tensor, tol: float, threads: int) -> dict | str:
+    """The parity record when onnxruntime matches PyTorch's `ref` at this batch; else what went wrong, in a few words."""
     ort.set_default_logger_severity(4)  # a failure is reported below, once, not also as an onnxruntime log line
     try:
         got = _parity(tmp, ref, x, threads)
@@ -133,30 +131,34 @@ def _batch_check(tmp: Path, model: nn.Module, x: torch.Tensor, tol: float, threa
 
 
 def _export_batch(model: nn.Module, tmp: Path, calib: torch.Tensor, *, opset: int, tol: float, fold: bool,
-                  threads: int) -> tuple[torch.Tensor, dict, dict | None]:
+                  threads: int, ref: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, dict, dict | None]:
     """A dynamic-batch export that really works at another batch size, else a fixed batch-1 one.
 
     The trace runs at batch 1; a forward that reads the batch size as a Python int (`len(x)`,
     `int(x.shape[0])`) bakes 1 into the graph. Checked at batch >= 2; retried with the dynamo exporter;
-    a fixed-batch file is the last resort, and the returned record says why.
+    a fixed-batch file is the last resort, and the returned record says why. Returns the images checked on,
+    PyTorch's logits for them (`ref`, the logits on calib, when the caller has them), how it was exported, the parity.
     """
     x = calib if len(calib) >= 2 else torch.cat([calib, calib])
     size = tuple(calib.shape[1:])
+    if ref is None or len(x) != len(calib):
+        with torch.no_grad():
+            ref = model(x)
     to_onnx(model, tmp, size, opset=opset, dynamic_batch=True, fold_batchnorm=fold)
-    baked = _batch_check(tmp, model, x, tol, threads)
+    baked = _batch_check(tmp, ref, x, tol, threads)
     if isinstance(baked, dict):
-        return x, {"dynamic_batch": True, "exporter": "torchscript"}, baked
+        return x, ref, {"dynamic_batch": True, "exporter": "torchscript"}, baked
     try:
         _dynamo_onnx(model, tmp, x[:2], opset=opset)
-        again = _batch_check(tmp, model, x, tol, threads)
+        again = _batch_check(tmp, ref, x, tol, threads)
     except Exception as e:  # noqa: BLE001 - torch.export refuses data-dependent code in many ways; all mean "cannot"
         again = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:120] if str(e).strip() else ''}"
     if isinstance(again, dict):
-        return x, {"dynamic_batch": True, "exporter": "dynamo", "traced_batch_baked": baked}, again
+        return x, ref, {"dynamic_batch": True, "exporter": "dynamo", "traced_batch_baked": baked}, again
     to_onnx(model, tmp, size, opset=opset, dynamic_batch=False, fold_batchnorm=fold)
     why = (f"the traced graph works at batch 1 only ({baked}; a forward that reads the batch size as a number, "
            f"e.g. len(x)); the dynamo exporter could not make it symbolic either ({again}); model.onnx takes batches of 1 only")
-    return x[:1], {"dynamic_batch": False, "exporter": "torchscript", "fixed_batch": why}, None
+    return x[:1], None, {"dynamic_batch": False, "exporter": "torchscript", "fixed_batch": why}, None
 
 
 def _on_runtimes(tmp: Path, name: str, parity: dict, ref: torch.Tensor, x: torch.Tensor, threads: int, old,
@@ -197,8 +199,9 @@ def _save_proto(proto, path: Path, external: bool) -> None:
 
 def write_onnx(model: nn.Module, path: Path, calib: torch.Tensor, *, opset: int, dynamic_batch: bool,
                tol: float, slim: bool | str = False, threads: int = 2, external_above: int = EXTERNAL_ABOVE,
-               check: bool = True, old=None) -> dict:
+               check: bool = True, old=None, ref: torch.Tensor | None = None) -> dict:
     """Export (+ onnxslim when it keeps the outputs), run in onnxruntime against PyTorch, rename if they agree.
+    `ref`: the model's eval-mode logits on calib when the caller has them (each ViT-L forward costs seconds).
 
     Above `external_above` bytes the weights go to `NAME.data` beside `NAME` (ONNX external data); both
     files are verified together in a private folder, then moved into place (data first).
@@ -209,17 +212,18 @@ def write_onnx(model: nn.Module, path: Path, calib: torch.Tensor, *, opset: int,
     work.mkdir()
     try:
         return _write_onnx(model, path, work / path.name, calib, opset=opset, dynamic_batch=dynamic_batch, tol=tol,
-                           slim=slim if check else False, threads=threads, external_above=external_above, check=check, old=old)
+                           slim=slim if check else False, threads=threads, external_above=external_above, check=check, old=old,
+                           ref=ref)
     finally:
         shutil.rmtree(work, ignore_errors=True)
         release()
 
 
 def _write_onnx(model, path: Path, tmp: Path, calib, *, opset, dynamic_batch, tol, slim, threads, external_above,
-                check, old) -> dict:
+                check, old, ref) -> dict:
     tied = any(getattr(m, "ties_weights", False) for m in model.modules())  # one weight used in two places
     if dynamic_batch and check:
-        x, how, checked = _export_batch(model, tmp, calib, opset=opset, tol=tol, fold=not tied, threads=threads)
+        x, ref, how, checked = _export_batch(model, tmp, calib, opset=opset, tol=tol, fold=not tied, threads=threads, ref=ref)
     else:  # a size-only file is not run, so its batch is not checked either
         to_onnx(model, tmp, tuple(calib.shape[1:]), opset=opset, dynamic_batch=dynamic_batch, fold_batchnorm=not tied)
         x, how, checked = (calib if dynamic_batch else calib[:1]), {"dynamic_batch": dynamic_batch, "exporter": "torchscript"}, None
@@ -236,8 +240,9 @@ def _write_onnx(model, path: Path, tmp: Path, calib, *, opset, dynamic_batch, to
             slimmed = {"applied": False, "why": f"{size / 2**20:.0f} MB is above export.slim auto's "
                                                 f"{SLIM_AUTO_MAX / 2**20:.0f} MB (onnxslim needs ~6x the file in memory)"}
     if check:
-        with torch.no_grad():
-            ref = model(x)
+        if ref is None or len(ref) != len(x):  # the fixed-batch file is checked on one image
+            with torch.no_grad():
+                ref = model(x)
         parity = _verify(tmp, path.name, checked or _parity(tmp, ref, x, threads), tol=tol)
         mark(f"{path.name}: parity")
     if slim:

@@ -70,19 +70,19 @@ def _check_recipe_needs(recipe: Recipe, data) -> None:
         raise InputError(f"gates.speedup_batch {g.speedup_batch} is not timed; add it to report.latency.batch_sizes")
 
 
-def rewrite(loaded, recipe: Recipe, calib, log, inplace: bool = False) -> tuple:
+def rewrite(loaded, recipe: Recipe, calib, log, inplace: bool = False, ref: torch.Tensor | None = None) -> tuple:
     """Apply the passes in order to a copy of the teacher (to the teacher itself when `inplace`: a caller
     that needs nothing more of it); verify exact ones, measure the rest.
 
     Returns the student, the per-pass ledger (FLOPs before/after each pass included) and the
-    logits on `calib` of the teacher and of the student. Logits are float32 (one teacher forward, reused); an exact
+    logits on `calib` of the teacher (`ref` when the caller has them) and of the student. Logits are float32 (one teacher forward, reused); an exact
     pass alone is checked in float64, before and after it, so the check measures the maths.
     """
     teacher, adapter = loaded.model, loaded.adapter
     size = loaded.data_cfg["input_size"]
     student = teacher if inplace else copy.deepcopy(teacher)
     mark("rewrite: copy teacher")
-    ref = prev = logits(teacher, calib)
+    ref = prev = logits(teacher, calib) if ref is None else ref
     mark("rewrite: teacher logits")
     prev64 = None  # float64 logits of the student as it is now, while still valid
     params, flops = count_params(student), count_flops(student, size)
@@ -197,7 +197,7 @@ def _holdout(train, n: int, seed: int) -> torch.Tensor:
     return torch.stack([it[0] for it in items if it is not None])
 
 
-def _export(recipe: Recipe, loaded, student, staging: Path, calib, ledger: list, old, log) -> dict:
+def _export(recipe: Recipe, loaded, student, staging: Path, calib, ledger: list, old, log, ref=None) -> dict:
     """Write every artifact the recipe asks for; each is verified before it gets its final name."""
     ex, artifacts = recipe.export, {}
     meta = {"compress_version": __version__, "source_arch": loaded.source["arch"],
@@ -214,7 +214,7 @@ def _export(recipe: Recipe, loaded, student, staging: Path, calib, ledger: list,
         base = staging / "model.onnx"
         artifacts["onnx"] = onnx_rec = write_onnx(student, base, calib, opset=ex.opset, dynamic_batch=ex.dynamic_batch,
                                                   tol=ex.parity_tol, slim=ex.slim, old=old,
-                                                  external_above=int(ex.external_data_mb * 2**20))
+                                                  external_above=int(ex.external_data_mb * 2**20), ref=ref)
         mark("export: onnx")
         if onnx_rec.get("fixed_batch"):
             log(f"export: warning: {onnx_rec['fixed_batch']}")
@@ -241,7 +241,7 @@ def variants(ex) -> list[str]:
     return [p for p in ex.precision if p != "fp32"] + list(ex.quantize)
 
 
-def _teacher_files(recipe: Recipe, teacher, calib, folder: Path) -> dict:
+def _teacher_files(recipe: Recipe, teacher, calib, folder: Path, ref: torch.Tensor) -> dict:
     """The teacher through the same writers as the student, so sizes and latency compare like with like."""
     ex, out = recipe.export, {}
     if "safetensors" in ex.formats:  # its size only: written, not read back
@@ -253,7 +253,7 @@ def _teacher_files(recipe: Recipe, teacher, calib, folder: Path) -> dict:
         timed = recipe.report.latency is not None  # else the teacher's file is only measured for its size
         out["onnx"] = write_onnx(teacher, folder / "teacher.onnx", calib, opset=ex.opset, dynamic_batch=ex.dynamic_batch,
                                  tol=ex.parity_tol, slim=ex.slim, external_above=int(ex.external_data_mb * 2**20),
-                                 check=timed)
+                                 check=timed, ref=ref)
         mark("measure: teacher onnx")
     return out
 
@@ -421,12 +421,14 @@ def _run_in(recipe: Recipe, loaded, staging: Path | None, data, train, work: Pat
     # Nothing reads the teacher after the rewrite (no distillation, no evaluation): its files are written first and
     # the passes then rewrite it in place (ViT-L: no second copy of 1.2 GB of weights)
     inplace = last and not dry_run and recipe.distill is None and recipe.report.eval_data is None
-    tfiles, teacher_params = None, count_params(teacher)
+    tfiles, teacher_params, ref = None, count_params(teacher), None
     if inplace:
+        with stages("rewrite"):
+            ref = logits(teacher, calib)
         with stages("measure"):
-            tfiles = _teacher_files(recipe, teacher, calib, tmp)
+            tfiles = _teacher_files(recipe, teacher, calib, tmp, ref)
     with stages("rewrite"):
-        student, ledger, ref, rewritten = rewrite(loaded, recipe, calib, log, inplace=inplace)
+        student, ledger, ref, rewritten = rewrite(loaded, recipe, calib, log, inplace=inplace, ref=ref)
     if inplace:  # the teacher is gone: nothing may read it by mistake
         loaded.model = teacher = None
     record = {"compress_version": __version__, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -450,7 +452,9 @@ def _run_in(recipe: Recipe, loaded, staging: Path | None, data, train, work: Pat
         record["learned"] = learned
 
     with stages("export"):
-        record["artifacts"] = artifacts = _export(recipe, loaded, student, staging, calib, ledger, old, log)
+        # the student's calibration logits from the rewrite, unless training changed it since
+        record["artifacts"] = artifacts = _export(recipe, loaded, student, staging, calib, ledger, old, log,
+                                                  rewritten if recipe.distill is None else None)
         if loaded.save_back is not None:  # the original family's layout too, when the structure allows it
             record["family_layout"] = lay = loaded.save_back(student, staging, calib, recipe.export.parity_tol)
             log(f"export: {loaded.source['arch']} layout " + (f"not written: {lay['skipped']}" if "skipped" in lay
@@ -461,7 +465,7 @@ def _run_in(recipe: Recipe, loaded, staging: Path | None, data, train, work: Pat
             if a.get("external_data"):  # model.onnx.data beside model.onnx
                 a["external_data"]["sha256"] = sha256(staging / a["external_data"]["path"])
     with stages("measure"):
-        tfiles = tfiles or _teacher_files(recipe, teacher, calib, tmp)
+        tfiles = tfiles or _teacher_files(recipe, teacher, calib, tmp, ref)
         onnx_files = _measure(recipe, teacher, student, staging, calib, cfg, artifacts, tfiles, tmp, summary, log)
     if last:  # the PyTorch models are done with: freed before the timing child loads the ONNX files
         loaded.model = teacher = student = None

@@ -1,0 +1,78 @@
+"""Memory at scale: the teacher rewritten in place when nothing reads it later, the PyTorch models freed before
+the latency child, checkpoints adopted without a copy, and the harness summing a process tree's RSS."""
+from __future__ import annotations
+
+import gc
+import os
+import subprocess
+import sys
+
+import torch
+from safetensors.torch import load_file, save_file
+from timm.models.vision_transformer import VisionTransformer
+
+import compress.pipeline as pipeline
+from benchmarks.scale import _tree_rss
+from compress.load import load
+from compress.pipeline import apply
+from compress.recipe import parse_recipe
+from compress.rsslog import _rss
+from tests.conftest import save_timm_dir, tiny_vit, tiny_vit_args
+
+LAT = {"batch_sizes": [1], "threads": 1, "warmup": 1, "runs": 3}
+
+
+def _recipe(**report):
+    return parse_recipe({"version": 1, "passes": [{"lowrank": {"target": 0.7}}], "report": {"latency": LAT, **report}})
+
+
+def test_in_place_rewrite_matches_the_copying_one_and_models_are_freed_before_timing(tmp_path, vit_dir, image_zip,
+                                                                                       monkeypatch):
+    alive = []
+    child = pipeline.latency_child
+
+    def timed(*a, **k):  # what still holds a ViT in this process when the timing child starts
+        gc.collect()
+        alive.append(sum(type(o) is VisionTransformer for o in gc.get_objects()))
+        return child(*a, **k)
+
+    monkeypatch.setattr(pipeline, "latency_child", timed)
+    copied = apply(_recipe(eval_data=str(image_zip)), str(vit_dir), tmp_path / "copied", log=lambda *_: None)
+    inplace = apply(_recipe(), str(vit_dir), tmp_path / "inplace", log=lambda *_: None)
+    assert alive == [0, 0]
+    a, b = load_file(str(tmp_path / "copied" / "model.safetensors")), load_file(str(tmp_path / "inplace" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # the same student either way
+    c, i = copied["summary"], inplace["summary"]
+    assert c["params"] == i["params"] and c["flops"] == i["flops"]  # teacher figures taken before the rewrite
+    assert c["onnx_bytes"]["teacher"] == i["onnx_bytes"]["teacher"]
+    assert c["safetensors_bytes"]["teacher"] == i["safetensors_bytes"]["teacher"]  # (students' metadata differ)
+    assert inplace["summary"]["latency"]["1"]["teacher"]["p50_ms"] > 0 and "latency" in inplace["stages_s"]
+
+
+def test_timm_checkpoint_is_adopted_without_a_copy_and_other_dtypes_still_load(tmp_path):
+    model = tiny_vit()
+    folder = save_timm_dir(model, "vit_tiny_patch16_224", tiny_vit_args(), tmp_path / "fp32")
+    loaded = load(str(folder)).model
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    assert all(p.requires_grad for p in loaded.parameters()) and not loaded.training
+    half = tmp_path / "fp16"
+    save_timm_dir(model, "vit_tiny_patch16_224", tiny_vit_args(), half)
+    save_file({k: v.half().contiguous() for k, v in model.state_dict().items()}, str(half / "model.safetensors"))
+    again = load(str(half)).model  # fp16 weights into the float32 model: copied and converted, as before
+    assert {p.dtype for p in again.parameters()} == {torch.float32}
+    assert torch.equal(again.blocks[0].mlp.fc1.weight, model.blocks[0].mlp.fc1.weight.half().float())
+
+
+def test_tree_rss_sums_a_process_and_its_children():
+    code = "b = bytearray(300 * 2**20); b[::4096] = b'x' * len(b[::4096]); print(1, flush=True); input()"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        proc.stdout.readline()  # the child has touched its 300 MiB
+        child, own, tree = _tree_rss(proc.pid), _rss(), _tree_rss(os.getpid())
+        assert child >= 300 * 2**20
+        assert tree >= 0.95 * (own + child)  # this process, plus its child
+    finally:
+        proc.kill()
+        proc.wait()
