@@ -26,7 +26,7 @@ from . import __version__, runtimes
 from .data import calibration_batch, dataset, loader
 from .distill import KeepBest, distill
 from .errors import GateError, InputError, VerificationError
-from .export import write_fp16, write_int8, write_onnx, write_safetensors
+from .export import SLIM_AUTO_MAX, write_fp16, write_int8, write_onnx, write_safetensors
 from .outdir import check_inputs_untouched, publish, remove_created, sha256, stage
 from .limits import check_memory, release
 from .load import load
@@ -251,9 +251,11 @@ def _teacher_files(recipe: Recipe, teacher, calib, folder: Path, ref: torch.Tens
         mark("measure: teacher safetensors")
     if "onnx" in ex.formats:
         timed = recipe.report.latency is not None  # else the teacher's file is only measured for its size
+        # a large teacher's file is written lean (weights streamed in: torch's exporter holds ~3x them at once)
+        big = sum(t.numel() * t.element_size() for t in teacher.state_dict().values()) > SLIM_AUTO_MAX
         out["onnx"] = write_onnx(teacher, folder / "teacher.onnx", calib, opset=ex.opset, dynamic_batch=ex.dynamic_batch,
                                  tol=ex.parity_tol, slim=ex.slim, external_above=int(ex.external_data_mb * 2**20),
-                                 check=timed, ref=ref)
+                                 check=timed, ref=ref, lean=big)
         mark("measure: teacher onnx")
     return out
 

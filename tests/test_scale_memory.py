@@ -7,13 +7,19 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+import onnx
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer
 
 import compress.pipeline as pipeline
 from benchmarks.scale import _tree_rss
+from compress.export import EXTERNAL_ABOVE, write_onnx
 from compress.load import load
+from compress.metrics import ort_run, ort_session
+from compress.onnx_lean import light
 from compress.pipeline import apply
 from compress.recipe import parse_recipe
 from compress.rsslog import _rss
@@ -76,3 +82,34 @@ def test_tree_rss_sums_a_process_and_its_children():
     finally:
         proc.kill()
         proc.wait()
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_lean_onnx_export_matches_the_plain_one(tmp_path, external):
+    model = tiny_vit()
+    x = torch.randn(4, 3, 16, 16)
+    plain, lean = tmp_path / "plain" / "m.onnx", tmp_path / "lean" / "m.onnx"
+    plain.parent.mkdir(), lean.parent.mkdir()
+    rec = write_onnx(model, plain, x, opset=17, dynamic_batch=True, tol=1e-4)
+    got = write_onnx(model, lean, x, opset=17, dynamic_batch=True, tol=1e-4, lean=True,
+                     external_above=1024 if external else EXTERNAL_ABOVE)
+    assert got["parity"]["rel_diff"] <= 1e-4 and got["dynamic_batch"]
+    assert got["files"] == (["m.onnx", "m.onnx.data"] if external else ["m.onnx"])
+    head = onnx.load(str(lean), load_external_data=False)
+    assert [i.name for i in head.graph.input] == ["input"]  # the weights are constants, not inputs
+    assert {i.name for i in head.graph.initializer} == set(model.state_dict())
+    y = ort_run(ort_session(lean, 1), x.numpy())
+    np.testing.assert_allclose(y, ort_run(ort_session(plain, 1), x.numpy()), rtol=1e-5, atol=1e-5)
+    assert abs(got["bytes"] - rec["bytes"]) < 0.1 * rec["bytes"]
+
+
+def test_light_reads_the_graph_without_the_weights(tmp_path):
+    model = tiny_vit()
+    path = tmp_path / "m.onnx"
+    write_onnx(model, path, torch.randn(2, 3, 16, 16), opset=17, dynamic_batch=True, tol=1e-4)
+    full, got = onnx.load(str(path)), light(path)
+    assert [n.SerializeToString() for n in got.graph.node] == [n.SerializeToString() for n in full.graph.node]
+    assert got.ir_version == full.ir_version and got.opset_import == full.opset_import
+    assert [(t.name, list(t.dims), t.data_type) for t in got.graph.initializer] == \
+        [(t.name, list(t.dims), t.data_type) for t in full.graph.initializer]
+    assert not any(t.raw_data or t.float_data for t in got.graph.initializer)
