@@ -36,22 +36,50 @@ def export_lean(model: nn.Module, path: Path, sample: torch.Tensor, *, opset: in
         raise NotLean(f"graph inputs that are not float32 state-dict tensors: {', '.join(missing[:3])}")
     keep = [i for i in head.graph.input if i.name == "input"]
     head.graph.ClearField("input")
-    head.graph.input.extend(keep)  # weights are constants now: onnxruntime may fold the transposes on them
+    head.graph.input.extend(keep)  # the weights are constants now
+    values = _fold_transposes(head, names)
+    arrays = ((out, _array(tensors[n], perm)) for n, (out, perm) in values.items())  # one tensor at a time
     if external:
-        _external(head, path, names, tensors)
+        _external(head, path, arrays)
         return
     with open(path, "wb") as f:
         f.write(head.SerializeToString())
-        for name in names:  # repeated fields of a message written twice are concatenated when it is read
-            t = onnx.numpy_helper.from_array(tensors[name].detach().contiguous().numpy(), name)
+        for name, arr in arrays:  # repeated fields of a message written twice are concatenated when it is read
+            t = onnx.numpy_helper.from_array(arr, name)
             f.write(onnx.ModelProto(graph=onnx.GraphProto(initializer=[t])).SerializeToString())
 
 
-def _external(head: onnx.ModelProto, path: Path, names: list[str], tensors: dict) -> None:
+def _array(t: torch.Tensor, perm):
+    t = t.detach()
+    if perm is not False:
+        t = t.permute(*(perm or reversed(range(t.dim()))))
+    return t.contiguous().numpy()
+
+
+def _fold_transposes(head: onnx.ModelProto, names: list[str]) -> dict:
+    """{weight: (initializer name, perm or None for a reversal, or False: stored as it is)}. A Transpose whose only
+    input is a weight used nowhere else is dropped and the weight stored transposed under its output's name, as the
+    plain export's constant folding does: left in, onnxruntime folds it at load and then holds both (ViT-B: a
+    session of 2.2x the weights instead of 1.4x)."""
+    uses: dict[str, int] = {}
+    for n in head.graph.node:
+        for i in n.input:
+            uses[i] = uses.get(i, 0) + 1
+    weights, out, drop = set(names), {n: (n, False) for n in names}, []
+    for node in head.graph.node:
+        if node.op_type == "Transpose" and node.input[0] in weights and uses[node.input[0]] == 1:
+            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+            out[node.input[0]] = (node.output[0], perm)
+            drop.append(node)
+    for node in drop:
+        head.graph.node.remove(node)
+    return out
+
+
+def _external(head: onnx.ModelProto, path: Path, arrays) -> None:
     data = path.with_name(path.name + ".data")
     with open(data, "wb") as f:
-        for name in names:
-            arr = tensors[name].detach().contiguous().numpy()
+        for name, arr in arrays:
             if arr.nbytes >= ALIGN_ABOVE:
                 f.write(b"\0" * (-f.tell() % ALIGN))
             offset = f.tell()
