@@ -50,10 +50,20 @@ def _numpy_globals() -> list:
     return [core.multiarray.scalar, core.multiarray._reconstruct, np.ndarray, np.dtype, *dtypes]
 
 
+def _read_safetensors(path: Path) -> dict:
+    """Each tensor in its own memory (safetensors >= 0.8's pread backend). The default backend's tensors are views of
+    one mapping of the whole file, kept (and counted in RSS) while any of them lives: a model that adopts them and
+    is then rewritten in place kept its replaced weights' pages (ViT-L: 1.2 GB)."""
+    try:
+        return load_file(str(path), backend="pread")
+    except TypeError:  # an older safetensors: no backend argument
+        return load_file(str(path))
+
+
 def _load(path: Path, fmt: str):
     if fmt == "safetensors":
         try:
-            return load_file(str(path))
+            return _read_safetensors(path)
         except (SafetensorError, OSError, ValueError) as e:
             raise InputError(f"cannot read {path}: not a valid safetensors file, truncated or corrupt ({e}); "
                              "re-export or re-download it") from None

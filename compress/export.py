@@ -14,8 +14,10 @@ from torch import nn
 
 from . import runtimes
 from .limits import release
+from .rsslog import mark
 from .errors import VerificationError
 from .metrics import fidelity, ort_run, ort_session
+from .onnx_lean import NotLean, export_lean, light
 
 
 def _publish(tmp: Path, final: Path) -> int:
@@ -40,15 +42,23 @@ def write_safetensors(model: nn.Module, path: Path, metadata: dict[str, str]) ->
 
 
 def to_onnx(model: nn.Module, path: Path, input_size, *, opset: int, dynamic_batch: bool,
-            fold_batchnorm: bool = True) -> None:
+            fold_batchnorm: bool = True, lean: bool | None = None) -> None:
     """torch.onnx.export (TorchScript exporter: fast and mature for these graphs) + onnx.checker.
 
     fold_batchnorm=False keeps BatchNormalization nodes: folding gives each conv of a shared
     (tied) weight its own rescaled copy; onnxruntime still fuses them in memory at load.
+    lean: the weights streamed in after the export (onnx_lean.py: a file to measure, not to ship), in one file
+    (False) or in NAME.data (True); None: a plain export.
     """
     sample = torch.zeros((1, *input_size))
     axes = {"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
     mode = torch.onnx.TrainingMode.EVAL if fold_batchnorm else torch.onnx.TrainingMode.PRESERVE  # model is in eval
+    if lean is not None:
+        try:
+            return export_lean(model, path, sample, opset=opset, axes=axes, mode=mode, external=lean)
+        except NotLean:  # a plain export below
+            for f in path.parent.iterdir():
+                f.unlink()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(model.eval(), (sample,), str(path), dynamo=False, opset_version=opset, training=mode,
@@ -60,7 +70,7 @@ def _weights(path: Path) -> int:
     """Number of stored initializer elements (weights as the file holds them)."""
     import numpy as np
 
-    return sum(int(np.prod(i.dims)) for i in onnx.load(str(path), load_external_data=False).graph.initializer)
+    return sum(int(np.prod(i.dims)) for i in light(path).graph.initializer)
 
 
 TRAINING_ONLY = {"Dropout", "Gradient", "SoftmaxCrossEntropyLoss", "NegativeLogLikelihoodLoss"}
@@ -68,7 +78,7 @@ TRAINING_ONLY = {"Dropout", "Gradient", "SoftmaxCrossEntropyLoss", "NegativeLogL
 
 def _graph(path: Path) -> tuple[list[str], int]:
     """Operator set and node count; a graph with training-only nodes is refused."""
-    g = onnx.load(str(path), load_external_data=False).graph
+    g = light(path).graph
     ops = sorted({n.op_type for n in g.node})
     training = [n.name or n.op_type for n in g.node if n.op_type in TRAINING_ONLY
                 or any(a.name == "training_mode" and a.i == 1 for a in n.attribute)]
@@ -117,10 +127,8 @@ def _dynamo_onnx(model: nn.Module, path: Path, sample: torch.Tensor, *, opset: i
     onnx.checker.check_model(str(path))
 
 
-def _batch_check(tmp: Path, model: nn.Module, x: torch.Tensor, tol: float, threads: int) -> dict | str:
-    """The parity record when onnxruntime matches PyTorch at this batch; else what went wrong, in a few words."""
-    with torch.no_grad():
-        ref = model(x)
+def _batch_check(tmp: Path, ref: torch.Tensor, x: torch.Tensor, tol: float, threads: int) -> dict | str:
+    """The parity record when onnxruntime matches PyTorch's `ref` at this batch; else what went wrong, in a few words."""
     ort.set_default_logger_severity(4)  # a failure is reported below, once, not also as an onnxruntime log line
     try:
         got = _parity(tmp, ref, x, threads)
@@ -132,30 +140,34 @@ def _batch_check(tmp: Path, model: nn.Module, x: torch.Tensor, tol: float, threa
 
 
 def _export_batch(model: nn.Module, tmp: Path, calib: torch.Tensor, *, opset: int, tol: float, fold: bool,
-                  threads: int) -> tuple[torch.Tensor, dict, dict | None]:
+                  threads: int, ref: torch.Tensor | None = None, lean: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, dict, dict | None]:
     """A dynamic-batch export that really works at another batch size, else a fixed batch-1 one.
 
     The trace runs at batch 1; a forward that reads the batch size as a Python int (`len(x)`,
     `int(x.shape[0])`) bakes 1 into the graph. Checked at batch >= 2; retried with the dynamo exporter;
-    a fixed-batch file is the last resort, and the returned record says why.
+    a fixed-batch file is the last resort, and the returned record says why. Returns the images checked on,
+    PyTorch's logits for them (`ref`, the logits on calib, when the caller has them), how it was exported, the parity.
     """
     x = calib if len(calib) >= 2 else torch.cat([calib, calib])
     size = tuple(calib.shape[1:])
-    to_onnx(model, tmp, size, opset=opset, dynamic_batch=True, fold_batchnorm=fold)
-    baked = _batch_check(tmp, model, x, tol, threads)
+    if ref is None or len(x) != len(calib):
+        with torch.no_grad():
+            ref = model(x)
+    to_onnx(model, tmp, size, opset=opset, dynamic_batch=True, fold_batchnorm=fold, lean=lean)
+    baked = _batch_check(tmp, ref, x, tol, threads)
     if isinstance(baked, dict):
-        return x, {"dynamic_batch": True, "exporter": "torchscript"}, baked
+        return x, ref, {"dynamic_batch": True, "exporter": "torchscript"}, baked
     try:
         _dynamo_onnx(model, tmp, x[:2], opset=opset)
-        again = _batch_check(tmp, model, x, tol, threads)
+        again = _batch_check(tmp, ref, x, tol, threads)
     except Exception as e:  # noqa: BLE001 - torch.export refuses data-dependent code in many ways; all mean "cannot"
         again = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:120] if str(e).strip() else ''}"
     if isinstance(again, dict):
-        return x, {"dynamic_batch": True, "exporter": "dynamo", "traced_batch_baked": baked}, again
-    to_onnx(model, tmp, size, opset=opset, dynamic_batch=False, fold_batchnorm=fold)
+        return x, ref, {"dynamic_batch": True, "exporter": "dynamo", "traced_batch_baked": baked}, again
+    to_onnx(model, tmp, size, opset=opset, dynamic_batch=False, fold_batchnorm=fold, lean=lean)
     why = (f"the traced graph works at batch 1 only ({baked}; a forward that reads the batch size as a number, "
            f"e.g. len(x)); the dynamo exporter could not make it symbolic either ({again}); model.onnx takes batches of 1 only")
-    return x[:1], {"dynamic_batch": False, "exporter": "torchscript", "fixed_batch": why}, None
+    return x[:1], None, {"dynamic_batch": False, "exporter": "torchscript", "fixed_batch": why}, None
 
 
 def _on_runtimes(tmp: Path, name: str, parity: dict, ref: torch.Tensor, x: torch.Tensor, threads: int, old,
@@ -196,8 +208,10 @@ def _save_proto(proto, path: Path, external: bool) -> None:
 
 def write_onnx(model: nn.Module, path: Path, calib: torch.Tensor, *, opset: int, dynamic_batch: bool,
                tol: float, slim: bool | str = False, threads: int = 2, external_above: int = EXTERNAL_ABOVE,
-               check: bool = True, old=None) -> dict:
+               check: bool = True, old=None, ref: torch.Tensor | None = None, lean: bool = False) -> dict:
     """Export (+ onnxslim when it keeps the outputs), run in onnxruntime against PyTorch, rename if they agree.
+    `ref`: the model's eval-mode logits on calib when the caller has them (each ViT-L forward costs seconds).
+    lean: weights streamed in after a weightless export (onnx_lean.py; for a file measured, not shipped).
 
     Above `external_above` bytes the weights go to `NAME.data` beside `NAME` (ONNX external data); both
     files are verified together in a private folder, then moved into place (data first).
@@ -208,21 +222,27 @@ def write_onnx(model: nn.Module, path: Path, calib: torch.Tensor, *, opset: int,
     work.mkdir()
     try:
         return _write_onnx(model, path, work / path.name, calib, opset=opset, dynamic_batch=dynamic_batch, tol=tol,
-                           slim=slim if check else False, threads=threads, external_above=external_above, check=check, old=old)
+                           slim=slim if check else False, threads=threads, external_above=external_above, check=check, old=old,
+                           ref=ref, lean=lean)
     finally:
         shutil.rmtree(work, ignore_errors=True)
         release()
 
 
 def _write_onnx(model, path: Path, tmp: Path, calib, *, opset, dynamic_batch, tol, slim, threads, external_above,
-                check, old) -> dict:
+                check, old, ref, lean) -> dict:
     tied = any(getattr(m, "ties_weights", False) for m in model.modules())  # one weight used in two places
+    # a lean export writes the final layout at once: NAME.data when the weights alone pass the threshold
+    lean = (sum(t.numel() * t.element_size() for t in model.state_dict().values()) > external_above) if lean else None
     if dynamic_batch and check:
-        x, how, checked = _export_batch(model, tmp, calib, opset=opset, tol=tol, fold=not tied, threads=threads)
+        x, ref, how, checked = _export_batch(model, tmp, calib, opset=opset, tol=tol, fold=not tied, threads=threads, ref=ref,
+                                             lean=lean)
     else:  # a size-only file is not run, so its batch is not checked either
-        to_onnx(model, tmp, tuple(calib.shape[1:]), opset=opset, dynamic_batch=dynamic_batch, fold_batchnorm=not tied)
+        to_onnx(model, tmp, tuple(calib.shape[1:]), opset=opset, dynamic_batch=dynamic_batch, fold_batchnorm=not tied,
+                lean=lean)
         x, how, checked = (calib if dynamic_batch else calib[:1]), {"dynamic_batch": dynamic_batch, "exporter": "torchscript"}, None
     release()  # the exporter's graph and the parity session
+    mark(f"{path.name}: torch.onnx.export + batch check")
     external = _folder_bytes(tmp.parent) > external_above
     if _one_or_two_files(tmp, external):
         checked = None  # the file run below is the one rewritten
@@ -234,9 +254,11 @@ def _write_onnx(model, path: Path, tmp: Path, calib, *, opset, dynamic_batch, to
             slimmed = {"applied": False, "why": f"{size / 2**20:.0f} MB is above export.slim auto's "
                                                 f"{SLIM_AUTO_MAX / 2**20:.0f} MB (onnxslim needs ~6x the file in memory)"}
     if check:
-        with torch.no_grad():
-            ref = model(x)
+        if ref is None or len(ref) != len(x):  # the fixed-batch file is checked on one image
+            with torch.no_grad():
+                ref = model(x)
         parity = _verify(tmp, path.name, checked or _parity(tmp, ref, x, threads), tol=tol)
+        mark(f"{path.name}: parity")
     if slim:
         import onnxslim
 
@@ -264,7 +286,9 @@ def _write_onnx(model, path: Path, tmp: Path, calib, *, opset, dynamic_batch, to
             why = "it would store shared weights twice" if grew else f"changed outputs by {p2['rel_diff']:.1e}"
             slimmed = {"nodes_before": nodes, "applied": False, "why": why}
         shutil.rmtree(cand_dir)
+        mark(f"{path.name}: slim")
     ran = _on_runtimes(tmp, path.name, parity, ref, x, threads, old, tol=tol) if check else {}
+    mark(f"{path.name}: min_runtime check")
     ops, nodes = _graph(tmp)
     return {"path": path.name, **_publish_onnx(tmp, path), "precision": "fp32", "opset": opset, **how,
             "parity": parity, "operators": ops, "nodes": nodes, "slim": slimmed, **ran}
@@ -379,7 +403,7 @@ def _write_int8(base: Path, path: Path, tmp: Path, mode: str, ref, x, *, min_agr
     if mode == "int8_dynamic":
         import numpy as np
 
-        inits = onnx.load(str(tmp), load_external_data=False).graph.initializer
+        inits = light(tmp).graph.initializer
         count = [(int(np.prod(i.dims)), i.data_type == onnx.TensorProto.INT8) for i in inits]
         extra["int8_weight_share"] = share = sum(n for n, q in count if q) / max(1, sum(n for n, _ in count))
         if share < 0.5:  # e.g. a ResNet: convolutions (left float) and one small MatMul/Gemm head

@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import copy
-import time
+import json
+import subprocess
+import sys
+import tempfile
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
+
+from . import ort_timing
 
 
 def count_params(model: nn.Module) -> int:
@@ -68,42 +72,24 @@ def fidelity(ref: torch.Tensor, out: torch.Tensor) -> dict:
             "agreement": float((ref.argmax(-1) == out.argmax(-1)).double().mean()), "kl": float(kl)}
 
 
-def ort_session(path, threads: int):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    # Spinning worker threads of one session steal the cores of the next when sessions are
-    # interleaved on a small machine (measured here: p50 2x slower, p90 3x); disable it.
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+ort_session, ort_run, latency = ort_timing.session, ort_timing.run, ort_timing.latency
 
 
-def ort_run(session, x: np.ndarray) -> np.ndarray:
-    return session.run(None, {session.get_inputs()[0].name: x})[0]
-
-
-def latency(paths: dict[str, str], input_size, *, batch_sizes, threads: int, warmup: int, runs: int, seed: int = 0) -> dict:
-    """p50/p90 ms per model and batch size; models run interleaved (alternating order) in one process."""
-    sessions = {k: ort_session(p, threads) for k, p in paths.items()}
-    rng = np.random.default_rng(seed)
-    out: dict = {k: {} for k in paths}
-    for bs in batch_sizes:
-        x = rng.standard_normal((bs, *input_size), dtype=np.float32)
-        for s in sessions.values():
-            for _ in range(warmup):
-                ort_run(s, x)
-        times: dict[str, list[float]] = {k: [] for k in sessions}
-        for r in range(runs):
-            order = list(sessions) if r % 2 == 0 else list(reversed(sessions))
-            for k in order:
-                t0 = time.perf_counter()
-                ort_run(sessions[k], x)
-                times[k].append((time.perf_counter() - t0) * 1e3)
-        for k, t in times.items():
-            out[k][str(bs)] = {"p50_ms": float(np.percentile(t, 50)), "p90_ms": float(np.percentile(t, 90)), "runs": runs}
-    return out
+def latency_child(paths: dict[str, str], input_size, *, batch_sizes, threads: int, warmup: int, runs: int,
+                  seed: int = 0) -> dict:
+    """`latency` in a fresh interpreter that imports only onnxruntime and numpy: its sessions never add to this
+    process's models, and this process's freed memory is not theirs either (ViT-L: teacher and student sessions
+    are 1.5x the weights)."""
+    spec = {"paths": {k: str(p) for k, p in paths.items()}, "input_size": list(input_size), "batch_sizes": list(batch_sizes),
+            "threads": threads, "warmup": warmup, "runs": runs, "seed": seed}
+    with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="compress-timing-") as f:
+        json.dump(spec, f)
+        f.flush()
+        proc = subprocess.run([sys.executable, "-I", ort_timing.__file__, f.name], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the onnxruntime timing process failed (exit {proc.returncode}): "
+                           f"{(proc.stderr.strip().splitlines() or [''])[-1]}")
+    return json.loads(proc.stdout)
 
 
 def ort_predictor(path, dynamic_batch: bool, threads: int = 2):

@@ -20,20 +20,22 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import yaml
+from safetensors.torch import save_model
 
 from . import __version__, runtimes
 from .data import calibration_batch, dataset, loader
 from .distill import KeepBest, distill
 from .errors import GateError, InputError, VerificationError
-from .export import write_fp16, write_int8, write_onnx, write_safetensors
+from .export import SLIM_AUTO_MAX, write_fp16, write_int8, write_onnx, write_safetensors
 from .outdir import check_inputs_untouched, publish, remove_created, sha256, stage
 from .limits import check_memory, release
 from .load import load
-from .metrics import count_flops, count_params, evaluate, fidelity, latency, logits, logits64, ort_predictor
+from .metrics import count_flops, count_params, evaluate, fidelity, latency_child, logits, logits64, ort_predictor
 from .modules import learned_parameters
 from .recipe import Recipe
 from .registry import PassContext, get_pass
 from .report import machine_info, write_reports
+from .rsslog import mark
 
 EXACT_TOL = 1e-4  # max |Δlogit| / max |logit| allowed for a pass that declares itself exact
 
@@ -68,19 +70,23 @@ def _check_recipe_needs(recipe: Recipe, data) -> None:
         raise InputError(f"gates.speedup_batch {g.speedup_batch} is not timed; add it to report.latency.batch_sizes")
 
 
-def rewrite(loaded, recipe: Recipe, calib, log) -> tuple:
-    """Apply the passes in order to a copy of the teacher; verify exact ones, measure the rest.
+def rewrite(loaded, recipe: Recipe, calib, log, inplace: bool = False, ref: torch.Tensor | None = None) -> tuple:
+    """Apply the passes in order to a copy of the teacher (to the teacher itself when `inplace`: a caller
+    that needs nothing more of it); verify exact ones, measure the rest.
 
     Returns the student, the per-pass ledger (FLOPs before/after each pass included) and the
-    logits on `calib` of the teacher and of the student. Logits are float32 (one teacher forward, reused); an exact
+    logits on `calib` of the teacher (`ref` when the caller has them) and of the student. Logits are float32 (one teacher forward, reused); an exact
     pass alone is checked in float64, before and after it, so the check measures the maths.
     """
     teacher, adapter = loaded.model, loaded.adapter
     size = loaded.data_cfg["input_size"]
-    student = copy.deepcopy(teacher)
-    ref = prev = logits(teacher, calib)
+    student = teacher if inplace else copy.deepcopy(teacher)
+    mark("rewrite: copy teacher")
+    ref = prev = logits(teacher, calib) if ref is None else ref
+    mark("rewrite: teacher logits")
     prev64 = None  # float64 logits of the student as it is now, while still valid
     params, flops = count_params(student), count_flops(student, size)
+    mark("rewrite: flops")
     ledger = []
     for i, step in enumerate(recipe.steps):
         spec = get_pass(step.name)
@@ -121,6 +127,7 @@ def rewrite(loaded, recipe: Recipe, calib, log) -> tuple:
         params, flops, prev, prev64 = p1, f1, now, now64
         del result
         release()  # the pass's statistics, the float64 copies, the replaced layers
+        mark(f"rewrite: {step.name}")
     return student, ledger, ref, prev
 
 
@@ -190,7 +197,7 @@ def _holdout(train, n: int, seed: int) -> torch.Tensor:
     return torch.stack([it[0] for it in items if it is not None])
 
 
-def _export(recipe: Recipe, loaded, student, staging: Path, calib, ledger: list, old, log) -> dict:
+def _export(recipe: Recipe, loaded, student, staging: Path, calib, ledger: list, old, log, ref=None) -> dict:
     """Write every artifact the recipe asks for; each is verified before it gets its final name."""
     ex, artifacts = recipe.export, {}
     meta = {"compress_version": __version__, "source_arch": loaded.source["arch"],
@@ -199,6 +206,7 @@ def _export(recipe: Recipe, loaded, student, staging: Path, calib, ledger: list,
             "structure": json.dumps([entry.get("details", {}) for entry in ledger])}  # what load_compressed replays
     if "safetensors" in ex.formats:
         artifacts["safetensors"] = write_safetensors(student, staging / "model.safetensors", meta)
+        mark("export: safetensors")
         if "fp16" in ex.precision:
             artifacts["safetensors.fp16"] = write_safetensors(copy.deepcopy(student).half(),
                                                               staging / "model.fp16.safetensors", meta)
@@ -206,7 +214,8 @@ def _export(recipe: Recipe, loaded, student, staging: Path, calib, ledger: list,
         base = staging / "model.onnx"
         artifacts["onnx"] = onnx_rec = write_onnx(student, base, calib, opset=ex.opset, dynamic_batch=ex.dynamic_batch,
                                                   tol=ex.parity_tol, slim=ex.slim, old=old,
-                                                  external_above=int(ex.external_data_mb * 2**20))
+                                                  external_above=int(ex.external_data_mb * 2**20), ref=ref)
+        mark("export: onnx")
         if onnx_rec.get("fixed_batch"):
             log(f"export: warning: {onnx_rec['fixed_batch']}")
         elif onnx_rec.get("traced_batch_baked"):
@@ -232,53 +241,72 @@ def variants(ex) -> list[str]:
     return [p for p in ex.precision if p != "fp32"] + list(ex.quantize)
 
 
-def _measure(recipe: Recipe, loaded, student, staging: Path, calib, artifacts: dict, summary: dict, log) -> None:
-    """Sizes, onnxruntime latency (teacher and every variant interleaved) and accuracy, into `summary`."""
-    ex, teacher, cfg = recipe.export, loaded.model, loaded.data_cfg
-    size = tuple(cfg["input_size"])
+def _teacher_files(recipe: Recipe, teacher, calib, folder: Path, ref: torch.Tensor) -> dict:
+    """The teacher through the same writers as the student, so sizes and latency compare like with like."""
+    ex, out = recipe.export, {}
+    if "safetensors" in ex.formats:  # its size only: written, not read back
+        save_model(teacher, str(folder / "teacher.safetensors"))
+        out["safetensors"] = {"bytes": (folder / "teacher.safetensors").stat().st_size}
+        (folder / "teacher.safetensors").unlink()
+        mark("measure: teacher safetensors")
+    if "onnx" in ex.formats:
+        timed = recipe.report.latency is not None  # else the teacher's file is only measured for its size
+        # a large teacher's file is written lean (weights streamed in: torch's exporter holds ~3x them at once)
+        big = sum(t.numel() * t.element_size() for t in teacher.state_dict().values()) > SLIM_AUTO_MAX
+        out["onnx"] = write_onnx(teacher, folder / "teacher.onnx", calib, opset=ex.opset, dynamic_batch=ex.dynamic_batch,
+                                 tol=ex.parity_tol, slim=ex.slim, external_above=int(ex.external_data_mb * 2**20),
+                                 check=timed, ref=ref, lean=big)
+        mark("measure: teacher onnx")
+    return out
+
+
+def _measure(recipe: Recipe, teacher, student, staging: Path, calib, cfg: dict, artifacts: dict, tfiles: dict,
+             folder: Path, summary: dict, log) -> dict:
+    """Sizes against the teacher's files (`tfiles`, in `folder`) and accuracy, into `summary`; returns the ONNX
+    files to time (none without report.latency)."""
+    ex, rep = recipe.export, recipe.report
     onnx_files = {}
-    with tempfile.TemporaryDirectory(prefix="compress-teacher-") as tmp:
-        # The teacher goes through the same writers, so sizes and latency compare like with like.
-        if "safetensors" in ex.formats:
-            t = write_safetensors(teacher, Path(tmp) / "teacher.safetensors", {})
-            summary["safetensors_bytes"] = _ratio(t["bytes"], artifacts["safetensors"]["bytes"])
-        if "onnx" in ex.formats:
-            timed = recipe.report.latency is not None  # else the teacher's file is only measured for its size
-            t = write_onnx(teacher, Path(tmp) / "teacher.onnx", calib, opset=ex.opset,
-                           dynamic_batch=ex.dynamic_batch, tol=ex.parity_tol, slim=ex.slim,
-                           external_above=int(ex.external_data_mb * 2**20), check=timed)
-            summary["onnx_bytes"] = _ratio(t["bytes"], artifacts["onnx"]["bytes"])
-            if not timed:
-                summary["onnx_bytes"]["teacher_file"] = "plain export, size only (no latency asked: not slimmed or run)"
-            dyn = t["dynamic_batch"] and artifacts["onnx"]["dynamic_batch"]  # a forward may fix the batch (see write_onnx)
-            summary["variant_bytes"] = {v: artifacts[f"onnx.{v}"]["bytes"] for v in variants(ex)}
-            onnx_files = {"teacher": Path(tmp) / "teacher.onnx", "student": staging / "model.onnx",
-                          **{v: staging / f"model.{v}.onnx" for v in variants(ex)}}
-            lat = recipe.report.latency
-            if lat is not None:
-                log(f"timing onnxruntime: batch {lat.batch_sizes}, {lat.threads} threads, {lat.runs} interleaved runs")
-                if not dyn and lat.batch_sizes != [1]:
-                    summary["latency_note"] = "batch 1 only: model.onnx has a fixed batch of 1 (see artifacts.onnx.fixed_batch)"
-                    log(f"timing: {summary['latency_note']}")
-                res = latency(onnx_files, size, batch_sizes=lat.batch_sizes if dyn else [1],
-                              threads=lat.threads, warmup=lat.warmup, runs=lat.runs)
-                summary["latency"] = {bs: {"teacher": res["teacher"][bs], "student": res["student"][bs],
-                                           "speedup": res["teacher"][bs]["p50_ms"] / res["student"][bs]["p50_ms"],
-                                           "variants": {v: {**res[v][bs], "speedup": res["teacher"][bs]["p50_ms"] / res[v][bs]["p50_ms"]}
-                                                        for v in variants(ex)}}
-                                      for bs in res["student"]}
-        if recipe.report.eval_data is not None:
-            log(f"evaluating on {recipe.report.eval_data}")
-            ds, dl = loader(recipe.report.eval_data, cfg, limit=recipe.report.eval_images)
-            outputs = int(logits64(teacher, calib[:1]).shape[-1])
-            warn = (f"{recipe.report.eval_data} has {len(ds.classes)} class folders but the model has {outputs} outputs; "
-                    "top-1 assumes folder i (sorted by name) is output i" if ds.labeled and len(ds.classes) != outputs else None)
-            if warn:
-                log(f"warning: {warn}")
-            models = {"teacher": teacher, "student": student,
-                      **{v: ort_predictor(onnx_files[v], ex.dynamic_batch and artifacts["onnx"]["dynamic_batch"])
-                         for v in variants(ex) if v in onnx_files}}
-            summary["eval"] = {"data": str(recipe.report.eval_data), **evaluate(models, dl), **({"warning": warn} if warn else {})}
+    if "safetensors" in ex.formats:
+        summary["safetensors_bytes"] = _ratio(tfiles["safetensors"]["bytes"], artifacts["safetensors"]["bytes"])
+    if "onnx" in ex.formats:
+        summary["onnx_bytes"] = _ratio(tfiles["onnx"]["bytes"], artifacts["onnx"]["bytes"])
+        if rep.latency is None:
+            summary["onnx_bytes"]["teacher_file"] = "plain export, size only (no latency asked: not slimmed or run)"
+        summary["variant_bytes"] = {v: artifacts[f"onnx.{v}"]["bytes"] for v in variants(ex)}
+        onnx_files = {"teacher": folder / "teacher.onnx", "student": staging / "model.onnx",
+                      **{v: staging / f"model.{v}.onnx" for v in variants(ex)}}
+    if rep.eval_data is not None:
+        log(f"evaluating on {rep.eval_data}")
+        ds, dl = loader(rep.eval_data, cfg, limit=rep.eval_images)
+        outputs = int(logits64(teacher, calib[:1]).shape[-1])
+        warn = (f"{rep.eval_data} has {len(ds.classes)} class folders but the model has {outputs} outputs; "
+                "top-1 assumes folder i (sorted by name) is output i" if ds.labeled and len(ds.classes) != outputs else None)
+        if warn:
+            log(f"warning: {warn}")
+        models = {"teacher": teacher, "student": student,
+                  **{v: ort_predictor(onnx_files[v], ex.dynamic_batch and artifacts["onnx"]["dynamic_batch"])
+                     for v in variants(ex) if v in onnx_files}}
+        summary["eval"] = {"data": str(rep.eval_data), **evaluate(models, dl), **({"warning": warn} if warn else {})}
+        mark("measure: eval")
+    return onnx_files if rep.latency is not None else {}
+
+
+def _latency(recipe: Recipe, onnx_files: dict, tfiles: dict, artifacts: dict, size, summary: dict, log) -> None:
+    """onnxruntime latency of the teacher, the student and every variant, interleaved, in a child process."""
+    lat, ex = recipe.report.latency, recipe.export
+    dyn = tfiles["onnx"]["dynamic_batch"] and artifacts["onnx"]["dynamic_batch"]  # a forward may fix the batch (see write_onnx)
+    log(f"timing onnxruntime: batch {lat.batch_sizes}, {lat.threads} threads, {lat.runs} interleaved runs")
+    if not dyn and lat.batch_sizes != [1]:
+        summary["latency_note"] = "batch 1 only: model.onnx has a fixed batch of 1 (see artifacts.onnx.fixed_batch)"
+        log(f"timing: {summary['latency_note']}")
+    res = latency_child(onnx_files, size, batch_sizes=lat.batch_sizes if dyn else [1],
+                        threads=lat.threads, warmup=lat.warmup, runs=lat.runs)
+    summary["latency"] = {bs: {"teacher": res["teacher"][bs], "student": res["student"][bs],
+                               "speedup": res["teacher"][bs]["p50_ms"] / res["student"][bs]["p50_ms"],
+                               "variants": {v: {**res[v][bs], "speedup": res["teacher"][bs]["p50_ms"] / res[v][bs]["p50_ms"]}
+                                            for v in variants(ex)}}
+                          for bs in res["student"]}
+    mark("latency")
 
 
 def _gates(recipe: Recipe, summary: dict) -> list[dict]:
@@ -331,6 +359,7 @@ def apply(recipe: Recipe, ckpt: str, out: Path, *, data: str | None = None, dry_
           overwrite: bool = False, resume: bool = False, device: str | None = None, inputs: tuple = (),
           log=print) -> dict:
     """Run a recipe. Under torchrun every rank rewrites and distills; rank 0 alone writes."""
+    mark("start (imports)")
     stages = Stages()
     primary = not dist.is_initialized() or dist.get_rank() == 0
     _check_recipe_needs(recipe, data)
@@ -338,6 +367,7 @@ def apply(recipe: Recipe, ckpt: str, out: Path, *, data: str | None = None, dry_
     old = runtimes.for_recipe(recipe.export, log) if primary and not dry_run else None
     with stages("load"):
         loaded = load(ckpt, recipe.model)
+    mark("load")
     for key in ("read", "detected", "converted", "note", "preprocess_note"):
         if loaded.source.get(key):
             log(f"load: {loaded.source[key]}")
@@ -350,7 +380,8 @@ def apply(recipe: Recipe, ckpt: str, out: Path, *, data: str | None = None, dry_
         shutil.rmtree(work, ignore_errors=True)
     try:
         if recipe.target is None:
-            record = _run(recipe, loaded, staging, data, train, work, dry_run, resume, device, ckpt, old, stages, log)
+            record = _run(recipe, loaded, staging, data, train, work, dry_run, resume, device, ckpt, old, stages, log,
+                          last=True)
         else:  # plan first (compress/plan.py); an accuracy miss may retry the next candidate in a clean staging dir
             from .plan import run_target
 
@@ -372,21 +403,42 @@ def apply(recipe: Recipe, ckpt: str, out: Path, *, data: str | None = None, dry_
 
 
 def _run(recipe: Recipe, loaded, staging: Path | None, data, train, work: Path, dry_run: bool, resume: bool,
-         device: str | None, ckpt: str, old, stages: Stages, log, extra: dict | None = None) -> dict:
+         device: str | None, ckpt: str, old, stages: Stages, log, extra: dict | None = None, last: bool = False) -> dict:
+    """One conversion. `last`: the caller needs the loaded model no more (no planner retry): it is then freed
+    before the latency child starts, and rewritten in place when nothing else reads the teacher later."""
+    with tempfile.TemporaryDirectory(prefix="compress-teacher-") as tmp:  # the teacher's files, for sizes and latency
+        return _run_in(recipe, loaded, staging, data, train, work, dry_run, resume, device, ckpt, old, stages, log,
+                       extra, last, Path(tmp))
+
+
+def _run_in(recipe: Recipe, loaded, staging: Path | None, data, train, work: Path, dry_run: bool, resume: bool,
+            device: str | None, ckpt: str, old, stages: Stages, log, extra: dict | None, last: bool, tmp: Path) -> dict:
     teacher, cfg = loaded.model, loaded.data_cfg
     size = tuple(cfg["input_size"])
     calib_path = data if data is not None else recipe.calibration.data
     train_batch = recipe.distill.batch_size if recipe.distill is not None and not torch.cuda.is_available() else None
     memory = check_memory(teacher, size, calib_images=recipe.calibration.images, train_batch=train_batch)
     calib, calib_desc = calibration_batch(calib_path, cfg, recipe.calibration.images, recipe.calibration.seed)
+    mark("calibration batch")
+    # Nothing reads the teacher after the rewrite (no distillation, no evaluation): its files are written first and
+    # the passes then rewrite it in place (ViT-L: no second copy of 1.2 GB of weights)
+    inplace = last and not dry_run and recipe.distill is None and recipe.report.eval_data is None
+    tfiles, teacher_params, ref = None, count_params(teacher), None
+    if inplace:
+        with stages("rewrite"):
+            ref = logits(teacher, calib)
+        with stages("measure"):
+            tfiles = _teacher_files(recipe, teacher, calib, tmp, ref)
     with stages("rewrite"):
-        student, ledger, ref, rewritten = rewrite(loaded, recipe, calib, log)
+        student, ledger, ref, rewritten = rewrite(loaded, recipe, calib, log, inplace=inplace, ref=ref)
+    if inplace:  # the teacher is gone: nothing may read it by mistake
+        loaded.model = teacher = None
     record = {"compress_version": __version__, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "source": loaded.source, "input_size": list(size), "calibration": calib_desc,
               "recipe": recipe.resolved(), "passes": ledger, **({"memory_estimate": memory} if memory else {}),
               **(extra or {})}
-    summary = {"params": _ratio(count_params(teacher), count_params(student)),
-               "flops": _ratio(*_flops(ledger, teacher, student, size))}
+    summary = {"params": _ratio(teacher_params, count_params(student)),
+               "flops": _ratio(*_flops(ledger, student if teacher is None else teacher, student, size))}  # in place: the same
     record["summary"] = summary
     if dry_run:
         record["stages_s"] = stages.seconds
@@ -402,7 +454,9 @@ def _run(recipe: Recipe, loaded, staging: Path | None, data, train, work: Path, 
         record["learned"] = learned
 
     with stages("export"):
-        record["artifacts"] = artifacts = _export(recipe, loaded, student, staging, calib, ledger, old, log)
+        # the student's calibration logits from the rewrite, unless training changed it since
+        record["artifacts"] = artifacts = _export(recipe, loaded, student, staging, calib, ledger, old, log,
+                                                  rewritten if recipe.distill is None else None)
         if loaded.save_back is not None:  # the original family's layout too, when the structure allows it
             record["family_layout"] = lay = loaded.save_back(student, staging, calib, recipe.export.parity_tol)
             log(f"export: {loaded.source['arch']} layout " + (f"not written: {lay['skipped']}" if "skipped" in lay
@@ -413,17 +467,27 @@ def _run(recipe: Recipe, loaded, staging: Path | None, data, train, work: Path, 
             if a.get("external_data"):  # model.onnx.data beside model.onnx
                 a["external_data"]["sha256"] = sha256(staging / a["external_data"]["path"])
     with stages("measure"):
-        _measure(recipe, loaded, student, staging, calib, artifacts, summary, log)
+        tfiles = tfiles or _teacher_files(recipe, teacher, calib, tmp, ref)
+        onnx_files = _measure(recipe, teacher, student, staging, calib, cfg, artifacts, tfiles, tmp, summary, log)
+    if last:  # the PyTorch models are done with: freed before the timing child loads the ONNX files
+        loaded.model = teacher = student = None
+        release()
+        mark("free models")
+    if onnx_files:
+        with stages("latency"):
+            _latency(recipe, onnx_files, tfiles, artifacts, size, summary, log)
     if summary.get("eval", {}).get("images") == 0:
         raise InputError(f"{recipe.report.eval_data}: none of the evaluation images could be read; check the data")
 
     record["gates"] = _gates(recipe, summary)
     record["machine"] = machine_info(recipe.report.latency.threads if recipe.report.latency else None)
     record["stages_s"] = stages.seconds
+    mark("measure: rest")
     with stages("report"):
         (staging / "recipe.yaml").write_text(yaml.safe_dump(recipe.resolved(), sort_keys=False))
         write_reports(record, staging)
     record["stages_s"] = stages.seconds
+    mark("report")
     failed = [g for g in record["gates"] if not g["ok"]]
     if failed:
         record["failed_gates"] = failed

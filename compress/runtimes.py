@@ -15,6 +15,7 @@ import onnx
 import onnxruntime
 
 from .errors import InputError, VerificationError
+from .onnx_lean import light
 
 
 @dataclass(frozen=True)
@@ -161,7 +162,7 @@ def for_recipe(ex, log=print) -> OldRuntime | dict | None:
 
 def static_check(path: Path, name: str, rt: Runtime, version: str) -> None:
     """IR version and ai.onnx opset of the file against what the runtime reads: a clear line before running it."""
-    m = onnx.load(str(path), load_external_data=False)
+    m = light(path)
     opset = max((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), default=0)
     if m.ir_version > rt.ir or opset > rt.opset:
         path.unlink()

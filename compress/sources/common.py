@@ -13,8 +13,9 @@ from ..metrics import rel_max_diff
 CONVERT_TOL = 1e-4  # max |Δ| / max |ref| between an original model (or block) and its conversion
 
 
-def fit(model: nn.Module, sd: dict, what: str, path: Path | str) -> None:
-    """load_state_dict(strict) with a one-line summary of every mismatch."""
+def fit(model: nn.Module, sd: dict, what: str, path: Path | str, assign: bool = False) -> None:
+    """load_state_dict(strict) with a one-line summary of every mismatch; `assign` adopts sd's tensors
+    as the model's (no copy: for a model built on the meta device)."""
     own = model.state_dict()
     if set(sd) != set(own):  # the reader stripped a wrapper prefix that this model's own keys do have
         for p in ("model.", "module.", "_orig_mod."):
@@ -32,7 +33,7 @@ def fit(model: nn.Module, sd: dict, what: str, path: Path | str) -> None:
                 parts.append(f"{len(items)} {label}: {', '.join(items[:3])}{', ...' if len(items) > 3 else ''}")
         raise InputError(f"weights in {path} do not fit {what}: {'; '.join(parts)}; "
                          "check model.arch, num_classes, img_size and kwargs")
-    model.load_state_dict(sd, strict=True)
+    model.load_state_dict(sd, strict=True, assign=assign)
 
 
 def rename(sd: dict, rules: list, what: str, path) -> tuple[dict, dict]:
