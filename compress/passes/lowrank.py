@@ -56,12 +56,15 @@ def _shape(layer: nn.Module) -> tuple[int, int]:
 
 def factorised(layer: nn.Module, rank: int) -> nn.Sequential:
     """Two layers of the same kind: rank-r first factor (no bias), then the map back to the outputs (bias)."""
-    bias = layer.bias is not None
+    bias, meta = layer.bias is not None, {"device": "meta"}  # no random init: every weight is written afterwards
     if isinstance(layer, nn.Linear):
-        return nn.Sequential(nn.Linear(layer.in_features, rank, bias=False), nn.Linear(rank, layer.out_features, bias=bias))
-    first = nn.Conv2d(layer.in_channels, rank, layer.kernel_size, layer.stride, layer.padding, layer.dilation,
-                      bias=False, padding_mode=layer.padding_mode)
-    return nn.Sequential(first, nn.Conv2d(rank, layer.out_channels, 1, bias=bias))
+        pair = nn.Sequential(nn.Linear(layer.in_features, rank, bias=False, **meta),
+                             nn.Linear(rank, layer.out_features, bias=bias, **meta))
+    else:
+        first = nn.Conv2d(layer.in_channels, rank, layer.kernel_size, layer.stride, layer.padding, layer.dilation,
+                          bias=False, padding_mode=layer.padding_mode, **meta)
+        pair = nn.Sequential(first, nn.Conv2d(rank, layer.out_channels, 1, bias=bias, **meta))
+    return pair.to_empty(device=layer.weight.device)
 
 
 def _input_side(layer: nn.Module) -> bool:
@@ -133,7 +136,7 @@ def _basis(layer: nn.Module, cov: torch.Tensor, samples: int, method: str,
             wwt = w @ w.T
             prior = wwt * (float(cov.trace()) / max(float(wwt.trace()), 1e-300))
             used = (1 - a) * cov + a * prior
-            u = torch.linalg.eigh(used)[1].flip(-1)[:, :k]
+            u = _eigh(used)[1].flip(-1)[:, :k]
         else:  # shrunk C = W M' W^T with M' = (1-a) M + a s I: its top eigenvectors are the left singular vectors of W M'^1/2
             scale = float(((w @ cov) * w).sum()) / max(float((w * w).sum()), 1e-300)
             used = (1 - a) * cov + a * scale * torch.eye(len(cov), dtype=cov.dtype)
@@ -155,6 +158,12 @@ def _one_thread():
         torch.set_num_threads(n)
 
 
+def _eigh(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """eigh on one thread; the products around it keep every thread (ViT-L: 4096x1024 float64 GEMMs)."""
+    with _one_thread():
+        return torch.linalg.eigh(m)
+
+
 def _left_singular(w: torch.Tensor, m: torch.Tensor, k: int) -> torch.Tensor:
     """Top-k left singular vectors of B = W M^1/2 (out > in), without an SVD of the tall B.
 
@@ -165,10 +174,10 @@ def _left_singular(w: torch.Tensor, m: torch.Tensor, k: int) -> torch.Tensor:
     """
     root, info = torch.linalg.cholesky_ex(m)
     if int(info) != 0:
-        lam, q = torch.linalg.eigh(m)
+        lam, q = _eigh(m)
         root = q * lam.clamp_min(0).sqrt()
     b = w @ root
-    s2, v = torch.linalg.eigh(b.T @ b)
+    s2, v = _eigh(b.T @ b)
     s2, v = s2.flip(0)[:k], v.flip(-1)[:, :k]
     return (b @ v) / s2.clamp_min(1e-300).sqrt()
 
@@ -232,9 +241,9 @@ def _uniform(cands: dict[str, dict], target: float, total: float, budget: str) -
 
 def _replace(model, name: str, layer: nn.Module, u: torch.Tensor | None, rank: int) -> nn.Sequential:
     new = factorised(layer, rank).to(layer.weight.dtype)
-    if u is not None:
-        ur = u[:, :rank].double()
-        w = layer.weight.detach().double()
+    if u is not None:  # in the weights' precision: u is float32, and the factor error is far above its rounding
+        ur = u[:, :rank].to(layer.weight.dtype)
+        w = layer.weight.detach()
         with torch.no_grad():
             new[0].weight.copy_((ur.T @ w.flatten(1)).view_as(new[0].weight))
             new[1].weight.copy_(ur.view_as(new[1].weight))
@@ -306,8 +315,7 @@ def _prepare(model, chosen: dict, layers: dict, cfg: LowRankConfig, calib) -> tu
             skipped[n] = (f"rank {min(r, top)} would not save: break-even is {even:.1f} = in*out/(in+out)" if cfg.rank
                           is not None else f"break-even rank {even:.1f} is below the smallest rank {cfg.multiple}")
             continue
-        with _one_thread():
-            u, lost, raw = _basis(m, stats[n][0].double(), stats[n][1] * len(calib), cfg.method, max(ranks))
+        u, lost, raw = _basis(m, stats[n][0].double(), stats[n][1] * len(calib), cfg.method, max(ranks))
         u, stats[n] = u.float(), (None, stats[n][1])  # a float32 basis is exact enough for float32 factors; moment done
         steps = [(None, 0.0, weight[n] * out * inn)] + [(r, float(lost[r - 1]), weight[n] * r * (out + inn)) for r in ranks]
         cands[n] = {"u": u, "lost": raw, "steps": steps, "shape": (out, inn), "even": even, "top": top}
