@@ -153,7 +153,7 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     lat = "{batch_sizes: [1], threads: 2, runs: 20}" if args.latency else "null"
     models = {"vit_tiny_patch16_224": {"img_size": 32, "patch_size": 8, "depth": 2, "num_classes": 10}} if args.quick \
-        else {m: {} for m in args.models.split(",")}
+        else {m: {"num_classes": 1000} for m in args.models.split(",")}  # vit_huge_patch14_224's default has no head
     res = {"latency": "batch 1" if args.latency else "null", "models": {},
            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"}
     with tempfile.TemporaryDirectory(prefix="compress-scale-") as tmp:

@@ -109,7 +109,7 @@ def rewrite(loaded, recipe: Recipe, calib, log, inplace: bool = False, ref: torc
             raise InputError(f"recipe passes[{i}]: {e}") from None
         student = result.model.eval()
         now64 = logits64(student, calib) if exact else None
-        now = now64.float() if exact else logits(student, calib)
+        now = now64.float() if exact else (result.logits if result.logits is not None else logits(student, calib))
         p1, f1 = count_params(student), count_flops(student, size)
         entry = {"pass": step.name, "config": step.config.model_dump(mode="json"), "exact": exact,
                  "params": [params, p1], "flops": [flops, f1], "changes": result.changes, "details": result.details}

@@ -26,6 +26,10 @@ from .registry import PassContext, all_passes, get_pass
 # A FLOP/param budget is met exactly: the written plan's gate restates the target, and a candidate 2% over it
 # (once allowed, for rounded ranks) was chosen by the plan and then refused by its own gate
 SLACK = 1.0
+# A speed target is met in the planner's timing with this margin: the gate times the file again after distillation,
+# and two timings of one file differ (the shared ViT's int8 lowrank file: 1.52x in the plan, 1.38x in the report)
+SPEED_MARGIN = 0.03
+CONFIRM = 3  # meeting candidates re-timed, best first, as the gate will time them, until one still meets
 # How much faster than its FLOP cut a file can run (DESIGN §8): fp32 tracks FLOPs; int8 dynamic speeds
 # ViT MatMuls up about 2x. Candidates beyond these bounds are not worth exporting and timing.
 ALLOW = {"fp32": 1.15, "int8_dynamic": 2.5}
@@ -128,39 +132,36 @@ class Candidates:
             held = fidelity(self.ref_holdout, predict(self.holdout))
             row.update(calib_kl=fid["kl"], kl=held["kl"], agreement=held["agreement"], scored_on="holdout")
 
-    def enumerate(self, levels: list[tuple[str, float]], log, only: set[str] | None = None) -> list[dict]:
+    def enumerate(self, levels: list[tuple[str, float]], log) -> list[dict]:
         """Every candidate: MLP strip windows and auto, exact passes where they pay, lowrank (each allocation,
-        alone and on top of short strips) and width at each budget level; `only` names the passes to place at
-        the levels (and skips the level-free strips and exact passes)."""
+        alone and on top of short strips) and width at each budget level; one row per distinct model."""
         fam, passes = self.loaded.adapter.family, all_passes()
-        placed = set(passes) if only is None else only
         found = [self.dry([])]
         strips: dict[int, dict] = {}
         if fam == "vit" and "mlp_strip" in passes:
             n = len(self.loaded.adapter.vit_blocks(copy.deepcopy(self.loaded.model)))
             for k in range(1, n):
                 windows = [self.dry([{"mlp_strip": {"blocks": list(range(s, s + k))}}]) for s in range(n - k + 1)]
-                found += windows if only is None else []
+                found += windows
                 strips[k] = min(windows, key=lambda w: w["kl"])
-            if only is None:
-                found += [self.dry([{"mlp_strip": {"blocks": "auto", "fraction": f}}]) for f in (0.5, 0.25)]  # 0.25 reuses 0.5's greedy order
-                exact = [self.dry([{p: cfg}]) for p, cfg in (("qk_merge", {"mode": "exact"}), ("vo", {"mode": "fold"}))
-                         if p in passes]
-                found += [c for c in exact if c and (c["flops_ratio"] < 1 or c["params_ratio"] < 1)]  # where they pay
+            found += [self.dry([{"mlp_strip": {"blocks": "auto", "fraction": f}}]) for f in (0.5, 0.25)]  # 0.25 reuses 0.5's greedy order
+            exact = [self.dry([{p: cfg}]) for p, cfg in (("qk_merge", {"mode": "exact"}), ("vo", {"mode": "fold"}))
+                     if p in passes]
+            found += [c for c in exact if c and (c["flops_ratio"] < 1 or c["params_ratio"] < 1)]  # where they pay
         for kind, level in levels:
             log(f"plan: candidates at {kind} {level:.0%} of the teacher")
-            if "lowrank" in placed and "lowrank" in passes:
+            if "lowrank" in passes:
                 for a in ("greedy", "uniform"):
                     found.append(self.dry([_lowrank(level, a, kind)]))
                     for k in (1, 2):  # the strip's own share is taken out of the level: lowrank's scope is its model
                         if k in strips and strips[k][f"{kind}_ratio"] > level * SLACK:
                             found.append(self.dry(strips[k]["passes"] + [_lowrank(level / strips[k][f"{kind}_ratio"], a, kind)]))
-            if "width" in placed and "width" in passes and fam in WIDTH_LAYERS:
+            if "width" in passes and fam in WIDTH_LAYERS:
                 found.append(self.dry([width_candidate(level, fam, kind)]))
         unique = {}
         for c in found:
-            if c is not None:
-                unique.setdefault(json.dumps(c["passes"], sort_keys=True), c)
+            if c is not None:  # the first pass list that gives a model names it (the shortest, strips first)
+                unique.setdefault(_same({**c, "variant": ""}), c)
         return list(unique.values())
 
 
@@ -195,13 +196,18 @@ def _feasible(row: dict, t, teacher: dict) -> bool:
     return True
 
 
+def _speed_needed(t, teacher: dict) -> float:
+    """The speedup a file must show in the planner's timing: the target's, SPEED_MARGIN above it."""
+    return (t.speedup or teacher["p50_ms"] / t.latency_ms) * (1 + SPEED_MARGIN)
+
+
 def _meets(row: dict, t, teacher: dict) -> bool:
     bs = str(t.batch)
     ok = (t.flops is None or row["flops_ratio"] <= t.flops * SLACK) and (t.params is None or row["params_ratio"] <= t.params * SLACK)
     if t.speedup is not None:
-        ok = ok and row["speedup"][bs] >= t.speedup
+        ok = ok and row["speedup"][bs] >= t.speedup * (1 + SPEED_MARGIN)
     if t.latency_ms is not None:
-        ok = ok and row["p50_ms"][bs] <= t.latency_ms
+        ok = ok and row["p50_ms"][bs] * (1 + SPEED_MARGIN) <= t.latency_ms
     if t.size_mb is not None:
         ok = ok and row["bytes"] <= t.size_mb * 1e6
     return ok
@@ -304,9 +310,9 @@ def plan(loaded, recipe: Recipe, calib, log=print, cands: Candidates | None = No
                     break
                 levels = _measured_levels(rows, t, tref)
                 seen = {_key(r) for r in rows}
-                placed = [c for name, lv in levels for c in cands.enumerate([("flops", lv)], log, only={name})]
-                new = list({_key(r): r for r in ({**c, "variant": v} for c in placed for v in variants)
-                            if _key(r) not in seen}.values())
+                seen |= {_same(r) for r in rows}
+                new = [{**c, "variant": v} for c in cands.enumerate(levels, log) for v in variants
+                       if _key({**c, "variant": v}) not in seen and _same({**c, "variant": v}) not in seen]
                 if not new:
                     break
                 log(f"plan: none met the target; {len(new)} candidates at FLOP levels {[lv for _, lv in levels]} "
@@ -323,6 +329,8 @@ def plan(loaded, recipe: Recipe, calib, log=print, cands: Candidates | None = No
                 rows[i]["measured"] = True
         meeting = sorted((i for i in order if rows[i].get("measured") and _meets(rows[i], t, tref)),
                          key=lambda i: (rows[i]["kl"], i))
+        if timed:
+            meeting = _confirm(meeting, rows, folder, tpath, recipe, batches, t, tref, cands.size, log)
         result = _result(t, teacher, rows, meeting[0] if meeting else None, meeting, t0, met_by_teacher=False,
                          timed_rows=done)
     if not meeting:
@@ -356,24 +364,54 @@ def _export_and_time(order: list[int], rows: list[dict], cands, folder, recipe, 
     return done
 
 
+def _confirm(meeting: list[int], rows: list[dict], folder: Path, tpath: Path, recipe: Recipe, batches: list[int], t,
+             tref: dict, size, log) -> list[int]:
+    """Time the best meeting candidates again, one at a time, as the gate will after distillation (the teacher,
+    the fp32 file and the variant, interleaved), until one still meets; those that do not are dropped. Timed
+    among five others, the shared ViT's int8 lowrank file showed 1.52x; the gate's own timing, 1.38x."""
+    lat, bs, dropped = recipe.report.latency, str(t.batch), []
+    for i in meeting[:CONFIRM]:
+        r = rows[i]
+        paths = {"fp32": folder / f"c{i}.onnx", **({r["variant"]: folder / f"c{i}.{r['variant']}.onnx"}
+                                                  if r["variant"] != "fp32" else {})}
+        res = latency({"teacher": tpath, **paths}, size, batch_sizes=batches, threads=lat.threads, warmup=lat.warmup,
+                      runs=lat.runs)
+        again = {b: res["teacher"][b]["p50_ms"] / res[r["variant"]][b]["p50_ms"] for b in res["teacher"]}
+        p50 = {b: res[r["variant"]][b]["p50_ms"] for b in res["teacher"]}
+        r["confirm"] = {"speedup": again, "p50_ms": p50}
+        if _meets({**r, "speedup": again, "p50_ms": p50}, t, {**tref, "p50_ms": res["teacher"][bs]["p50_ms"]}):
+            break
+        log(f"plan: {describe(r)} measured {again[bs]:.2f}x at batch {t.batch} when timed again as the gate "
+            "will time it; dropped")
+        dropped.append(i)
+    return [i for i in meeting if i not in dropped]
+
+
 def _key(row: dict) -> str:
     return json.dumps([row["passes"], row["variant"]], sort_keys=True)
 
 
+def _same(row: dict) -> tuple:
+    """A model's identity as measured: two targets that round to the same ranks or widths give one model
+    (lowrank at 0.396 and 0.393 of the shared ViT's FLOPs: the same file, timed twice)."""
+    return (row["variant"], round(row["flops_ratio"], 9), round(row["params_ratio"], 9), round(row["kl"], 12))
+
+
 def _measured_levels(rows: list[dict], t, tref: dict) -> list[tuple[str, float]]:
-    """(pass, FLOP level) where each pass kind's files should meet the speed target, from what they measured: a file
-    keeps its speedup ÷ FLOP cut roughly as its pass narrows further (the shared ViT's width files: about 0.74),
-    so each kind's narrowest timed file, at ratio f with speedup s_f, is aimed at f·s_f/s (3% under it, for the
-    timing noise; the ratio drifts down as a cut deepens, and the narrowest file is the nearest to the target)."""
-    bs, s = str(t.batch), t.speedup or tref["p50_ms"] / t.latency_ms
+    """FLOP levels where each pass kind's files should meet the speed target, from what they measured: a file
+    keeps its speedup ÷ FLOP cut roughly as its pass narrows further, so each kind's narrowest timed file, at
+    ratio f with speedup s_f, is aimed at f·s_f/(s·(1 + SPEED_MARGIN)). Every kind is then placed at every level:
+    the ratio drifts down as a cut deepens, and a level aimed from one kind often suits another (the shared ViT's
+    width 0.389, which met 1.5x, came from lowrank's aim; width aimed at itself stayed at 1.47x)."""
+    bs, s = str(t.batch), _speed_needed(t, tref)
     narrowest: dict[tuple, dict] = {}
     for r in rows:
         if "speedup" in r and r["passes"] and r["flops_ratio"] < 1:
             kind = (next(iter(r["passes"][-1])), r["variant"])
             if kind not in narrowest or r["flops_ratio"] < narrowest[kind]["flops_ratio"]:
                 narrowest[kind] = r
-    aims = ((kind[0], 0.97 * r["speedup"][bs] * r["flops_ratio"] / s) for kind, r in narrowest.items())
-    return sorted({(name, round(a, 3)) for name, a in aims if 0.05 < a < 1}, key=lambda kv: -kv[1])[:3]
+    aims = (r["speedup"][bs] * r["flops_ratio"] / s for r in narrowest.values())
+    return sorted({("flops", round(a, 3)) for a in aims if 0.05 < a < 1}, key=lambda kv: -kv[1])[:3]
 
 
 def _best_effort(rows: list[dict], t) -> dict:
@@ -453,6 +491,7 @@ def table(result: dict) -> tuple[list[tuple], int]:
     """Rows for report.align, one per measured candidate (lowest KL first, the choice marked *), and how
     many candidates were left out (beyond reach on FLOPs/params, or not timed once one met the target)."""
     bss = sorted(result["teacher"].get("p50_ms", {}), key=int)
+    tb = str(result["target"].get("batch"))
     out = [("", "candidate", "FLOPs", "params", *[f"speedup b{b}" for b in bss], "MB",
             "KL held-out" if any(r.get("scored_on") == "holdout" for r in result["rows"]) else "KL", "agree", "meets")]
     rows = result["rows"]
@@ -462,7 +501,8 @@ def table(result: dict) -> tuple[list[tuple], int]:
         out.append(("*" if i == result["choice"] else "", describe(r), f"{r['flops_ratio']:.1%}", f"{r['params_ratio']:.1%}",
                     *[f"{r['speedup'][b]:.2f}x" if "speedup" in r else "-" for b in bss],
                     f"{r['bytes'] / 1e6:.2f}" if r.get("bytes") else "-", f"{r['kl']:.4f}",
-                    f"{100 * r['agreement']:.1f}%", ("yes" if i in result["ranked"] else "no")))
+                    f"{100 * r['agreement']:.1f}%", ("yes" if i in result["ranked"] else "no")
+                    + (f" (again: {r['confirm']['speedup'][tb]:.2f}x)" if "confirm" in r else "")))
     return out, len(rows) - len(shown)
 
 

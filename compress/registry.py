@@ -43,6 +43,9 @@ class PassResult:
     model: torch.nn.Module
     changes: list[str] = field(default_factory=list)  # human-readable ledger lines
     details: dict[str, Any] = field(default_factory=dict)  # machine-readable, goes to report.json
+    # the result's float32 logits on ctx.calib in eval mode, when the pass already ran them (lowrank's allocation
+    # trial of the winner): the pipeline then does not run the model again (a ViT-L forward on 16 images: 8 s)
+    logits: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)

@@ -232,3 +232,16 @@ def test_auto_allocation_keeps_the_lower_calibration_kl_and_records_both():
                    PassContext(x))
     assert {n: i["rank"] for n, i in same.details["layers"].items()} == {n: i["rank"] for n, i in res.details["layers"].items()}
     assert "auto: calibration KL" in res.changes[0]
+
+
+def test_auto_returns_the_winners_logits_which_are_the_results_own():
+    """allocate: auto already ran the winning allocation on the calibration batch; the result carries those logits
+    (the pipeline skips its own forward) and they are the returned model's, not the other trial's."""
+    teacher = tiny_vit(depth=2)
+    x = torch.randn(8, 3, 16, 16)
+    res = lowrank(copy.deepcopy(teacher), detect(teacher), LowRankConfig(target=0.5, multiple=2), PassContext(x))
+    with torch.no_grad():
+        assert torch.allclose(res.logits, res.model.eval()(x), atol=1e-6)
+    fixed = lowrank(copy.deepcopy(teacher), detect(teacher), LowRankConfig(target=0.5, multiple=2, allocate="uniform"),
+                    PassContext(x))
+    assert fixed.logits is None  # no trial ran: the pipeline runs the forward itself

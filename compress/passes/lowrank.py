@@ -6,7 +6,6 @@ Cholesky); `svd` takes U_r from the weight's own SVD instead (data-free basis, f
 from __future__ import annotations
 
 import heapq
-from contextlib import contextmanager
 from typing import Annotated, Literal, Optional, Union
 
 import torch
@@ -136,36 +135,31 @@ def _basis(layer: nn.Module, cov: torch.Tensor, samples: int, method: str,
             wwt = w @ w.T
             prior = wwt * (float(cov.trace()) / max(float(wwt.trace()), 1e-300))
             used = (1 - a) * cov + a * prior
-            u = _eigh(used)[1].flip(-1)[:, :k]
+            lam, vec = _eigh(used)
+            u, energy, total = vec.flip(-1)[:, :k], lam.flip(0)[:k], float(used.trace())
         else:  # shrunk C = W M' W^T with M' = (1-a) M + a s I: its top eigenvectors are the left singular vectors of W M'^1/2
             scale = float(((w @ cov) * w).sum()) / max(float((w * w).sum()), 1e-300)
             used = (1 - a) * cov + a * scale * torch.eye(len(cov), dtype=cov.dtype)
-            u = _left_singular(w, used, k)
-    else:
-        u, used = torch.linalg.svd(w, full_matrices=False)[0][:, :k], cov
-    return u, _lost(u, used, side), _lost(u, cov, side)
-
-
-@contextmanager
-def _one_thread():
-    """LAPACK's eigensolvers at these sizes gain little from a second thread and collapse when a core is busy
-    (measured, 768x768 float64 eigh: 0.1 s on one thread; 2.6 s on two while another process held a core)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
+            u, energy = _left_singular(w, used, k)
+            total = float(((w @ used) * w).sum())
+        # under the moment the basis diagonalises, the energy kept per direction is its eigenvalue: no product needed
+        shrunk = (1 - torch.cumsum(energy, 0) / total).clamp_min(0) if total > 0 else torch.zeros_like(energy)
+        return u, shrunk, _lost(u, cov, side)
+    u = torch.linalg.svd(w, full_matrices=False)[0][:, :k]
+    lost = _lost(u, cov, side)
+    return u, lost, lost
 
 
 def _eigh(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """eigh on one thread; the products around it keep every thread (ViT-L: 4096x1024 float64 GEMMs)."""
-    with _one_thread():
-        return torch.linalg.eigh(m)
+    """With every thread: on the idle 2-core box a 1024x1024 float64 eigh takes 0.09 s on two, 0.16 s on one
+    (ViT-L: 168 of them). On a busy box two threads can collapse (768x768: 2.6 s while another process held a core);
+    plan and convert on an idle machine."""
+    return torch.linalg.eigh(m)
 
 
-def _left_singular(w: torch.Tensor, m: torch.Tensor, k: int) -> torch.Tensor:
-    """Top-k left singular vectors of B = W M^1/2 (out > in), without an SVD of the tall B.
+def _left_singular(w: torch.Tensor, m: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k left singular vectors of B = W M^1/2 (out > in), and their squared singular values, without an SVD of
+    the tall B.
 
     Any square root of M serves (B R has the same left singular vectors for orthogonal R): the Cholesky
     factor when M is positive definite (shrinkage makes it so), else the symmetric root. Then the
@@ -179,7 +173,7 @@ def _left_singular(w: torch.Tensor, m: torch.Tensor, k: int) -> torch.Tensor:
     b = w @ root
     s2, v = _eigh(b.T @ b)
     s2, v = s2.flip(0)[:k], v.flip(-1)[:, :k]
-    return (b @ v) / s2.clamp_min(1e-300).sqrt()
+    return (b @ v) / s2.clamp_min(1e-300).sqrt(), s2.clamp_min(0)
 
 
 def _allocate(cands: dict[str, dict], target: float, total: float, budget: str) -> dict[str, int]:
@@ -271,19 +265,20 @@ def _better_allocation(model, layers: dict, cands: dict, cfg: LowRankConfig, tar
     """allocate: auto. Each allocation tried in place (factorised layers swapped in, then the originals back:
     no copy of the model); the lower calibration KL to `ref`, the model's logits, wins (greedy on a tie)."""
     ref = ref.double().log_softmax(-1)
-    kls, picks = {}, {}
+    kls, picks, outs = {}, {}, {}
     for name, fn in (("greedy", _allocate), ("uniform", _uniform)):
         picks[name] = fn(cands, target, total, cfg.budget)
         try:
             for n, r in picks[name].items():
                 _replace(model, n, layers[n], cands[n]["u"], r)
-            out = model(calib).double().log_softmax(-1)
+            outs[name] = model(calib)
         finally:
             for n in picks[name]:
                 set_module(model, n, layers[n])
+        out = outs[name].double().log_softmax(-1)
         kls[name] = float(torch.nn.functional.kl_div(out, ref, log_target=True, reduction="batchmean"))
     best = min(kls, key=lambda k: (kls[k], k != "greedy"))
-    return best, picks[best], kls
+    return best, picks[best], kls, outs[best]  # the winner's logits: the same layers are built again below
 
 
 def _prepare(model, chosen: dict, layers: dict, cfg: LowRankConfig, calib) -> tuple:
@@ -347,12 +342,12 @@ def lowrank(model, adapter, cfg: LowRankConfig, ctx: PassContext) -> PassResult:
             ctx.memo[key] = prepared
     weight, cands, ref, unfit = prepared
     skipped.update(unfit)
-    allocate, compared = cfg.allocate, None
+    allocate, compared, seen = cfg.allocate, None, None  # seen: the winner's logits from the allocation trial
     if cfg.target is not None:
         total = sum(weight[n] * _shape(m)[0] * _shape(m)[1] for n, m in chosen.items())
         target = _layer_target(model, cfg, total, tuple(ctx.calib.shape[1:]))
         if allocate == "auto":
-            allocate, ranks, compared = _better_allocation(model, layers, cands, cfg, target, total, ctx.calib, ref)
+            allocate, ranks, compared, seen = _better_allocation(model, layers, cands, cfg, target, total, ctx.calib, ref)
         else:
             ranks = (_uniform if allocate == "uniform" else _allocate)(cands, target, total, cfg.budget)
         for n in cands:
@@ -385,4 +380,5 @@ def lowrank(model, adapter, cfg: LowRankConfig, ctx: PassContext) -> PassResult:
     if compared is not None:
         how += " (auto: calibration KL " + ", ".join(f"{k} {v:.4g}" for k, v in compared.items()) + ")"
     head = f"factorised {len(ranks)} of {len(chosen)} selected layers ({how}): their params {p0:,} -> {p1:,}"
-    return PassResult(model, [head, *changes, *(f"{n}: not factorised, {why}" for n, why in skipped.items())], details)
+    return PassResult(model, [head, *changes, *(f"{n}: not factorised, {why}" for n, why in skipped.items())], details,
+                      logits=seen)
