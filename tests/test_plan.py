@@ -193,6 +193,10 @@ def test_speed_is_met_with_a_margin_and_one_model_is_one_row(deep_vit):
     models = [(c["flops_ratio"], c["params_ratio"], c["kl"]) for c in rows]
     assert len(models) == len(set(models))
     assert any(next(iter(c["passes"][-1])) == "lowrank" for c in rows if c["passes"])
+    from compress.plan import _same
+
+    int8 = {**rows[-1], "variant": "int8_dynamic"}  # an int8 export rescores "kl": the model is still the same one
+    assert _same({**int8, "kl": int8["kl"] + 1}) == _same(int8)
 
 
 def test_the_choice_is_timed_again_as_the_gate_will_and_dropped_when_it_does_not_hold(monkeypatch, tmp_path):
