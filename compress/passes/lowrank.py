@@ -152,7 +152,7 @@ def _basis(layer: nn.Module, cov: torch.Tensor, samples: int, method: str,
 
 def _eigh(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """With every thread: on the idle 2-core box a 1024x1024 float64 eigh takes 0.09 s on two, 0.16 s on one
-    (ViT-L: 168 of them). On a busy box two threads can collapse (768x768: 2.6 s while another process held a core);
+    (ViT-L: 144 of them). On a busy box two threads can collapse (768x768: 2.6 s while another process held a core);
     plan and convert on an idle machine."""
     return torch.linalg.eigh(m)
 
