@@ -4,12 +4,12 @@ from __future__ import annotations
 import copy
 import ctypes
 import gc
-import os
 
 import torch
 from torch import nn
 
 from .errors import InputError
+from .rsslog import rss as resident
 
 
 def activation_bytes(model: nn.Module, input_size) -> tuple[int, int] | None:
@@ -66,19 +66,11 @@ def check_memory(model: nn.Module, input_size, *, calib_images: int, train_batch
 RELEASE_ABOVE = 1 << 30  # below this RSS a release gives back little and its gc pass costs ~0.2 s (the planner ran 66)
 
 
-def rss_bytes() -> int | None:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 def release() -> None:
     """Collect garbage and hand freed heap pages back to the OS (glibc). ONNX protobufs, onnxruntime sessions
     and per-layer statistics free many blocks below the mmap threshold; without a trim they stay in RSS and
     each later stage piles on top of them. A small process (under RELEASE_ABOVE) skips it."""
-    rss = rss_bytes()
+    rss = resident()
     if rss is not None and rss < RELEASE_ABOVE:
         return
     gc.collect()

@@ -70,7 +70,7 @@ class Candidates:
             self.ref = loaded.model(calib)
             self.ref_holdout = loaded.model(holdout) if holdout is not None else None
         self.seen: dict[str, dict | None] = {}
-        self.kept: dict[str, tuple] = {}  # passes -> (student, calibration logits), for _export_row
+        self.kept: dict[str, tuple] = {}  # passes -> (student, calibration logits, bytes), for _export_row
         # per model state (the passes before a step): what a pass keeps across targets, for models that fit it
         size = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
         self.memos: dict[str, dict] | None = {} if size <= CACHE_BYTES // 8 else None
@@ -78,16 +78,16 @@ class Candidates:
     def student(self, passes: list) -> tuple:
         """(student, calibration logits) of a dry rewrite: the one kept from dry() when there is one."""
         got = self.kept.get(json.dumps(passes, sort_keys=True))
-        return got if got is not None else self.build(passes)[::2]
+        return got[:2] if got is not None else self.build(passes)[::2]
 
     def _keep(self, key: str, student, out: torch.Tensor) -> None:
         """Keep students within CACHE_BYTES, dropping the highest-KL ones first (files are exported in KL order)."""
-        self.kept[key] = (student, out)
-        size = {k: sum(p.numel() * p.element_size() for p in m.parameters()) for k, (m, _) in self.kept.items()}
+        self.kept[key] = (student, out, sum(p.numel() * p.element_size() for p in student.parameters()))
+        held = sum(b for _, _, b in self.kept.values())
         for k in sorted(self.kept, key=lambda k: -self.seen[k]["kl"]):
-            if sum(size.values()) <= CACHE_BYTES:
+            if held <= CACHE_BYTES:
                 break
-            del self.kept[k], size[k]
+            held -= self.kept.pop(k)[2]
 
     def build(self, passes: list):
         """(student, teacher logits, student logits) of prefix + passes, through the pass functions.
@@ -310,10 +310,9 @@ def plan(loaded, recipe: Recipe, calib, log=print, cands: Candidates | None = No
                 if not timed or any(r.get("measured") and _meets(r, t, tref) for r in rows):
                     break
                 levels = _measured_levels(rows, t, tref)
-                seen = {_key(r) for r in rows}
-                seen |= {_same(r) for r in rows}
-                new = [{**c, "variant": v} for c in cands.enumerate(levels, log) for v in variants
-                       if _key({**c, "variant": v}) not in seen and _same({**c, "variant": v}) not in seen]
+                seen = {_same(r) for r in rows}  # a model already measured, under whatever pass list
+                new = [r for r in ({**c, "variant": v} for c in cands.enumerate(levels, log) for v in variants)
+                       if _same(r) not in seen]
                 if not new:
                     break
                 log(f"plan: none met the target; {len(new)} candidates at FLOP levels {[lv for _, lv in levels]} "
@@ -386,10 +385,6 @@ def _confirm(meeting: list[int], rows: list[dict], folder: Path, tpath: Path, re
             "will time it; dropped")
         dropped.append(i)
     return [i for i in meeting if i not in dropped]
-
-
-def _key(row: dict) -> str:
-    return json.dumps([row["passes"], row["variant"]], sort_keys=True)
 
 
 def _same(row: dict) -> tuple:

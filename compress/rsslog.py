@@ -18,8 +18,12 @@ def _status(*keys: str) -> list[int]:
     return [got.get(k, 0) for k in keys]
 
 
-def _rss() -> int:
-    return _status("VmRSS")[0]
+def rss() -> int | None:
+    """This process's resident bytes (VmRSS); None where /proc cannot be read."""
+    try:
+        return _status("VmRSS")[0]
+    except OSError:
+        return None
 
 
 def _reset_peak() -> None:

@@ -22,7 +22,7 @@ from compress.metrics import ort_run, ort_session
 from compress.onnx_lean import light
 from compress.pipeline import apply
 from compress.recipe import parse_recipe
-from compress.rsslog import _rss
+from compress.rsslog import rss
 from tests.conftest import save_timm_dir, tiny_vit, tiny_vit_args
 
 LAT = {"batch_sizes": [1], "threads": 1, "warmup": 1, "runs": 3}
@@ -76,7 +76,7 @@ def test_tree_rss_sums_a_process_and_its_children():
     proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
         proc.stdout.readline()  # the child has touched its 300 MiB
-        child, own, tree = _tree_rss(proc.pid), _rss(), _tree_rss(os.getpid())
+        child, own, tree = _tree_rss(proc.pid), rss(), _tree_rss(os.getpid())
         assert child >= 300 * 2**20
         assert tree >= 0.95 * (own + child)  # this process, plus its child
     finally:

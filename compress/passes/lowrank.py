@@ -14,8 +14,8 @@ from torch import nn
 
 from ..adapters.base import set_module
 from ..errors import InputError
-from ..metrics import count_flops
 from ..registry import PassConfig, PassContext, PassResult, register_pass
+from ._scope import layer_share, whole_cost
 
 Kind = Literal["attn", "mlp", "conv", "stem", "head"]
 Fraction = Annotated[float, Field(gt=0, lt=1)]
@@ -135,7 +135,9 @@ def _basis(layer: nn.Module, cov: torch.Tensor, samples: int, method: str,
             wwt = w @ w.T
             prior = wwt * (float(cov.trace()) / max(float(wwt.trace()), 1e-300))
             used = (1 - a) * cov + a * prior
-            lam, vec = _eigh(used)
+            # every thread: 1024x1024 float64 in 0.09 s on the idle 2-core box, 0.16 s on one (ViT-L: 144 of them);
+            # on a busy box two threads can collapse (768x768: 2.6 s while another process held a core)
+            lam, vec = torch.linalg.eigh(used)
             u, energy, total = vec.flip(-1)[:, :k], lam.flip(0)[:k], float(used.trace())
         else:  # shrunk C = W M' W^T with M' = (1-a) M + a s I: its top eigenvectors are the left singular vectors of W M'^1/2
             scale = float(((w @ cov) * w).sum()) / max(float((w * w).sum()), 1e-300)
@@ -150,13 +152,6 @@ def _basis(layer: nn.Module, cov: torch.Tensor, samples: int, method: str,
     return u, lost, lost
 
 
-def _eigh(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """With every thread: on the idle 2-core box a 1024x1024 float64 eigh takes 0.09 s on two, 0.16 s on one
-    (ViT-L: 144 of them). On a busy box two threads can collapse (768x768: 2.6 s while another process held a core);
-    plan and convert on an idle machine."""
-    return torch.linalg.eigh(m)
-
-
 def _left_singular(w: torch.Tensor, m: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k left singular vectors of B = W M^1/2 (out > in), and their squared singular values, without an SVD of
     the tall B.
@@ -168,10 +163,10 @@ def _left_singular(w: torch.Tensor, m: torch.Tensor, k: int) -> tuple[torch.Tens
     """
     root, info = torch.linalg.cholesky_ex(m)
     if int(info) != 0:
-        lam, q = _eigh(m)
+        lam, q = torch.linalg.eigh(m)
         root = q * lam.clamp_min(0).sqrt()
     b = w @ root
-    s2, v = _eigh(b.T @ b)
+    s2, v = torch.linalg.eigh(b.T @ b)
     s2, v = s2.flip(0)[:k], v.flip(-1)[:, :k]
     return (b @ v) / s2.clamp_min(1e-300).sqrt(), s2.clamp_min(0)
 
@@ -251,8 +246,8 @@ def _layer_target(model, cfg: LowRankConfig, total: float, size: tuple) -> float
     """The selected layers' share that leaves the model at cfg.target of its cost (scope: model), else cfg.target."""
     if cfg.scope == "layers":
         return cfg.target
-    whole = count_flops(model, size) / 2 if cfg.budget == "flops" else sum(p.numel() for p in model.parameters())  # MACs
-    target = (cfg.target * whole - (whole - total)) / total
+    whole = whole_cost(model, cfg.budget, size)
+    target = layer_share(cfg.target, whole, total)
     if target <= 0:
         raise InputError(f"lowrank: target {cfg.target} of the model's {cfg.budget} is out of reach: the layers it may "
                          f"factorise are {total / whole:.0%} of them; raise target or select more layer kinds")

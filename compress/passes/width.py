@@ -15,10 +15,10 @@ from pydantic import Field, PositiveInt, model_validator
 from torch import nn
 
 from ..errors import InputError
-from ..metrics import count_flops
 from ..modules import SeparateQK, SeparateVO
 from ..probe import capture, kl
 from ..registry import PassConfig, PassContext, PassResult, register_pass
+from ._scope import layer_share, whole_cost
 from ._width_groups import Group, QKCut, SelectCut, VOCut
 
 Kind = Literal["mlp", "qk", "vo", "conv"]
@@ -262,9 +262,8 @@ def width(model, adapter, cfg: WidthConfig, ctx: PassContext) -> PassResult:
     floor = _cost(groups, {g.name: min(cuts[g.name].widths()) for g in groups}, cfg.budget)
     target = cfg.target
     if target is not None and cfg.scope == "model":  # the rest of the model stays as it is
-        whole = (count_flops(model, tuple(ctx.calib.shape[1:])) / 2 if cfg.budget == "flops"  # MACs, as the groups
-                 else sum(p.numel() for p in model.parameters()))
-        target = (cfg.target * whole - (whole - total)) / total
+        whole = whole_cost(model, cfg.budget, tuple(ctx.calib.shape[1:]))
+        target = layer_share(cfg.target, whole, total)
         floor, total = floor + whole - total, whole
     if target is not None and (target <= 0 or floor > cfg.target * total * (1 + 1e-9)):
         raise InputError(f"width: target {cfg.target} is out of reach: at the smallest widths (multiple {cfg.multiple}) "
