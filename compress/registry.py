@@ -46,6 +46,9 @@ class PassResult:
     # the result's float32 logits on ctx.calib in eval mode, when the pass already ran them (lowrank's allocation
     # trial of the winner): the pipeline then does not run the model again (a ViT-L forward on 16 images: 8 s)
     logits: torch.Tensor | None = None
+    # the float32 logits on ctx.calib of the model as the pass received it, from a forward the pass needed anyway
+    # (lowrank's statistics): for a first pass these are the teacher's, and the pipeline skips its own forward
+    input_logits: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,7 @@ class PassSpec:
     families: frozenset[str]
     summary: str
     fits_batchnorm: bool = False  # it fits BatchNorm running statistics: distillation must not re-estimate them
+    input_logits: bool = False  # it always returns PassResult.input_logits (outside replay)
 
 
 
@@ -64,11 +68,11 @@ _PASSES: dict[str, PassSpec] = {}
 
 
 def register_pass(name: str, config_cls: type[PassConfig], *, families: set[str], summary: str,
-                  fits_batchnorm: bool = False):
+                  fits_batchnorm: bool = False, input_logits: bool = False):
     def deco(fn):
         if name in _PASSES:
             raise RuntimeError(f"pass {name!r} registered twice")
-        _PASSES[name] = PassSpec(name, fn, config_cls, frozenset(families), summary, fits_batchnorm)
+        _PASSES[name] = PassSpec(name, fn, config_cls, frozenset(families), summary, fits_batchnorm, input_logits)
         return fn
 
     return deco

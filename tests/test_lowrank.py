@@ -18,7 +18,7 @@ from compress.passes.lowrank import LowRankConfig, lowrank
 from compress.pipeline import apply
 from compress.recipe import parse_recipe
 from compress.registry import PassContext
-from tests.conftest import CIFAR_TRAIN, VIT_TEACHER, need_shared, tiny_vit
+from tests.conftest import CIFAR_TRAIN, VIT_TEACHER, need_shared, save_timm_dir, tiny_vit, tiny_vit_args
 
 
 def _inputs_and_outputs(model, names, x):
@@ -245,3 +245,24 @@ def test_auto_returns_the_winners_logits_which_are_the_results_own():
     fixed = lowrank(copy.deepcopy(teacher), detect(teacher), LowRankConfig(target=0.5, multiple=2, allocate="uniform"),
                     PassContext(x))
     assert fixed.logits is None  # no trial ran: the pipeline runs the forward itself
+    assert torch.allclose(res.input_logits, teacher.eval()(x), atol=1e-6)  # its statistics forward: the input's
+
+
+def test_rewrite_takes_the_teachers_logits_from_lowranks_own_forward(tmp_path):
+    """With lowrank first, the pipeline runs no forward of its own for the teacher's reference logits (ViT-L: 8 s):
+    the reference it returns and scores against is still the teacher's."""
+    from compress.pipeline import rewrite
+
+    loaded = load(str(save_timm_dir(tiny_vit(depth=2), "vit_tiny_patch16_224", tiny_vit_args(depth=2), tmp_path / "m")))
+    x = torch.randn(8, *loaded.data_cfg["input_size"])
+    with torch.no_grad():
+        want = loaded.model.eval()(x)
+    calls = []
+    loaded.model.register_forward_hook(lambda m, i, o: calls.append(1) if o.device.type != "meta" else None)  # not FLOP counts
+    recipe = parse_recipe({"version": 1, "passes": [{"lowrank": {"target": 0.5, "multiple": 2, "allocate": "uniform"}}]})
+    student, ledger, ref, now = rewrite(loaded, recipe, x, log=lambda _m: None, inplace=True)
+    assert torch.allclose(ref, want, atol=1e-6)
+    assert len(calls) == 2  # lowrank's statistics forward and the student's; no separate teacher forward
+    with torch.no_grad():
+        assert torch.allclose(now, student(x), atol=1e-6)
+    assert ledger[0]["vs_teacher"]["kl"] > 0

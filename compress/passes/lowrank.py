@@ -312,7 +312,7 @@ def _prepare(model, chosen: dict, layers: dict, cfg: LowRankConfig, calib) -> tu
     return weight, cands, ref, skipped
 
 
-@register_pass("lowrank", LowRankConfig, families={"vit", "resnet"},
+@register_pass("lowrank", LowRankConfig, families={"vit", "resnet"}, input_logits=True,
                summary="factorise Linear/conv layers at ranks fitted to the outputs' principal directions (approximate)")
 def lowrank(model, adapter, cfg: LowRankConfig, ctx: PassContext) -> PassResult:
     listed = adapter.layers(model)  # converts the family's blocks first, so the names resolve
@@ -376,4 +376,4 @@ def lowrank(model, adapter, cfg: LowRankConfig, ctx: PassContext) -> PassResult:
         how += " (auto: calibration KL " + ", ".join(f"{k} {v:.4g}" for k, v in compared.items()) + ")"
     head = f"factorised {len(ranks)} of {len(chosen)} selected layers ({how}): their params {p0:,} -> {p1:,}"
     return PassResult(model, [head, *changes, *(f"{n}: not factorised, {why}" for n, why in skipped.items())], details,
-                      logits=seen)
+                      logits=seen, input_logits=ref)
