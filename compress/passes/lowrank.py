@@ -14,6 +14,7 @@ from torch import nn
 
 from ..adapters.base import set_module
 from ..errors import InputError
+from ..limits import release
 from ..registry import PassConfig, PassContext, PassResult, register_pass
 from ._scope import layer_share, whole_cost
 
@@ -310,6 +311,8 @@ def _prepare(model, chosen: dict, layers: dict, cfg: LowRankConfig, calib) -> tu
         u, stats[n] = u.float(), (None, stats[n][1])  # a float32 basis is exact enough for float32 factors; moment done
         steps = [(None, 0.0, weight[n] * out * inn)] + [(r, float(lost[r - 1]), weight[n] * r * (out + inn)) for r in ranks]
         cands[n] = {"u": u, "lost": raw, "steps": steps, "shape": (out, inn), "even": even, "top": top}
+    del stats
+    release()  # the moments (ViT-L: 144 of 4 MB) stay in glibc's heap otherwise, under the factors built next
     return weight, cands, ref, skipped
 
 
@@ -359,8 +362,9 @@ def lowrank(model, adapter, cfg: LowRankConfig, ctx: PassContext) -> PassResult:
         details["allocate_kl"] = compared
     changes = []
     with torch.no_grad():
-        for n, r in ranks.items():
-            c, m = cands[n], layers[n]
+        for n, r in ranks.items():  # each original dropped as it is replaced: no second copy of those layers' weights
+            c, m = cands[n], layers.pop(n)
+            chosen.pop(n)
             out, inn = c["shape"]
             p0 = sum(p.numel() for p in m.parameters())
             new = _replace(model, n, m, c["u"], r)
