@@ -120,7 +120,8 @@ def markdown(res: dict) -> str:
     lines = ["## Conversion at scale (`python -m benchmarks.scale`)", "",
              f"`compress apply` with `lowrank: {{target: 0.5}}`, report.latency {res['latency']}, random weights, "
              f"one child process per model; peak RSS from outside: the larger of its process tree's summed RSS (polled "
-             f"every 50 ms) and its own exact peak. {res['machine']}.", "",
+             f"every 50 ms) and its own exact peak. {res['machine']}; load average {res.get('load_at_start')} at the start, "
+             f"{res.get('load_at_end')} at the end.", "",
              "| model | params | weights | load s | rewrite s | export s | measure s | latency s | wall s "
              "| wall s w/o latency | peak RSS | × weights | ONNX |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -155,7 +156,8 @@ def main(argv=None) -> dict:
     models = {"vit_tiny_patch16_224": {"img_size": 32, "patch_size": 8, "depth": 2, "num_classes": 10}} if args.quick \
         else {m: {"num_classes": 1000} for m in args.models.split(",")}  # vit_huge_patch14_224's default has no head
     res = {"latency": "batch 1" if args.latency else "null", "models": {},
-           "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"}
+           "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+           "load_at_start": round(os.getloadavg()[0], 2)}  # a busy box shows in every figure: say how busy
     with tempfile.TemporaryDirectory(prefix="compress-scale-") as tmp:
         recipe = Path(tmp) / "recipe.yaml"
         recipe.write_text(RECIPE % lat)
@@ -175,6 +177,7 @@ def main(argv=None) -> dict:
             print(f"{arch}: {json.dumps(r)}", file=sys.stderr)
             for f in folder.iterdir():
                 f.unlink()
+    res["load_at_end"] = round(os.getloadavg()[0], 2)  # the run's own load counts: about 2 when nothing else ran
     (out / "scale.json").write_text(json.dumps(res, indent=2) + "\n")
     (out / "scale.md").write_text(markdown(res))
     print(markdown(res))
