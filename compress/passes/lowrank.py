@@ -15,6 +15,7 @@ from torch import nn
 from ..adapters.base import set_module
 from ..errors import InputError
 from ..limits import release
+from ..rsslog import mark
 from ..registry import PassConfig, PassContext, PassResult, register_pass
 from ._scope import layer_share, whole_cost
 
@@ -272,6 +273,7 @@ def _better_allocation(model, layers: dict, cands: dict, cfg: LowRankConfig, tar
         finally:
             for n in picks[name]:
                 set_module(model, n, layers[n])
+        mark(f"lowrank: {name} trial")
         out = outs[name].double().log_softmax(-1)
         kls[name] = float(torch.nn.functional.kl_div(out, ref, log_target=True, reduction="batchmean"))
     best = min(kls, key=lambda k: (kls[k], k != "greedy"))
@@ -284,6 +286,7 @@ def _prepare(model, chosen: dict, layers: dict, cfg: LowRankConfig, calib) -> tu
     several targets on one model keeps it in PassContext.memo."""
     skipped = {}
     stats, ref = _output_stats(model, chosen, calib)
+    mark("lowrank: statistics forward")
     weight = {n: (stats[n][1] if cfg.budget == "flops" else 1) for n in chosen}  # FLOPs scale with positions
     full = {n: min(_shape(m)) for n, m in layers.items()}
     if isinstance(cfg.rank, int) and full and cfg.rank > max(full.values()):
@@ -313,6 +316,7 @@ def _prepare(model, chosen: dict, layers: dict, cfg: LowRankConfig, calib) -> tu
         cands[n] = {"u": u, "lost": raw, "steps": steps, "shape": (out, inn), "even": even, "top": top}
     del stats
     release()  # the moments (ViT-L: 144 of 4 MB) stay in glibc's heap otherwise, under the factors built next
+    mark("lowrank: bases")
     return weight, cands, ref, skipped
 
 
