@@ -266,3 +266,23 @@ def test_rewrite_takes_the_teachers_logits_from_lowranks_own_forward(tmp_path):
     with torch.no_grad():
         assert torch.allclose(now, student(x), atol=1e-6)
     assert ledger[0]["vs_teacher"]["kl"] > 0
+
+
+def test_input_side_basis_is_the_svd_of_the_whitened_layer():
+    """fc1/qkv (wider out than in) are worked through W^T W alone: the basis is still the top left singular
+    vectors of W M'^1/2 (M' the shrunk input moment), and the raw error curve the one measured through W."""
+    from compress.passes.lowrank import _input_basis, _lost
+
+    torch.manual_seed(0)
+    w = torch.randn(96, 24, dtype=torch.float64)
+    x = torch.randn(40, 24, dtype=torch.float64) @ torch.randn(24, 24, dtype=torch.float64)
+    m, k = x.T @ x, 16
+    basis, shrunk, raw = _input_basis(w, m, 40, k)
+    u = w @ basis["rv"]
+    a = 96 / (96 + 40)
+    used = (1 - a) * m + a * float(((w @ m) * w).sum()) / float((w * w).sum()) * torch.eye(24, dtype=torch.float64)
+    ref, sv, _ = torch.linalg.svd(w @ torch.linalg.cholesky(used), full_matrices=False)
+    for r in (1, 8, k):
+        assert torch.allclose(u[:, :r] @ u[:, :r].T, ref[:, :r] @ ref[:, :r].T, atol=1e-10)
+    assert torch.allclose(raw, _lost(u, m, w), atol=1e-12)
+    assert torch.allclose(shrunk, 1 - torch.cumsum(sv[:k] ** 2, 0) / (sv ** 2).sum(), atol=1e-12)

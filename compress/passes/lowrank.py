@@ -119,59 +119,71 @@ def _lost(u: torch.Tensor, cov: torch.Tensor, w: torch.Tensor | None = None) -> 
 
 
 def _basis(layer: nn.Module, cov: torch.Tensor, samples: int, method: str,
-           k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Orthonormal output basis U (out x k); energy lost per rank under the shrunk and the raw calibration moments.
+           k: int) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """An orthonormal output basis U (out x k); energy lost per rank under the shrunk and the raw calibration moments.
 
     With few output samples (a ResNet's last stage sees 2x2 positions per image at 64 px) the raw
     moment is rank-deficient and promises zero error at tiny ranks. Shrink it towards the
     white-input moment W W^T with a prior worth `out` samples (an inverse-Wishart posterior
     mean): the basis and the budget use that; the ledger reports the raw calibration error.
-    Only the first k directions are kept (no candidate rank is larger).
+    Only the first k directions are kept (no candidate rank is larger). The basis is {"u": U}, or for a
+    whitened layer wider out than in {"rv": V} with U = W V (see _input_basis).
     """
     w = layer.weight.detach().double().flatten(1)
     side = w if _input_side(layer) else None  # cov is the input moment M: C = W M W^T
     if method == "whitened_svd":
-        out = w.shape[0]
-        a = out / (out + samples)
-        if side is None:  # float32: ViT-L's fc2 keeps the same top-k energy to 2e-7 of float64's, in half the time
-            wf, c32 = layer.weight.detach().float().flatten(1), cov.float()
-            wwt = wf @ wf.T
-            prior = wwt * (float(c32.trace()) / max(float(wwt.trace()), 1e-30))
-            used = (1 - a) * c32 + a * prior
-            # 1024x1024 in 0.055 s on the idle 2-core box (float64: 0.10 s; ViT-L has 120 of them). On a busy box
-            # two threads can collapse (768x768 float64: 2.6 s while another process held a core)
-            lam, vec = torch.linalg.eigh(used)
-            u, energy, total = vec.flip(-1)[:, :k].double(), lam.flip(0)[:k].double(), float(used.double().trace())
-        else:  # shrunk C = W M' W^T with M' = (1-a) M + a s I: its top eigenvectors are the left singular vectors of W M'^1/2
-            scale = float(((w @ cov) * w).sum()) / max(float((w * w).sum()), 1e-300)
-            used = (1 - a) * cov + a * scale * torch.eye(len(cov), dtype=cov.dtype)
-            u, energy = _left_singular(w, used, k)
-            total = float(((w @ used) * w).sum())
+        if side is not None:
+            return _input_basis(w, cov, samples, k)
+        a = w.shape[0] / (w.shape[0] + samples)
+        # float32: ViT-L's fc2 keeps the same top-k energy to 2e-7 of float64's, in half the time
+        wf, c32 = layer.weight.detach().float().flatten(1), cov.float()
+        wwt = wf @ wf.T
+        prior = wwt * (float(c32.trace()) / max(float(wwt.trace()), 1e-30))
+        used = (1 - a) * c32 + a * prior
+        # 1024x1024 in 0.055 s on the idle 2-core box (float64: 0.10 s; ViT-L has 120 of them). On a busy box
+        # two threads can collapse (768x768 float64: 2.6 s while another process held a core)
+        lam, vec = torch.linalg.eigh(used)
+        u, energy, total = vec.flip(-1)[:, :k].double(), lam.flip(0)[:k].double(), float(used.double().trace())
         # under the moment the basis diagonalises, the energy kept per direction is its eigenvalue: no product needed
         shrunk = (1 - torch.cumsum(energy, 0) / total).clamp_min(0) if total > 0 else torch.zeros_like(energy)
-        return u, shrunk, _lost(u, cov, side)
+        return {"u": u}, shrunk, _lost(u, cov, None)
     u = torch.linalg.svd(w, full_matrices=False)[0][:, :k]
     lost = _lost(u, cov, side)
-    return u, lost, lost
+    return {"u": u}, lost, lost
 
 
-def _left_singular(w: torch.Tensor, m: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k left singular vectors of B = W M^1/2 (out > in), and their squared singular values, without an SVD of
-    the tall B.
-
-    Any square root of M serves (B R has the same left singular vectors for orthogonal R): the Cholesky
-    factor when M is positive definite (shrinkage makes it so), else the symmetric root. Then the
-    eigenvectors V of the small B^T B give U = B V / sigma: 2.5x faster than the SVD for a 3072x768 fc1,
-    the same basis to 1e-15 (float64; k is below break-even, far from the smallest sigma).
+def _input_basis(w: torch.Tensor, m: torch.Tensor, samples: int, k: int) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """Whitened basis of a Linear wider out than in (fc1, qkv), from its input moment M, all through the small
+    G = W^T W (in x in): the output moment is C = W M' W^T with M' = (1-a) M + a s I (shrunk), and its top
+    eigenvectors are the left singular vectors of B = W R for any root M' = R R^T (the Cholesky factor; the
+    symmetric root if M' is singular). With B^T B = R^T G R = V S^2 V^T, U = W (R V / S): kept as V' = R V / S
+    (in x k, a quarter of U for a 4x fc1) and rebuilt as W V' where it is used. Every trace and projection is
+    an in x in product: ViT-L's fc1 took 28 G multiply-adds in float64 through W, and takes 12.
     """
-    root, info = torch.linalg.cholesky_ex(m)
+    g = w.T @ w
+    a = w.shape[0] / (w.shape[0] + samples)
+    raw_total = float((m * g).sum())  # tr(W M W^T)
+    used = (1 - a) * m + a * (raw_total / max(float(g.trace()), 1e-300)) * torch.eye(len(m), dtype=m.dtype)
+    root, info = torch.linalg.cholesky_ex(used)
     if int(info) != 0:
-        lam, q = torch.linalg.eigh(m)
+        lam, q = torch.linalg.eigh(used)
         root = q * lam.clamp_min(0).sqrt()
-    b = w @ root
-    s2, v = torch.linalg.eigh(b.T @ b)
-    s2, v = s2.flip(0)[:k], v.flip(-1)[:, :k]
-    return (b @ v) / s2.clamp_min(1e-300).sqrt(), s2.clamp_min(0)
+    s2, v = torch.linalg.eigh(root.T @ g @ root)
+    s2, v = s2.flip(0)[:k].clamp_min(0), v.flip(-1)[:, :k]
+    rv = (root @ v) / s2.clamp_min(1e-300).sqrt()
+    total = float((used * g).sum())
+    shrunk = (1 - torch.cumsum(s2, 0) / total).clamp_min(0) if total > 0 else torch.zeros_like(s2)
+    gu = g @ rv  # W^T U
+    kept = torch.cumsum(((gu.T @ m) * gu.T).sum(1), 0)
+    raw = (1 - kept / raw_total).clamp_min(0) if raw_total > 0 else torch.zeros_like(kept)
+    return {"rv": rv}, shrunk, raw
+
+
+def _cols(c: dict, layer: nn.Module, rank: int) -> torch.Tensor:
+    """The first `rank` output basis vectors of a layer's candidate (out x rank, float32)."""
+    if "rv" in c:
+        return layer.weight.detach().float().flatten(1) @ c["rv"][:, :rank]
+    return c["u"][:, :rank]
 
 
 def _allocate(cands: dict[str, dict], target: float, total: float, budget: str) -> dict[str, int]:
@@ -268,7 +280,7 @@ def _better_allocation(model, layers: dict, cands: dict, cfg: LowRankConfig, tar
         picks[name] = fn(cands, target, total, cfg.budget)
         try:
             for n, r in picks[name].items():
-                _replace(model, n, layers[n], cands[n]["u"], r)
+                _replace(model, n, layers[n], _cols(cands[n], layers[n], r), r)
             outs[name] = model(calib)
         finally:
             for n in picks[name]:
@@ -310,10 +322,11 @@ def _prepare(model, chosen: dict, layers: dict, cfg: LowRankConfig, calib) -> tu
             skipped[n] = (f"rank {min(r, top)} would not save: break-even is {even:.1f} = in*out/(in+out)" if cfg.rank
                           is not None else f"break-even rank {even:.1f} is below the smallest rank {cfg.multiple}")
             continue
-        u, lost, raw = _basis(m, stats[n][0].double(), stats[n][1] * len(calib), cfg.method, max(ranks))
-        u, stats[n] = u.float(), (None, stats[n][1])  # a float32 basis is exact enough for float32 factors; moment done
+        basis, lost, raw = _basis(m, stats[n][0].double(), stats[n][1] * len(calib), cfg.method, max(ranks))
+        stats[n] = (None, stats[n][1])  # the moment is done with; a float32 basis is exact enough for float32 factors
         steps = [(None, 0.0, weight[n] * out * inn)] + [(r, float(lost[r - 1]), weight[n] * r * (out + inn)) for r in ranks]
-        cands[n] = {"u": u, "lost": raw, "steps": steps, "shape": (out, inn), "even": even, "top": top}
+        cands[n] = {**{key: b.float() for key, b in basis.items()}, "lost": raw, "steps": steps, "shape": (out, inn),
+                    "even": even, "top": top}
     del stats
     release()  # the moments (ViT-L: 144 of 4 MB) stay in glibc's heap otherwise, under the factors built next
     mark("lowrank: bases")
@@ -371,7 +384,7 @@ def lowrank(model, adapter, cfg: LowRankConfig, ctx: PassContext) -> PassResult:
             chosen.pop(n)
             out, inn = c["shape"]
             p0 = sum(p.numel() for p in m.parameters())
-            new = _replace(model, n, m, c["u"], r)
+            new = _replace(model, n, m, _cols(c, m, r), r)
             p1 = sum(p.numel() for p in new.parameters())
             err = float(c["lost"][r - 1]) ** 0.5
             details["layers"][n] = {"kind": kinds[n], "shape": [out, inn], "rank": r, "break_even": round(c["even"], 1),
