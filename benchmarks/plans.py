@@ -19,6 +19,7 @@ from pathlib import Path
 import onnxruntime
 import torch
 
+from benchmarks import child_env
 from compress.report import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +30,7 @@ RECIPES = {"vit_cifar10": ROOT / "recipes" / "plan_speedup15_vit.yaml",
 
 def _child(args: list[str]) -> tuple[subprocess.CompletedProcess, float]:
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "compress", *args], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "compress", *args], capture_output=True, text=True, env=child_env())
     return proc, time.perf_counter() - t0
 
 

@@ -18,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks import child_env
+
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT = "vit_base_patch16_224,vit_large_patch16_224,vit_huge_patch14_224"
 RECIPE = "version: 1\npasses:\n  - lowrank: {target: 0.5}\nreport: {latency: %s}\n"
@@ -94,7 +96,7 @@ def run_measured(cmd: list[str], env: dict | None = None) -> tuple[int, str, str
 def convert(folder: Path, recipe: Path, out: Path, rss_log: Path | None = None, profile: Path | None = None) -> dict:
     prof = ["-m", "cProfile", "-o", str(profile)] if profile else []
     cmd = [sys.executable, *prof, "-m", "compress", "apply", str(recipe), str(folder), "-o", str(out), "--overwrite", "--json"]
-    env = {**os.environ, "COMPRESS_RSS_LOG": str(rss_log)} if rss_log else None
+    env = child_env({"COMPRESS_RSS_LOG": str(rss_log)} if rss_log else None)
     rc, stdout, stderr, wall, mem = run_measured(cmd, env)
     if rss_log and rss_log.exists():  # the log resets the kernel's high-water mark at each stage: its stages hold the peak
         logged = [json.loads(line)["peak_gb"] * 1e9 for line in rss_log.read_text().splitlines()]
