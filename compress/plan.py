@@ -33,9 +33,17 @@ CONFIRM = 3  # meeting candidates re-timed, best first, as the gate will time th
 # How much faster than its FLOP cut a file can run (DESIGN §8): fp32 tracks FLOPs; int8 dynamic speeds
 # ViT MatMuls up about 2x. Candidates beyond these bounds are not worth exporting and timing.
 ALLOW = {"fp32": 1.15, "int8_dynamic": 2.5}
-TIMED_MAX = 12  # (candidate, variant) rows exported and timed at most, in KL order
-CHUNK = 6  # rows timed together (interleaved with the teacher); stop after a chunk where one meets
-REFINE_ROUNDS = 2  # rounds of candidates aimed at a speed target from measured speedups, when none met it
+TIMED_MAX = 12  # (candidate, variant) rows exported and timed at most (size targets: in KL order)
+CHUNK = 6  # rows timed together (interleaved with the teacher)
+# A speed target s is searched from measurements, not FLOPs: each pass kind is first built at PROBE/s of the teacher's
+# FLOPs, and its deepest file timed (the shared ViT at 1.5x: width there ran 1.63x, lowrank 1.2-1.3x; a kind too slow
+# at its deepest cut is too slow at every shallower one). Each round then aims every kind at the level its timed
+# files predict meets s, and times the candidates predicted to meet it, lowest KL first.
+PROBE = 0.6
+SEARCH_ROUNDS = 3
+PREDICT_SLACK = 0.05  # a candidate predicted within 5% of the speed it needs is still timed
+AIM_TOL = 0.02  # a kind already built within this share of the FLOPs of an aim is not built again
+STRIP_WINDOWS = 2  # contiguous MLP strip windows up to this length (prefixes of lowrank); auto covers longer strips
 CACHE_BYTES = 1 << 30  # students kept from the dry rewrites for their export (the lowest KL kept when over)
 PARITY_IMAGES = 16  # a candidate's file is checked against PyTorch on this many images (the shipped file on all)
 BUSY = 0.75  # load average per core above which the planner warns that its timings may not be the machine's
@@ -133,15 +141,16 @@ class Candidates:
             held = fidelity(self.ref_holdout, predict(self.holdout))
             row.update(calib_kl=fid["kl"], kl=held["kl"], agreement=held["agreement"], scored_on="holdout")
 
-    def enumerate(self, levels: list[tuple[str, float]], log) -> list[dict]:
-        """Every candidate: MLP strip windows and auto, exact passes where they pay, lowrank (each allocation,
-        alone and on top of short strips) and width at each budget level; one row per distinct model."""
+    def enumerate(self, levels: list[tuple[str, float]], log, only: str | None = None) -> list[dict]:
+        """Every candidate: MLP strip windows (up to STRIP_WINDOWS blocks) and auto, exact passes where they pay,
+        lowrank (each allocation, alone and on top of short strips) and width at each budget level; one row per
+        distinct model. `only` ("lowrank" or "width"): that kind at the levels, nothing else."""
         fam, passes = self.loaded.adapter.family, all_passes()
         found = [self.dry([])]
         strips: dict[int, dict] = {}
         if fam == "vit" and "mlp_strip" in passes:
             n = len(self.loaded.adapter.vit_blocks(copy.deepcopy(self.loaded.model)))
-            for k in range(1, n):
+            for k in range(1, min(n, STRIP_WINDOWS + 1)):
                 windows = [self.dry([{"mlp_strip": {"blocks": list(range(s, s + k))}}]) for s in range(n - k + 1)]
                 found += windows
                 strips[k] = min(windows, key=lambda w: w["kl"])
@@ -149,15 +158,17 @@ class Candidates:
             exact = [self.dry([{p: cfg}]) for p, cfg in (("qk_merge", {"mode": "exact"}), ("vo", {"mode": "fold"}))
                      if p in passes]
             found += [c for c in exact if c and (c["flops_ratio"] < 1 or c["params_ratio"] < 1)]  # where they pay
+        if only is not None:
+            found = []
         for kind, level in levels:
-            log(f"plan: candidates at {kind} {level:.0%} of the teacher")
-            if "lowrank" in passes:
+            log(f"plan: candidates at {kind} {level:.0%} of the teacher" + (f" ({only})" if only else ""))
+            if "lowrank" in passes and only in (None, "lowrank"):
                 for a in ("greedy", "uniform"):
                     found.append(self.dry([_lowrank(level, a, kind)]))
                     for k in (1, 2):  # the strip's own share is taken out of the level: lowrank's scope is its model
                         if k in strips and strips[k][f"{kind}_ratio"] > level * SLACK:
                             found.append(self.dry(strips[k]["passes"] + [_lowrank(level / strips[k][f"{kind}_ratio"], a, kind)]))
-            if "width" in passes and fam in WIDTH_LAYERS:
+            if "width" in passes and fam in WIDTH_LAYERS and only in (None, "width"):
                 found.append(self.dry([width_candidate(level, fam, kind)]))
         unique = {}
         for c in found:
@@ -174,10 +185,8 @@ def _levels(t, teacher: dict) -> list[tuple[str, float]]:
     if t.params is not None:
         out.append(("params", t.params))
     s = t.speedup or (teacher["p50_ms"] / t.latency_ms if t.latency_ms else None)
-    if s is not None:
-        out += [("flops", 1 / s), ("flops", 0.8 / s)]
-        if "int8_dynamic" in t.variants:
-            out.append(("flops", 1.5 / s))
+    if s is not None:  # the probe level: the speed search aims from what is timed there
+        out.append(("flops", PROBE / s))
     if t.size_mb is not None:
         r = t.size_mb * 1e6 / teacher["bytes"]
         out += [("params", r)] + ([("params", 3.5 * r)] if "int8_dynamic" in t.variants else [])
@@ -303,27 +312,11 @@ def plan(loaded, recipe: Recipe, calib, log=print, cands: Candidates | None = No
         order = sorted((i for i, r in enumerate(rows) if r["feasible"]), key=lambda i: (rows[i]["kl"], i))
         log(f"plan: {len(rows)} candidate rows, {len(order)} within reach on FLOPs/params")
         done = 0
-        if exported:
-            run = (cands, folder, recipe, tpath, batches, t, tref, log)
-            done = _export_and_time(order, rows, *run)
-            for _ in range(REFINE_ROUNDS):  # no file met a speed target: aim at it from what the files measured
-                if not timed or any(r.get("measured") and _meets(r, t, tref) for r in rows):
-                    break
-                levels = _measured_levels(rows, t, tref)
-                seen = {_same(r) for r in rows}  # a model already measured, under whatever pass list
-                new = [r for r in ({**c, "variant": v} for c in cands.enumerate(levels, log) for v in variants)
-                       if _same(r) not in seen]
-                if not new:
-                    break
-                log(f"plan: none met the target; {len(new)} candidates at FLOP levels {[lv for _, lv in levels]} "
-                    "aimed at it from the measured speedups")
-                start = len(rows)
-                rows += new
-                for r in new:
-                    r["feasible"] = _feasible(r, t, tref)
-                extra = sorted((i for i in range(start, len(rows)) if rows[i]["feasible"]), key=lambda i: (rows[i]["kl"], i))
-                order += extra
-                done += _export_and_time(extra, rows, *run)
+        run = (cands, folder, recipe, tpath, batches, t, tref, log)
+        if timed:
+            done = _speed_search(order, rows, run)
+        elif exported:  # a size target: the files are written for their bytes
+            done = _export_sizes(order, rows, cands, folder, recipe, t, tref)
         else:
             for i in order:
                 rows[i]["measured"] = True
@@ -342,24 +335,13 @@ def plan(loaded, recipe: Recipe, calib, log=print, cands: Candidates | None = No
     return result
 
 
-def _export_and_time(order: list[int], rows: list[dict], cands, folder, recipe, tpath, batches, t, tref, log) -> int:
-    """Export rows in KL order and time them in chunks interleaved with the teacher, up to TIMED_MAX, stopping
-    after a chunk where one meets the target; returns how many rows were taken."""
-    timed = t.speedup is not None or t.latency_ms is not None
+def _export_sizes(order: list[int], rows: list[dict], cands, folder, recipe, t, tref) -> int:
+    """A size target (nothing timed): write rows' files in KL order, up to TIMED_MAX, until one meets it."""
     done = 0
-    for start in range(0, min(len(order), TIMED_MAX), CHUNK):
-        chunk = order[start:min(start + CHUNK, TIMED_MAX)]
-        paths = {}
-        for i in chunk:
-            p = _export_row(cands, rows[i], folder, i, recipe)
-            rows[i]["measured"] = p is not None
-            if p is not None:
-                paths[f"c{i}"] = p
-        if timed and paths:
-            log(f"plan: timing {len(paths)} candidates interleaved with the teacher")
-            _time(paths, {k: rows[int(k[1:])] for k in paths}, tpath, recipe, batches, cands.size)
-        done += len(chunk)
-        if any(rows[i].get("measured") and _meets(rows[i], t, tref) for i in chunk):
+    for i in order[:TIMED_MAX]:
+        rows[i]["measured"] = _export_row(cands, rows[i], folder, i, recipe) is not None
+        done += 1
+        if rows[i]["measured"] and _meets(rows[i], t, tref):
             break
     return done
 
@@ -393,21 +375,121 @@ def _same(row: dict) -> tuple:
     return (row["variant"], *row["model"])  # set by the dry rewrite: an int8 export rescores "kl", not this
 
 
-def _measured_levels(rows: list[dict], t, tref: dict) -> list[tuple[str, float]]:
-    """FLOP levels where each pass kind's files should meet the speed target, from what they measured: a file
-    keeps its speedup ÷ FLOP cut roughly as its pass narrows further, so each kind's narrowest timed file, at
-    ratio f with speedup s_f, is aimed at f·s_f/(s·(1 + SPEED_MARGIN)). Every kind is then placed at every level:
-    the ratio drifts down as a cut deepens, and a level aimed from one kind often suits another (the shared ViT's
-    width 0.389, which met 1.5x, came from lowrank's aim; width aimed at itself stayed at 1.47x)."""
-    bs, s = str(t.batch), _speed_needed(t, tref)
-    narrowest: dict[tuple, dict] = {}
+def _kind(row: dict) -> tuple[str, str]:
+    """What a row's speed is predicted from: its last pass (the one placed at FLOP levels) and its file variant."""
+    return (next(iter(row["passes"][-1])) if row["passes"] else "teacher", row["variant"])
+
+
+def _points(rows: list[dict], t) -> dict[tuple, list[tuple[float, float]]]:
+    """Per kind, its timed files as (FLOP ratio, 1/speedup), deepest first, with the teacher's file of the same
+    variant at ratio 1 (1 for fp32; the int8 teacher's own timing for int8) when it was timed."""
+    bs = str(t.batch)
+    one = {"fp32": 1.0, **{r["variant"]: 1 / r["speedup"][bs] for r in rows if not r["passes"] and "speedup" in r}}
+    pts: dict[tuple, list] = {}
     for r in rows:
-        if "speedup" in r and r["passes"] and r["flops_ratio"] < 1:
-            kind = (next(iter(r["passes"][-1])), r["variant"])
-            if kind not in narrowest or r["flops_ratio"] < narrowest[kind]["flops_ratio"]:
-                narrowest[kind] = r
-    aims = (r["speedup"][bs] * r["flops_ratio"] / s for r in narrowest.values())
-    return sorted({("flops", round(a, 3)) for a in aims if 0.05 < a < 1}, key=lambda kv: -kv[1])[:3]
+        if r["passes"] and "speedup" in r and r["flops_ratio"] < 1:
+            pts.setdefault(_kind(r), []).append((r["flops_ratio"], 1 / r["speedup"][bs]))
+    return {k: sorted(p + [(1.0, one[k[1]])]) for k, p in pts.items() if k[1] in one}
+
+
+def _inverse_speed(pts: list[tuple[float, float]], f: float) -> float:
+    """1/speedup at FLOP ratio f, piecewise linear through a kind's timed files (latency ~ a + b·FLOPs between
+    them: the per-token work a narrower layer does not shrink is the a), extended beyond the deepest."""
+    if f <= pts[0][0] or len(pts) == 1:
+        (f0, y0), (f1, y1) = pts[0], pts[min(1, len(pts) - 1)]
+    else:
+        k = next(i for i in range(1, len(pts)) if f <= pts[i][0] or i == len(pts) - 1)
+        (f0, y0), (f1, y1) = pts[k - 1], pts[k]
+    return y0 + (f - f0) * (y1 - y0) / (f1 - f0) if f1 != f0 else y0
+
+
+def _aim(pts: list[tuple[float, float]], need: float) -> float | None:
+    """The largest FLOP ratio the kind's timed files predict runs `need` times faster than the teacher: between
+    the deepest file that meets it and the next one that does not, or beyond the deepest when none meets."""
+    y = 1 / need
+    if pts[0][1] <= y:  # the deepest meets: interpolate up to the first that does not
+        k = next((i for i in range(1, len(pts)) if pts[i][1] > y), None)
+        if k is None:
+            return None
+        (f0, y0), (f1, y1) = pts[k - 1], pts[k]
+    else:  # none meets: extend the line through the two deepest
+        (f0, y0), (f1, y1) = pts[0], pts[1]
+    if y1 <= y0:
+        return None  # FLOPs bought no speed here: no level to aim at
+    f = f0 + (y - y0) * (f1 - f0) / (y1 - y0)
+    return f if 0.05 < f < 1 else None
+
+
+def _predicted(row: dict, pts: dict, t) -> float | None:
+    p = pts.get(_kind(row))
+    if p is None or not row["passes"]:
+        return None
+    y = _inverse_speed(p, row["flops_ratio"])
+    return 1 / y if y > 0 else float("inf")
+
+
+def _time_rows(idx: list[int], rows: list[dict], cands, folder, recipe, tpath, batches, t, tref, log) -> int:
+    """Export these rows and time them together, interleaved with the teacher."""
+    paths = {}
+    for i in idx:
+        rows[i]["tried"] = True
+        p = _export_row(cands, rows[i], folder, i, recipe)
+        rows[i]["measured"] = p is not None
+        if p is not None:
+            paths[f"c{i}"] = p
+    if paths:
+        log(f"plan: timing {len(paths)} candidates interleaved with the teacher")
+        _time(paths, {k: rows[int(k[1:])] for k in paths}, tpath, recipe, batches, cands.size)
+    return len(idx)
+
+
+def _speed_search(order: list[int], rows: list[dict], run: tuple) -> int:
+    """A speed target, searched by measurement: time each kind's deepest feasible file (and the teacher's variants);
+    then, each round, build every kind at the level its timed files predict just meets the target (a kind that met
+    it deeper is aimed shallower, where KL is lower; one that did not, deeper) and time the candidates predicted
+    to meet it, lowest KL first, skipping those predicted too slow and those with a higher KL than a file that
+    already met it. Returns how many rows were exported and timed."""
+    cands, folder, recipe, tpath, batches, t, tref, log = run
+    need = _speed_needed(t, tref)
+    deepest: dict[tuple, int] = {}
+    variant_rows = [i for i in order if not rows[i]["passes"]]  # the teacher's own int8 file: the anchor of its kinds
+    for i in order:
+        k = _kind(rows[i])
+        if rows[i]["passes"] and (k not in deepest or rows[i]["flops_ratio"] < rows[deepest[k]]["flops_ratio"]):
+            deepest[k] = i
+    probes = (variant_rows + sorted(deepest.values(), key=lambda i: (rows[i]["kl"], i)))[:TIMED_MAX]
+    log(f"plan: timing the deepest candidate of each kind first ({len(probes)} files)")
+    done = _time_rows(probes, rows, *run)
+    for _ in range(SEARCH_ROUNDS):
+        pts = _points(rows, t)
+        best = min((rows[i]["kl"] for i in order if rows[i].get("measured") and _meets(rows[i], t, tref)),
+                   default=float("inf"))
+        aims = []
+        for k, p in pts.items():
+            f = _aim(p, need)
+            if f is None or k[0] not in ("lowrank", "width") or any(
+                    _kind(r) == k and abs(r["flops_ratio"] - f) <= AIM_TOL for r in rows):
+                continue
+            if f < p[0][0] and min(r["kl"] for r in rows if _kind(r) == k and r["flops_ratio"] <= p[0][0]) >= best:
+                continue  # deeper than this kind's deepest timed file, whose KL is already above a file that meets
+            aims.append((k, round(f, 3)))
+        seen = {_same(r) for r in rows}
+        for (kind, variant), f in sorted(aims, key=lambda a: -a[1]):
+            for c in cands.enumerate([("flops", f)], log, only=kind):
+                r = {**c, "variant": variant}
+                if _same(r) not in seen:
+                    seen.add(_same(r))
+                    r["feasible"] = _feasible(r, t, tref)
+                    rows.append(r)
+                    if r["feasible"]:
+                        order.append(len(rows) - 1)
+        pending = [i for i in order if not rows[i].get("tried") and rows[i]["kl"] < best
+                   and (_predicted(rows[i], pts, t) or 0) >= need * (1 - PREDICT_SLACK)]
+        pending = sorted(pending, key=lambda i: (rows[i]["kl"], i))[:min(CHUNK, TIMED_MAX - done)]
+        if not pending:
+            break
+        done += _time_rows(pending, rows, *run)
+    return done
 
 
 def _best_effort(rows: list[dict], t) -> dict:

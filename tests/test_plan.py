@@ -109,19 +109,67 @@ def test_target_and_gate_that_disagree_are_refused():
         parse_recipe(_recipe("{flops: 0.5}", FAST + "gates: {max_flops_ratio: 0.7}\n"))
 
 
-def test_measured_levels_aim_each_kind_at_the_speed_target():
-    """No file met 1.5x: the narrowest width file, 53% FLOPs at 1.39x, keeps its speedup ÷ FLOP cut, so width is
-    aimed at 0.533 * 1.39 / (1.5 * 1.03) (the margin); lowrank's narrowest file (5%) gives a level under 5%: not proposed."""
-    from compress.plan import _measured_levels
+def test_aim_interpolates_between_timed_files_and_extends_beyond_the_deepest():
+    """Latency ~ a + b·FLOPs: with files on such a line, the aim is the level where it reaches the speed needed,
+    whether the deepest file met it (aim shallower, where KL is lower) or not (aim deeper); flat: no aim."""
+    from compress.plan import _aim, _inverse_speed
 
-    target = parse_recipe(_recipe("{speedup: 1.5, batch: 8}")).target
-    rows = [{"passes": [{"width": {}}], "variant": "fp32", "flops_ratio": 0.533, "speedup": {"8": 1.39}},
-            {"passes": [{"width": {}}], "variant": "fp32", "flops_ratio": 0.667, "speedup": {"8": 1.22}},
-            {"passes": [{"lowrank": {}}], "variant": "fp32", "flops_ratio": 0.484, "speedup": {"8": 1.25}},
-            {"passes": [], "variant": "int8_dynamic", "flops_ratio": 1.0, "speedup": {"8": 1.33}},
-            {"passes": [{"lowrank": {}}], "variant": "fp32", "flops_ratio": 0.05, "speedup": {"8": 1.0}}]
-    levels = _measured_levels(rows, target, {"p50_ms": 10.0})
-    assert levels == [("flops", round(0.533 * 1.39 / (1.5 * 1.03), 3))]
+    def line(a):
+        return lambda f: a + (1 - a) * f  # 1/speedup, 1 at the teacher's FLOPs
+
+    need = 1.5 * 1.03
+    for a, deep in ((0.3, 0.4), (0.5, 0.5)):  # the deepest meets (1.72x) / does not (1.33x)
+        y = line(a)
+        pts = [(deep, y(deep)), (1.0, 1.0)]
+        assert _aim(pts, need) == pytest.approx((1 / need - a) / (1 - a))
+        assert _inverse_speed(pts, 0.7) == pytest.approx(y(0.7)) and _inverse_speed(pts, 0.2) == pytest.approx(y(0.2))
+    assert _aim([(0.5, 1.0), (1.0, 1.0)], need) is None
+    # between a file that meets (0.4) and one that does not (0.6): the aim stays inside that bracket
+    assert 0.4 < _aim([(0.4, 0.55), (0.6, 0.7), (1.0, 1.0)], need) < 0.6
+
+
+def test_speed_search_times_deepest_files_first_and_misses_no_better_candidate(deep_vit, monkeypatch, tmp_path):
+    """Files run as 1/(a + (1 - a)·FLOPs), a per kind (int8: 1.3x on top): the search times each kind's deepest
+    file, then only files predicted to meet the target. Among the candidates it built, none that would meet it
+    has a lower KL than the choice, and fewer files are timed than there are candidates within reach."""
+    import compress.plan as planner
+
+    a = {"width": 0.3, "lowrank": 0.5, "mlp_strip": 0.1, "qk_merge": 0.0, "vo": 0.0}
+
+    def speed(row):
+        kind = next(iter(row["passes"][-1])) if row["passes"] else None
+        s = 1 / (a[kind] + (1 - a[kind]) * row["flops_ratio"]) if kind else 1.0
+        return s * (1.3 if row["variant"] == "int8_dynamic" else 1.0)
+
+    def fake_export(cands, row, folder, i, recipe):
+        row["bytes"] = 1
+        return tmp_path / f"c{i}.onnx"
+
+    def fake_time(paths, rows, teacher_path, recipe, batches, size):
+        for row in rows.values():
+            row["speedup"] = {str(b): speed(row) for b in batches}
+            row["p50_ms"] = {str(b): 10 / speed(row) for b in batches}
+
+    monkeypatch.setattr(planner, "_export_row", fake_export)
+    monkeypatch.setattr(planner, "_time", fake_time)
+    r = parse_recipe(_recipe("{speedup: 1.5, batch: 8}"))
+    loaded = load(str(deep_vit))
+    calib, holdout = calibration_pair(None, loaded.data_cfg, r.calibration)
+    cands = planner.Candidates(loaded, calib, [], holdout)
+    t, tref = r.target, {"p50_ms": 10.0}
+    rows = [{**c, "variant": v} for c in cands.enumerate(planner._levels(t, tref), lambda _m: None)
+            for v in ("fp32", "int8_dynamic")]
+    for row in rows:
+        row["feasible"] = planner._feasible(row, t, tref)
+    order = sorted((i for i, row in enumerate(rows) if row["feasible"]), key=lambda i: (rows[i]["kl"], i))
+    within = len(order)
+    done = planner._speed_search(order, rows, (cands, tmp_path, r, tmp_path / "t.onnx", [8], t, tref, lambda _m: None))
+    meeting = [row for row in rows if row.get("measured") and planner._meets(row, t, tref)]
+    assert meeting, "a width or int8 file meets 1.5x on this line"
+    choice = min(meeting, key=lambda row: row["kl"])
+    would = [row for row in rows if row["feasible"] and speed(row) >= 1.5 * (1 + planner.SPEED_MARGIN)]
+    assert min(row["kl"] for row in would) == choice["kl"]
+    assert done < within and done == sum(1 for row in rows if row.get("tried"))
 
 
 def test_accuracy_misses_try_the_next_candidate_then_name_every_attempt(deep_vit):
