@@ -124,8 +124,13 @@ def test_aim_interpolates_between_timed_files_and_extends_beyond_the_deepest():
         assert _aim(pts, need) == pytest.approx((1 / need - a) / (1 - a))
         assert _inverse_speed(pts, 0.7) == pytest.approx(y(0.7)) and _inverse_speed(pts, 0.2) == pytest.approx(y(0.2))
     assert _aim([(0.5, 1.0), (1.0, 1.0)], need) is None
-    # between a file that meets (0.4) and one that does not (0.6): the aim stays inside that bracket
+    # between a file that meets (0.4) and one that does not (0.6): the aim stays STEP inside that bracket, even
+    # when the line through them puts it at the edge (0.6 missed by a hair), and none is left in a narrow one
+    from compress.plan import STEP
+
     assert 0.4 < _aim([(0.4, 0.55), (0.6, 0.7), (1.0, 1.0)], need) < 0.6
+    assert _aim([(0.4, 0.5), (0.6, 1 / need + 1e-4), (1.0, 1.0)], need) == pytest.approx(0.6 - STEP)
+    assert _aim([(0.55, 0.6), (0.58, 0.7), (1.0, 1.0)], need) is None
 
 
 def test_speed_search_times_deepest_files_first_and_misses_no_better_candidate(deep_vit, monkeypatch, tmp_path):
@@ -163,7 +168,8 @@ def test_speed_search_times_deepest_files_first_and_misses_no_better_candidate(d
         row["feasible"] = planner._feasible(row, t, tref)
     order = sorted((i for i, row in enumerate(rows) if row["feasible"]), key=lambda i: (rows[i]["kl"], i))
     within = len(order)
-    done = planner._speed_search(order, rows, (cands, tmp_path, r, tmp_path / "t.onnx", [8], t, tref, lambda _m: None))
+    run = (cands, tmp_path, r, tmp_path / "t.onnx", [8], t, tref, lambda _m: None)
+    done = planner._speed_search(order, rows, ["fp32", "int8_dynamic"], run)
     meeting = [row for row in rows if row.get("measured") and planner._meets(row, t, tref)]
     assert meeting, "a width or int8 file meets 1.5x on this line"
     choice = min(meeting, key=lambda row: row["kl"])
