@@ -148,20 +148,19 @@ class Candidates:
         lowrank (each allocation, alone and on top of short strips) and width at each budget level; one row per
         distinct model. `only` ("lowrank" or "width"): that kind at the levels, nothing else."""
         fam, passes = self.loaded.adapter.family, all_passes()
-        found = [self.dry([])]
+        found = [self.dry([])] if only is None else []
         strips: dict[int, dict] = {}
-        if fam == "vit" and "mlp_strip" in passes:
+        if fam == "vit" and "mlp_strip" in passes and only in (None, "lowrank"):
             n = len(self.loaded.adapter.vit_blocks(copy.deepcopy(self.loaded.model)))
             for k in range(1, min(n, STRIP_WINDOWS + 1)):
                 windows = [self.dry([{"mlp_strip": {"blocks": list(range(s, s + k))}}]) for s in range(n - k + 1)]
-                found += windows
-                strips[k] = min(windows, key=lambda w: w["kl"])
-            found += [self.dry([{"mlp_strip": {"blocks": "auto", "fraction": f}}]) for f in (0.5, 0.25)]  # 0.25 reuses 0.5's greedy order
-            exact = [self.dry([{p: cfg}]) for p, cfg in (("qk_merge", {"mode": "exact"}), ("vo", {"mode": "fold"}))
-                     if p in passes]
-            found += [c for c in exact if c and (c["flops_ratio"] < 1 or c["params_ratio"] < 1)]  # where they pay
-        if only is not None:
-            found = []
+                found += windows if only is None else []
+                strips[k] = min(windows, key=lambda w: w["kl"])  # the prefixes of lowrank below
+            if only is None:
+                found += [self.dry([{"mlp_strip": {"blocks": "auto", "fraction": f}}]) for f in (0.5, 0.25)]  # 0.25 reuses 0.5's greedy order
+                exact = [self.dry([{p: cfg}]) for p, cfg in (("qk_merge", {"mode": "exact"}), ("vo", {"mode": "fold"}))
+                         if p in passes]
+                found += [c for c in exact if c and (c["flops_ratio"] < 1 or c["params_ratio"] < 1)]  # where they pay
         for kind, level in levels:
             log(f"plan: candidates at {kind} {level:.0%} of the teacher" + (f" ({only})" if only else ""))
             if "lowrank" in passes and only in (None, "lowrank"):
@@ -430,7 +429,7 @@ def _aim(pts: list[tuple[float, float]], need: float) -> float | None:
     return min(max(f, lo), hi) if f >= MIN_AIM else None  # below MIN_AIM: out of this kind's reach
 
 
-def _predicted(row: dict, pts: dict, t) -> float | None:
+def _predicted(row: dict, pts: dict) -> float | None:
     p = pts.get(_kind(row))
     if p is None or not row["passes"]:
         return None
@@ -480,15 +479,13 @@ def _speed_search(order: list[int], rows: list[dict], variants: list[str], run: 
             f = _aim(p, need)
             if f is None or k[0] not in ("lowrank", "width"):
                 continue
-            if any(r["passes"] and next(iter(r["passes"][-1])) == k[0] and r["flops_ratio"] >= f and r["kl"] >= best
-                   for r in rows):
+            if any(_kind(r)[0] == k[0] and r["flops_ratio"] >= f and r["kl"] >= best for r in rows):
                 continue  # a shallower file of this kind already has a KL above one that meets: a deeper cut would too
             aims.append((k[0], round(f, 3)))
         seen = {_same(r) for r in rows}
         for kind, f in sorted(set(aims), key=lambda a: -a[1]):  # one build per pass kind and level, for every variant
             if any(k == kind and abs(g - f) <= AIM_TOL for k, g in built) or any(
-                    r["passes"] and next(iter(r["passes"][-1])) == kind and abs(r["flops_ratio"] - f) <= AIM_TOL
-                    for r in rows):
+                    _kind(r)[0] == kind and abs(r["flops_ratio"] - f) <= AIM_TOL for r in rows):
                 continue
             built.append((kind, f))  # also when the pass refuses that level (below its smallest ranks)
             for c in cands.enumerate([("flops", f)], log, only=kind):
@@ -501,7 +498,7 @@ def _speed_search(order: list[int], rows: list[dict], variants: list[str], run: 
                         if r["feasible"]:
                             order.append(len(rows) - 1)
         pending = [i for i in order if not rows[i].get("tried") and rows[i]["kl"] < best
-                   and (_predicted(rows[i], pts, t) or 0) >= need * (1 - PREDICT_SLACK)]
+                   and (_predicted(rows[i], pts) or 0) >= need * (1 - PREDICT_SLACK)]
         pending = sorted(pending, key=lambda i: (rows[i]["kl"], i))[:min(CHUNK, TIMED_MAX - done)]
         if not pending:
             break

@@ -129,14 +129,11 @@ def _basis(layer: nn.Module, cov: torch.Tensor, samples: int, method: str,
     Only the first k directions are kept (no candidate rank is larger). The basis is {"u": U}, or for a
     whitened layer wider out than in {"rv": V} with U = W V (see _input_basis).
     """
-    w = layer.weight.detach().double().flatten(1)
-    side = w if _input_side(layer) else None  # cov is the input moment M: C = W M W^T
-    if method == "whitened_svd":
-        if side is not None:
-            return _input_basis(w, cov, samples, k)
-        a = w.shape[0] / (w.shape[0] + samples)
+    side = _input_side(layer)  # then cov is the input moment M: C = W M W^T
+    if method == "whitened_svd" and not side:
         # float32: ViT-L's fc2 keeps the same top-k energy to 2e-7 of float64's, in half the time
         wf, c32 = layer.weight.detach().float().flatten(1), cov.float()
+        a = wf.shape[0] / (wf.shape[0] + samples)
         wwt = wf @ wf.T
         prior = wwt * (float(c32.trace()) / max(float(wwt.trace()), 1e-30))
         used = (1 - a) * c32 + a * prior
@@ -146,9 +143,12 @@ def _basis(layer: nn.Module, cov: torch.Tensor, samples: int, method: str,
         u, energy, total = vec.flip(-1)[:, :k].double(), lam.flip(0)[:k].double(), float(used.double().trace())
         # under the moment the basis diagonalises, the energy kept per direction is its eigenvalue: no product needed
         shrunk = (1 - torch.cumsum(energy, 0) / total).clamp_min(0) if total > 0 else torch.zeros_like(energy)
-        return {"u": u}, shrunk, _lost(u, cov, None)
+        return {"u": u}, shrunk, _lost(u, cov.double(), None)
+    w, cov = layer.weight.detach().double().flatten(1), cov.double()
+    if method == "whitened_svd":
+        return _input_basis(w, cov, samples, k)
     u = torch.linalg.svd(w, full_matrices=False)[0][:, :k]
-    lost = _lost(u, cov, side)
+    lost = _lost(u, cov, w if side else None)
     return {"u": u}, lost, lost
 
 
@@ -322,7 +322,7 @@ def _prepare(model, chosen: dict, layers: dict, cfg: LowRankConfig, calib) -> tu
             skipped[n] = (f"rank {min(r, top)} would not save: break-even is {even:.1f} = in*out/(in+out)" if cfg.rank
                           is not None else f"break-even rank {even:.1f} is below the smallest rank {cfg.multiple}")
             continue
-        basis, lost, raw = _basis(m, stats[n][0].double(), stats[n][1] * len(calib), cfg.method, max(ranks))
+        basis, lost, raw = _basis(m, stats[n][0], stats[n][1] * len(calib), cfg.method, max(ranks))
         stats[n] = (None, stats[n][1])  # the moment is done with; a float32 basis is exact enough for float32 factors
         steps = [(None, 0.0, weight[n] * out * inn)] + [(r, float(lost[r - 1]), weight[n] * r * (out + inn)) for r in ranks]
         cands[n] = {**{key: b.float() for key, b in basis.items()}, "lost": raw, "steps": steps, "shape": (out, inn),
