@@ -32,7 +32,9 @@ def _errors(debug: bool):
             from .plan import table
             from .report import align
 
-            print(align(table(e.plan)[0], left=(0, 1)), file=sys.stderr)
+            rows = table(e.plan)[0]
+            if len(rows) > 1:  # none measured (nothing came near the target): no empty table
+                print(align(rows, left=(0, 1)), file=sys.stderr)
         print(f"error: {e}", file=sys.stderr)
         raise typer.Exit(e.exit_code) from None
     except (typer.Exit, typer.Abort):

@@ -202,9 +202,10 @@ def _greedy(groups, cuts, curves, target, budget) -> dict[str, int]:
 
 
 # ------------------------------------------------------------------ applying
-def _walk(model, blocks, calib, per_block) -> None:
-    """Calls per_block(i, block, h) with each block's input on calib, the model changing as it goes."""
-    h = capture(model, [blocks[0]], calib, inputs=True)[0]
+def _walk(model, blocks, calib, per_block, h: torch.Tensor | None = None) -> None:
+    """Calls per_block(i, block, h) with each block's input on calib (`h`: the first block's, when known), the
+    model changing as it goes."""
+    h = capture(model, [blocks[0]], calib, inputs=True)[0] if h is None else h
     with torch.no_grad():
         for i, blk in enumerate(blocks):
             per_block(i, blk, h)
@@ -237,7 +238,7 @@ def _cut(model, blocks, found, widths: dict[str, int], calib) -> dict[str, float
                 dirty |= widths[g.name] < g.full
         h_ref = ref(h_ref)
 
-    _walk(model, blocks, calib, per_block)
+    _walk(model, blocks, calib, per_block, h_ref)  # nothing is cut yet: the first block's input is the teacher's
     return errors
 
 
@@ -278,23 +279,24 @@ def width(model, adapter, cfg: WidthConfig, ctx: PassContext) -> PassResult:
         plans["uniform"] = _uniform(groups, cuts, target, cfg.budget)
     if cfg.target is not None and cfg.allocate in ("greedy", "auto"):
         plans["greedy"] = _greedy(groups, cuts, _survey(model, blocks, found, ctx.calib), target, cfg.budget)
-    with torch.no_grad():
-        ref = model(ctx.calib)
     tried = {}
+    with torch.no_grad():  # allocations that compete are compared by calibration KL; a single one is not scored
+        ref = model(ctx.calib) if len(plans) > 1 else None
     for how, widths in plans.items():
         trial = copy.deepcopy(model) if len(plans) > 1 else model
         # the cuts hold block indices and attribute paths only, so they serve the copy's own blocks
         errors = _cut(trial, _chain(trial, adapter)[0], found, widths, ctx.calib)
         with torch.no_grad():
-            tried[how] = (kl(ref, trial(ctx.calib)), trial, errors, widths)
-    how = min(tried, key=lambda k: tried[k][0])
+            tried[how] = (kl(ref, trial(ctx.calib)) if ref is not None else None, trial, errors, widths)
+    how = min(tried, key=lambda k: tried[k][0] or 0.0)
     score, model, errors, widths = tried[how]
     cost = _cost(groups, widths, cfg.budget)
-    details = {"allocate": how, "kept": round(cost / selected, 6), "budget": cfg.budget, "kl": {k: round(v[0], 6) for k, v in tried.items()},
+    scored = {k: round(v[0], 6) for k, v in tried.items() if v[0] is not None}
+    details = {"allocate": how, "kept": round(cost / selected, 6), "budget": cfg.budget, **({"kl": scored} if scored else {}),
                "groups": {g.name: {"kind": g.kind, "width": [g.full, widths[g.name]], "heads": g.heads,
                                    "rel_error": round(errors.get(g.name, 0.0), 6)} for g in groups}}
-    changes = [f"width ({'refit' if cfg.refit else 'no refit'}, {how} allocation; calibration KL "
-               + ", ".join(f"{k} {v[0]:.4g}" for k, v in tried.items())
+    changes = [f"width ({'refit' if cfg.refit else 'no refit'}, {how} allocation"
+               + ("; calibration KL " + ", ".join(f"{k} {v:.4g}" for k, v in scored.items()) if scored else "")
                + f"): the selected layers keep {cost / selected:.1%} of their {cfg.budget}"]
     for g in groups:
         k = widths[g.name]
