@@ -338,14 +338,7 @@ def plan(loaded, recipe: Recipe, calib, log=print, cands: Candidates | None = No
         else:
             for i in order:
                 rows[i]["measured"] = True
-        meeting = sorted((i for i in order if rows[i].get("measured") and _meets(rows[i], t, tref)),
-                         key=lambda i: (rows[i]["kl"], i))
-        plain = {tuple(rows[i]["model"]) for i in meeting if rows[i]["variant"] == "fp32"}
-        # a variant whose own fp32 file meets the target too adds nothing but risk (older runtimes, a re-scored
-        # KL a hair lower by chance): the shared ResNet's int8 files quantize only its last MatMul
-        meeting = [i for i in meeting if rows[i]["variant"] == "fp32" or tuple(rows[i]["model"]) not in plain]
-        if timed:
-            meeting = _confirm(meeting, rows, folder, tpath, recipe, batches, t, tref, cands.size, log)
+        meeting = _ranked(order, rows, t, tref)  # a speed search re-timed the first as the gate will
         result = _result(t, teacher, rows, meeting[0] if meeting else None, meeting, t0, met_by_teacher=False,
                          timed_rows=done)
     if not meeting:
@@ -386,8 +379,9 @@ def _confirm(meeting: list[int], rows: list[dict], folder: Path, tpath: Path, re
                       runs=lat.runs)
         again = {b: res["teacher"][b]["p50_ms"] / res[r["variant"]][b]["p50_ms"] for b in res["teacher"]}
         p50 = {b: res[r["variant"]][b]["p50_ms"] for b in res["teacher"]}
-        r["confirm"] = {"speedup": again, "p50_ms": p50}
-        if _meets({**r, "speedup": again, "p50_ms": p50}, t, {**tref, "p50_ms": res["teacher"][bs]["p50_ms"]}):
+        held = _meets({**r, "speedup": again, "p50_ms": p50}, t, {**tref, "p50_ms": res["teacher"][bs]["p50_ms"]})
+        r["confirm"] = {"speedup": again, "p50_ms": p50, "meets": held}
+        if held:
             break
         log(f"plan: {describe(r)} measured {again[bs]:.2f}x at batch {t.batch} when timed again as the gate "
             "will time it; dropped")
@@ -413,8 +407,8 @@ def _points(rows: list[dict], t) -> dict[tuple, list[tuple[float, float]]]:
     one = {"fp32": 1.0, **{r["variant"]: 1 / r["speedup"][bs] for r in rows if not r["passes"] and "speedup" in r}}
     pts: dict[tuple, list] = {}
     for r in rows:
-        if r["passes"] and "speedup" in r and r["flops_ratio"] < 1:
-            pts.setdefault(_kind(r), []).append((r["flops_ratio"], 1 / r["speedup"][bs]))
+        if r["passes"] and "speedup" in r and r["flops_ratio"] < 1:  # a file timed again: the re-timing (more runs)
+            pts.setdefault(_kind(r), []).append((r["flops_ratio"], 1 / r.get("confirm", r)["speedup"][bs]))
     return {k: sorted(p + [(1.0, one[k[1]])]) for k, p in pts.items() if k[1] in one}
 
 
@@ -483,9 +477,10 @@ def _speed_search(order: list[int], rows: list[dict], variants: list[str], run: 
     then, each round, build every kind at the level its timed files predict just meets the target (a kind that met
     it deeper is aimed shallower, where KL is lower; one that did not, deeper) and time the candidates predicted
     to meet it, lowest KL first, skipping those predicted too slow and those with a higher KL than a file that
-    already met it. Returns how many rows were exported and timed."""
+    already met it. When no round has more to time, the best meeting file is timed again (_confirm); one that
+    does not hold is dropped and the search goes on. Returns how many rows were exported and timed."""
     cands, folder, recipe, tpath, batches, t, tref, log = run
-    need, bs, done = _speed_needed(t, tref), str(t.batch), 0
+    bs, done = str(t.batch), 0
     # the teacher's own int8 file: the anchor of its kinds (its fp32 file is the reference every timing runs beside)
     variant_rows = [i for i in order if not rows[i]["passes"] and rows[i]["variant"] != "fp32"]
     if variant_rows:
@@ -513,42 +508,80 @@ def _speed_search(order: list[int], rows: list[dict], variants: list[str], run: 
         log(f"plan: timing the deepest candidate of each kind first ({len(probes)} files)")
         done += _time_rows(probes, rows, *run)
     built: list[tuple[str, float]] = []
-    for _ in range(SEARCH_ROUNDS):
-        pts = _points(rows, t)
-        best = min((rows[i]["kl"] for i in order if rows[i].get("measured") and _meets(rows[i], t, tref)),
-                   default=float("inf"))
-        aims = []
-        for k, p in pts.items():
-            f = _aim(p, need)
-            if f is None or k[0] not in ("lowrank", "width"):
-                continue
-            if min((r["kl"] for r in rows if _kind(r)[0] == k[0] and r["flops_ratio"] >= f), default=0.0) >= best:
-                # every shallower file of this kind (either allocation: the shared ResNet's greedy lowrank files
-                # have 3x the KL of its uniform ones) has a KL above one that meets: a deeper cut would too
-                continue
-            aims.append((k[0], round(f, 3)))
-        seen = {_same(r) for r in rows}
-        for kind, f in sorted(set(aims), key=lambda a: -a[1]):  # one build per pass kind and level, for every variant
-            if any(k == kind and abs(g - f) <= AIM_TOL for k, g in built) or any(
-                    _kind(r)[0] == kind and abs(r["flops_ratio"] - f) <= AIM_TOL for r in rows):
-                continue
-            built.append((kind, f))  # also when the pass refuses that level (below its smallest ranks)
-            for c in cands.enumerate([("flops", f)], log, only=kind, windows=False):
-                for variant in variants:
-                    r = {**c, "variant": variant}
-                    if _same(r) not in seen:
-                        seen.add(_same(r))
-                        r["feasible"] = _feasible(r, t, tref)
-                        rows.append(r)
-                        if r["feasible"]:
-                            order.append(len(rows) - 1)
-        pending = [i for i in order if not rows[i].get("tried") and rows[i]["kl"] < best
-                   and (_predicted(rows[i], pts) or 0) >= need * (1 - PREDICT_SLACK)]
-        pending = sorted(pending, key=lambda i: (rows[i]["kl"], i))[:min(CHUNK, TIMED_MAX - done)]
-        if not pending:
-            break
-        done += _time_rows(pending, rows, *run)
-    return done
+    rounds = checks = 0
+    while True:
+        pending = _round(order, rows, variants, run, built) if rounds < SEARCH_ROUNDS else []
+        if pending:
+            rounds += 1
+            done += _time_rows(pending, rows, *run)
+            continue
+        # settled: the best meeting file is timed again as the gate will time it; when it does not hold, its
+        # re-timing joins the points and the search goes on (Run F: the shared ResNet's lowrank 0.571 ran 1.55x,
+        # then 1.54x where 1.545x was needed; the search had stopped on it and the plan fell back to lowrank 0.4,
+        # KL 0.082 against 0.017, which then missed the accuracy gate by 1.55 points)
+        ranked = _ranked(order, rows, t, tref)
+        if not ranked or "confirm" in rows[ranked[0]] or checks == CONFIRM:
+            return done
+        checks += 1
+        if _confirm(ranked[:1], rows, folder, tpath, recipe, batches, t, tref, cands.size, log):
+            return done
+
+
+def _round(order: list[int], rows: list[dict], variants: list[str], run: tuple, built: list) -> list[int]:
+    """One round of the speed search: build every kind at its aim; return the rows worth timing, lowest KL first."""
+    cands, folder, recipe, tpath, batches, t, tref, log = run
+    need, done = _speed_needed(t, tref), sum(1 for r in rows if r.get("tried"))
+    pts = _points(rows, t)
+    ranked = _ranked(order, rows, t, tref)
+    best = min((rows[i]["kl"] for i in ranked), default=float("inf"))
+    # with more than one attempt, each aimed kind is searched to its own best file, so that an accuracy miss falls
+    # back to the other kind, not to a deeper cut of the same one (Run F: the shared ResNet's lowrank 0.4 after
+    # lowrank 0.571; width 0.589 had passed in Run E where lowrank 0.554 had missed)
+    own: dict[str, float] = {}
+    for i in ranked:
+        own.setdefault(_kind(rows[i])[0], rows[i]["kl"])
+
+    def bar(kind: str) -> float:  # the KL a new file of this kind must beat to be worth building or timing
+        return own.get(kind, float("inf")) if t.attempts > 1 and kind in ("lowrank", "width") else best
+
+    aims = []
+    for k, p in pts.items():
+        f = _aim(p, need)
+        if f is None or k[0] not in ("lowrank", "width"):
+            continue
+        if min((r["kl"] for r in rows if _kind(r)[0] == k[0] and r["flops_ratio"] >= f), default=0.0) >= bar(k[0]):
+            # every shallower file of this kind (either allocation: the shared ResNet's greedy lowrank files
+            # have 3x the KL of its uniform ones) has a KL above one that meets: a deeper cut would too
+            continue
+        aims.append((k[0], round(f, 3)))
+    seen = {_same(r) for r in rows}
+    for kind, f in sorted(set(aims), key=lambda a: -a[1]):  # one build per pass kind and level, for every variant
+        if any(k == kind and abs(g - f) <= AIM_TOL for k, g in built) or any(
+                _kind(r)[0] == kind and abs(r["flops_ratio"] - f) <= AIM_TOL for r in rows):
+            continue
+        built.append((kind, f))  # also when the pass refuses that level (below its smallest ranks)
+        for c in cands.enumerate([("flops", f)], log, only=kind, windows=False):
+            for variant in variants:
+                r = {**c, "variant": variant}
+                if _same(r) not in seen:
+                    seen.add(_same(r))
+                    r["feasible"] = _feasible(r, t, tref)
+                    rows.append(r)
+                    if r["feasible"]:
+                        order.append(len(rows) - 1)
+    pending = [i for i in order if not rows[i].get("tried") and rows[i]["kl"] < bar(_kind(rows[i])[0])
+               and (_predicted(rows[i], pts) or 0) >= need * (1 - PREDICT_SLACK)]
+    return sorted(pending, key=lambda i: (rows[i]["kl"], i))[:max(0, min(CHUNK, TIMED_MAX - done))]
+
+
+def _ranked(order: list[int], rows: list[dict], t, tref: dict) -> list[int]:
+    """The measured rows that meet the target, lowest KL first: not those whose re-timing did not hold, nor a
+    variant whose own fp32 file meets too (it adds nothing but risk: older runtimes, a re-scored KL a hair lower
+    by chance; the shared ResNet's int8 files quantize only its last MatMul)."""
+    meeting = sorted((i for i in order if rows[i].get("measured") and _meets(rows[i], t, tref)
+                      and rows[i].get("confirm", {}).get("meets", True)), key=lambda i: (rows[i]["kl"], i))
+    plain = {tuple(rows[i]["model"]) for i in meeting if rows[i]["variant"] == "fp32"}
+    return [i for i in meeting if rows[i]["variant"] == "fp32" or tuple(rows[i]["model"]) not in plain]
 
 
 def _best_effort(rows: list[dict], t) -> dict:
