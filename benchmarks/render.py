@@ -235,7 +235,13 @@ def render(result: dict, md: Path, png: Path, reading: Path) -> None:
         out += ["## Failures", ""] + failed + [""]
     out += ["## Reading (written by hand after the run; not generated)", ""]
     out += [reading.read_text().strip() if reading.is_file() else "_Not written for this run._", ""]
+    old = md.read_text() if md.is_file() else ""
+    if KEEP in old:  # the sections other harnesses wrote (scale, plans, ceiling) outlive a new bench run
+        out += [KEEP + old.split(KEEP, 1)[1].rstrip("\n"), ""]
     md.write_text("\n".join(out))
+
+
+KEEP = "<!-- below: sections from other harnesses (benchmarks.scale, benchmarks.plans, benchmarks.ceiling), kept by render -->"
 
 
 if __name__ == "__main__":  # re-render from a saved JSON: python -m benchmarks.render results/bench.json BENCHMARKS.md [READING]

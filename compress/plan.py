@@ -532,24 +532,13 @@ def _round(order: list[int], rows: list[dict], variants: list[str], run: tuple, 
     cands, folder, recipe, tpath, batches, t, tref, log = run
     need, done = _speed_needed(t, tref), sum(1 for r in rows if r.get("tried"))
     pts = _points(rows, t)
-    ranked = _ranked(order, rows, t, tref)
-    best = min((rows[i]["kl"] for i in ranked), default=float("inf"))
-    # with more than one attempt, each aimed kind is searched to its own best file, so that an accuracy miss falls
-    # back to the other kind, not to a deeper cut of the same one (Run F: the shared ResNet's lowrank 0.4 after
-    # lowrank 0.571; width 0.589 had passed in Run E where lowrank 0.554 had missed)
-    own: dict[str, float] = {}
-    for i in ranked:
-        own.setdefault(_kind(rows[i])[0], rows[i]["kl"])
-
-    def bar(kind: str) -> float:  # the KL a new file of this kind must beat to be worth building or timing
-        return own.get(kind, float("inf")) if t.attempts > 1 and kind in ("lowrank", "width") else best
-
+    best = min((rows[i]["kl"] for i in _ranked(order, rows, t, tref)), default=float("inf"))
     aims = []
     for k, p in pts.items():
         f = _aim(p, need)
         if f is None or k[0] not in ("lowrank", "width"):
             continue
-        if min((r["kl"] for r in rows if _kind(r)[0] == k[0] and r["flops_ratio"] >= f), default=0.0) >= bar(k[0]):
+        if min((r["kl"] for r in rows if _kind(r)[0] == k[0] and r["flops_ratio"] >= f), default=0.0) >= best:
             # every shallower file of this kind (either allocation: the shared ResNet's greedy lowrank files
             # have 3x the KL of its uniform ones) has a KL above one that meets: a deeper cut would too
             continue
@@ -569,7 +558,7 @@ def _round(order: list[int], rows: list[dict], variants: list[str], run: tuple, 
                     rows.append(r)
                     if r["feasible"]:
                         order.append(len(rows) - 1)
-    pending = [i for i in order if not rows[i].get("tried") and rows[i]["kl"] < bar(_kind(rows[i])[0])
+    pending = [i for i in order if not rows[i].get("tried") and rows[i]["kl"] < best
                and (_predicted(rows[i], pts) or 0) >= need * (1 - PREDICT_SLACK)]
     return sorted(pending, key=lambda i: (rows[i]["kl"], i))[:max(0, min(CHUNK, TIMED_MAX - done))]
 
