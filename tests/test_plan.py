@@ -132,6 +132,9 @@ def test_aim_interpolates_between_timed_files_and_extends_beyond_the_deepest():
     assert _aim([(0.4, 0.5), (0.6, 1 / need + 1e-4), (1.0, 1.0)], need) == pytest.approx(0.6 - STEP)
     assert _aim([(0.55, 0.6), (0.58, 0.7), (1.0, 1.0)], need) is None
     assert _aim([(0.7, 1 / need - 1e-3), (1.0, 1.0)], need) is None  # meets by a hair: nothing worth building above it
+    # none meets, the two deepest a few points apart and flat by noise: the line runs through a file SPAN shallower
+    flat = [(0.22, 1 / need + 0.01), (0.25, 1 / need + 0.008), (0.3, 0.7), (1.0, 1.0)]
+    assert 0.1 < _aim(flat, need) <= 0.22 - STEP
     assert _aim([(0.1, 0.95), (1.0, 1.0)], need) is None  # the line reaches 1.5x only far below 5% of the FLOPs
 
 
