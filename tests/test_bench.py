@@ -83,3 +83,20 @@ def test_gpu_section_measures_and_renders_on_cpu(tmp_path):
                                             "compute_share_of_peak": 0.002}], "torch_cuda": "13.2", "device": "X"}))
     assert "| vit_cifar10 | 3×32×32 | 4 |" in text and "(0.2%)" in text and "1000 TFLOP/s" in text
     assert "No GPU was lent" in gpu_section(None)[0]
+
+
+@pytest.mark.slow
+def test_ceiling_times_hand_built_and_width_models_against_their_teachers(tmp_path):
+    """benchmarks.ceiling builds timm's own half-width ViT and the width pass at keep 0.5, each half the FLOPs of
+    its own teacher, and reports speedup / FLOP cut per thread count and batch (2 runs: shape only, no timing claim)."""
+    need_shared(VIT_TEACHER)
+    from benchmarks.ceiling import main
+
+    res = main(["--runs", "2", "--threads", "1", "--teachers", VIT_TEACHER.name, "--out", str(tmp_path)])
+    r = res["teachers"][VIT_TEACHER.name]
+    assert r["flops"]["timm teacher"] == r["flops"]["teacher"]
+    for half, full in (("timm half", "timm teacher"), ("width keep 0.5", "teacher")):
+        assert 0.45 < r["flops"][half] / r["flops"][full] < 0.55
+    rows = r["threads"]["1"]
+    assert set(rows) == {"timm teacher", "timm half", "teacher", "width keep 0.5"} and rows["teacher"]["8"]["per_cut"] == 1.0
+    assert "width keep 0.5" in (tmp_path / "ceiling.md").read_text()
