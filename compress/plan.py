@@ -11,7 +11,6 @@ import copy
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -301,9 +300,10 @@ def plan(loaded, recipe: Recipe, calib, log=print, cands: Candidates | None = No
     batches = sorted({*recipe.report.latency.batch_sizes, t.batch}) if timed else []
     variants = list(t.variants) if exported else ["fp32"]
     teacher = {"flops": cands.flops0, "params": cands.params0}
+    base = cands.dry([])
     with tempfile.TemporaryDirectory(prefix="compress-plan-") as tmp:
         folder = Path(tmp)
-        tpath = folder / "teacher.onnx"
+        tpath = _file(folder, base)  # the teacher's int8 row starts from this file, as a candidate's from its fp32 twin's
         if exported:
             ex = recipe.export
             write_onnx(loaded.model, tpath, calib, opset=ex.opset, dynamic_batch=True, tol=ex.parity_tol, slim=ex.slim)
@@ -319,9 +319,6 @@ def plan(loaded, recipe: Recipe, calib, log=print, cands: Candidates | None = No
                                              runs=recipe.report.latency.runs)["teacher"])
             teacher["p50_ms"] = {bs: v["p50_ms"] for bs, v in teacher["p50_ms"].items()}
         tref = {**teacher, "p50_ms": teacher.get("p50_ms", {}).get(str(t.batch))}
-        base = cands.dry([])
-        if exported:  # the teacher's int8 row starts from this file, as a candidate's from its fp32 twin's
-            shutil.copyfile(tpath, _file(folder, base))
         first = {**base, "variant": "fp32", "bytes": teacher.get("bytes"), "measured": timed,
                  **({"p50_ms": teacher["p50_ms"], "speedup": {bs: 1.0 for bs in teacher["p50_ms"]}} if timed else {})}
         if _meets(first, t, tref):  # nothing to do: say so rather than compress for nothing
@@ -370,28 +367,23 @@ def _export_sizes(order: list[int], rows: list[dict], cands, folder, recipe, t, 
     return done
 
 
-def _confirm(meeting: list[int], rows: list[dict], folder: Path, tpath: Path, recipe: Recipe, batches: list[int], t,
-             tref: dict, size, log) -> list[int]:
-    """Time the best meeting candidates again, one at a time, as the gate will after distillation (the teacher,
-    the fp32 file and the variant, interleaved), until one still meets; those that do not are dropped. Timed
-    among five others, the shared ViT's int8 lowrank file showed 1.52x; the gate's own timing, 1.38x."""
-    lat, bs, dropped = recipe.report.latency, str(t.batch), []
-    for i in meeting[:CONFIRM]:
-        r = rows[i]
-        paths = {"fp32": _file(folder, r), **({r["variant"]: _file(folder, r, r["variant"])}
-                                               if r["variant"] != "fp32" else {})}
-        res = latency({"teacher": tpath, **paths}, size, batch_sizes=batches, threads=lat.threads, warmup=lat.warmup,
-                      runs=lat.runs)
-        again = {b: res["teacher"][b]["p50_ms"] / res[r["variant"]][b]["p50_ms"] for b in res["teacher"]}
-        p50 = {b: res[r["variant"]][b]["p50_ms"] for b in res["teacher"]}
-        held = _meets({**r, "speedup": again, "p50_ms": p50}, t, {**tref, "p50_ms": res["teacher"][bs]["p50_ms"]})
-        r["confirm"] = {"speedup": again, "p50_ms": p50, "meets": held}
-        if held:
-            break
+def _confirm(r: dict, folder: Path, tpath: Path, recipe: Recipe, batches: list[int], t, tref: dict, size,
+             log) -> bool:
+    """Time a meeting file again as the gate will after distillation (the teacher, the fp32 file and the variant,
+    interleaved, the recipe's runs); record it in r["confirm"] and say whether it still meets. Timed among five
+    others, the shared ViT's int8 lowrank file showed 1.52x; the gate's own timing, 1.38x."""
+    lat, bs = recipe.report.latency, str(t.batch)
+    paths = {"fp32": _file(folder, r), **({r["variant"]: _file(folder, r, r["variant"])} if r["variant"] != "fp32" else {})}
+    res = latency({"teacher": tpath, **paths}, size, batch_sizes=batches, threads=lat.threads, warmup=lat.warmup,
+                  runs=lat.runs)
+    again = {b: res["teacher"][b]["p50_ms"] / res[r["variant"]][b]["p50_ms"] for b in res["teacher"]}
+    p50 = {b: res[r["variant"]][b]["p50_ms"] for b in res["teacher"]}
+    held = _meets({**r, "speedup": again, "p50_ms": p50}, t, {**tref, "p50_ms": res["teacher"][bs]["p50_ms"]})
+    r["confirm"] = {"speedup": again, "p50_ms": p50, "meets": held}
+    if not held:
         log(f"plan: {describe(r)} measured {again[bs]:.2f}x at batch {t.batch} when timed again as the gate "
             "will time it; dropped")
-        dropped.append(i)
-    return [i for i in meeting if i not in dropped]
+    return held
 
 
 def _same(row: dict) -> tuple:
@@ -465,7 +457,12 @@ def _predicted(row: dict, pts: dict) -> float | None:
     return 1 / y if y > 0 else float("inf")
 
 
-def _time_rows(idx: list[int], rows: list[dict], cands, folder, recipe, tpath, batches, t, tref, log) -> int:
+def _tried(rows: list[dict]) -> int:
+    """How many rows the speed search has exported and timed (TIMED_MAX bounds it)."""
+    return sum(1 for r in rows if r.get("tried"))
+
+
+def _time_rows(idx: list[int], rows: list[dict], cands, folder, recipe, tpath, batches, t, tref, log) -> None:
     """Export these rows and time them together, interleaved with the teacher."""
     paths = {}
     for i in idx:
@@ -477,7 +474,6 @@ def _time_rows(idx: list[int], rows: list[dict], cands, folder, recipe, tpath, b
     if paths:
         log(f"plan: timing {len(paths)} candidates interleaved with the teacher")
         _time(paths, {k: rows[int(k[1:])] for k in paths}, tpath, recipe, batches, cands.size)
-    return len(idx)
 
 
 def _speed_search(order: list[int], rows: list[dict], variants: list[str], run: tuple) -> int:
@@ -488,12 +484,12 @@ def _speed_search(order: list[int], rows: list[dict], variants: list[str], run: 
     already met it. When no round has more to time, the best meeting file is timed again (_confirm); one that
     does not hold is dropped and the search goes on. Returns how many rows were exported and timed."""
     cands, folder, recipe, tpath, batches, t, tref, log = run
-    bs, done = str(t.batch), 0
+    bs = str(t.batch)
     # the teacher's own int8 file: the anchor of its kinds (its fp32 file is the reference every timing runs beside)
     variant_rows = [i for i in order if not rows[i]["passes"] and rows[i]["variant"] != "fp32"]
     if variant_rows:
         log(f"plan: timing the teacher's {', '.join(rows[i]['variant'] for i in variant_rows)} file")
-        done = _time_rows(variant_rows, rows, *run)
+        _time_rows(variant_rows, rows, *run)
         # a variant that does not speed up the teacher (int8 dynamic quantizes MatMuls, not a ResNet's convs: the
         # shared ResNet's ran 0.98x) runs its candidates at their fp32 twins' speed: their files would only
         # double the exports and timings, and meet by noise where the fp32 file just misses
@@ -511,17 +507,17 @@ def _speed_search(order: list[int], rows: list[dict], variants: list[str], run: 
         k = _kind(rows[i])
         if rows[i]["passes"] and (k not in deepest or rows[i]["flops_ratio"] < rows[deepest[k]]["flops_ratio"]):
             deepest[k] = i
-    probes = sorted(deepest.values(), key=lambda i: (rows[i]["kl"], i))[:TIMED_MAX - done]
+    probes = sorted(deepest.values(), key=lambda i: (rows[i]["kl"], i))[:TIMED_MAX - _tried(rows)]
     if probes:
         log(f"plan: timing the deepest candidate of each kind first ({len(probes)} files)")
-        done += _time_rows(probes, rows, *run)
+        _time_rows(probes, rows, *run)
     built: list[tuple[str, float]] = []
     rounds = checks = 0
     while True:
         pending = _round(order, rows, variants, run, built) if rounds < SEARCH_ROUNDS else []
         if pending:
             rounds += 1
-            done += _time_rows(pending, rows, *run)
+            _time_rows(pending, rows, *run)
             continue
         # settled: the best meeting file is timed again as the gate will time it; when it does not hold, its
         # re-timing joins the points and the search goes on (Run F: the shared ResNet's lowrank 0.571 ran 1.55x,
@@ -529,16 +525,16 @@ def _speed_search(order: list[int], rows: list[dict], variants: list[str], run: 
         # KL 0.082 against 0.017, which then missed the accuracy gate by 1.55 points)
         ranked = _ranked(order, rows, t, tref)
         if not ranked or "confirm" in rows[ranked[0]] or checks == CONFIRM:
-            return done
+            return _tried(rows)
         checks += 1
-        if _confirm(ranked[:1], rows, folder, tpath, recipe, batches, t, tref, cands.size, log):
-            return done
+        if _confirm(rows[ranked[0]], folder, tpath, recipe, batches, t, tref, cands.size, log):
+            return _tried(rows)
 
 
 def _round(order: list[int], rows: list[dict], variants: list[str], run: tuple, built: list) -> list[int]:
     """One round of the speed search: build every kind at its aim; return the rows worth timing, lowest KL first."""
     cands, folder, recipe, tpath, batches, t, tref, log = run
-    need, done = _speed_needed(t, tref), sum(1 for r in rows if r.get("tried"))
+    need, done = _speed_needed(t, tref), _tried(rows)
     pts = _points(rows, t)
     best = min((rows[i]["kl"] for i in _ranked(order, rows, t, tref)), default=float("inf"))
     aims = []

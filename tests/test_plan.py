@@ -167,13 +167,12 @@ def test_speed_search_times_deepest_files_first_and_misses_no_better_candidate(d
 
     confirmed = []
 
-    def fake_confirm(meeting, rows, *a):
-        i = meeting[0]
-        s = speed(rows[i]) * (0.97 if not confirmed else 1.0)
-        confirmed.append(i)
+    def fake_confirm(row, *a):
+        s = speed(row) * (0.97 if not confirmed else 1.0)
+        confirmed.append(next(i for i, r in enumerate(rows) if r is row))
         held = s >= target * (1 + planner.SPEED_MARGIN)
-        rows[i]["confirm"] = {"speedup": {"8": s}, "p50_ms": {"8": 10 / s}, "meets": held}
-        return [i] if held else []
+        row["confirm"] = {"speedup": {"8": s}, "p50_ms": {"8": 10 / s}, "meets": held}
+        return held
 
     monkeypatch.setattr(planner, "_export_row", fake_export)
     monkeypatch.setattr(planner, "_time", fake_time)
@@ -364,8 +363,8 @@ def test_the_choice_is_timed_again_as_the_gate_will_and_dropped_when_it_does_not
     rows = [{"passes": [{"width": {"target": 0.5}}], "variant": v, "flops_ratio": 0.5, "params_ratio": 0.5, "model": [0.5, 0.5, 0.01],
              "speedup": {"8": 1.6}} for v in ("int8_dynamic", "fp32")]
     said = []
-    kept = planner._confirm([0, 1], rows, tmp_path, tmp_path / "t.onnx", r, [8], r.target, {"p50_ms": 16.0},
-                            (3, 16, 16), said.append)
-    assert kept == [1]
+    kept = [planner._confirm(row, tmp_path, tmp_path / "t.onnx", r, [8], r.target, {"p50_ms": 16.0}, (3, 16, 16),
+                             said.append) for row in rows]
+    assert kept == [False, True]
     assert rows[0]["confirm"]["speedup"]["8"] == pytest.approx(1.40) and rows[1]["confirm"]["speedup"]["8"] == pytest.approx(1.60)
     assert len(said) == 1 and "1.40x at batch 8 when timed again" in said[0]
