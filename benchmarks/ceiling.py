@@ -35,6 +35,8 @@ from compress.pipeline import rewrite
 from compress.recipe import parse_recipe
 from compress.report import machine_info
 
+from .scaling import nonzero_biases
+
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT.parent / "shared" / "data" / "models"
 
@@ -58,30 +60,20 @@ def _timm(path: Path, half: bool) -> nn.Module:
             dim, heads = a.qkv.in_features, a.num_heads
             b.attn = Attention(dim, heads, qkv_bias=a.qkv.bias is not None, attn_head_dim=a.head_dim // 2).eval()
             b.mlp = Mlp(dim, m.fc1.out_features // 2, act_layer=type(m.act)).eval()
-    # timm initialises Linear biases to zero, and the exporter folds an Add of zeros away: a random-weight file
-    # would run 4 Adds per block fewer than any trained one (that made timm's own teacher look 8% faster than
-    # the loaded one in the first run of this script)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for mod in model.modules():
-            if isinstance(mod, nn.Linear) and mod.bias is not None:
-                mod.bias.copy_(torch.randn(mod.bias.shape, generator=g) * 0.02)
-    return model
+    return nonzero_biases(model)
 
 
-def _shipped(path: Path, keep: float | None) -> nn.Module:
-    loaded = load(str(path))
-    if keep is None:
-        return loaded.model
+def _width(loaded, keep: float) -> nn.Module:
     calib = torch.randn(64, *loaded.data_cfg["input_size"], generator=torch.Generator().manual_seed(0))
     recipe = parse_recipe({"version": 1, "passes": [{"width": {"keep": keep}}]})
-    return rewrite(loaded, recipe, calib, log=lambda _m: None)[0]
+    return rewrite(loaded, recipe, calib, log=lambda _m: None)[0]  # a copy: loaded.model stays the teacher
 
 
 def run_teacher(path: Path, work: Path, runs: int, threads: list[int]) -> dict:
-    size = tuple(json.loads((path / "config.json").read_text())["pretrained_cfg"]["input_size"])
-    models = {"timm teacher": _timm(path, False), "timm half": _timm(path, True), "teacher": _shipped(path, None),
-              "width keep 0.5": _shipped(path, 0.5)}
+    loaded = load(str(path))
+    size = tuple(loaded.data_cfg["input_size"])
+    models = {"timm teacher": _timm(path, False), "timm half": _timm(path, True), "teacher": loaded.model,
+              "width keep 0.5": _width(loaded, 0.5)}
     x = torch.randn(4, *size)
     files, flops = {}, {}
     for name, m in models.items():
