@@ -238,7 +238,6 @@ def test_a_variant_whose_fp32_file_meets_the_target_too_is_not_ranked(monkeypatc
         return len(order)
 
     monkeypatch.setattr(planner, "_speed_search", fake_search)
-    monkeypatch.setattr(planner, "_confirm", lambda meeting, *a: meeting)
     monkeypatch.setattr(planner, "latency", lambda paths, size, **k: {p: {str(b): {"p50_ms": 10.0} for b in k["batch_sizes"]}
                                                                        for p in paths})
     r, res = _plan(deep_vit, _recipe("{speedup: 1.2, batch: 8}"))
