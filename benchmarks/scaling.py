@@ -16,6 +16,7 @@ from compress.metrics import count_flops, count_params, latency
 from compress.pipeline import rewrite
 from compress.recipe import parse_recipe
 
+from . import nonzero_biases
 from .contenders import has_lowrank
 
 
@@ -28,18 +29,6 @@ def variants(loaded: Loaded) -> dict[str, list]:
         out["lowrank-half"] = [{"lowrank": {"method": "whitened_svd", "target": 0.5, "allocate": "greedy"}}]
     out["width-half"] = [{"width": {"target": 0.5, "scope": "model", "allocate": "uniform"}}]
     return out
-
-
-def nonzero_biases(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Random Linear biases for a random-weight model, as a trained one has: timm initialises them to zero, and the
-    exporter folds an Add of zeros away, so the file would run 4 Adds per ViT block fewer than a refit student's
-    (benchmarks.ceiling's first run: timm's teacher looked 8% faster than the loaded one)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.Linear) and m.bias is not None:
-                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.02)
-    return model
 
 
 def run_arch(arch: str, *, runs: int, threads: int, work: Path, log) -> dict:
