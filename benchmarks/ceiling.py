@@ -12,11 +12,15 @@ half against timm teacher, width against the loaded teacher). Latency does not d
 file has random weights (its Linear biases made non-zero, as a trained model's are: an Add of zeros is folded away at
 export); the others are the shared teachers' own weights.
 
-    python -m benchmarks.ceiling [--runs 50] [--threads 1,2] [--out benchmarks/results/ceiling]
+ImageNet-size timm architectures (`--archs`, 224 px, the scaling table's models) get the same treatment with random
+weights: timm teacher, timm half and `width keep 0.5` of that teacher, all against the timm teacher.
+
+    python -m benchmarks.ceiling [--runs 50] [--threads 1,2] [--archs vit_small_patch16_224,resnet50] [--out DIR]
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import tempfile
@@ -28,8 +32,9 @@ import timm
 import torch
 from torch import nn
 
+from compress.adapters import detect
 from compress.export import write_onnx
-from compress.load import load
+from compress.load import Loaded, load
 from compress.metrics import count_flops, latency
 from compress.pipeline import rewrite
 from compress.recipe import parse_recipe
@@ -41,16 +46,22 @@ ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT.parent / "shared" / "data" / "models"
 
 
-def _timm(path: Path, half: bool) -> nn.Module:
-    cfg = json.loads((path / "config.json").read_text())
+def _timm(path: Path | str, half: bool) -> nn.Module:
+    """A shared teacher's timm model (its own weights unless `half`), or an architecture name with random weights."""
+    if isinstance(path, Path):
+        cfg = json.loads((path / "config.json").read_text())
+    else:
+        cfg = {"architecture": path, "num_classes": 1000}
     args = dict(cfg.get("model_args", {}))
     if half and "resnet" in cfg["architecture"]:
         args["base_width"] = 32  # Bottleneck width = planes * base_width / 64: the inner channels halved
+    torch.manual_seed(0)
     model = timm.create_model(cfg["architecture"], pretrained=False, num_classes=cfg["num_classes"], **args).eval()
-    if not half:  # the teacher's own weights
-        from safetensors.torch import load_file
+    if not half:  # a shared teacher's own weights; an architecture's random ones
+        if isinstance(path, Path):
+            from safetensors.torch import load_file
 
-        model.load_state_dict(load_file(path / "model.safetensors"))
+            model.load_state_dict(load_file(path / "model.safetensors"))
         return model
     if hasattr(model, "blocks"):
         from timm.layers import Attention, Mlp
@@ -63,25 +74,33 @@ def _timm(path: Path, half: bool) -> nn.Module:
     return nonzero_biases(model)
 
 
-def _width(loaded, keep: float) -> nn.Module:
-    calib = torch.randn(64, *loaded.data_cfg["input_size"], generator=torch.Generator().manual_seed(0))
+def _width(loaded, keep: float, images: int = 64) -> nn.Module:
+    calib = torch.randn(images, *loaded.data_cfg["input_size"], generator=torch.Generator().manual_seed(0))
     recipe = parse_recipe({"version": 1, "passes": [{"width": {"keep": keep}}]})
     return rewrite(loaded, recipe, calib, log=lambda _m: None)[0]  # a copy: loaded.model stays the teacher
 
 
-def run_teacher(path: Path, work: Path, runs: int, threads: list[int]) -> dict:
-    loaded = load(str(path))
+def run_teacher(path: Path | str, work: Path, runs: int, threads: list[int]) -> dict:
+    """A shared teacher (a Path) or a timm architecture at 224 with random weights (a name)."""
+    if isinstance(path, Path):
+        loaded = load(str(path))
+        models = {"timm teacher": _timm(path, False), "timm half": _timm(path, True), "teacher": loaded.model,
+                  "width keep 0.5": _width(loaded, 0.5)}
+        ref = {"timm teacher": "timm teacher", "timm half": "timm teacher", "teacher": "teacher",
+               "width keep 0.5": "teacher"}
+    else:  # the width file is cut from the timm teacher itself, so both compare against it
+        teacher = nonzero_biases(_timm(path, False))
+        loaded = Loaded(copy.deepcopy(teacher), detect(teacher), {"input_size": (3, 224, 224)}, {"arch": path})
+        models = {"timm teacher": teacher, "timm half": _timm(path, True), "width keep 0.5": _width(loaded, 0.5, 8)}
+        ref = dict.fromkeys(models, "timm teacher")
     size = tuple(loaded.data_cfg["input_size"])
-    models = {"timm teacher": _timm(path, False), "timm half": _timm(path, True), "teacher": loaded.model,
-              "width keep 0.5": _width(loaded, 0.5)}
-    x = torch.randn(4, *size)
+    name_of = path.name if isinstance(path, Path) else path
+    x = torch.randn(2, *size)
     files, flops = {}, {}
     for name, m in models.items():
-        files[name] = work / f"{path.name}-{name.replace(' ', '_')}.onnx"
+        files[name] = work / f"{name_of}-{name.replace(' ', '_')}.onnx"
         write_onnx(m, files[name], x, opset=18, dynamic_batch=True, tol=1e-3, slim=True)
         flops[name] = count_flops(m, size)
-    ref = {"timm teacher": "timm teacher", "timm half": "timm teacher", "teacher": "teacher",
-           "width keep 0.5": "teacher"}
     out = {"input_size": list(size), "flops": flops, "threads": {}}
     for th in threads:
         lat = latency(files, size, batch_sizes=[1, 8], threads=th, warmup=10, runs=runs)
@@ -119,14 +138,18 @@ def main(argv=None) -> dict:
     ap.add_argument("--runs", type=int, default=50)
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--teachers", default="vit_cifar10,resnet26_cifar10")
+    ap.add_argument("--archs", default="", help="timm architectures at 224 px with random weights, comma-separated")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "ceiling")
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
     res = {"machine": machine_info(None), "onnxruntime": onnxruntime.__version__, "torch": torch.__version__,
            "runs": a.runs, "load_at_start": [round(v, 2) for v in os.getloadavg()], "teachers": {}}
     with tempfile.TemporaryDirectory(prefix="compress-ceiling-") as tmp:
-        for t in a.teachers.split(","):
-            res["teachers"][t] = run_teacher(MODELS / t, Path(tmp), a.runs, [int(x) for x in a.threads.split(",")])
+        threads = [int(x) for x in a.threads.split(",")]
+        for t in filter(None, a.teachers.split(",")):
+            res["teachers"][t] = run_teacher(MODELS / t, Path(tmp), a.runs, threads)
+        for arch in filter(None, a.archs.split(",")):
+            res["teachers"][arch] = run_teacher(arch, Path(tmp), a.runs, threads)
     res["load_at_end"] = [round(v, 2) for v in os.getloadavg()]
     res["total_s"] = round(time.perf_counter() - t0, 1)
     a.out.mkdir(parents=True, exist_ok=True)

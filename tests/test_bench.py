@@ -100,3 +100,18 @@ def test_ceiling_times_hand_built_and_width_models_against_their_teachers(tmp_pa
     rows = r["threads"]["1"]
     assert set(rows) == {"timm teacher", "timm half", "teacher", "width keep 0.5"} and rows["teacher"]["8"]["per_cut"] == 1.0
     assert "width keep 0.5" in (tmp_path / "ceiling.md").read_text()
+
+
+@pytest.mark.slow
+def test_ceiling_builds_an_imagenet_architecture_with_random_weights(tmp_path):
+    """`--archs`: a timm architecture at 224 px, random weights; the hand-built half and `width` cut from the same
+    teacher, both against it (1 run: shape only, no timing claim)."""
+    from benchmarks.ceiling import main
+
+    res = main(["--runs", "1", "--threads", "1", "--teachers", "", "--archs", "vit_tiny_patch16_224",
+                "--out", str(tmp_path)])
+    r = res["teachers"]["vit_tiny_patch16_224"]
+    assert r["input_size"] == [3, 224, 224] and set(r["threads"]["1"]) == {"timm teacher", "timm half", "width keep 0.5"}
+    for half in ("timm half", "width keep 0.5"):
+        assert 0.45 < r["flops"][half] / r["flops"]["timm teacher"] < 0.55
+    assert r["threads"]["1"]["timm teacher"]["8"]["per_cut"] == 1.0
