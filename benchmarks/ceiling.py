@@ -20,7 +20,6 @@ weights: timm teacher, timm half and `width keep 0.5` of that teacher, all again
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import tempfile
@@ -90,15 +89,14 @@ def run_teacher(path: Path | str, work: Path, runs: int, threads: list[int]) -> 
                "width keep 0.5": "teacher"}
     else:  # the width file is cut from the timm teacher itself, so both compare against it
         teacher = nonzero_biases(_timm(path, False))
-        loaded = Loaded(copy.deepcopy(teacher), detect(teacher), {"input_size": (3, 224, 224)}, {"arch": path})
+        loaded = Loaded(teacher, detect(teacher), {"input_size": (3, 224, 224)}, {"arch": path})  # rewrite copies
         models = {"timm teacher": teacher, "timm half": _timm(path, True), "width keep 0.5": _width(loaded, 0.5, 8)}
         ref = dict.fromkeys(models, "timm teacher")
     size = tuple(loaded.data_cfg["input_size"])
-    name_of = path.name if isinstance(path, Path) else path
     x = torch.randn(2, *size)
     files, flops = {}, {}
     for name, m in models.items():
-        files[name] = work / f"{name_of}-{name.replace(' ', '_')}.onnx"
+        files[name] = work / f"{Path(path).name}-{name.replace(' ', '_')}.onnx"
         write_onnx(m, files[name], x, opset=18, dynamic_batch=True, tol=1e-3, slim=True)
         flops[name] = count_flops(m, size)
     out = {"input_size": list(size), "flops": flops, "threads": {}}
