@@ -28,7 +28,7 @@ from compress.recipe import parse_recipe
 from compress.report import machine_info
 
 from compress.errors import TargetError
-from compress.plan import Candidates, describe, plan, width_candidate
+from compress.plan import Candidates, describe, plan, width_candidates
 
 from . import contenders, gpu, scaling
 from .render import render
@@ -38,7 +38,7 @@ SHARED = ROOT.parent / "shared" / "data"
 
 FULL = {"budgets": [0.75, 0.5, 0.3], "steps": 150, "batch_size": 64, "eval_images": 2000, "calib_images": 128,
         "latency": {"batch_sizes": [1, 8], "threads": 2, "warmup": 5, "runs": 30}, "teachers": None,
-        "scaling": ["vit_small_patch16_224", "vit_base_patch16_224", "resnet50"], "scaling_runs": 10, "tp_search_steps": 8, "workers": 1,
+        "scaling": ["vit_small_patch16_224", "vit_base_patch16_224", "resnet50"], "scaling_runs": 30, "tp_search_steps": 8, "workers": 1,
         "gpu": {"batch_size": 256, "steps": 50, "warmup": 10, "workers": 8}}
 QUICK = {"budgets": [0.75], "steps": 2, "batch_size": 8, "eval_images": 64, "calib_images": 8,
          "latency": {"batch_sizes": [1, 8], "threads": 2, "warmup": 1, "runs": 3}, "teachers": ["vit_cifar10"],
@@ -59,11 +59,12 @@ def recipe_dict(name: str, passes: list, cfg: dict, *, distill: bool, quantize=(
     return r
 
 
-def width_passes(loaded, budget: float, refit: bool = True) -> list:
-    """The width pass alone at a share of the whole model's FLOPs, as the planner proposes it; without refit:
-    the same selection (uniform allocation) with the consumers only sliced."""
-    wid = width_candidate(budget, loaded.adapter.family, "flops")
-    return [wid if refit else {"width": {**wid["width"], "refit": False}}]
+def width_rows(cands: Candidates, budget: float) -> tuple[dict | None, dict | None]:
+    """The width pass alone at a share of the whole model's FLOPs, as the planner proposes it (a ResNet's layer
+    sets: the lower holdout KL), and the same selection with the consumers only sliced (no refit)."""
+    tried = [cands.dry([w]) for w in width_candidates(budget, cands.loaded.adapter.family, "flops")]
+    wid = min((t for t in tried if t), key=lambda t: t["kl"], default=None)
+    return wid, wid and cands.dry([{"width": {**wid["passes"][-1]["width"], "refit": False}}])
 
 
 def row_of(record: dict, variant: str | None = None) -> dict:
@@ -180,7 +181,7 @@ def bench_teacher(ckpt: Path, cfg: dict, work: Path, log) -> dict:
         add("svd", b, svd and recipe_dict("svd", svd["passes"], cfg, distill=True),
             "the lowrank pass is not in this build" if not contenders.has_lowrank() else "no rank meets the budget",
             **kls(svd))
-        wid, plain = (cands.dry(width_passes(loaded, b, refit)) for refit in (True, False))
+        wid, plain = width_rows(cands, b)
         add("width", b, wid and recipe_dict("width", wid["passes"], cfg, distill=True), "the width pass cannot reach this budget",
             **kls(wid), **kls(plain, "_no_refit"))
         for name, rnd in (("torch-pruning", None), ("torch-pruning-r8", 8)):

@@ -48,7 +48,7 @@ def run_arch(arch: str, *, runs: int, threads: int, work: Path, log) -> dict:
                       "onnx_bytes": art["bytes"], "convert_s": round(convert, 2)}
         log(f"  {arch} {name}: {rows[name]['flops'] / 1e9:.2f} GFLOPs, converted in {convert:.1f} s")
     batches = [1, 8]
-    lat = latency(files, size, batch_sizes=batches, threads=threads, warmup=2, runs=runs)
+    lat = latency(files, size, batch_sizes=batches, threads=threads, warmup=10, runs=runs)
     for name, r in rows.items():
         r["latency"] = lat[name]
         r["flops_ratio"] = r["flops"] / rows["full"]["flops"]

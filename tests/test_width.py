@@ -105,6 +105,42 @@ def test_auto_keeps_the_lower_kl_and_refit_is_worth_it():
         assert kl(ref, fitted.model(x)) < 0.5 * kl(ref, plain.model(x))
 
 
+@pytest.mark.parametrize("block", [Bottleneck, BasicBlock])
+def test_residual_width_is_cut_whole_stages_at_a_time(block):
+    """Every conv/BN that writes a stage's residual channels and every conv (and the classifier) that reads them
+    narrows together; the cost model's FLOPs are the counted ones; the refit beats the same selection sliced."""
+    teacher = _resnet(block)
+    x = _x("resnet")
+    res = _run(teacher, "resnet", target=0.5, scope="model", layers=["conv", "residual"])
+    m, groups = res.model, res.details["groups"]
+    stages = {n: g["width"] for n, g in groups.items() if g["kind"] == "residual"}
+    # a BasicBlock ResNet's layer1 has no downsample: its stream is the stem's, which the pass leaves alone
+    assert set(stages) == ({"layer1"} if block is Bottleneck else set()) | {"layer2", "layer3", "layer4"}
+    last = "conv3" if block is Bottleneck else "conv2"
+    for name, (full, k) in stages.items():
+        assert k % 8 == 0 and k < full
+        first = m.get_submodule(name)[0]
+        assert first.downsample[0].out_channels == first.downsample[1].num_features == k
+        assert getattr(first, last).out_channels == getattr(first, "bn" + last[-1]).num_features == k
+    assert m.layer3[0].conv1.in_channels == m.layer3[0].downsample[0].in_channels == stages["layer2"][1]
+    assert m.fc.in_features == m.num_features == stages["layer4"][1]
+    measured = count_flops(m, (3, 32, 32)) / count_flops(teacher, (3, 32, 32))
+    assert 0.4 < measured <= 0.5 + 1e-6, measured  # the links cost what the layers cost
+    plain = _run(teacher, "resnet", target=0.5, scope="model", layers=["conv", "residual"], refit=False)
+    assert {n: g["width"] for n, g in plain.details["groups"].items()} == {n: g["width"] for n, g in groups.items()}
+    with torch.no_grad():
+        ref = teacher(x)
+        assert kl(ref, m(x)) < 0.5 * kl(ref, plain.model(x))
+
+
+def test_residual_width_is_not_offered_where_a_stage_is_not_plain():
+    """Squeeze-excitation scales the stream's channels inside the block: no stage is cut, in one line."""
+    torch.manual_seed(0)
+    se = ResNet(block=Bottleneck, layers=[1, 1, 1, 1], num_classes=10, block_args={"attn_layer": "se"}).eval()
+    with pytest.raises(InputError, match="no widths of kinds"):
+        _run(se, "resnet", keep=0.5, layers=["residual"])
+
+
 def test_unreachable_target_is_refused_in_one_line():
     with pytest.raises(InputError, match="target 0.05 is out of reach") as e:
         _run(_vit(), "vit", target=0.05, multiple=4)
@@ -115,7 +151,7 @@ def test_unreachable_target_is_refused_in_one_line():
         WidthConfig(target=0.5, keep=0.5)
 
 
-@pytest.mark.parametrize("family", ["vit", "resnet"])
+@pytest.mark.parametrize("family", ["vit", "resnet", "resnet-residual"])
 def test_apply_exports_and_load_compressed_replays_the_widths(tmp_path, family):
     if family == "vit":
         ckpt = save_timm_dir(tiny_vit(**VIT), "vit_tiny_patch16_224", tiny_vit_args(**VIT), tmp_path / "vit")
@@ -126,7 +162,7 @@ def test_apply_exports_and_load_compressed_replays_the_widths(tmp_path, family):
         from timm import create_model
         save_file(create_model("resnet26", num_classes=10).state_dict(), str(ckpt))
         model, size = {"arch": "timm:resnet26", "num_classes": 10, "img_size": 32}, (3, 32, 32)
-        passes = [{"width": {"target": 0.5}}]
+        passes = [{"width": {"target": 0.5, **({"layers": ["conv", "residual"]} if "residual" in family else {})}}]
     rec = parse_recipe({"version": 1, **({"model": model} if model else {}), "passes": passes,
                         "report": {"latency": None}})
     out = tmp_path / "out"
@@ -143,7 +179,8 @@ def test_apply_exports_and_load_compressed_replays_the_widths(tmp_path, family):
     for name, g in groups.items():
         mod = reloaded.get_submodule(name)
         got = {"mlp": lambda: mod.fc1.out_features, "qk": lambda: mod.q.out_features // g["heads"],
-               "vo": lambda: mod.v.out_features // g["heads"], "conv": lambda: mod.out_channels}[g["kind"]]()
+               "vo": lambda: mod.v.out_features // g["heads"], "conv": lambda: mod.out_channels,
+               "residual": lambda: mod[0].downsample[0].out_channels}[g["kind"]]()
         assert got == g["width"][1]
 
 

@@ -27,7 +27,16 @@ class Group:
     heads: int  # qk/vo: the width repeats per head
     flops: float  # multiply-accumulates per image per unit of width
     params: float  # parameters per unit of width
-    pair: tuple[str, float, float] | None = None  # (group, flops, params) per unit x unit: a 3x3 conv between two widths
+
+
+@dataclass
+class Link:
+    """A layer between two widths (a 3x3 conv between inner widths, a 1x1 conv reading a residual stream): its cost
+    is flops (params) per unit of `a` x unit of `b`."""
+    a: str
+    b: str
+    flops: float
+    params: float
 
 
 # ------------------------------------------------------------------ helpers
@@ -90,6 +99,44 @@ def _consumer(m: nn.Module, w: torch.Tensor, bias: torch.Tensor | None) -> nn.Mo
     return new
 
 
+def _problem(blk, ref_blk, h, h_ref, consumer: str, rows=None) -> fit.Problem:
+    """The consumer's input in `blk` on h against the reference block's consumer output on h_ref (`rows` of it)."""
+    cons, ref_cons = blk.get_submodule(consumer), ref_blk.get_submodule(consumer)
+    x = capture(blk, [cons], h, inputs=True)[0]
+    y = capture(ref_blk, [ref_cons], h_ref)[0]
+    if rows is not None:
+        y = y[:, rows]
+    if isinstance(cons, nn.Conv2d):
+        return fit.problem(_patches(cons, x), _rows(y), cons.kernel_size[0] * cons.kernel_size[1])
+    return fit.problem(_rows(x), _rows(y))
+
+
+def _narrow_in(m: nn.Module, keep: torch.Tensor) -> nn.Module:
+    """A Linear/Conv2d reading only the `keep` input channels."""
+    new = copy.deepcopy(m)
+    new.weight = nn.Parameter(m.weight.detach()[:, keep].clone())
+    if isinstance(m, nn.Linear):
+        new.in_features = len(keep)
+    else:
+        new.in_channels = len(keep)
+    return new
+
+
+def refit_reader(blk, ref_blk, h, h_ref, conv: str, bn: str | None, ridge: float, rows=None) -> None:
+    """Refit a conv whose input channels were narrowed to the reference outputs (`rows` of them); a bias-free
+    conv's fitted constant goes into its BatchNorm's running mean."""
+    p = _problem(blk, ref_blk, h, h_ref, conv, rows)
+    cons = blk.get_submodule(conv)
+    with_bias = cons.bias is not None or bn is not None
+    w = fit.refit(p, list(range(p.units)), ridge, cons.weight.detach().double().flatten(1), bias=with_bias)
+    w, b = (w[:, :-1], w[:, -1]) if with_bias else (w, None)
+    if b is not None and cons.bias is None:
+        norm = blk.get_submodule(bn)
+        norm.running_mean.sub_(b.to(norm.running_mean.dtype))
+        b = None
+    _set(blk, conv, _consumer(cons, w, b))
+
+
 # ------------------------------------------------------------------ cuts
 class Cut:
     """What one group needs: its survey (error curve over widths) and the cut to a width."""
@@ -100,6 +147,12 @@ class Cut:
     def widths(self) -> list[int]:
         m, q = self.g.full, self.multiple
         return sorted({*range(q, m, q), m})
+
+    def survey_in(self, model, blocks, calib, blk, h) -> dict[int, float]:
+        return self.survey(blk, h)
+
+    def replay_in(self, model, blocks, k: int) -> None:
+        self.replay(blocks[self.g.block], k)
 
 
 class SelectCut(Cut):
@@ -114,20 +167,16 @@ class SelectCut(Cut):
         super().__init__(group, multiple, ridge, refit)
         self.producer, self.consumer, self.norm, self.after = producer, consumer, norm, after
 
-    def _problem(self, blk, ref_blk, h, h_ref) -> fit.Problem:
-        cons, ref_cons = blk.get_submodule(self.consumer), ref_blk.get_submodule(self.consumer)
-        x = capture(blk, [cons], h, inputs=True)[0]
-        y = capture(ref_blk, [ref_cons], h_ref)[0]
-        if isinstance(cons, nn.Conv2d):
-            return fit.problem(_patches(cons, x), _rows(y), cons.kernel_size[0] * cons.kernel_size[1])
-        return fit.problem(_rows(x), _rows(y))
+    def _problem(self, blk, ref_blk, h, h_ref, rows=None) -> fit.Problem:
+        return _problem(blk, ref_blk, h, h_ref, self.consumer, rows)
 
     def survey(self, blk, h) -> dict[int, float]:
         _, curve = fit.removal_order(self._problem(blk, blk, h, h), min(self.widths()), self.multiple, self.ridge)
         return fit.interpolate({self.g.full: 0.0, **curve}, self.widths())
 
-    def cut(self, blk, ref_blk, h, h_ref, k: int, dirty: bool) -> float:
-        p = self._problem(blk, ref_blk, h, h_ref)
+    def cut(self, blk, ref_blk, h, h_ref, k: int, dirty: bool, rows=None) -> float:
+        """`rows`: the consumer's outputs that are kept (its output is a residual stream that was narrowed)."""
+        p = self._problem(blk, ref_blk, h, h_ref, rows)
         order, curve = fit.removal_order(p, k, self.multiple, self.ridge)
         keep = torch.tensor(sorted(set(range(p.units)) - set(order)))
         cons = blk.get_submodule(self.consumer)
@@ -238,6 +287,92 @@ class VOCut(Cut):
         cols = torch.cat([torch.arange(r) + i * dh for i in range(v.heads)])
         blk.attn.value = SeparateVO(_fold_rows(v.v, v.heads, eye),
                                     _consumer(v.proj, v.proj.weight.detach()[:, cols], None), v.heads)
+
+
+@dataclass
+class Stream:
+    """A stage's residual width: the blocks (indices in the chain) that share it, the first with the downsample.
+
+    Written by each member's last conv/BN (`out`) and the first member's downsample conv/BN (`shortcut`); read
+    by the later members' conv1, then by the next stage's first block (conv1 and downsample) or the classifier.
+    """
+    members: list[int]
+    out: tuple[str, str]  # ("conv3", "bn3") or ("conv2", "bn2")
+    shortcut: tuple[str, str]  # e.g. ("downsample.0", "downsample.1")
+    nxt: int | None  # the next stage's first block, or None: the classifier reads the pooled stream
+    nxt_shortcut: tuple[str, str] | None
+    head: str | None  # the classifier Linear's path from the model root
+
+
+class StreamCut(Cut):
+    """Keep k of a stage's residual channels, in every layer that writes or reads them (stage-consistent).
+
+    Channels are kept by their readers' weight energy (after BatchNorm scaling) times the calibration energy of
+    the stream: the output each reader loses. Readers are refit by least squares during the block walk, writers
+    fit the kept channels of the teacher's outputs, the classifier is refit on the pooled features.
+    """
+
+    def __init__(self, group, multiple, ridge, refit, stream: Stream):
+        super().__init__(group, multiple, ridge, refit)
+        self.s = stream
+
+    def readers(self, model, blocks) -> list[tuple[int, str, str | None]]:
+        """(block, conv, bn) reading the stream."""
+        s = self.s
+        out = [(i, "conv1", "bn1") for i in s.members[1:]]
+        if s.nxt is not None:
+            out += [(s.nxt, "conv1", "bn1"), (s.nxt, *s.nxt_shortcut)]
+        return out
+
+    def writers(self) -> list[tuple[int, str, str]]:
+        return [(self.s.members[0], *self.s.shortcut)] + [(i, *self.s.out) for i in self.s.members]
+
+    def scores(self, model, blocks, calib) -> torch.Tensor:
+        mods = [blocks[i].get_submodule(c) for i, c, _ in self.readers(model, blocks)]
+        if self.s.head is not None:
+            mods.append(model.get_submodule(self.s.head))
+        energy = [(_rows(x).double() ** 2).mean(0) for x in capture(model, mods, calib, inputs=True)]
+        score = torch.zeros(self.g.full, dtype=torch.float64)
+        bns = [blocks[i].get_submodule(b) if b else None for i, _, b in self.readers(model, blocks)] + [None]
+        for m, bn, e in zip(mods, bns, energy):
+            w = m.weight.detach().double().flatten(2) if m.weight.dim() == 4 else m.weight.detach().double()[:, :, None]
+            if bn is not None:  # the reader's outputs as its BatchNorm scales them
+                w = w * (bn.weight.detach().double() / (bn.running_var.double() + bn.eps).sqrt())[:, None, None]
+            score += e * (w ** 2).sum((0, 2))
+        return score
+
+    def choose(self, model, blocks, calib, k: int) -> tuple[torch.Tensor, float]:
+        score = self.scores(model, blocks, calib)
+        order = torch.argsort(score, descending=True)
+        return order[:k].sort().values, float(score[order[k:]].sum() / score.sum().clamp_min(1e-300))
+
+    def survey_in(self, model, blocks, calib, blk, h) -> dict[int, float]:
+        score = self.scores(model, blocks, calib).sort().values  # ascending: the cheapest dropped first
+        lost = torch.cumsum(score, 0) / score.sum().clamp_min(1e-300)
+        return {w: float(lost[self.g.full - w - 1]) if w < self.g.full else 0.0 for w in self.widths()}
+
+    def narrow(self, model, blocks, keep: torch.Tensor) -> None:
+        for i, conv, bn in self.writers():
+            _set(blocks[i], conv, _narrow_out(blocks[i].get_submodule(conv), keep))
+            _set(blocks[i], bn, _narrow_out(blocks[i].get_submodule(bn), keep))
+        for i, conv, _ in self.readers(model, blocks):
+            _set(blocks[i], conv, _narrow_in(blocks[i].get_submodule(conv), keep))
+        if self.s.head is not None:
+            _set(model, self.s.head, _narrow_in(model.get_submodule(self.s.head), keep))
+            for attr in ("num_features", "head_hidden_size"):  # timm's record of the classifier's input width
+                if isinstance(getattr(model, attr, None), int):
+                    setattr(model, attr, len(keep))
+
+    def refit_head(self, model, calib, ref_logits: torch.Tensor) -> None:
+        head = model.get_submodule(self.s.head)
+        x = capture(model, [head], calib, inputs=True)[0]
+        p = fit.problem(x, ref_logits)
+        w = fit.refit(p, list(range(p.units)), self.ridge, head.weight.detach().double(), bias=head.bias is not None)
+        w, b = (w[:, :-1], w[:, -1]) if head.bias is not None else (w, None)
+        _set(model, self.s.head, _consumer(head, w, b))
+
+    def replay_in(self, model, blocks, k: int) -> None:
+        self.narrow(model, blocks, torch.arange(k))
 
 
 def _set(blk: nn.Module, path: str, new: nn.Module) -> None:

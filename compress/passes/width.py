@@ -19,9 +19,9 @@ from ..modules import SeparateQK, SeparateVO
 from ..probe import capture, kl
 from ..registry import PassConfig, PassContext, PassResult, register_pass
 from ._scope import layer_share, whole_cost
-from ._width_groups import Group, QKCut, SelectCut, VOCut
+from ._width_groups import Group, Link, QKCut, SelectCut, Stream, StreamCut, VOCut, refit_reader
 
-Kind = Literal["mlp", "qk", "vo", "conv"]
+Kind = Literal["mlp", "qk", "vo", "conv", "residual"]
 Fraction = Annotated[float, Field(gt=0, le=1)]
 
 
@@ -82,38 +82,123 @@ def _plain_conv(m) -> bool:
     return type(m) is nn.Conv2d and m.groups == 1 and m.padding_mode == "zeros"
 
 
-def _resnet_groups(blocks, names, calib, cfg) -> list[tuple[Group, object]]:
-    """conv1 -> conv2 (and conv2 -> conv3 in a bottleneck); the residual width is never touched."""
+def _shortcut(b) -> tuple[str, str] | None:
+    """The downsample's (conv, BatchNorm) paths when it is [pool,] one plain conv, then a BatchNorm."""
+    ds = getattr(b, "downsample", None)
+    kids = list(ds.named_children()) if isinstance(ds, nn.Sequential) else []
+    convs = [j for j, (_, m) in enumerate(kids) if isinstance(m, nn.Conv2d)]
+    if len(convs) != 1 or not _plain_conv(kids[convs[0]][1]) or convs[0] + 1 >= len(kids) \
+            or type(kids[convs[0] + 1][1]) is not nn.BatchNorm2d:
+        return None
+    return f"downsample.{kids[convs[0]][0]}", f"downsample.{kids[convs[0] + 1][0]}"
+
+
+def _plain_block(b) -> bool:
+    last = "conv3" if getattr(b, "conv3", None) is not None else "conv2"
+    return (all(_plain_conv(getattr(b, c, None)) for c in ("conv1", last))
+            and all(type(getattr(b, n, None)) is nn.BatchNorm2d for n in ("bn1", "bn" + last[-1]))
+            and isinstance(getattr(b, "se", None) or nn.Identity(), nn.Identity))
+
+
+def _streams(model, blocks, names) -> list[Stream]:
+    """Stages whose residual width can be cut consistently: a downsample starts the stream, every member is a plain
+    block without squeeze-excitation, the next stage's first block or a plain classifier on average pooling reads it."""
+    segs, cur = [], None
+    for i, b in enumerate(blocks):
+        if getattr(b, "downsample", None) is not None:
+            cur = [i]
+            segs.append(cur)
+        elif cur is not None:
+            cur.append(i)
+    out = []
+    for j, members in enumerate(segs):
+        first = blocks[members[0]]
+        sc = _shortcut(first)
+        if sc is None or not all(_plain_block(blocks[i]) for i in members):
+            continue
+        width = first.get_submodule(sc[0]).out_channels
+        last = ("conv3", "bn3") if getattr(first, "conv3", None) is not None else ("conv2", "bn2")
+        if j + 1 < len(segs):
+            nxt = segs[j + 1][0]
+            nsc = _shortcut(blocks[nxt])
+            if nxt != members[-1] + 1 or nsc is None or not _plain_block(blocks[nxt]):
+                continue
+            out.append(Stream(members, last, sc, nxt, nsc, None))
+            continue
+        fc, pool = getattr(model, "fc", None), getattr(model, "global_pool", getattr(model, "avgpool", None))
+        avg = isinstance(pool, nn.AdaptiveAvgPool2d) or getattr(pool, "pool_type", None) == "avg"  # timm's pool
+        if members[-1] == len(blocks) - 1 and type(fc) is nn.Linear and fc.in_features == width and avg:
+            out.append(Stream(members, last, sc, None, None, "fc"))
+    return out
+
+
+def _resnet_groups(model, blocks, names, calib, cfg) -> tuple[list[tuple[Group, object]], list[Link]]:
+    """conv1 -> conv2 (and conv2 -> conv3 in a bottleneck); a stage's residual width, whole stages only."""
+    streams = _streams(model, blocks, names)
     convs = [c for b in blocks for c in (b.conv1, b.conv2, getattr(b, "conv3", None)) if c is not None]
+    convs += [blocks[s.members[0]].get_submodule(s.shortcut[0]) for s in streams]
     pos = {}
     if calib is not None:  # positions per image of each conv's output, for the FLOP costs
         outs = capture(_Chain(blocks), convs, calib[:1])
         pos = {id(c): o.shape[-1] * o.shape[-2] for c, o in zip(convs, outs)}
-    out = []
+    out, links = [], []
+    reads, writes = {}, {}  # block -> the stream group its input / output is
+    for s in streams:
+        name = names[s.members[0]].rpartition(".")[0] or names[s.members[0]]  # the stage, e.g. layer2
+        first = blocks[s.members[0]]
+        ds = first.get_submodule(s.shortcut[0])
+        g = Group(name, "residual", s.members[0], ds.out_channels, 1, 0.0, 2.0 * (len(s.members) + 1))
+        writes.update({i: g for i in s.members})
+        reads.update({i: g for i in s.members[1:]})
+        if s.nxt is not None:
+            reads[s.nxt] = g
+        else:
+            fc = model.get_submodule(s.head)
+            g.flops, g.params = g.flops + fc.out_features, g.params + fc.out_features
+        out.append((g, StreamCut(g, cfg.multiple, cfg.ridge, cfg.refit, s)))
+    for g, c in list(out):  # the shortcut conv reads the previous stream (a link) or the stem's fixed width
+        ds = blocks[g.block].get_submodule(c.s.shortcut[0])
+        if g.block in reads:
+            links.append(Link(reads[g.block].name, g.name, pos.get(id(ds), 0), 1))
+        else:
+            g.flops, g.params = g.flops + pos.get(id(ds), 0) * ds.in_channels, g.params + ds.in_channels
+
+    def term(g: Group, other: Group | None, fixed: int, flops: float, params: float, first: bool) -> None:
+        """A conv between g and a stream (other) when it is cut, else g's own cost at the stream's fixed width."""
+        if other is None:
+            g.flops, g.params = g.flops + flops * fixed, g.params + params * fixed
+        else:
+            links.append(Link(other.name, g.name, flops, params) if first else Link(g.name, other.name, flops, params))
+
     for i, (b, name) in enumerate(zip(blocks, names)):
         c1, c2, c3 = b.conv1, b.conv2, getattr(b, "conv3", None)
         if not (_plain_conv(c1) and _plain_conv(c2)):
             continue
-        k2 = c2.kernel_size[0] * c2.kernel_size[1]
+        k1, k2 = c1.kernel_size[0] * c1.kernel_size[1], c2.kernel_size[0] * c2.kernel_size[1]
         p1, p2 = pos.get(id(c1), 0), pos.get(id(c2), 0)
         if c3 is None:  # BasicBlock: conv1's channels feed conv2
-            k1 = c1.kernel_size[0] * c1.kernel_size[1]
-            g = Group(f"{name}.conv1", "conv", i, c1.out_channels, 1, p1 * c1.in_channels * k1 + p2 * k2 * c2.out_channels,
-                      c1.in_channels * k1 + 2 + k2 * c2.out_channels)
+            g = Group(f"{name}.conv1", "conv", i, c1.out_channels, 1, 0.0, 2.0)
+            term(g, reads.get(i), c1.in_channels, p1 * k1, k1, True)
+            term(g, writes.get(i), c2.out_channels, p2 * k2, k2, False)
             out.append((g, SelectCut(g, cfg.multiple, cfg.ridge, cfg.refit, "conv1", "conv2", "bn1", "bn2")))
             continue
         inner = _plain_conv(c3) and isinstance(getattr(b, "aa", None) or nn.Identity(), nn.Identity)
         p3 = pos.get(id(c3), 0)
-        g1 = Group(f"{name}.conv1", "conv", i, c1.out_channels, 1, p1 * c1.in_channels, c1.in_channels + 2)
+        g1 = Group(f"{name}.conv1", "conv", i, c1.out_channels, 1, 0.0, 2.0)
+        term(g1, reads.get(i), c1.in_channels, p1, 1, True)
         if inner:
-            g2 = Group(f"{name}.conv2", "conv", i, c2.out_channels, 1, p3 * c3.out_channels, c3.out_channels + 2)
-            g1.pair = (g2.name, p2 * k2, k2)
+            g2 = Group(f"{name}.conv2", "conv", i, c2.out_channels, 1, 0.0, 2.0)
+            term(g2, writes.get(i), c3.out_channels, p3, 1, False)
+            links.append(Link(g1.name, g2.name, p2 * k2, k2))
         else:
             g1.flops, g1.params = g1.flops + p2 * k2 * c2.out_channels, g1.params + k2 * c2.out_channels
+            if i in writes:  # conv3 reads conv2's fixed width and writes the stream
+                writes[i].flops += p3 * c3.in_channels
+                writes[i].params += c3.in_channels
         out.append((g1, SelectCut(g1, cfg.multiple, cfg.ridge, cfg.refit, "conv1", "conv2", "bn1", "bn2")))
         if inner:
             out.append((g2, SelectCut(g2, cfg.multiple, cfg.ridge, cfg.refit, "conv2", "conv3", "bn2", "bn3")))
-    return out
+    return out, links
 
 
 class _Chain(nn.Module):
@@ -129,39 +214,40 @@ class _Chain(nn.Module):
         return x
 
 
-def _groups(model, adapter, calib, cfg) -> tuple[list[nn.Module], list[tuple[Group, object]]]:
+def _groups(model, adapter, calib, cfg) -> tuple[list[nn.Module], list[tuple[Group, object]], list[Link]]:
     blocks, names = _chain(model, adapter)
     if adapter.family == "vit":
-        found = _vit_groups(blocks, names, adapter.describe(model)["tokens"], cfg)
-    else:
-        if calib is not None:
-            calib = capture(model, [blocks[0]], calib[:1], inputs=True)[0]
-        found = _resnet_groups(blocks, names, calib, cfg)
-    return blocks, found
+        return blocks, _vit_groups(blocks, names, adapter.describe(model)["tokens"], cfg), []
+    if calib is not None:
+        calib = capture(model, [blocks[0]], calib[:1], inputs=True)[0]
+    return blocks, *_resnet_groups(model, blocks, names, calib, cfg)
 
 
 # ------------------------------------------------------------------ budget
-def _cost(groups: list[Group], widths: dict[str, int], budget: str) -> float:
-    by = {g.name: g for g in groups}
-    total = 0.0
-    for g in groups:
-        k = widths[g.name]
-        total += k * (g.flops if budget == "flops" else g.params)  # per unit of width, all heads included
-        if g.pair and g.pair[0] in by:
-            total += k * widths[g.pair[0]] * (g.pair[1] if budget == "flops" else g.pair[2])
-    return total
+def _coster(groups: list[Group], links: list[Link], full: dict[str, int], budget: str):
+    """cost(widths) of the selected groups: their own terms and every link touching one (the other end at its
+    width, or full when not selected)."""
+    sel = {g.name for g in groups}
+    mine = [l for l in links if l.a in sel or l.b in sel]
+    flops = budget == "flops"
+
+    def cost(widths: dict[str, int]) -> float:
+        total = sum(widths[g.name] * (g.flops if flops else g.params) for g in groups)  # per unit, all heads
+        return total + sum(widths.get(l.a, full[l.a]) * widths.get(l.b, full[l.b]) * (l.flops if flops else l.params)
+                           for l in mine)
+    return cost
 
 
-def _uniform(groups, cuts, target, budget) -> dict[str, int]:
+def _uniform(groups, cuts, target, cost) -> dict[str, int]:
     def at(f):
         return {g.name: max([w for w in cuts[g.name].widths() if w <= max(f * g.full, 1e-9)] or [min(cuts[g.name].widths())])
                 for g in groups}
 
-    limit = target * _cost(groups, {g.name: g.full for g in groups}, budget) * (1 + 1e-9)
+    limit = target * cost({g.name: g.full for g in groups}) * (1 + 1e-9)
     lo, hi = 0.0, 1.0
     for _ in range(30):  # cost grows with f: the largest f within the target
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if _cost(groups, at(mid), budget) <= limit else (lo, mid)
+        lo, hi = (mid, hi) if cost(at(mid)) <= limit else (lo, mid)
     widths = at(lo)
     # every width rounds down at once, so the fraction alone undershoots (42.6% of the FLOPs for a 50% target on
     # the shared ViT): top up, one step of the relatively narrowest width at a time, while the target holds
@@ -170,17 +256,17 @@ def _uniform(groups, cuts, target, budget) -> dict[str, int]:
         for g in groups:
             bigger = [w for w in cuts[g.name].widths() if w > widths[g.name]]
             trial = {**widths, g.name: min(bigger)} if bigger else None
-            if trial and _cost(groups, trial, budget) <= limit:
+            if trial and cost(trial) <= limit:
                 ups.append((widths[g.name] / g.full, g.name, trial))
         if not ups:
             return widths
         widths = min(ups, key=lambda u: u[:2])[2]
 
 
-def _greedy(groups, cuts, curves, target, budget) -> dict[str, int]:
+def _greedy(groups, cuts, curves, target, coster) -> dict[str, int]:
     """Least calibration error per unit of cost saved, one width step at a time."""
     widths = {g.name: g.full for g in groups}
-    total = _cost(groups, widths, budget)
+    total = coster(widths)
     cost = total
     while cost > target * total * (1 + 1e-9):
         best = None
@@ -190,7 +276,7 @@ def _greedy(groups, cuts, curves, target, budget) -> dict[str, int]:
                 continue
             nxt = max(smaller)
             trial = {**widths, g.name: nxt}
-            saved = cost - _cost(groups, trial, budget)
+            saved = cost - coster(trial)
             score = (curves[g.name][nxt] - curves[g.name][widths[g.name]]) / max(saved, 1e-12)
             if best is None or score < best[0]:
                 best = (score, g.name, nxt, saved)
@@ -218,7 +304,7 @@ def _survey(model, blocks, found, calib) -> dict[str, dict[int, float]]:
     def per_block(i, blk, h):
         for g, cut in found:
             if g.block == i:
-                curves[g.name] = cut.survey(blk, h)
+                curves[g.name] = cut.survey_in(model, blocks, calib, blk, h)
 
     _walk(model, blocks, calib, per_block)
     return curves
@@ -227,18 +313,40 @@ def _survey(model, blocks, found, calib) -> dict[str, dict[int, float]]:
 def _cut(model, blocks, found, widths: dict[str, int], calib) -> dict[str, float]:
     errors = {}
     h_ref = capture(model, [blocks[0]], calib, inputs=True)[0]  # the teacher's chain, block by block
-    dirty = False  # something upstream was narrowed: later consumers are refit even at full width
+    streams = [(g, c) for g, c in found if isinstance(c, StreamCut) and widths.get(g.name, g.full) < g.full]
+    refs, rows, readers, logits = None, {}, {}, None
+    if streams:  # residual widths first, whole stages at once: the blocks are no longer their own references
+        refs = [copy.deepcopy(b) for b in blocks]
+        with torch.no_grad():
+            logits = model(calib)
+        keeps = {}
+        for g, c in streams:
+            keeps[g.name], errors[g.name] = c.choose(model, blocks, calib, widths[g.name])
+        for g, c in streams:
+            c.narrow(model, blocks, keeps[g.name])
+            rows.update({(i, conv): keeps[g.name] for i, conv, _ in c.writers()})
+            readers.update({(i, conv): bn for i, conv, bn in c.readers(model, blocks)})
+    dirty = bool(streams)  # something upstream was narrowed: later consumers are refit even at full width
 
     def per_block(i, blk, h):
         nonlocal h_ref, dirty
-        ref = copy.deepcopy(blk)
+        ref = copy.deepcopy(blk) if refs is None else refs[i]
+        for (j, conv), bn in readers.items():  # convs reading a narrowed stream: refit to the teacher's outputs
+            if j == i and refit:
+                refit_reader(blk, ref, h, h_ref, conv, bn, cut_ridge, rows.get((i, conv)))
         for g, cut in found:
-            if g.block == i and g.name in widths:
-                errors[g.name] = cut.cut(blk, ref, h, h_ref, widths[g.name], dirty)
+            if g.block == i and g.name in widths and not isinstance(cut, StreamCut):
+                key = (i, getattr(cut, "consumer", None))  # a consumer writing a narrowed stream fits those rows
+                errors[g.name] = cut.cut(blk, ref, h, h_ref, widths[g.name], dirty,
+                                         **({"rows": rows[key]} if key in rows else {}))
                 dirty |= widths[g.name] < g.full
         h_ref = ref(h_ref)
 
+    cut_ridge, refit = found[0][1].ridge, found[0][1].refit
     _walk(model, blocks, calib, per_block, h_ref)  # nothing is cut yet: the first block's input is the teacher's
+    for g, c in streams:
+        if c.s.head is not None and refit:
+            c.refit_head(model, calib, logits)
     return errors
 
 
@@ -246,21 +354,22 @@ def _cut(model, blocks, found, widths: dict[str, int], calib) -> dict[str, float
                summary="narrower dense layers: keep MLP units / head dims / inner channels, refit by least squares",
                fits_batchnorm=True)  # a refit conv's fitted constant lives in its BatchNorm's running mean
 def width(model, adapter, cfg: WidthConfig, ctx: PassContext) -> PassResult:
-    blocks, found = _groups(model, adapter, ctx.calib, cfg)
+    blocks, found, links = _groups(model, adapter, ctx.calib, cfg)
     if ctx.replay is not None:  # rebuild the recorded widths; the weights are loaded afterwards
-        cuts = {g.name: (g, c) for g, c in found}
+        cuts = {g.name: c for g, c in found}
         for name, info in ctx.replay["groups"].items():
-            g, c = cuts[name]
-            c.replay(blocks[g.block], info["width"][1])
+            cuts[name].replay_in(model, blocks, info["width"][1])
         return PassResult(model, [], ctx.replay)
+    full = {g.name: g.full for g, _ in found}
     found = [(g, c) for g, c in found if g.kind in cfg.layers]
     if not found:
         raise InputError(f"width: this {adapter.name} model has no widths of kinds {cfg.layers} that the pass can narrow "
-                         f"(ViT: mlp, qk, vo; ResNet: conv)")
+                         f"(ViT: mlp, qk, vo; ResNet: conv, residual)")
     groups = [g for g, _ in found]
     cuts = {g.name: c for g, c in found}
-    total = selected = _cost(groups, {g.name: g.full for g in groups}, cfg.budget)
-    floor = _cost(groups, {g.name: min(cuts[g.name].widths()) for g in groups}, cfg.budget)
+    cost = _coster(groups, links, full, cfg.budget)
+    total = selected = cost({g.name: g.full for g in groups})
+    floor = cost({g.name: min(cuts[g.name].widths()) for g in groups})
     target = cfg.target
     if target is not None and cfg.scope == "model":  # the rest of the model stays as it is
         whole = whole_cost(model, cfg.budget, tuple(ctx.calib.shape[1:]))
@@ -276,9 +385,9 @@ def width(model, adapter, cfg: WidthConfig, ctx: PassContext) -> PassResult:
         plans["keep"] = {g.name: max([w for w in cuts[g.name].widths() if w <= cfg.keep * g.full] or
                                      [min(cuts[g.name].widths())]) for g in groups}
     if cfg.target is not None and cfg.allocate in ("uniform", "auto"):
-        plans["uniform"] = _uniform(groups, cuts, target, cfg.budget)
+        plans["uniform"] = _uniform(groups, cuts, target, cost)
     if cfg.target is not None and cfg.allocate in ("greedy", "auto"):
-        plans["greedy"] = _greedy(groups, cuts, _survey(model, blocks, found, ctx.calib), target, cfg.budget)
+        plans["greedy"] = _greedy(groups, cuts, _survey(model, blocks, found, ctx.calib), target, cost)
     tried = {}
     with torch.no_grad():  # allocations that compete are compared by calibration KL; a single one is not scored
         ref = model(ctx.calib) if len(plans) > 1 else None
@@ -290,14 +399,14 @@ def width(model, adapter, cfg: WidthConfig, ctx: PassContext) -> PassResult:
             tried[how] = (kl(ref, trial(ctx.calib)) if ref is not None else None, trial, errors, widths)
     how = min(tried, key=lambda k: tried[k][0] or 0.0)
     score, model, errors, widths = tried[how]
-    cost = _cost(groups, widths, cfg.budget)
+    kept = cost(widths)
     scored = {k: round(v[0], 6) for k, v in tried.items() if v[0] is not None}
-    details = {"allocate": how, "kept": round(cost / selected, 6), "budget": cfg.budget, **({"kl": scored} if scored else {}),
+    details = {"allocate": how, "kept": round(kept / selected, 6), "budget": cfg.budget, **({"kl": scored} if scored else {}),
                "groups": {g.name: {"kind": g.kind, "width": [g.full, widths[g.name]], "heads": g.heads,
                                    "rel_error": round(errors.get(g.name, 0.0), 6)} for g in groups}}
     changes = [f"width ({'refit' if cfg.refit else 'no refit'}, {how} allocation"
                + ("; calibration KL " + ", ".join(f"{k} {v:.4g}" for k, v in scored.items()) if scored else "")
-               + f"): the selected layers keep {cost / selected:.1%} of their {cfg.budget}"]
+               + f"): the selected layers keep {kept / selected:.1%} of their {cfg.budget}"]
     for g in groups:
         k = widths[g.name]
         what = f"{k}/{g.full} per head x {g.heads}" if g.heads > 1 else f"{k}/{g.full}"
