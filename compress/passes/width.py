@@ -94,8 +94,10 @@ def _shortcut(b) -> tuple[str, str] | None:
 
 
 def _plain_block(b) -> bool:
+    """Every conv plain (a grouped conv2 would leave the block without the width groups that price its reads and
+    writes), the stream's writer followed by a BatchNorm, no squeeze-excitation on the stream."""
     last = "conv3" if getattr(b, "conv3", None) is not None else "conv2"
-    return (all(_plain_conv(getattr(b, c, None)) for c in ("conv1", last))
+    return (all(_plain_conv(getattr(b, c, None)) for c in ("conv1", "conv2", last))
             and all(type(getattr(b, n, None)) is nn.BatchNorm2d for n in ("bn1", "bn" + last[-1]))
             and isinstance(getattr(b, "se", None) or nn.Identity(), nn.Identity))
 
