@@ -316,7 +316,7 @@ class StreamCut(Cut):
         super().__init__(group, multiple, ridge, refit)
         self.s = stream
 
-    def readers(self, model, blocks) -> list[tuple[int, str, str | None]]:
+    def readers(self) -> list[tuple[int, str, str | None]]:
         """(block, conv, bn) reading the stream."""
         s = self.s
         out = [(i, "conv1", "bn1") for i in s.members[1:]]
@@ -328,12 +328,12 @@ class StreamCut(Cut):
         return [(self.s.members[0], *self.s.shortcut)] + [(i, *self.s.out) for i in self.s.members]
 
     def scores(self, model, blocks, calib) -> torch.Tensor:
-        mods = [blocks[i].get_submodule(c) for i, c, _ in self.readers(model, blocks)]
+        mods = [blocks[i].get_submodule(c) for i, c, _ in self.readers()]
         if self.s.head is not None:
             mods.append(model.get_submodule(self.s.head))
         energy = [(_rows(x).double() ** 2).mean(0) for x in capture(model, mods, calib, inputs=True)]
         score = torch.zeros(self.g.full, dtype=torch.float64)
-        bns = [blocks[i].get_submodule(b) if b else None for i, _, b in self.readers(model, blocks)] + [None]
+        bns = [blocks[i].get_submodule(b) if b else None for i, _, b in self.readers()] + [None]
         for m, bn, e in zip(mods, bns, energy):
             w = m.weight.detach().double().flatten(2) if m.weight.dim() == 4 else m.weight.detach().double()[:, :, None]
             if bn is not None:  # the reader's outputs as its BatchNorm scales them
@@ -355,7 +355,7 @@ class StreamCut(Cut):
         for i, conv, bn in self.writers():
             _set(blocks[i], conv, _narrow_out(blocks[i].get_submodule(conv), keep))
             _set(blocks[i], bn, _narrow_out(blocks[i].get_submodule(bn), keep))
-        for i, conv, _ in self.readers(model, blocks):
+        for i, conv, _ in self.readers():
             _set(blocks[i], conv, _narrow_in(blocks[i].get_submodule(conv), keep))
         if self.s.head is not None:
             _set(model, self.s.head, _narrow_in(model.get_submodule(self.s.head), keep))

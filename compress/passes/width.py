@@ -102,7 +102,7 @@ def _plain_block(b) -> bool:
             and isinstance(getattr(b, "se", None) or nn.Identity(), nn.Identity))
 
 
-def _streams(model, blocks, names) -> list[Stream]:
+def _streams(model, blocks) -> list[Stream]:
     """Stages whose residual width can be cut consistently: a downsample starts the stream, every member is a plain
     block without squeeze-excitation, the next stage's first block or a plain classifier on average pooling reads it."""
     segs, cur = [], None
@@ -136,7 +136,7 @@ def _streams(model, blocks, names) -> list[Stream]:
 
 def _resnet_groups(model, blocks, names, calib, cfg) -> tuple[list[tuple[Group, object]], list[Link]]:
     """conv1 -> conv2 (and conv2 -> conv3 in a bottleneck); a stage's residual width, whole stages only."""
-    streams = _streams(model, blocks, names)
+    streams = _streams(model, blocks)
     convs = [c for b in blocks for c in (b.conv1, b.conv2, getattr(b, "conv3", None)) if c is not None]
     convs += [blocks[s.members[0]].get_submodule(s.shortcut[0]) for s in streams]
     pos = {}
@@ -327,7 +327,7 @@ def _cut(model, blocks, found, widths: dict[str, int], calib) -> dict[str, float
         for g, c in streams:
             c.narrow(model, blocks, keeps[g.name])
             rows.update({(i, conv): keeps[g.name] for i, conv, _ in c.writers()})
-            readers.update({(i, conv): bn for i, conv, bn in c.readers(model, blocks)})
+            readers.update({(i, conv): bn for i, conv, bn in c.readers()})
     dirty = bool(streams)  # something upstream was narrowed: later consumers are refit even at full width
 
     def per_block(i, blk, h):
