@@ -122,19 +122,25 @@ def _narrow_in(m: nn.Module, keep: torch.Tensor) -> nn.Module:
     return new
 
 
-def refit_reader(blk, ref_blk, h, h_ref, conv: str, bn: str | None, ridge: float, rows=None) -> None:
-    """Refit a conv whose input channels were narrowed to the reference outputs (`rows` of them); a bias-free
-    conv's fitted constant goes into its BatchNorm's running mean."""
-    p = _problem(blk, ref_blk, h, h_ref, conv, rows)
-    cons = blk.get_submodule(conv)
-    with_bias = cons.bias is not None or bn is not None
-    w = fit.refit(p, list(range(p.units)), ridge, cons.weight.detach().double().flatten(1), bias=with_bias)
+def _refit(root: nn.Module, path: str, p: fit.Problem, keep: list[int], ridge: float, prior: torch.Tensor,
+           after: str | None = None) -> None:
+    """Replace the Linear/conv at `path` by its least-squares refit on `p` from the `keep` input units; a bias-free
+    conv's fitted constant goes into the running mean of the BatchNorm `after` it."""
+    cons = root.get_submodule(path)
+    with_bias = cons.bias is not None or after is not None
+    w = fit.refit(p, keep, ridge, prior, bias=with_bias)
     w, b = (w[:, :-1], w[:, -1]) if with_bias else (w, None)
     if b is not None and cons.bias is None:
-        norm = blk.get_submodule(bn)
+        norm = root.get_submodule(after)
         norm.running_mean.sub_(b.to(norm.running_mean.dtype))
         b = None
-    _set(blk, conv, _consumer(cons, w, b))
+    _set(root, path, _consumer(cons, w, b))
+
+
+def refit_reader(blk, ref_blk, h, h_ref, conv: str, bn: str | None, ridge: float, rows=None) -> None:
+    """Refit a conv whose input channels were narrowed to the reference outputs (`rows` of them)."""
+    p = _problem(blk, ref_blk, h, h_ref, conv, rows)
+    _refit(blk, conv, p, list(range(p.units)), ridge, blk.get_submodule(conv).weight.detach().double().flatten(1), bn)
 
 
 # ------------------------------------------------------------------ cuts
@@ -180,17 +186,11 @@ class SelectCut(Cut):
         order, curve = fit.removal_order(p, k, self.multiple, self.ridge)
         keep = torch.tensor(sorted(set(range(p.units)) - set(order)))
         cons = blk.get_submodule(self.consumer)
-        fitted_bias = cons.bias is not None or self.after is not None
         sliced = cons.weight.detach().double().flatten(1)[:, fit.columns(keep, p.group)]
-        w, b = sliced, None  # without a refit: the same selection, the consumer only sliced
         if self.refit and (k < self.g.full or dirty):
-            w = fit.refit(p, keep.tolist(), self.ridge, sliced, bias=fitted_bias)
-            w, b = (w[:, :-1], w[:, -1]) if fitted_bias else (w, None)
-        if b is not None and cons.bias is None:  # a bias-free conv: its BatchNorm takes the constant
-            bn = blk.get_submodule(self.after)
-            bn.running_mean.sub_(b.to(bn.running_mean.dtype))
-            b = None
-        _set(blk, self.consumer, _consumer(cons, w, b))
+            _refit(blk, self.consumer, p, keep.tolist(), self.ridge, sliced, self.after)
+        else:  # without a refit: the same selection, the consumer only sliced
+            _set(blk, self.consumer, _consumer(cons, sliced, None))
         _set(blk, self.producer, _narrow_out(blk.get_submodule(self.producer), keep))
         if self.norm:
             _set(blk, self.norm, _narrow_out(blk.get_submodule(self.norm), keep))
@@ -328,12 +328,13 @@ class StreamCut(Cut):
         return [(self.s.members[0], *self.s.shortcut)] + [(i, *self.s.out) for i in self.s.members]
 
     def scores(self, model, blocks, calib) -> torch.Tensor:
-        mods = [blocks[i].get_submodule(c) for i, c, _ in self.readers()]
+        readers = self.readers()
+        mods = [blocks[i].get_submodule(c) for i, c, _ in readers]
         if self.s.head is not None:
             mods.append(model.get_submodule(self.s.head))
         energy = [(_rows(x).double() ** 2).mean(0) for x in capture(model, mods, calib, inputs=True)]
         score = torch.zeros(self.g.full, dtype=torch.float64)
-        bns = [blocks[i].get_submodule(b) if b else None for i, _, b in self.readers()] + [None]
+        bns = [blocks[i].get_submodule(b) if b else None for i, _, b in readers] + [None]
         for m, bn, e in zip(mods, bns, energy):
             w = m.weight.detach().double().flatten(2) if m.weight.dim() == 4 else m.weight.detach().double()[:, :, None]
             if bn is not None:  # the reader's outputs as its BatchNorm scales them
@@ -367,9 +368,7 @@ class StreamCut(Cut):
         head = model.get_submodule(self.s.head)
         x = capture(model, [head], calib, inputs=True)[0]
         p = fit.problem(x, ref_logits)
-        w = fit.refit(p, list(range(p.units)), self.ridge, head.weight.detach().double(), bias=head.bias is not None)
-        w, b = (w[:, :-1], w[:, -1]) if head.bias is not None else (w, None)
-        _set(model, self.s.head, _consumer(head, w, b))
+        _refit(model, self.s.head, p, list(range(p.units)), self.ridge, head.weight.detach().double())
 
     def replay_in(self, model, blocks, k: int) -> None:
         self.narrow(model, blocks, torch.arange(k))

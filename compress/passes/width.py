@@ -329,6 +329,7 @@ def _cut(model, blocks, found, widths: dict[str, int], calib) -> dict[str, float
             rows.update({(i, conv): keeps[g.name] for i, conv, _ in c.writers()})
             readers.update({(i, conv): bn for i, conv, bn in c.readers()})
     dirty = bool(streams)  # something upstream was narrowed: later consumers are refit even at full width
+    cut_ridge, refit = found[0][1].ridge, found[0][1].refit
 
     def per_block(i, blk, h):
         nonlocal h_ref, dirty
@@ -344,7 +345,6 @@ def _cut(model, blocks, found, widths: dict[str, int], calib) -> dict[str, float
                 dirty |= widths[g.name] < g.full
         h_ref = ref(h_ref)
 
-    cut_ridge, refit = found[0][1].ridge, found[0][1].refit
     _walk(model, blocks, calib, per_block, h_ref)  # nothing is cut yet: the first block's input is the teacher's
     for g, c in streams:
         if c.s.head is not None and refit:
