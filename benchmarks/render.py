@@ -227,9 +227,10 @@ def render(result: dict, md: Path, png: Path, reading: Path) -> None:
         out += ["## Scaling: ImageNet-size architectures, random weights, 224×224", "",
                 f"Latency does not depend on weight values, so random timm weights are used. mlp-strip-half removes the "
                 f"MLP of the middle half of the blocks; lowrank-half is `lowrank` whitened at target 0.5; width-half is `width` at "
-                f"half the model's FLOPs (uniform allocation). "
+                f"half the model's FLOPs (uniform allocation, widths multiples of 8, the pass's default); width-half-16 is the same at "
+                f"multiples of 16 over the family's widest layer set (a ResNet's stage residual widths too). "
                 f"onnxruntime {c['latency']['threads']} threads, interleaved, {result['scaling'][0].get('runs')} runs "
-                "after 2 warm-ups, p50.", ""] + scaling_table(result["scaling"]) + [""]
+                f"after {result['scaling'][0].get('warmup', 10)} warm-ups, p50.", ""]  # 10 since a127bc7, before the field + scaling_table(result["scaling"]) + [""]
     out += ["## GPU", ""] + gpu_section(result.get("gpu")) + [""]
     failed = [f"- {t['teacher']} {r['contender']} @ {r['budget']}: {r['error']}" for t in result["teachers"] for r in t["rows"]
               if "error" in r]
