@@ -230,7 +230,8 @@ def render(result: dict, md: Path, png: Path, reading: Path) -> None:
                 f"half the model's FLOPs (uniform allocation, widths multiples of 8, the pass's default); width-half-16 is the same at "
                 f"multiples of 16 over the family's widest layer set (a ResNet's stage residual widths too). "
                 f"onnxruntime {c['latency']['threads']} threads, interleaved, {result['scaling'][0].get('runs')} runs "
-                f"after {result['scaling'][0].get('warmup', 10)} warm-ups, p50.", ""]  # 10 since a127bc7, before the field + scaling_table(result["scaling"]) + [""]
+                f"after {result['scaling'][0].get('warmup', 10)} warm-ups, p50.", ""] + scaling_table(result["scaling"]) + [""]
+        # (warm-ups: 10 since a127bc7, before the field was recorded)
     out += ["## GPU", ""] + gpu_section(result.get("gpu")) + [""]
     failed = [f"- {t['teacher']} {r['contender']} @ {r['budget']}: {r['error']}" for t in result["teachers"] for r in t["rows"]
               if "error" in r]

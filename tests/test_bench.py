@@ -42,6 +42,8 @@ def test_bench_quick_runs_every_contender(tmp_path):
     assert width["calib_kl"] < width["calib_kl_no_refit"]  # the least-squares refit beats slicing alone
     assert all("error" not in s for s in result["scaling"])
     md = (tmp_path / "BENCHMARKS.md").read_text()
+    for s in result["scaling"]:  # every variant of the scaling table is a row of BENCHMARKS.md
+        assert all(f"| {s['arch']} | {name} |" in md for name in s["variants"]), s["arch"]
     assert result["machine"]["onnxruntime"] in md and "## GPU" in md and (tmp_path / "frontier.png").stat().st_size > 0
     assert "stale table" not in md and md.index("## GPU") < md.index(KEEP) < md.index("## Conversion at scale\nkept")
 
