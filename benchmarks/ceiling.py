@@ -43,6 +43,7 @@ from . import nonzero_biases  # not via .scaling: that registers the bench-only 
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT.parent / "shared" / "data" / "models"
+WARMUP = 10  # untimed runs per file before the timed ones (the rendered text names it)
 
 
 def _timm(path: Path | str, half: bool) -> nn.Module:
@@ -101,7 +102,7 @@ def run_teacher(path: Path | str, work: Path, runs: int, threads: list[int]) -> 
         flops[name] = count_flops(m, size)
     out = {"input_size": list(size), "flops": flops, "threads": {}}
     for th in threads:
-        lat = latency(files, size, batch_sizes=[1, 8], threads=th, warmup=10, runs=runs)
+        lat = latency(files, size, batch_sizes=[1, 8], threads=th, warmup=WARMUP, runs=runs)
         rows = {}
         for name in files:
             cut = flops[ref[name]] / flops[name]
@@ -116,7 +117,7 @@ def run_teacher(path: Path | str, work: Path, runs: int, threads: list[int]) -> 
 def render(res: dict) -> str:
     m = res["machine"]
     lines = [f"{m['cpu']}, {m['cores']} cores; onnxruntime {res['onnxruntime']}, torch {res['torch']}; "
-             f"{res['runs']} runs after 10 warm-ups, interleaved, p50; load average {res['load_at_start']} at the "
+             f"{res['runs']} runs after {WARMUP} warm-ups, interleaved, p50; load average {res['load_at_start']} at the "
              f"start, {res['load_at_end']} at the end; {res['total_s']:.0f} s.", ""]
     for t, r in res["teachers"].items():
         lines += [f"**{t}** (input {'x'.join(map(str, r['input_size']))})", "",
