@@ -11,6 +11,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
 
 from . import passes as _passes  # noqa: F401  (registers the passes)
+from . import yaml_strict
 from .errors import InputError
 from .registry import PassConfig, all_passes, get_pass
 
@@ -318,7 +319,9 @@ def read_yaml(path: Path, what: str, hint: str) -> Any:
     if not path.is_file():
         raise InputError(f"{what} file not found: {path}; check the path ({hint})")
     try:
-        return yaml.safe_load(path.read_text())
+        return yaml_strict.load(path.read_text())
+    except yaml_strict.DuplicateKeyError as e:  # the last would win silently: say which, where, and the fix
+        raise InputError(f"{what} {path}: {e}; the second would silently replace the first: keep one") from None
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
