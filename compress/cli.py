@@ -113,12 +113,25 @@ def _json_arg(text: Optional[str], flag: str) -> Optional[dict]:
     if text is None:
         return None
     try:
-        value = json.loads(text)
+        value = json.loads(text, object_pairs_hook=_unique_keys(flag))
     except json.JSONDecodeError as e:
         raise InputError(f"{flag}: not valid JSON ({e}); pass an object such as '{{\"report\": {{\"latency\": null}}}}'") from None
     if not isinstance(value, dict):
         raise InputError(f"{flag}: expected a JSON object, got {type(value).__name__}")
     return value
+
+
+def _unique_keys(flag: str):
+    """json's object_pairs_hook: a key given twice is refused, as in YAML files (the last would win silently)."""
+    def build(pairs: list) -> dict:
+        seen = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise InputError(f"{flag}: duplicate key '{k}' in the JSON; the second would silently replace the first: "
+                                 "keep one")
+            seen.add(k)
+        return dict(pairs)
+    return build
 
 
 def _rank() -> int:
@@ -148,6 +161,7 @@ def plan(recipe: Path = typer.Argument(..., help="recipe YAML with a target: sec
          data: Optional[str] = typer.Option(None, "--data", help="calibration images where the recipe names none"),
          out: Optional[Path] = typer.Option(None, "-o", "--out", help="where to write the chosen recipe [./<name>-plan.yaml]"),
          override: Optional[str] = typer.Option(None, "--override", help="JSON merged into the recipe"),
+         overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing -o file (never the input recipe)"),
          as_json: bool = typer.Option(False, "--json", help="print the plan as JSON on stdout"),
          debug: bool = typer.Option(False, "--debug", help="show tracebacks")):
     """Measure candidate recipes against the recipe's target and write the chosen one as a plain recipe."""
@@ -164,8 +178,7 @@ def plan(recipe: Path = typer.Argument(..., help="recipe YAML with a target: sec
         if r.target is None:
             raise InputError(f"{recipe}: no target: section to plan for; add e.g. 'target: {{speedup: 1.5, batch: 8}}'")
         out = out or Path(f"{r.name or Path(ckpt.rstrip('/')).stem}-plan.yaml")
-        if out.is_dir():
-            raise InputError(f"-o {out} is a directory; give the path of the YAML file to write")
+        _check_plan_out(out, {"recipe": recipe, "checkpoint": ckpt, "data": data or r.calibration.data}, overwrite)
         loaded = load(ckpt, r.model)
         calib_path = data if data is not None else r.calibration.data
         calib, holdout = calibration_pair(calib_path, loaded.data_cfg, r.calibration)
@@ -182,6 +195,20 @@ def plan(recipe: Path = typer.Argument(..., help="recipe YAML with a target: sec
         print(f"\n{kept['left_out']} more candidates were beyond reach on FLOPs/params or not timed once one met the target")
         what = "the teacher already meets the target: no passes needed" if kept["met_by_teacher"] else f"chose {kept['choice']}"
         print(f"{what} (planned in {kept['seconds']:.0f} s); wrote {out} (replay it with compress apply {out} {ckpt})")
+
+
+def _check_plan_out(out: Path, inputs: dict, overwrite: bool) -> None:
+    """Before any work: -o may replace an existing file only with --overwrite, and never one of the inputs (the
+    recipe's target: section would be lost to the plan written over it)."""
+    if out.is_dir():
+        raise InputError(f"-o {out} is a directory; give the path of the YAML file to write")
+    dst = out.resolve()
+    for what, item in inputs.items():
+        if item is not None and Path(item).exists() and Path(item).resolve() == dst:
+            raise InputError(f"-o {out} is the input {what} {item}; the plan would replace it, even with --overwrite: "
+                             "choose another -o")
+    if out.exists() and not overwrite:
+        raise InputError(f"-o {out} already exists; pass --overwrite to replace it or choose another -o")
 
 
 @app.command()

@@ -153,6 +153,49 @@ def build_output_is_recipe_dir(root: Path) -> list:
     return ["apply", recipe, vit(root), "-o", root / "recipes", "--overwrite"]
 
 
+def build_zoo_duplicate(root: Path) -> list:
+    write_recipe(root / "recipe.yaml", GOOD)
+    vit(root)
+    zoo = put(root / "zoo.yaml", "version: 1\nrecipe: recipe.yaml\nentries:\n  - checkpoint: vit\n"
+                                 "    overrides: {passes: []}\n    overrides: {}\n")
+    return ["batch", zoo, "-o", root / "out"]
+
+
+PLAN = "version: 1\ncalibration: {images: 8}\ntarget: {flops: 0.6}\n" + FAST
+
+
+def build_plan_onto_recipe_link(root: Path) -> list:
+    """-o names a link to the input recipe: the paths are resolved, --overwrite does not allow it."""
+    recipe = write_recipe(root / "recipe.yaml", PLAN)
+    (root / "plan.yaml").symlink_to(recipe)
+    return ["plan", recipe, vit(root), "-o", root / "plan.yaml", "--overwrite"]
+
+
+def build_plan_onto_existing(root: Path) -> list:
+    put(root / "plan.yaml", "# yesterday's plan, kept\n")
+    return ["plan", write_recipe(root / "recipe.yaml", PLAN), vit(root), "-o", root / "plan.yaml"]
+
+
+def result_dir(root: Path, report) -> Path:
+    """A result directory as `compress verify` reads it: two small files and `report` as report.json."""
+    from compress.outdir import sha256
+
+    res = root / "res"
+    res.mkdir()
+    put(res / "model.safetensors", b"weights")
+    put(res / "model.onnx", b"graph")
+    if callable(report):
+        report = report({"onnx": {"path": "model.onnx", "bytes": 5, "sha256": sha256(res / "model.onnx")},
+                         "safetensors": {"path": "model.safetensors", "bytes": 7, "sha256": sha256(res / "model.safetensors")}})
+    put(res / "report.json", report if isinstance(report, str) else json.dumps(report))
+    return res
+
+
+def without_hash(arts: dict) -> dict:
+    del arts["safetensors"]["sha256"]
+    return {"artifacts": arts, "input_size": [3, 16, 16]}
+
+
 def build_dir(root: Path, config: Optional[str]) -> Path:
     """A directory holding model.safetensors and, unless config is None, that config.json text."""
     folder = root / "ckpt"
@@ -285,6 +328,31 @@ CASES = [
     Case("output-is-recipe-file", lambda r: apply(r, vit(r), GOOD, "--overwrite", out=r / "recipe.yaml"),
          ("recipe.yaml", "not a directory")),
     Case("output-is-recipe-dir", build_output_is_recipe_dir, ("overlaps the input", "recipe.yaml")),
+    # --- a key given twice: YAML keeps the last one silently (issue 31) --------------------------
+    Case("recipe-duplicate-key", lambda r: apply(r, vit(r), GOOD + "passes: []\n"),
+         ("recipe", "recipe.yaml", "duplicate key 'passes'", "lines 2 and 5")),
+    Case("recipe-duplicate-nested-key",
+         lambda r: apply(r, vit(r), GOOD + "calibration:\n  images: 8\n  seed: 1\n  images: 16\n"),
+         ("recipe.yaml", "duplicate key 'calibration.images'", "lines 6 and 8")),
+    Case("recipe-duplicate-key-in-flow-mapping", lambda r: apply(r, vit(r), GOOD.replace("[0]}", "[0], blocks: [1]}")),
+         ("duplicate key 'passes[0].mlp_strip.blocks'", "twice on line 3")),
+    Case("zoo-duplicate-key", build_zoo_duplicate, ("zoo", "zoo.yaml", "duplicate key 'entries[0].overrides'", "lines 5 and 6")),
+    Case("override-duplicate-key", lambda r: apply(r, vit(r), GOOD, "--override", '{"passes": [], "passes": []}'),
+         ("--override", "duplicate key 'passes'")),
+    # --- plan -o ---------------------------------------------------------------------------------
+    Case("plan-output-is-input-recipe",
+         lambda r: ["plan", write_recipe(r / "recipe.yaml", PLAN), vit(r), "-o", r / "recipe.yaml", "--overwrite"],
+         ("is the input recipe", "recipe.yaml", "even with --overwrite")),
+    Case("plan-output-links-to-input-recipe", build_plan_onto_recipe_link, ("plan.yaml", "is the input recipe")),
+    Case("plan-output-exists", build_plan_onto_existing, ("plan.yaml", "already exists", "--overwrite")),
+    # --- verify ----------------------------------------------------------------------------------
+    Case("verify-not-found", lambda r: ["verify", r / "no_such_result"], ("no_such_result not found",)),
+    Case("verify-no-report", lambda r: ["verify", vit(r)], ("vit: no report.json",)),
+    Case("verify-report-is-a-list", lambda r: ["verify", result_dir(r, "[]")], ("report.json", "JSON list"), code=3),
+    Case("verify-artifacts-not-an-object", lambda r: ["verify", result_dir(r, {"artifacts": [1]})],
+         ("report.json", "'artifacts' is a list"), code=3),
+    Case("verify-hash-removed", lambda r: ["verify", result_dir(r, without_hash)],
+         ("model.safetensors has no sha256",), code=3),
 ]
 assert len({c.id for c in CASES}) == len(CASES), "case ids must be unique"
 

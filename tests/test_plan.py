@@ -76,6 +76,18 @@ def test_target_already_met_by_the_teacher_is_reported(tmp_path, deep_vit):
     assert load_recipe(tmp_path / "plan.yaml").steps == []
 
 
+def test_plan_replaces_an_existing_file_only_when_told(tmp_path, deep_vit):
+    recipe = write_recipe(tmp_path / "r.yaml", yaml.safe_dump(_recipe("{flops: 1.0}")))
+    old = write_recipe(tmp_path / "plan.yaml", "# yesterday's plan\n")
+    res = run_cli("plan", recipe, deep_vit, "-o", old)
+    assert res.returncode == 2 and "already exists; pass --overwrite" in res.stderr
+    assert old.read_text() == "# yesterday's plan\n"
+    res = run_cli("plan", recipe, deep_vit, "-o", old, "--overwrite")
+    assert res.returncode == 0, res.stderr
+    assert load_recipe(old).steps == [] and "target" in recipe.read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.yaml", "r.yaml"]  # no temporary file left
+
+
 def test_apply_with_target_reports_the_plan_table(tmp_path, deep_vit):
     recipe = write_recipe(tmp_path / "r.yaml", yaml.safe_dump(_recipe("{flops: 0.6}")))
     res = run_cli("apply", recipe, deep_vit, "-o", tmp_path / "out")
