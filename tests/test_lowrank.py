@@ -286,3 +286,21 @@ def test_input_side_basis_is_the_svd_of_the_whitened_layer():
         assert torch.allclose(u[:, :r] @ u[:, :r].T, ref[:, :r] @ ref[:, :r].T, atol=1e-10)
     assert torch.allclose(raw, _lost(u, m, w), atol=1e-12)
     assert torch.allclose(shrunk, 1 - torch.cumsum(sv[:k] ** 2, 0) / (sv ** 2).sum(), atol=1e-12)
+
+
+def test_apply_says_how_many_of_the_selected_layers_were_factorised(tmp_path):
+    """The line a user reads: 'factorised N of M selected layers', M the layers of the chosen kinds (it once
+    said '12 of 0': M was counted after the loop had emptied the selection)."""
+    from tests.conftest import run_cli, write_recipe
+
+    ckpt = save_timm_dir(tiny_vit(depth=2), "vit_tiny_patch16_224", tiny_vit_args(), tmp_path / "vit")
+    recipe = write_recipe(tmp_path / "r.yaml", "version: 1\npasses:\n  - lowrank: {target: 0.6, multiple: 2, layers: [mlp]}\n"
+                                               "export: {formats: [safetensors]}\nreport: {latency: null}\n")
+    res = run_cli("apply", recipe, ckpt, "-o", tmp_path / "out")
+    assert res.returncode == 0, res.stderr
+    teacher = tiny_vit(depth=2)
+    mlp = [n for n, kind in detect(teacher).layers(teacher) if kind == "mlp"]
+    done = [line for line in res.stdout.splitlines() if "factorised" in line and "selected layers" in line]
+    assert len(done) == 1 and f" of {len(mlp)} selected layers" in done[0], res.stdout
+    n = int(done[0].split("factorised ")[1].split(" of ")[0])
+    assert 1 <= n <= len(mlp) == 4

@@ -377,7 +377,7 @@ def lowrank(model, adapter, cfg: LowRankConfig, ctx: PassContext) -> PassResult:
         details["allocate"] = allocate
     if compared is not None:
         details["allocate_kl"] = compared
-    changes = []
+    changes, selected = [], len(chosen)  # counted now: the loop below empties `chosen` as it goes
     with torch.no_grad():
         for n, r in ranks.items():  # each original dropped as it is replaced: no second copy of those layers' weights
             c, m = cands[n], layers.pop(n)
@@ -396,6 +396,6 @@ def lowrank(model, adapter, cfg: LowRankConfig, ctx: PassContext) -> PassResult:
     how = f"{cfg.method}, {allocate} allocation" if cfg.target is not None else cfg.method
     if compared is not None:
         how += " (auto: calibration KL " + ", ".join(f"{k} {v:.4g}" for k, v in compared.items()) + ")"
-    head = f"factorised {len(ranks)} of {len(chosen)} selected layers ({how}): their params {p0:,} -> {p1:,}"
+    head = f"factorised {len(ranks)} of {selected} selected layers ({how}): their params {p0:,} -> {p1:,}"
     return PassResult(model, [head, *changes, *(f"{n}: not factorised, {why}" for n, why in skipped.items())], details,
                       logits=seen, input_logits=ref)
