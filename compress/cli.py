@@ -172,7 +172,7 @@ def plan(recipe: Path = typer.Argument(..., help="recipe YAML with a target: sec
         from .outdir import write_text_atomic
         from .plan import calibration_pair, plan as run_plan, planned_recipe, summary
         from .recipe import load_recipe
-        from .report import align
+        from .report import align, left_out_text
 
         r = load_recipe(recipe, _json_arg(override, "--override"))
         if r.target is None:
@@ -192,7 +192,8 @@ def plan(recipe: Path = typer.Argument(..., help="recipe YAML with a target: sec
             return
         print()
         print(align([tuple(x) for x in kept["table"]], left=(0, 1)))
-        print(f"\n{kept['left_out']} more candidates were beyond reach on FLOPs/params or not timed once one met the target")
+        if kept["left_out"]:
+            print(f"\n{left_out_text(kept['left_out'])}")
         what = "the teacher already meets the target: no passes needed" if kept["met_by_teacher"] else f"chose {kept['choice']}"
         print(f"{what} (planned in {kept['seconds']:.0f} s); wrote {out} (replay it with compress apply {out} {ckpt})")
 

@@ -141,13 +141,21 @@ def _runs_md(a: dict) -> str:
     return text + "".join(f"; **not run on onnxruntime {r['onnxruntime']}**: {r['skipped']}" for r in runs if "skipped" in r)
 
 
+def left_out_text(n: int) -> str:
+    """The sentence under the table on the candidates it does not show; '' when it shows them all."""
+    if n == 0:
+        return ""
+    return (f"{n} more candidate{' was' if n == 1 else 's were'} beyond reach on FLOPs/params or not timed once one "
+            "met the target")
+
+
 def plan_md(plan: dict) -> list[str]:
     """The planner's candidate table (compress plan / apply with target:) as Markdown."""
     head, *body = plan["table"]
     out = ["## Plan", "", f"Target {json.dumps({k: v for k, v in plan['target'].items() if v is not None})}; "
            f"planned in {plan['seconds']:.0f} s. "
            + ("The teacher already meets it: no passes needed." if plan["met_by_teacher"] else f"Chosen: **{plan['choice']}** (*).")
-           + f" {plan['left_out']} more candidates were beyond reach on FLOPs/params or not timed once one met the target.",
+           + (f" {left_out_text(plan['left_out'])}." if plan["left_out"] else ""),
            "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     out += ["| " + " | ".join(r) + " |" for r in body]
     for i, a in enumerate(plan.get("attempts", [])):

@@ -9,8 +9,9 @@ import yaml
 from compress.errors import InputError
 from compress.load import load
 from compress.pipeline import apply
-from compress.plan import calibration_pair, plan, planned_recipe
+from compress.plan import calibration_pair, plan, planned_recipe, table
 from compress.recipe import load_recipe, parse_recipe
+from compress.report import left_out_text, plan_md
 from tests.conftest import FAST, run_cli, save_timm_dir, tiny_vit, tiny_vit_args, write_recipe
 
 
@@ -57,6 +58,8 @@ def test_written_plan_replays_to_the_same_structure(tmp_path, deep_vit, planned)
     res = run_cli("plan", recipe, deep_vit, "-o", tmp_path / "plan.yaml")
     assert res.returncode == 0, res.stderr
     assert "chose" in res.stdout and "KL" in res.stdout
+    left = table(planned[1])[1]  # the same plan (seeded): the sentence under the table counts what it leaves out
+    assert (left_out_text(left) in res.stdout) if left else "beyond reach" not in res.stdout
     written = load_recipe(tmp_path / "plan.yaml")
     assert written.target is None and written.gates.max_flops_ratio == 0.6
     r, result = planned
@@ -66,6 +69,16 @@ def test_written_plan_replays_to_the_same_structure(tmp_path, deep_vit, planned)
     record = apply(written, str(deep_vit), tmp_path / "out", dry_run=True, log=lambda _m: None)
     assert record["summary"]["flops"]["ratio"] == pytest.approx(chosen["flops_ratio"])
     assert record["summary"]["params"]["ratio"] == pytest.approx(chosen["params_ratio"])
+
+
+def test_the_candidates_left_out_are_counted_in_words():
+    assert left_out_text(0) == ""
+    assert left_out_text(1).startswith("1 more candidate was beyond reach")
+    assert left_out_text(7).startswith("7 more candidates were beyond reach")
+    plan = {"table": [["", "candidate"], ["*", "mlp_strip [1]"]], "target": {"flops": 0.6}, "seconds": 3,
+            "met_by_teacher": False, "choice": "mlp_strip [1]", "left_out": 1}
+    assert "1 more candidate was beyond reach" in "\n".join(plan_md(plan))
+    assert "beyond reach" not in "\n".join(plan_md({**plan, "left_out": 0}))
 
 
 def test_target_already_met_by_the_teacher_is_reported(tmp_path, deep_vit):
