@@ -181,8 +181,10 @@ def plan(recipe: Path = typer.Argument(..., help="recipe YAML with a target: sec
         _check_plan_out(out, {"recipe": recipe, "checkpoint": ckpt, "data": data or r.calibration.data}, overwrite)
         loaded = load(ckpt, r.model)
         calib_path = data if data is not None else r.calibration.data
-        calib, holdout = calibration_pair(calib_path, loaded.data_cfg, r.calibration)
         log = (lambda m: print(m, file=sys.stderr)) if as_json else print
+        if loaded.source.get("preprocess_warning"):
+            log(f"warning: {loaded.source['preprocess_warning']}")
+        calib, holdout = calibration_pair(calib_path, loaded.data_cfg, r.calibration, log)
         result = run_plan(loaded, r, calib, log, holdout=holdout)
         chosen = planned_recipe(r, result, result["choice"])
         write_text_atomic(out, yaml.safe_dump(chosen, sort_keys=False))

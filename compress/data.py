@@ -17,12 +17,16 @@ from .errors import InputError
 IMAGE_EXT = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 
 
+class Unreadable(str):
+    """In place of (tensor, label): the name of an image that could not be decoded, so the run can say which."""
+
+
 class ImageFolderData(torch.utils.data.Dataset):
     """`<class>/<image>` under a directory or inside a zip (an optional top folder is allowed).
 
     Classes are the sorted folder names, as in torchvision's ImageFolder; images that sit in
-    no class folder make the set unlabeled (label -1). An item is (tensor, label), or None
-    for an image that cannot be decoded (`collate` drops and counts those).
+    no class folder make the set unlabeled (label -1). An item is (tensor, label), or an
+    Unreadable (the image's name) for one that cannot be decoded (`collate` drops and names those).
     """
 
     def __init__(self, path: str | Path, transform, limit: int | None = None, channels: int = 3, phase: float = 0.0):
@@ -66,7 +70,7 @@ class ImageFolderData(torch.utils.data.Dataset):
             img = Image.open(io.BytesIO(self._read(self.names[i])))
             img = img.convert(self.mode)
         except (UnidentifiedImageError, OSError, ValueError, zipfile.BadZipFile, Image.DecompressionBombError):
-            return None
+            return Unreadable(self.names[i])
         return self.transform(img), self.labels[i]
 
 
@@ -86,8 +90,8 @@ class Augmented(torch.utils.data.Dataset):
     def __getitem__(self, item):
         i, key = item
         got = self.base[i]
-        if got is None:
-            return None
+        if isinstance(got, Unreadable):
+            return got
         x, y = got
         g = torch.Generator().manual_seed(int(key))
         h, w = x.shape[-2:]
@@ -101,11 +105,20 @@ class Augmented(torch.utils.data.Dataset):
 
 
 def collate(batch):
-    """Stack readable items; returns (images, labels, number of unreadable images dropped)."""
-    good = [b for b in batch if b is not None]
+    """Stack readable items; returns (images, labels, names of the unreadable images dropped)."""
+    good = [b for b in batch if not isinstance(b, Unreadable)]
+    bad = [str(b) for b in batch if isinstance(b, Unreadable)]
     if not good:
-        return None, None, len(batch)
-    return torch.stack([b[0] for b in good]), torch.tensor([b[1] for b in good]), len(batch) - len(good)
+        return None, None, bad
+    return torch.stack([b[0] for b in good]), torch.tensor([b[1] for b in good]), bad
+
+
+def unreadable_warning(what: str, count: int, first: str | None, path) -> str | None:
+    """The terminal line for images skipped as unreadable (report.json counts them too), or None for none."""
+    if not count:
+        return None
+    return (f"warning: {what}: {count} unreadable image{'s' if count > 1 else ''} in {path} skipped (first: {first}); "
+            "remove or re-encode them")
 
 
 def resolve_preprocess(cfg: dict, channels: int | None, pre) -> tuple[dict, str | None]:
@@ -153,11 +166,13 @@ def loader(path, data_cfg: dict, *, limit: int | None, batch_size: int = 64, wor
     return ds, torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=collate, num_workers=workers)
 
 
-def calibration_batch(path, data_cfg: dict, n: int, seed: int, *, holdout: bool = False) -> tuple[torch.Tensor, str]:
+def calibration_batch(path, data_cfg: dict, n: int, seed: int, *, holdout: bool = False,
+                      log=None) -> tuple[torch.Tensor, str]:
     """n preprocessed images from `path`, or seeded random inputs when no data is given.
 
     holdout: n other images (half-way between the calibration ones; another seed for random inputs), on
-    which rewrites fitted to the calibration batch are scored without flattering them.
+    which rewrites fitted to the calibration batch are scored without flattering them. log: where a
+    warning about unreadable images goes (the terminal), besides the description.
     """
     if path is None:
         g = torch.Generator().manual_seed(seed + holdout)
@@ -166,4 +181,7 @@ def calibration_batch(path, data_cfg: dict, n: int, seed: int, *, holdout: bool 
     x, _, bad = next(iter(dl))
     if x is None:
         raise InputError(f"{path}: none of the {len(ds)} calibration images could be read; check the data")
-    return x, f"{len(x)} images from {path}" + (f" ({bad} unreadable skipped)" if bad else "")
+    warn = unreadable_warning("held-out images" if holdout else "calibration", len(bad), bad[0] if bad else None, path)
+    if warn and log is not None:
+        log(warn)
+    return x, f"{len(x)} images from {path}" + (f" ({len(bad)} unreadable skipped, first {bad[0]})" if bad else "")

@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .data import Augmented, ImageFolderData, collate
+from .data import Augmented, ImageFolderData, collate, unreadable_warning
 from .errors import InputError, Terminated
 from .progress import progress
 
@@ -166,7 +166,7 @@ def distill(student: nn.Module, teacher: nn.Module, data: ImageFolderData, *, st
     model = nn.parallel.DistributedDataParallel(student) if world > 1 else student
     opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(warmup_steps, steps))
-    start, history, skipped = 0, [], 0
+    start, history, skipped, first_bad = 0, [], 0, None
     if resume:
         if checkpoint is None or not checkpoint.is_file():
             raise InputError("--resume: no distillation checkpoint to resume from; run without --resume")
@@ -178,6 +178,7 @@ def distill(student: nn.Module, teacher: nn.Module, data: ImageFolderData, *, st
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         start, history, skipped = state["step"], list(state["history"]), state["skipped"]
+        first_bad = state.get("first_unreadable")
         if keep is not None and state.get("keep") is not None:
             keep.load(state["keep"])
         log(f"distill: resuming from step {start} of {steps}")
@@ -200,12 +201,14 @@ def distill(student: nn.Module, teacher: nn.Module, data: ImageFolderData, *, st
         _save(checkpoint, {"fingerprint": fingerprint, "step": done, "student": student.state_dict(),
                            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                            "rng": torch.get_rng_state(), "history": history, "skipped": skipped,
+                           "first_unreadable": first_bad,
                            "keep": keep.state() if keep is not None else None})
 
     stop = StopRequests().__enter__()  # left in `finally`, with the bar and the hooks
     try:
         for step, (x, y, bad) in zip(range(start, steps), batches):
-            skipped += bad
+            skipped += len(bad)
+            first_bad = first_bad or (bad[0] if bad else None)
             if x is None:
                 continue
             x = x.to(device, non_blocking=True)
@@ -238,9 +241,9 @@ def distill(student: nn.Module, teacher: nn.Module, data: ImageFolderData, *, st
                 dist.all_reduce(value)
             history.append(float(value))
             images += len(x) * world
+            bar.set_postfix(loss=f"{history[-1]:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}",  # before update: the line
+                            img_s=f"{images / (time.perf_counter() - t0):.0f}", refresh=False)  # it prints is this step's
             bar.update(1)
-            bar.set_postfix(loss=f"{history[-1]:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}",
-                            img_s=f"{images / (time.perf_counter() - t0):.0f}", refresh=False)
             done = step + 1
             if keep is not None and (done % keep.every == 0 or done == steps):
                 keep.check(student, done, device)
@@ -257,6 +260,9 @@ def distill(student: nn.Module, teacher: nn.Module, data: ImageFolderData, *, st
         for h in hooks:
             h.remove()
     seconds = time.perf_counter() - t0
+    warn = unreadable_warning("distill", skipped, first_bad, data.path) if rank == 0 else None
+    if warn:  # the count is in report.json too; the terminal says it, with a name to look at
+        log(warn)
     student.eval().to("cpu", memory_format=torch.contiguous_format)
     kept = None
     if keep is not None:
@@ -269,4 +275,5 @@ def distill(student: nn.Module, teacher: nn.Module, data: ImageFolderData, *, st
     tail = history[-max(1, min(20, len(history) // 10)):] if history else [float("nan")]
     return {"steps": steps, "resumed_from": start, "batch_size": batch_size, "world_size": world, "device": str(device),
             "amp_bf16": use_amp, "seconds": round(seconds, 2), "images_per_s": images / seconds if seconds else None,
-            "final_loss": sum(tail) / len(tail), "skipped_images": skipped, "loss_history": history, "keep_best": kept}
+            "final_loss": sum(tail) / len(tail), "skipped_images": skipped,
+            **({"first_unreadable": first_bad} if first_bad else {}), "loss_history": history, "keep_best": kept}

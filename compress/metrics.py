@@ -107,10 +107,12 @@ def ort_predictor(path, dynamic_batch: bool, threads: int = 2):
 def evaluate(models: dict, dl) -> dict:
     """Top-1 of every model (when labeled) and its top-1 agreement with models['teacher'], in one pass."""
     n = skipped = 0
+    first = None  # the first unreadable image's name, for the warning
     ok = {k: 0 for k in models}
     agree = {k: 0 for k in models}
     for x, y, bad in dl:
-        skipped += bad
+        skipped += len(bad)
+        first = first or (bad[0] if bad else None)
         if x is None:
             continue
         preds = {k: m(x).argmax(-1) for k, m in models.items()}
@@ -118,9 +120,10 @@ def evaluate(models: dict, dl) -> dict:
         for k, p in preds.items():
             ok[k] += int((p == y).sum())
             agree[k] += int((p == preds["teacher"]).sum())
+    named = {"first_unreadable": first} if first else {}
     if n == 0:
-        return {"images": 0, "skipped": skipped}
-    out = {"images": n, "skipped": skipped, "agreement": agree["student"] / n}
+        return {"images": 0, "skipped": skipped, **named}
+    out = {"images": n, "skipped": skipped, **named, "agreement": agree["student"] / n}
     if dl.dataset.labeled:
         out.update(teacher_top1=ok["teacher"] / n, student_top1=ok["student"] / n)
     out["variants"] = {k: {"agreement": agree[k] / n, **({"top1": ok[k] / n} if dl.dataset.labeled else {})}

@@ -23,7 +23,7 @@ import yaml
 from safetensors.torch import save_model
 
 from . import __version__, runtimes
-from .data import calibration_batch, dataset, loader
+from .data import Unreadable, calibration_batch, dataset, loader, unreadable_warning
 from .distill import KeepBest, distill
 from .errors import GateError, InputError, VerificationError
 from .export import SLIM_AUTO_MAX, write_fp16, write_int8, write_onnx, write_safetensors
@@ -202,7 +202,7 @@ def _holdout(train, n: int, seed: int) -> torch.Tensor:
     steps, few of them are ever drawn for training; the set is the same for a resumed run."""
     idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed + 7919))[:n]
     items = [train[int(i)] for i in idx]
-    return torch.stack([it[0] for it in items if it is not None])
+    return torch.stack([it[0] for it in items if not isinstance(it, Unreadable)])
 
 
 def _export(recipe: Recipe, loaded, student, staging: Path, calib, ledger: list, old, log, ref=None) -> dict:
@@ -297,7 +297,10 @@ def _measure(recipe: Recipe, teacher, student, staging: Path, calib, cfg: dict, 
         models = {"teacher": teacher, "student": student,
                   **{v: ort_predictor(onnx_files[v], ex.dynamic_batch and artifacts["onnx"]["dynamic_batch"])
                      for v in variants(ex) if v in onnx_files}}
-        summary["eval"] = {"data": str(rep.eval_data), **evaluate(models, dl), **({"warning": warn} if warn else {})}
+        summary["eval"] = ev = {"data": str(rep.eval_data), **evaluate(models, dl), **({"warning": warn} if warn else {})}
+        skipped = unreadable_warning("evaluation", ev["skipped"], ev.get("first_unreadable"), rep.eval_data)
+        if skipped:
+            log(skipped)
         mark("measure: eval")
     return onnx_files if rep.latency is not None else {}
 
@@ -382,6 +385,8 @@ def apply(recipe: Recipe, ckpt: str, out: Path, *, data: str | None = None, dry_
     for key in ("read", "detected", "converted", "note", "preprocess_note"):
         if loaded.source.get(key):
             log(f"load: {loaded.source[key]}")
+    if loaded.source.get("preprocess_warning"):
+        log(f"warning: {loaded.source['preprocess_warning']}")
     data_paths = [recipe.calibration.data, recipe.report.eval_data, recipe.distill and recipe.distill.data, data]
     check_inputs_untouched([*inputs, *([ckpt] if Path(ckpt).exists() else []), *[p for p in data_paths if p]], out)
     train = distill_data(recipe, data, loaded.data_cfg)  # bad data fails here, before anything is written
@@ -429,7 +434,9 @@ def _run_in(recipe: Recipe, loaded, staging: Path | None, data, train, work: Pat
     calib_path = data if data is not None else recipe.calibration.data
     train_batch = recipe.distill.batch_size if recipe.distill is not None and not torch.cuda.is_available() else None
     memory = check_memory(teacher, size, calib_images=recipe.calibration.images, train_batch=train_batch)
-    calib, calib_desc = calibration_batch(calib_path, cfg, recipe.calibration.images, recipe.calibration.seed)
+    planned = extra is not None and "plan" in extra  # the planner read (and warned about) these images already
+    calib, calib_desc = calibration_batch(calib_path, cfg, recipe.calibration.images, recipe.calibration.seed,
+                                          log=None if planned else log)
     mark("calibration batch")
     # Nothing reads the teacher after the rewrite (no distillation, no evaluation): its files are written first and
     # the passes then rewrite it in place (ViT-L: no second copy of 1.2 GB of weights)

@@ -278,10 +278,11 @@ def _time(paths: dict, rows: dict, teacher_path: Path, recipe: Recipe, batches: 
     return {bs: res["teacher"][bs]["p50_ms"] for bs in res["teacher"]}
 
 
-def calibration_pair(path, data_cfg: dict, cal) -> tuple[torch.Tensor, torch.Tensor]:
-    """The calibration batch candidates are fitted on, and as many other images they are scored on."""
-    calib, _ = calibration_batch(path, data_cfg, cal.images, cal.seed)
-    return calib, calibration_batch(path, data_cfg, cal.images, cal.seed, holdout=True)[0]
+def calibration_pair(path, data_cfg: dict, cal, log=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The calibration batch candidates are fitted on, and as many other images they are scored on (log: where
+    a warning about unreadable images goes)."""
+    calib, _ = calibration_batch(path, data_cfg, cal.images, cal.seed, log=log)
+    return calib, calibration_batch(path, data_cfg, cal.images, cal.seed, holdout=True, log=log)[0]
 
 
 def plan(loaded, recipe: Recipe, calib, log=print, cands: Candidates | None = None, holdout=None) -> dict:
@@ -687,7 +688,7 @@ def run_target(recipe: Recipe, loaded, data, run, log) -> dict:
     from .errors import GateError
 
     calib_path = data if data is not None else recipe.calibration.data
-    calib, holdout = calibration_pair(calib_path, loaded.data_cfg, recipe.calibration)
+    calib, holdout = calibration_pair(calib_path, loaded.data_cfg, recipe.calibration, log)
     result = plan(loaded, recipe, calib, log, holdout=holdout)
     tries, models = [], set()
     for i in result["ranked"]:  # one attempt per model: its int8 file distils the same (the shared ResNet's lowrank

@@ -9,7 +9,10 @@ import time
 
 from tqdm import tqdm
 
-INTERVAL_S = float(os.environ.get("COMPRESS_PROGRESS_S", "5"))  # plain-line period when stderr is not a TTY
+
+def interval_s() -> float:
+    """The plain-line period when stderr is not a TTY; read per run (a forked or embedding process may set it late)."""
+    return float(os.environ.get("COMPRESS_PROGRESS_S", "5"))
 
 
 class PlainProgress:
@@ -18,7 +21,7 @@ class PlainProgress:
     def __init__(self, total: int, initial: int, desc: str, file, interval: float):
         self.total, self.n, self.desc, self.file, self.interval = total, initial, desc, file, interval
         self.start, self.t0, self.last, self.postfix = initial, time.perf_counter(), time.perf_counter(), {}
-        self.closed = False
+        self.closed, self.printed = False, None  # printed: the step of the last line written
 
     def update(self, n: int = 1) -> None:
         self.n += n
@@ -34,16 +37,17 @@ class PlainProgress:
         eta = dt.timedelta(seconds=round((self.total - self.n) / rate)) if rate > 0 else "?"
         extra = "".join(f", {k.replace('img_s', 'images/s')} {v}" for k, v in self.postfix.items())
         print(f"{self.desc}: step {self.n}/{self.total}{extra}, ETA {eta}", file=self.file, flush=True)
+        self.printed = self.n
 
     def close(self) -> None:
-        if self.n > self.start and not self.closed:
-            self._line()  # the last step reached, always
+        if self.n > self.start and not self.closed and self.printed != self.n:
+            self._line()  # the last step reached, always, and once
         self.closed = True
 
 
 def progress(total: int, initial: int, desc: str, disable: bool, file=sys.stderr):
     """tqdm on a terminal; plain periodic lines otherwise (pipelines, batch jobs, schedulers)."""
     if not disable and not file.isatty():
-        return PlainProgress(total, initial, desc, file, INTERVAL_S)
+        return PlainProgress(total, initial, desc, file, interval_s())
     return tqdm(total=total, initial=initial, disable=disable, desc=desc, unit="step", file=file,
                 mininterval=2.0, dynamic_ncols=True)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from compress.data import ImageFolderData
+from compress.data import ImageFolderData, Unreadable
 from compress.distill import StepBatches, kd_loss
 from compress.load import load_compressed
 from tests.conftest import REPO, run_cli, write_recipe
@@ -51,17 +51,27 @@ def test_kd_loss_is_zero_only_for_identical_logits():
 def test_image_folder_counts_corrupt_and_labels(image_zip):
     ds = ImageFolderData(image_zip, lambda im: torch.zeros(1))
     assert ds.classes == ["class0", "class1", "class2"] and ds.labeled and len(ds) == 49
-    assert sum(ds[i] is None for i in range(len(ds))) == 1
+    assert [str(ds[i]) for i in range(len(ds)) if isinstance(ds[i], Unreadable)] == ["data/class0/broken0.png"]
 
 
 def test_distill_improves_fidelity_and_reports(tmp_path, vit_dir, image_zip):
     recipe = write_recipe(tmp_path / "r.yaml", _distill(image_zip, 40, extra=", label_weight: 0.1, feature_weight: 0.5")
                           .replace(NO_LATENCY, f"report: {{latency: null, eval_data: {image_zip}}}\n"))
-    res = run_cli("apply", recipe, vit_dir, "-o", tmp_path / "out")
+    res = run_cli("apply", recipe, vit_dir, "-o", tmp_path / "out", env={**os.environ, "COMPRESS_PROGRESS_S": "0"})
     assert res.returncode == 0, res.stderr
     rep = json.loads((tmp_path / "out" / "report.json").read_text())
     d = rep["distill"]
     assert d["steps"] == 40 and len(d["loss_history"]) == 40 and d["resumed_from"] == 0
+    # a line a step (progress every 0 s), each once, each with that step's own loss (the last was printed twice)
+    steps = [line for line in res.stderr.splitlines() if line.startswith("distill: step ")]
+    assert [int(line.split()[2].split("/")[0]) for line in steps] == list(range(1, 41)), res.stderr
+    assert [line.split("loss ")[1].split(",")[0] for line in steps] == [f"{v:.4f}" for v in d["loss_history"]]
+    # the unreadable image is named on the terminal, not only counted in report.json
+    warned = [line for line in res.stdout.splitlines() if line.startswith("warning: ")]
+    assert any(line.startswith(f"warning: distill: {d['skipped_images']} unreadable image")
+               and "(first: data/class0/broken0.png)" in line for line in warned), res.stdout
+    assert any(line.startswith("warning: evaluation: 1 unreadable image in ")
+               and "(first: data/class0/broken0.png)" in line for line in warned), res.stdout
     assert d["calib_after"]["kl"] < d["calib_before"]["kl"]
     assert d["lr"] == pytest.approx(2.0e-3 * min(1.0, max(0.1, d["start_kl"] ** 0.5)))  # lr_scale: start_kl (default)
     assert d["start_kl"] > 0 and d["batchnorm"] == "train"  # a ViT: nothing to freeze
@@ -70,6 +80,17 @@ def test_distill_improves_fidelity_and_reports(tmp_path, vit_dir, image_zip):
     assert rep["summary"]["eval"]["images"] == 48 and rep["summary"]["eval"]["skipped"] == 1
     assert "## Distillation" in (tmp_path / "out" / "report.md").read_text()
     assert not list(tmp_path.glob(".out.work*"))  # finished: no checkpoint left behind
+
+
+def test_unreadable_calibration_images_are_named_on_the_terminal(tmp_path, vit_dir, image_zip):
+    recipe = write_recipe(tmp_path / "r.yaml", STRIP + f"calibration: {{data: {image_zip}, images: 64}}\n"
+                          "export: {formats: [safetensors]}\n" + NO_LATENCY)
+    res = run_cli("apply", recipe, vit_dir, "-o", tmp_path / "out")
+    assert res.returncode == 0, res.stderr
+    warned = [line for line in res.stdout.splitlines() if line.startswith("warning: calibration:")]
+    assert warned == [f"warning: calibration: 1 unreadable image in {image_zip} skipped (first: data/class0/broken0.png); "
+                      "remove or re-encode them"], res.stdout
+    assert "1 unreadable skipped" in json.loads((tmp_path / "out" / "report.json").read_text())["calibration"]
 
 
 def test_distill_gates_fail_cleanly(tmp_path, vit_dir, image_zip):

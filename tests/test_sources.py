@@ -10,12 +10,13 @@ import torch
 import torchvision
 from safetensors.torch import load_file, save_file
 
-from compress.errors import InputError
+from compress.errors import InputError, VerificationError
 from compress.load import load, load_compressed
 from compress.pipeline import apply
 from compress.recipe import parse_recipe
 from compress.sources import hf
 from compress.sources.detect import guess_arch
+from compress.verify import verify
 from tests.conftest import random_bn_stats
 
 transformers = pytest.importorskip("transformers")
@@ -113,6 +114,11 @@ def test_hf_checkpoint_compresses_and_saves_back(tmp_path, cls):
     x = torch.randn(2, *size)
     with torch.no_grad():
         torch.testing.assert_close(again(x).logits, original(x).logits, atol=1e-5, rtol=1e-5)
+    # compress verify hashes the HF directory as the report did (it once called the directory missing)
+    assert verify(out2)["hashes"] == 2
+    (out2 / "hf" / "config.json").write_text((out2 / "hf" / "config.json").read_text() + " ")
+    with pytest.raises(VerificationError, match="hf changed"):
+        verify(out2)
 
 
 def test_hf_conversion_that_changes_the_function_is_refused(tmp_path, monkeypatch):
