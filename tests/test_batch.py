@@ -122,6 +122,9 @@ def test_kill_batch_then_resume_leaves_nothing_partial(tmp_path):
     ("version: 1\nentries:\n  - {checkpoint: a}\n", "entries[0] names no recipe"),
     ("version: 1\nrecipe: r.yaml\nentries:\n  - {checkpoint: a, name: x}\n  - {checkpoint: b, name: x}\n", "name 'x' is used twice"),
     ("version: 1\nrecipe: r.yaml\nentries:\n  - {checkpoint: a, name: ../escape}\n", "entries[0].name: String should match pattern"),
+    # the second entries: list would silently replace the first: half the zoo never converted, exit 0
+    ("version: 1\nrecipe: r.yaml\nentries:\n  - {checkpoint: a}\nentries:\n  - {checkpoint: b}\n",
+     "duplicate key 'entries' (lines 3 and 5)"),
 ])
 def test_bad_zoo_files(tmp_path, text, expect):
     zoo = write_recipe(tmp_path / "zoo.yaml", text)
