@@ -212,6 +212,8 @@ def _check_plan_out(out: Path, inputs: dict, overwrite: bool) -> None:
                              "choose another -o")
     if out.exists() and not overwrite:
         raise InputError(f"-o {out} already exists; pass --overwrite to replace it or choose another -o")
+    if not out.parent.is_dir():  # found now, not after minutes of planning
+        raise InputError(f"-o {out}: the folder {out.parent} does not exist; create it or choose another -o")
 
 
 @app.command()

@@ -345,6 +345,9 @@ CASES = [
          ("is the input recipe", "recipe.yaml", "even with --overwrite")),
     Case("plan-output-links-to-input-recipe", build_plan_onto_recipe_link, ("plan.yaml", "is the input recipe")),
     Case("plan-output-exists", build_plan_onto_existing, ("plan.yaml", "already exists", "--overwrite")),
+    Case("plan-output-folder-missing",
+         lambda r: ["plan", write_recipe(r / "recipe.yaml", PLAN), vit(r), "-o", r / "nowhere" / "plan.yaml"],
+         ("nowhere", "does not exist")),
     # --- verify ----------------------------------------------------------------------------------
     Case("verify-not-found", lambda r: ["verify", r / "no_such_result"], ("no_such_result not found",)),
     Case("verify-no-report", lambda r: ["verify", vit(r)], ("vit: no report.json",)),
