@@ -351,6 +351,7 @@ CASES = [
     # --- verify ----------------------------------------------------------------------------------
     Case("verify-not-found", lambda r: ["verify", r / "no_such_result"], ("no_such_result not found",)),
     Case("verify-no-report", lambda r: ["verify", vit(r)], ("vit: no report.json",)),
+    Case("verify-a-file", lambda r: ["verify", put(r / "report.json", "{}")], ("report.json is a file", "directory")),
     Case("verify-report-is-a-list", lambda r: ["verify", result_dir(r, "[]")], ("report.json", "JSON list"), code=3),
     Case("verify-artifacts-not-an-object", lambda r: ["verify", result_dir(r, {"artifacts": [1]})],
          ("report.json", "'artifacts' is a list"), code=3),
