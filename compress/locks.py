@@ -71,8 +71,9 @@ def is_held(path: Path) -> bool:
 
 
 def sweep_scratch(root: Path, prefix: str) -> None:
-    """Remove `root/prefix*` scratch dirs whose run is gone (their `.lock` is not held), e.g. after a SIGKILL."""
-    for p in root.glob(f"{prefix}*"):
+    """Remove the `compress-*` scratch dirs whose run is gone (their `.lock` is not held), e.g. after a SIGKILL;
+    of `prefix`, also those without a lock that are older than a run takes to lock one (written before locks)."""
+    for p in root.glob("compress-*"):
         try:
             if not p.is_dir():
                 continue
@@ -82,7 +83,7 @@ def sweep_scratch(root: Path, prefix: str) -> None:
                 if fd is not None:  # nobody holds it: its run died; remove while holding it
                     shutil.rmtree(p, ignore_errors=True)
                     os.close(fd)
-            elif time.time() - p.stat().st_mtime > UNLOCKED_GRACE_S:
+            elif p.name.startswith(prefix) and time.time() - p.stat().st_mtime > UNLOCKED_GRACE_S:
                 shutil.rmtree(p, ignore_errors=True)
         except OSError:  # another user's, or gone meanwhile: not ours to judge
             continue
