@@ -20,7 +20,11 @@ def _errors(debug: bool):
     terminate_like_interrupt()
     try:
         yield
-        sys.stdout.flush()  # a full device or a closed pipe on stdout shows here, inside this handler
+        try:
+            sys.stdout.flush()  # a full device or a closed pipe on stdout shows here, inside this handler
+        except OSError as e:
+            e.stdout = True
+            raise
     except CompressError as e:
         if debug:
             raise
@@ -78,7 +82,9 @@ def _disk_problem(e: BaseException) -> bool:
     code = disk_problem(e)
     if code is None:
         return False
-    out = isinstance(e, OSError) and e.errno in (errno.EPIPE, errno.ENOSPC) and _stdout_broken()
+    # every file write goes through diskio.writing, so a bare OSError without a file name is a print's
+    out = getattr(e, "stdout", False) or (isinstance(e, OSError) and e.errno in (errno.EPIPE, errno.ENOSPC)
+                                          and e.filename is None)
     if out:  # later flushes of what is still buffered go nowhere, rather than fail again at exit
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     if out:
@@ -89,14 +95,6 @@ def _disk_problem(e: BaseException) -> bool:
         print(f"error: {message(code, Path(where).name if where else 'a file', Path(where).parent if where else None)}",
               file=sys.stderr)
     return True
-
-
-def _stdout_broken() -> bool:
-    try:
-        sys.stdout.flush()
-        return False
-    except OSError:
-        return True
 
 
 def _overwrite(value: bool) -> object:
