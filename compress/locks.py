@@ -16,6 +16,21 @@ from contextlib import contextmanager
 from pathlib import Path
 
 UNLOCKED_GRACE_S = 60  # a scratch dir without its lock file is another run's, between mkdtemp and lock: young ones stay
+_HELD: set[int] = set()  # fds of the locks this process holds
+
+
+def _drop_inherited() -> None:
+    """In a forked child (DataLoader workers): close its copies of our lock fds. An flock belongs to the open file,
+    which a fork shares: a worker outliving a SIGKILLed run would otherwise hold the run's lock on."""
+    for fd in _HELD:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited)
 
 
 def try_lock(path: Path) -> int | None:
@@ -31,6 +46,7 @@ def try_lock(path: Path) -> int | None:
             if os.stat(path).st_ino == os.fstat(fd).st_ino:
                 os.ftruncate(fd, 0)  # who holds it, for the message another run prints (never used to decide)
                 os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%H:%M:%S')}\n".encode())
+                _HELD.add(fd)
                 return fd
         except FileNotFoundError:
             pass
@@ -52,6 +68,7 @@ def unlock(fd: int, path: Path) -> None:
             os.unlink(path)
     except OSError:
         pass
+    _HELD.discard(fd)
     os.close(fd)
 
 
@@ -82,6 +99,7 @@ def sweep_scratch(root: Path, prefix: str) -> None:
                 fd = try_lock(lock)
                 if fd is not None:  # nobody holds it: its run died; remove while holding it
                     shutil.rmtree(p, ignore_errors=True)
+                    _HELD.discard(fd)
                     os.close(fd)
             elif p.name.startswith(prefix) and time.time() - p.stat().st_mtime > UNLOCKED_GRACE_S:
                 shutil.rmtree(p, ignore_errors=True)
@@ -102,4 +120,5 @@ def scratch_dir(prefix: str):
     finally:
         shutil.rmtree(path, ignore_errors=True)
         if fd is not None:
+            _HELD.discard(fd)
             os.close(fd)
