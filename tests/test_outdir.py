@@ -216,3 +216,21 @@ def test_stdout_to_a_full_device_is_exit_2(vit_dir):
         r = subprocess.run(_cli("inspect", vit_dir), cwd=REPO, stdout=full, stderr=subprocess.PIPE, text=True, timeout=300)
     assert r.returncode == 2, r.stderr
     assert "cannot write to standard output (no space left on device)" in _one_error_line(r.stderr)
+
+
+def test_a_second_batch_to_the_same_out_exits_2_and_touches_nothing(tmp_path):
+    """The batch holds OUT's lock for its whole run (its entries each hold their own folder's)."""
+    write_recipe(tmp_path / "r.yaml", RECIPE)
+    zoo = write_recipe(tmp_path / "zoo.yaml", "version: 1\nrecipe: r.yaml\nentries:\n  - {checkpoint: m0}\n")
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from compress.outdir import claim; "
+                               "c = claim(__import__('pathlib').Path(sys.argv[1]), staged=False); print('held', flush=True); "
+                               "time.sleep(60)", str(out)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        r = run_cli("batch", zoo, "-o", out, cwd=tmp_path)
+        assert r.returncode == 2 and "being written by another compress run (pid" in _one_error_line(r.stderr), r.stderr
+        assert not out.exists()
+    finally:
+        holder.kill()
+        holder.wait()
