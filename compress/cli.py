@@ -87,7 +87,6 @@ def _disk_problem(e: BaseException) -> bool:
                                           and e.filename is None)
     if out:  # later flushes of what is still buffered go nowhere, rather than fail again at exit
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    if out:
         print(f"error: cannot write to standard output ({WORDS[code]}); send it to a file system with room or to a "
               "reader that stays open", file=sys.stderr)
     else:

@@ -377,9 +377,10 @@ def _ratio(a, b) -> dict:
 
 
 def apply(recipe: Recipe, ckpt: str, out: Path, *, data: str | None = None, dry_run: bool = False,
-          overwrite: bool = False, resume: bool = False, device: str | None = None, inputs: tuple = (),
+          overwrite: bool | str = False, resume: bool = False, device: str | None = None, inputs: tuple = (),
           log=print) -> dict:
-    """Run a recipe. Under torchrun every rank rewrites and distills; rank 0 alone writes."""
+    """Run a recipe. Under torchrun every rank rewrites and distills; rank 0 alone writes. `overwrite`: True
+    replaces a previous compress result at `out`, "force" anything (outdir.refusal)."""
     mark("start (imports)")
     stages = Stages()
     primary = not dist.is_initialized() or dist.get_rank() == 0
