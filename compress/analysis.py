@@ -14,6 +14,7 @@ import torch
 
 from .data import calibration_batch
 from .errors import InputError
+from .diskio import writing
 from .load import load
 from .outdir import check_inputs_untouched, write_text_atomic
 from .probe import capture, greedy_mlp_skip, skip_kl
@@ -139,7 +140,8 @@ def chart(result: dict, path) -> None:
         a.set_xticks(idx)
     fig.suptitle(f"compress analyze: {result['images']} images, {result['tokens']} tokens", fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=100, format="png")
+    with writing(Path(path).name, Path(path).parent, temps=[path]):
+        fig.savefig(path, dpi=100, format="png")
     plt.close(fig)
 
 

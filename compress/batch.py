@@ -23,7 +23,7 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import InputError
-from .outdir import check_inputs_untouched, write_text_atomic
+from .outdir import check_inputs_untouched, claim, let_go, write_text_atomic
 from .recipe import _check_keys, _fmt, read_yaml
 
 PARTIAL_FAILURE = 5  # exit code: the batch ran, and at least one entry failed
@@ -212,8 +212,16 @@ def run_batch(zoo_path: Path, out: Path, *, jobs: int, resume: bool, shard: tupl
                             *[j["checkpoint"] for j in entries if Path(j["checkpoint"]).exists()]], out)
     if out.exists() and not resume and any(out.iterdir()):
         raise InputError(f"output {out} already exists; pass --resume to continue that batch or choose another -o")
+    held = claim(out, "force", staged=False)  # OUT's lock for the whole batch: a second batch to it stops at once
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        return _run_held(entries, zoo_path, out, jobs=jobs, resume=resume, shard=shard, log=log)
+    finally:
+        let_go(held)
+
+
+def _run_held(entries: list, zoo_path: Path, out: Path, *, jobs: int, resume: bool, shard, log) -> dict:
+    try:
+        out.mkdir(exist_ok=True)
     except OSError as e:
         raise InputError(f"cannot create the output directory {out} ({e.strerror or e}); choose a writable -o") from None
     manifest = Manifest.open(out / "manifest.json", resume)

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from .batch import Manifest, _files, _write_summary, load_zoo
 from .errors import InputError
-from .outdir import publish, remove_created, stage
+from .diskio import writing
+from .outdir import claim, let_go, publish
 
 
 def _read(folder: Path) -> tuple[dict, dict]:
@@ -60,16 +61,14 @@ def merge(shards: list[Path], out: Path, log=print) -> dict:
     if missing:
         raise InputError(f"--merge: {len(missing)} of {len(order)} zoo entries are in no shard ({', '.join(missing[:3])}"
                          f"{', ...' if len(missing) > 3 else ''}); run the missing shards first")
-    staging, created = stage(out, overwrite=True)  # OUT appears only once every entry is in place
+    held = claim(out)  # OUT's lock; OUT appears only once every entry is in place, and replaces nothing
     try:
-        summary = _join(read, order, zoo, staging, shards)
+        summary = _join(read, order, zoo, held.staging, shards)
         summary["out"] = str(out)
-        _write_summary(summary, staging)
-        publish(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        remove_created(created)
-        raise
+        _write_summary(summary, held.staging)
+        publish(held)
+    finally:
+        let_go(held)
     log(f"merged {len(shards)} shards: {len(order)} entries into {out}")
     return summary
 
@@ -82,7 +81,8 @@ def _join(read: list, order: list[str], zoo: Path, out: Path, shards: list[Path]
         for name in summary["entries"]:
             record = dict(entries[name])
             if (folder / name).is_dir():
-                _link_tree(folder / name, out / name)
+                with writing(f"the merged entry {name}", out):
+                    _link_tree(folder / name, out / name)
                 if record.get("state") == "done" and _files(out / name) != record.get("files"):
                     raise InputError(f"--merge: {folder / name} no longer matches its manifest (a file changed or went "
                                      f"missing); rerun that shard with --resume, then merge")

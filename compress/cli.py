@@ -20,6 +20,11 @@ def _errors(debug: bool):
     terminate_like_interrupt()
     try:
         yield
+        try:
+            sys.stdout.flush()  # a full device or a closed pipe on stdout shows here, inside this handler
+        except OSError as e:
+            e.stdout = True
+            raise
     except CompressError as e:
         if debug:
             raise
@@ -48,6 +53,8 @@ def _errors(debug: bool):
     except (MemoryError, RuntimeError) as e:  # out of memory is a size problem, not a bug; anything else is a bug
         if debug:
             raise
+        if _disk_problem(e):
+            raise typer.Exit(2) from None
         text = str(e)
         if isinstance(e, MemoryError) or "out of memory" in text.lower() or "can't allocate memory" in text:
             print(f"error: out of memory ({text.strip().splitlines()[0][:120] if text.strip() else 'MemoryError'}); "
@@ -58,8 +65,43 @@ def _errors(debug: bool):
     except Exception as e:  # noqa: BLE001 - a bug: one line, and the traceback on request
         if debug:
             raise
+        if _disk_problem(e):
+            raise typer.Exit(2) from None
         print(f"internal error: {type(e).__name__}: {e}; rerun with --debug for the traceback and report it", file=sys.stderr)
         raise typer.Exit(1) from None
+
+
+def _disk_problem(e: BaseException) -> bool:
+    """A full disk, quota, read-only mount or closed pipe that no writer wrapped (compress/diskio.py), stdout's
+    included: one line, exit 2 -- the user's to fix, not a bug."""
+    import errno
+    import os
+
+    from .diskio import WORDS, disk_problem, message
+
+    code = disk_problem(e)
+    if code is None:
+        return False
+    # every file write goes through diskio.writing, so a bare OSError without a file name is a print's
+    out = getattr(e, "stdout", False) or (isinstance(e, OSError) and e.errno in (errno.EPIPE, errno.ENOSPC)
+                                          and e.filename is None)
+    if out:  # later flushes of what is still buffered go nowhere, rather than fail again at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print(f"error: cannot write to standard output ({WORDS[code]}); send it to a file system with room or to a "
+              "reader that stays open", file=sys.stderr)
+    else:
+        where = getattr(e, "filename", None)
+        print(f"error: {message(code, Path(where).name if where else 'a file', Path(where).parent if where else None)}",
+              file=sys.stderr)
+    return True
+
+
+def _overwrite(value: bool) -> object:
+    """--overwrite: True; --overwrite=force (see main): "force"."""
+    return "force" if value and "--overwrite=force" in _ARGV else value
+
+
+_ARGV: list = []
 
 
 @app.command()
@@ -72,7 +114,8 @@ def apply(recipe: Path = typer.Argument(..., help="recipe YAML"),
           resume: bool = typer.Option(False, "--resume", help="continue an interrupted distillation from its checkpoint"),
           override: Optional[str] = typer.Option(None, "--override", help='JSON merged into the recipe, e.g. \'{"report": {"latency": null}}\''),
           dry_run: bool = typer.Option(False, "--dry-run", help="plan and print params/FLOPs; write nothing"),
-          overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output directory"),
+          overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output directory that holds "
+                                         "a compress result; --overwrite=force: whatever it holds"),
           as_json: bool = typer.Option(False, "--json", help="print the report as JSON on stdout"),
           debug: bool = typer.Option(False, "--debug", help="show tracebacks")):
     """Run a recipe on a checkpoint: rewrite, verify, export, measure, report."""
@@ -88,7 +131,7 @@ def apply(recipe: Path = typer.Argument(..., help="recipe YAML"),
         name = r.name or f"{Path(ckpt.rstrip('/')).stem}-{recipe.stem}"
         out = out or Path("compressed") / name
         log = (lambda m: print(m, file=sys.stderr)) if as_json else (lambda m: print(m))
-        record = run(r, ckpt, out, data=data, dry_run=dry_run, overwrite=overwrite, resume=resume, device=device,
+        record = run(r, ckpt, out, data=data, dry_run=dry_run, overwrite=_overwrite(overwrite), resume=resume, device=device,
                      inputs=(recipe,), log=log)
         if _rank() != 0:
             return
@@ -337,6 +380,9 @@ def main():
     # No fixed glibc mmap threshold here: a 1 MiB one (to hand freed tensors back) made every larger tensor a fresh
     # zero-filled mapping; ViT-L converted in 150 s, 66 s of it system time, against 126 s without, at the same
     # peak (3.48 vs 3.54 GB): limits.release() trims the heap between stages instead
+    # typer has no option with an optional value: --overwrite=force is read as the flag, then told apart here
+    _ARGV[:] = sys.argv[1:]
+    sys.argv[1:] = ["--overwrite" if a == "--overwrite=force" else a for a in sys.argv[1:]]
     app()
 
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import Augmented, ImageFolderData, collate, unreadable_warning
+from .diskio import writing
 from .errors import InputError, Terminated
 from .progress import progress
 
@@ -110,10 +111,11 @@ def _capture(modules: list[nn.Module], store: list):
 
 
 def _save(path: Path, state: dict) -> None:
-    path.parent.mkdir(exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # a kill leaves the previous checkpoint or the new one, never half of one
+    with writing(f"the distillation checkpoint {path.name}", path.parent, temps=[tmp]):
+        path.parent.mkdir(exist_ok=True)
+        torch.save(state, tmp)
+        os.replace(tmp, path)  # a kill leaves the previous checkpoint or the new one, never half of one
 
 
 class StopRequests:

@@ -5,7 +5,6 @@ import copy
 import json
 import subprocess
 import sys
-import tempfile
 
 import torch
 from torch import nn
@@ -13,6 +12,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from . import ort_timing
+from .diskio import writing
+from .locks import scratch_dir
 
 
 def count_params(model: nn.Module) -> int:
@@ -82,10 +83,11 @@ def latency_child(paths: dict[str, str], input_size, *, batch_sizes, threads: in
     are 1.5x the weights)."""
     spec = {"paths": {k: str(p) for k, p in paths.items()}, "input_size": list(input_size), "batch_sizes": list(batch_sizes),
             "threads": threads, "warmup": warmup, "runs": runs, "seed": seed}
-    with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="compress-timing-") as f:
-        json.dump(spec, f)
-        f.flush()
-        proc = subprocess.run([sys.executable, "-I", ort_timing.__file__, f.name], capture_output=True, text=True)
+    with scratch_dir("compress-timing-") as folder:  # swept by a later run if this one is killed
+        with writing("the timing spec", folder):
+            (folder / "spec.json").write_text(json.dumps(spec))
+        proc = subprocess.run([sys.executable, "-I", ort_timing.__file__, str(folder / "spec.json")],
+                              capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"the onnxruntime timing process failed (exit {proc.returncode}): "
                            f"{(proc.stderr.strip().splitlines() or [''])[-1]}")

@@ -1,16 +1,25 @@
-"""The output directory: checked against the inputs, staged beside OUT, swapped in only at the end.
+"""The output directory: checked against the inputs, claimed, staged beside OUT, swapped in only at the end.
 
-A killed run leaves at most a hidden `.OUT.tmp-PID` folder (removed by the next run once
-that process is gone), never a half-written OUT.
+A run holds `.OUT.lock` (an flock, see locks.py) from claim to release: a second run to the same OUT
+stops at once, and whatever `.OUT.tmp-*` staging the lock holder finds is a killed run's, removed.
+Publish looks again: it replaces only what the user allowed (--overwrite: a compress result;
+--overwrite=force: anything), else the result is kept beside OUT and the run exits 2 naming it.
 """
 from __future__ import annotations
 
 import hashlib
+import ctypes
+import errno
+import json
 import os
+import secrets
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from .diskio import disk_problem, message, writing
 from .errors import InputError
+from .locks import holder, try_lock, unlock
 
 
 def sha256(path: Path) -> str:
@@ -30,8 +39,9 @@ def sha256(path: Path) -> str:
 def write_text_atomic(path: Path, text: str) -> None:
     """Write beside, then rename: a reader sees the old file or the new one, never half of one."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with writing(path.name, path.parent, len(text.encode()), temps=[tmp]):
+        tmp.write_text(text)
+        os.replace(tmp, path)
 
 
 def check_inputs_untouched(inputs: list, out: Path) -> None:
@@ -45,55 +55,156 @@ def check_inputs_untouched(inputs: list, out: Path) -> None:
             raise InputError(f"output {out} overlaps the input {item}; choose an -o outside the inputs")
 
 
-def stage(out: Path, overwrite: bool) -> tuple[Path, list[Path]]:
-    """A fresh staging directory beside OUT; returns it and the parent dirs this run created."""
-    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
-        raise InputError(f"output {out} already exists; pass --overwrite to replace it or choose another -o")
-    created = []
-    parent = out.parent
+def is_result(path: Path) -> bool:
+    """A folder `compress apply` published: its report.json is a JSON object naming the compress version.
+    Only these may be replaced by plain --overwrite (a user's folder needs --overwrite=force)."""
     try:
-        for p in reversed([parent, *parent.parents]):
+        return "compress_version" in json.loads((path / "report.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def refusal(out: Path, overwrite) -> str | None:
+    """Why `out` may not be replaced now (None: it may): absent and empty folders always may."""
+    if not os.path.lexists(out):
+        return None
+    if not out.is_dir() or out.is_symlink():
+        return "exists and is not a directory; choose a directory path for -o"
+    if not any(out.iterdir()) or overwrite == "force":
+        return None
+    if not overwrite:
+        return "already exists; pass --overwrite to replace it or choose another -o"
+    if not is_result(out):
+        return ("holds files that compress did not write (no report.json of a compress run) and --overwrite replaces "
+                "only compress results; choose another -o, or pass --overwrite=force to replace it anyway")
+    return None
+
+
+@dataclass
+class Claim:
+    """OUT held by this run: its lock, its staging folder, and the parent folders it created."""
+    out: Path
+    overwrite: object = False  # False, True, or "force"
+    staging: Path | None = None
+    created: list = field(default_factory=list)
+    lock: Path | None = None
+    fd: int | None = None
+
+
+def lock_path(out: Path) -> Path:
+    return out.parent / f".{out.name}.lock"
+
+
+def claim(out: Path, overwrite=False, staged: bool = True) -> Claim:
+    """Create OUT's parents, take `.OUT.lock` (exit 2 if another run holds it), remove what killed runs left
+    and make a fresh staging folder (`staged`). Release with `let_go`, whatever happens."""
+    why = refusal(out, overwrite)
+    if why:
+        raise InputError(f"output {out} {why}")
+    c = Claim(out, overwrite)
+    try:
+        for p in reversed([out.parent, *out.parent.parents]):
             if not p.exists():
                 p.mkdir()
-                created.append(p)
-        _clear_stale(parent, out.name)
-        staging = parent / f".{out.name}.tmp-{os.getpid()}"
-        staging.mkdir()
+                c.created.append(p)
+        c.lock = lock_path(out)
+        c.fd = try_lock(c.lock)
+        if c.fd is None:
+            who = holder(c.lock)
+            raise InputError(f"output {out} is being written by another compress run ({who or 'lock ' + str(c.lock)}); "
+                             "wait for it to finish or choose another -o")
+        why = refusal(out, overwrite)  # again, under the lock: a run that just finished may have published
+        if why:
+            raise InputError(f"output {out} {why}")
+        for p in [*out.parent.glob(f".{out.name}.tmp-*"), *out.parent.glob(f".{out.name}.old-*")]:
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink()  # we hold the lock: nobody's now
+        if staged:
+            c.staging = out.parent / f".{out.name}.tmp-{secrets.token_hex(4)}"
+            c.staging.mkdir()
     except OSError as e:
-        remove_created(created)
+        let_go(c)
+        code = disk_problem(e, out.parent)
+        if code is not None:
+            raise InputError(message(code, f"the output directory {out}", out.parent)) from None
         raise InputError(f"cannot create the output directory {out} ({e.strerror or e}); choose a writable -o") from None
-    return staging, created
+    except BaseException:
+        let_go(c)
+        raise
+    return c
 
 
-def _clear_stale(parent: Path, name: str) -> None:
-    """Remove staging dirs left by runs that were killed (their process is gone)."""
-    for p in parent.glob(f".{name}.tmp-*"):
-        pid = p.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(p, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def let_go(c: Claim) -> None:
+    """Remove the staging folder if still there (a failed run), the lock, and the parents this run created if
+    nothing else went into them."""
+    if c.staging is not None:
+        shutil.rmtree(c.staging, ignore_errors=True)
+    if c.fd is not None:
+        unlock(c.fd, c.lock)
+        c.fd = None
+    remove_created(c.created)
 
 
 def remove_created(created: list[Path]) -> None:
     for p in reversed(created):
-        shutil.rmtree(p, ignore_errors=True)
+        try:
+            p.rmdir()  # only while empty: never what another process put there meanwhile
+        except OSError:
+            break
 
 
-def publish(staging: Path, out: Path) -> None:
-    """Swap the verified staging dir into place; a previous OUT is removed only after the swap."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(staging, out)
+_RENAME_NOREPLACE = 1
+
+
+def rename_noreplace(src: Path, dst: Path) -> None:
+    """rename(2) that fails (EEXIST) where `dst` exists, even as an empty folder; a plain rename would replace
+    that one. Falls back to check-then-rename where renameat2 is missing (old kernels, some file systems)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        fn = None
+    if fn is not None:
+        AT_FDCWD = -100
+        if fn(AT_FDCWD, os.fsencode(src), AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+            raise OSError(err, os.strerror(err), str(dst))
+    if os.path.lexists(dst):
+        raise OSError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst))
+    os.rename(src, dst)
+
+
+def publish(c: Claim) -> None:
+    """Swap the staging folder into place, looking at OUT again: what appeared there meanwhile is replaced only as
+    --overwrite allows; else the result stays beside it (InputError naming both). A previous OUT is removed
+    only after the swap."""
+    out, old = c.out, None
+    if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
+        try:
+            out.rmdir()  # an empty folder (e.g. made for us): nothing to lose
+        except OSError:
+            pass
+    why = refusal(out, c.overwrite)
+    if why is None and os.path.lexists(out):
+        old = out.with_name(f".{out.name}.old-{secrets.token_hex(4)}")
+        os.rename(out, old)
+    try:
+        if why is None:
+            rename_noreplace(c.staging, out)
+    except OSError as e:
+        if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+            raise
+        why = "appeared meanwhile"
+        if old is not None:  # the previous result we had moved aside: visible again, not left to a sweep
+            os.rename(old, out.with_name(f"{out.name}.previous-{old.name.rsplit('-', 1)[-1]}"))
+            old = None
+    if why is not None:
+        kept = out.with_name(f"{out.name}.unpublished-{c.staging.name.rsplit('-', 1)[-1]}")
+        os.rename(c.staging, kept)
+        c.staging = None
+        raise InputError(f"output {out} {why.split(';')[0]} (another process wrote it while this run worked); "
+                         f"this run's result is kept in {kept}: move it where you want it")
+    c.staging = None
     if old is not None:
         shutil.rmtree(old) if old.is_dir() else old.unlink()

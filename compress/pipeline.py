@@ -12,7 +12,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,11 +23,13 @@ from safetensors.torch import save_model
 
 from . import __version__, runtimes
 from .data import Unreadable, calibration_batch, dataset, loader, unreadable_warning
+from .diskio import nbytes, writing
 from .distill import KeepBest, distill
 from .errors import GateError, InputError, VerificationError
 from .export import SLIM_AUTO_MAX, write_fp16, write_int8, write_onnx, write_safetensors
-from .outdir import check_inputs_untouched, publish, remove_created, sha256, stage
+from .outdir import check_inputs_untouched, claim, let_go, publish, sha256
 from .limits import check_memory, release
+from .locks import scratch_dir
 from .load import load
 from .metrics import count_flops, count_params, evaluate, fidelity, latency_child, logits, logits64, ort_predictor
 from .modules import learned_parameters
@@ -207,22 +208,25 @@ def _holdout(train, n: int, seed: int) -> torch.Tensor:
 
 def _export(recipe: Recipe, loaded, student, staging: Path, calib, ledger: list, old, log, ref=None) -> dict:
     """Write every artifact the recipe asks for; each is verified before it gets its final name."""
-    ex, artifacts = recipe.export, {}
+    ex, artifacts, need = recipe.export, {}, nbytes(student)  # about what each full-precision file takes
     meta = {"compress_version": __version__, "source_arch": loaded.source["arch"],
             "source_kwargs": json.dumps(loaded.source["kwargs"]), "source_base": json.dumps(loaded.source.get("base")),
             "recipe": json.dumps(recipe.resolved()), "family": loaded.adapter.family,
             "structure": json.dumps([entry.get("details", {}) for entry in ledger])}  # what load_compressed replays
     if "safetensors" in ex.formats:
-        artifacts["safetensors"] = write_safetensors(student, staging / "model.safetensors", meta)
+        with writing("model.safetensors", staging, need):
+            artifacts["safetensors"] = write_safetensors(student, staging / "model.safetensors", meta)
         mark("export: safetensors")
         if "fp16" in ex.precision:
-            artifacts["safetensors.fp16"] = write_safetensors(copy.deepcopy(student).half(),
-                                                              staging / "model.fp16.safetensors", meta)
+            with writing("model.fp16.safetensors", staging, need // 2):
+                artifacts["safetensors.fp16"] = write_safetensors(copy.deepcopy(student).half(),
+                                                                  staging / "model.fp16.safetensors", meta)
     if "onnx" in ex.formats:
         base = staging / "model.onnx"
-        artifacts["onnx"] = onnx_rec = write_onnx(student, base, calib, opset=ex.opset, dynamic_batch=ex.dynamic_batch,
-                                                  tol=ex.parity_tol, slim=ex.slim, old=old,
-                                                  external_above=int(ex.external_data_mb * 2**20), ref=ref)
+        with writing("model.onnx", staging, need):
+            artifacts["onnx"] = onnx_rec = write_onnx(student, base, calib, opset=ex.opset, dynamic_batch=ex.dynamic_batch,
+                                                      tol=ex.parity_tol, slim=ex.slim, old=old,
+                                                      external_above=int(ex.external_data_mb * 2**20), ref=ref)
         mark("export: onnx")
         if onnx_rec.get("fixed_batch"):
             log(f"export: warning: {onnx_rec['fixed_batch']}")
@@ -236,10 +240,11 @@ def _export(recipe: Recipe, loaded, student, staging: Path, calib, ledger: list,
             log(f"export: {v} variant")
             path = staging / f"model.{v}.onnx"
             big = int(ex.external_data_mb * 2**20)
-            artifacts[f"onnx.{v}"] = (write_fp16(base, path, ref, x, tol=ex.fp16_tol, old=old, external_above=big)
-                                      if v == "fp16" else
-                                      write_int8(base, path, v, ref, x, min_agreement=ex.int8_min_agreement,
-                                                 convs=ex.int8_dynamic_convs, old=old, external_above=big))
+            with writing(path.name, staging, need):
+                artifacts[f"onnx.{v}"] = (write_fp16(base, path, ref, x, tol=ex.fp16_tol, old=old, external_above=big)
+                                          if v == "fp16" else
+                                          write_int8(base, path, v, ref, x, min_agreement=ex.int8_min_agreement,
+                                                     convs=ex.int8_dynamic_convs, old=old, external_above=big))
             if "note" in artifacts[f"onnx.{v}"]:
                 log(f"export: warning: {v}: {artifacts[f'onnx.{v}']['note']}")
             release()
@@ -252,6 +257,11 @@ def variants(ex) -> list[str]:
 
 def _teacher_files(recipe: Recipe, teacher, calib, folder: Path, ref: torch.Tensor) -> dict:
     """The teacher through the same writers as the student, so sizes and latency compare like with like."""
+    with writing("the teacher's temporary files (for sizes and latency)", folder, nbytes(teacher)):
+        return _teacher_files_in(recipe, teacher, calib, folder, ref)
+
+
+def _teacher_files_in(recipe: Recipe, teacher, calib, folder: Path, ref: torch.Tensor) -> dict:
     ex, out = recipe.export, {}
     if "safetensors" in ex.formats:  # its size only: written, not read back
         save_model(teacher, str(folder / "teacher.safetensors"))
@@ -370,9 +380,10 @@ def _ratio(a, b) -> dict:
 
 
 def apply(recipe: Recipe, ckpt: str, out: Path, *, data: str | None = None, dry_run: bool = False,
-          overwrite: bool = False, resume: bool = False, device: str | None = None, inputs: tuple = (),
+          overwrite: bool | str = False, resume: bool = False, device: str | None = None, inputs: tuple = (),
           log=print) -> dict:
-    """Run a recipe. Under torchrun every rank rewrites and distills; rank 0 alone writes."""
+    """Run a recipe. Under torchrun every rank rewrites and distills; rank 0 alone writes. `overwrite`: True
+    replaces a previous compress result at `out`, "force" anything (outdir.refusal)."""
     mark("start (imports)")
     stages = Stages()
     primary = not dist.is_initialized() or dist.get_rank() == 0
@@ -390,11 +401,12 @@ def apply(recipe: Recipe, ckpt: str, out: Path, *, data: str | None = None, dry_
     data_paths = [recipe.calibration.data, recipe.report.eval_data, recipe.distill and recipe.distill.data, data]
     check_inputs_untouched([*inputs, *([ckpt] if Path(ckpt).exists() else []), *[p for p in data_paths if p]], out)
     train = distill_data(recipe, data, loaded.data_cfg)  # bad data fails here, before anything is written
-    staging, created = stage(out, overwrite) if primary and not dry_run else (None, [])
+    held = claim(out, overwrite) if primary and not dry_run else None  # OUT's lock, held until release
+    staging = held.staging if held is not None else None
     work = out.parent / f".{out.name}.work"  # resumable distillation checkpoints live here until publish
-    if primary and not dry_run and not resume:
-        shutil.rmtree(work, ignore_errors=True)
     try:
+        if primary and not dry_run and not resume:
+            shutil.rmtree(work, ignore_errors=True)
         if recipe.target is None:
             record = _run(recipe, loaded, staging, data, train, work, dry_run, resume, device, ckpt, old, stages, log,
                           last=True)
@@ -407,22 +419,20 @@ def apply(recipe: Recipe, ckpt: str, out: Path, *, data: str | None = None, dry_
                 return _run(planned, loaded, staging, data, train, work, dry_run, resume, device, ckpt, old, stages, log, extra)
 
             record = run_target(recipe, loaded, data, attempt, log)  # its seconds are in record["plan"]
-        if staging is not None:
-            publish(staging, out)
+        if held is not None:
+            publish(held)
             shutil.rmtree(work, ignore_errors=True)
         return record
-    except BaseException:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
-        remove_created(created)
-        raise
+    finally:
+        if held is not None:
+            let_go(held)  # a failed run's staging folder, the lock, the parents it made (if still empty)
 
 
 def _run(recipe: Recipe, loaded, staging: Path | None, data, train, work: Path, dry_run: bool, resume: bool,
          device: str | None, ckpt: str, old, stages: Stages, log, extra: dict | None = None, last: bool = False) -> dict:
     """One conversion. `last`: the caller needs the loaded model no more (no planner retry): it is then freed
     before the latency child starts, and rewritten in place when nothing else reads the teacher later."""
-    with tempfile.TemporaryDirectory(prefix="compress-teacher-") as tmp:  # the teacher's files, for sizes and latency
+    with scratch_dir("compress-teacher-") as tmp:  # the teacher's files, for sizes and latency; swept if killed
         return _run_in(recipe, loaded, staging, data, train, work, dry_run, resume, device, ckpt, old, stages, log,
                        extra, last, Path(tmp))
 
@@ -474,7 +484,8 @@ def _run_in(recipe: Recipe, loaded, staging: Path | None, data, train, work: Pat
         record["artifacts"] = artifacts = _export(recipe, loaded, student, staging, calib, ledger, old, log,
                                                   rewritten if recipe.distill is None else None)
         if loaded.save_back is not None:  # the original family's layout too, when the structure allows it
-            record["family_layout"] = lay = loaded.save_back(student, staging, calib, recipe.export.parity_tol)
+            with writing(f"the {loaded.source['arch']} layout", staging, nbytes(student)):
+                record["family_layout"] = lay = loaded.save_back(student, staging, calib, recipe.export.parity_tol)
             log(f"export: {loaded.source['arch']} layout " + (f"not written: {lay['skipped']}" if "skipped" in lay
                                                                else f"in {lay['path']} (reloaded and compared)"))
         for a in [*artifacts.values(), record.get("family_layout") or {}]:  # `compress verify` checks these later
@@ -499,7 +510,7 @@ def _run_in(recipe: Recipe, loaded, staging: Path | None, data, train, work: Pat
     record["machine"] = machine_info(recipe.report.latency.threads if recipe.report.latency else None)
     record["stages_s"] = stages.seconds
     mark("measure: rest")
-    with stages("report"):
+    with stages("report"), writing("report.json, report.md, report.png and recipe.yaml", staging):
         (staging / "recipe.yaml").write_text(yaml.safe_dump(recipe.resolved(), sort_keys=False))
         write_reports(record, staging)
     record["stages_s"] = stages.seconds

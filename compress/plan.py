@@ -11,15 +11,16 @@ import copy
 import hashlib
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from .data import calibration_batch
+from .diskio import writing
 from .errors import InputError, TargetError, VerificationError
 from .export import write_int8, write_onnx
+from .locks import scratch_dir
 from .metrics import count_flops, count_params, fidelity, latency, ort_predictor
 from .recipe import Recipe, parse_recipe
 from .registry import PassContext, all_passes, get_pass
@@ -305,8 +306,7 @@ def plan(loaded, recipe: Recipe, calib, log=print, cands: Candidates | None = No
     variants = list(t.variants) if exported else ["fp32"]
     teacher = {"flops": cands.flops0, "params": cands.params0}
     base = cands.dry([])
-    with tempfile.TemporaryDirectory(prefix="compress-plan-") as tmp:
-        folder = Path(tmp)
+    with scratch_dir("compress-plan-") as folder, writing("the planner's temporary ONNX files", folder):
         tpath = _file(folder, base)  # the teacher's int8 row starts from this file, as a candidate's from its fp32 twin's
         if exported:
             ex = recipe.export

@@ -14,7 +14,9 @@ import numpy as np
 import onnx
 import onnxruntime
 
+from .diskio import writing
 from .errors import InputError, VerificationError
+from .locks import scratch_dir
 from .onnx_lean import light
 
 
@@ -175,8 +177,9 @@ def run(old: OldRuntime, path: Path, name: str, x: np.ndarray, threads: int) -> 
     """Run the file in the isolated runtime; a runtime that refuses it fails the variant (file deleted)."""
     static_check(path, name, old.limits, old.version)
     runner = Path(__file__).with_name("ort_runner.py")
-    with tempfile.TemporaryDirectory(prefix="compress-ort-") as tmp:
-        np.save(Path(tmp) / "x.npy", x)
+    with scratch_dir("compress-ort-") as tmp:  # swept by a later run if this one is killed
+        with writing("the older runtime's input", tmp, x.nbytes):
+            np.save(Path(tmp) / "x.npy", x)
         done = subprocess.run([str(old.python), "-I", str(runner), str(path), str(Path(tmp) / "x.npy"),
                                str(Path(tmp) / "y.npy"), str(threads)], capture_output=True, text=True)
         if done.returncode != 0:

@@ -75,16 +75,24 @@ def start() -> None:
             _ctx = ctx
 
 
+def spawn(args: list, cwd: Path, env: dict | None, out: Path, err: Path):
+    """Start the CLI with args in a forked child writing to the files out/err; returns the multiprocessing
+    Process (.pid, .kill() = SIGKILL, .join(), .exitcode), for tests that kill a run at a chosen moment."""
+    start()
+    out.touch()
+    err.touch()
+    proc = _ctx.Process(target=_child, args=([str(a) for a in args], str(cwd), dict(os.environ if env is None else env),
+                                             str(out), str(err)))
+    proc.start()
+    return proc
+
+
 def run(args: list, cwd: Path, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run the CLI with args in a forked child; stdout/stderr as text, like subprocess.run(capture_output=True)."""
-    start()
     args = [str(a) for a in args]
     with tempfile.TemporaryDirectory(prefix="forkcli-", dir=multiprocessing.util.get_temp_dir()) as tmp:
         out, err = Path(tmp) / "out", Path(tmp) / "err"
-        out.touch()
-        err.touch()
-        proc = _ctx.Process(target=_child, args=(args, str(cwd), dict(os.environ if env is None else env), str(out), str(err)))
-        proc.start()
+        proc = spawn(args, cwd, env, out, err)
         proc.join(timeout)
         if proc.exitcode is None:
             proc.kill()

@@ -109,14 +109,25 @@ def test_gate_met_passes(tmp_path, vit_dir):
     assert [g["ok"] for g in record["gates"]] == [True, True]
 
 
-def test_overwrite_replaces_previous_output(tmp_path, vit_dir):
+def test_overwrite_replaces_a_previous_result_only(tmp_path, vit_dir):
+    """--overwrite replaces what compress published; a user's folder only with --overwrite=force."""
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "old.txt").write_text("previous run")
     rec = parse_recipe({"version": 1, "passes": [{"mlp_strip": {"blocks": [0]}}], "report": {"latency": None}})
+    apply(rec, str(vit_dir), out, log=lambda m: None)
+    first = (out / "report.json").read_text()
     apply(rec, str(vit_dir), out, overwrite=True, log=lambda m: None)
-    assert not (out / "old.txt").exists() and (out / "model.onnx").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "vit"]
+    assert (out / "report.json").read_text() != first  # a new run's report (its own timestamp and timings)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "vit"]  # no staging, backup or lock left
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "IMPORTANT.txt").write_text("precious")
+    with pytest.raises(InputError, match="--overwrite=force"):
+        apply(rec, str(vit_dir), mine, overwrite=True, log=lambda m: None)
+    assert (mine / "IMPORTANT.txt").read_text() == "precious"
+    apply(rec, str(vit_dir), mine, overwrite="force", log=lambda m: None)
+    assert not (mine / "IMPORTANT.txt").exists() and (mine / "model.onnx").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "out", "vit"]
 
 
 def test_weights_file_with_model_section(tmp_path):
