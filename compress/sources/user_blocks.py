@@ -76,8 +76,15 @@ def fit_vit_block(blk, x, parts) -> tuple[ViTBlock, dict] | str:
     given = parts[2][4]
     heads = [given] if given else [h for h in range(1, d + 1) if d % h == 0]
     best = (float("inf"), None, None)
+    try:
+        with torch.no_grad():
+            ref = blk(x)
+    except Exception as e:  # noqa: BLE001 - a block that needs more than its first input: leave it as it is
+        return f"it does not run on its first input alone ({type(e).__name__})"
+    if not isinstance(ref, torch.Tensor) or ref.shape != x.shape:
+        return f"it returns {type(ref).__name__ if not isinstance(ref, torch.Tensor) else 'another shape'}, not a tensor like its input"
+    ref = ref - x  # compare what the block adds: the residual would hide small differences
     with torch.no_grad():
-        ref = blk(x) - x  # compare what the block adds: the residual would hide small differences
         for h in heads:
             for act in ACTS:  # the closest candidate wins: gelu and its tanh form differ only slightly
                 new = vit_block(parts, h, act)
