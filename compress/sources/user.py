@@ -170,7 +170,7 @@ def read(arch: str, kwargs: dict, num_classes, img_size, sd: dict, weights) -> C
     size = _input_size(model, img_size)
     before = {id(t): (k, t) for k, t in model.state_dict(keep_vars=True).items()}  # t kept alive: ids stay unique
     model = logits_only(model, size)  # your keys stay in `before`: the save-back writes them without the wrapper
-    returns = getattr(model, "returns", None)
+    returns = model.returns if isinstance(model, LogitsOnly) else None
     original = copy.deepcopy(model)
     adapter, record = convert(model, arch, size)
     try:

@@ -1,0 +1,93 @@
+"""Hand-written models as public repositories write them (tests/zoo_models.py): each loads through
+`module:factory`, exports alone (`passes: []`) with the logits as the ONNX file's one output, and takes a rewriting pass."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import zoo_models
+from compress.load import load_compressed
+from compress.pipeline import apply
+from compress.recipe import parse_recipe
+from compress.sources.common import logits_of
+from conftest import random_bn_stats
+
+FLOOR = "needs floor30: a pass on a model with no mapped blocks (layer-level lowrank)"
+# style -> family its blocks map to (None: none recognised, the model stands on the floor)
+STYLES = {
+    "per_head_qkv": None, "fused_qkv_named": "vit", "tuple_blocks": "vit", "hand_gelu": "vit", "no_final_norm": "vit",
+    "post_norm": "vit", "tuple_output": "vit", "dict_output": "vit", "pair_list": None,
+    "conv_bias_bn": "resnet", "identity_shortcut": "resnet", "avgpool_pad_shortcut": "resnet",
+    "slice_shortcut": "resnet", "lambda_shortcut": None, "flat_blocks": "resnet", "preact": None,
+}
+ENCODERS = [(bf, nf) for bf in (True, False) for nf in (True, False)]  # nn.TransformerEncoder: batch_first x norm_first
+FAST = {"min_runtime": None, "slim": False}  # the old-runtime check and onnxslim are tested elsewhere
+
+
+def _jitter(model: torch.nn.Module) -> torch.nn.Module:
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 1.5 / p[0].numel() ** 0.5) if p.dim() >= 2 else p.normal_(0, 0.3)
+    return random_bn_stats(model).eval()
+
+
+def _run(tmp_path, name: str, passes: list, kwargs: dict | None = None, name_out: str = "out"):
+    model = _jitter(getattr(zoo_models, name)(**(kwargs or {})))
+    ckpt = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt))
+    recipe = {"version": 1, "model": {"arch": f"zoo_models:{name}", "kwargs": kwargs or {}, "img_size": 32},
+              "passes": passes, "report": {"latency": None}, "export": FAST}
+    out = tmp_path / name_out
+    return model, apply(parse_recipe(recipe), str(ckpt), out, log=lambda *_: None), out
+
+
+def _check_export(model, rep, out):
+    """One ONNX output, the logits; ONNX and load_compressed both give the original's logits."""
+    proto = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    assert [o.name for o in proto.graph.output] == ["logits"]
+    x = torch.randn(3 if rep["artifacts"]["onnx"]["dynamic_batch"] else 1, 3, 32, 32)
+    with torch.no_grad():
+        want = logits_of(model(x)).numpy()
+        np.testing.assert_allclose(load_compressed(out)(x).numpy(), want, atol=1e-4, rtol=1e-4)
+    got = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})
+    assert len(got) == 1
+    np.testing.assert_allclose(got[0], want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", STYLES)
+def test_style_exports_alone(tmp_path, name):
+    model, rep, out = _run(tmp_path, name, [])
+    src = rep["source"]
+    assert src["family"] == (STYLES[name] or "other")
+    if name in ("tuple_output", "dict_output"):
+        assert "the logits are taken" in src["output"] and ("tuple of 2" in src["output"]) == (name == "tuple_output")
+    else:
+        assert "output" not in src
+    if name in ("avgpool_pad_shortcut", "slice_shortcut"):  # the downsampling block's shortcut is computed in forward
+        assert [u.split(" ")[0] for u in src["unmapped"]] == ["layer2.0"]
+        assert "the mapped form does not run in its place" in src["unmapped"][0]
+    _check_export(model, rep, out)
+
+
+@pytest.mark.parametrize("batch_first,norm_first", ENCODERS)
+def test_torch_transformer_encoder_exports_without_its_fast_path(tmp_path, batch_first, norm_first):
+    kwargs = {"batch_first": batch_first, "norm_first": norm_first}
+    model, rep, out = _run(tmp_path, "torch_encoder", [], kwargs)
+    _check_export(model, rep, out)
+
+
+def _rewrite(name: str) -> list:
+    return [{"lowrank": {"rank": 0.5}}]
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(strict=False, reason=FLOOR)) if f is None else n
+                                  for n, f in STYLES.items()])
+def test_style_takes_a_rewriting_pass(tmp_path, name):
+    model, rep, out = _run(tmp_path, name, _rewrite(name))
+    assert rep["summary"]["params"]["student"] < rep["summary"]["params"]["teacher"]
+    assert rep["artifacts"]["onnx"]["parity"]["rel_diff"] <= 1e-4
