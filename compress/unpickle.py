@@ -10,6 +10,7 @@ or from torch beyond its tensor machinery is accepted, and a placeholder holding
 """
 from __future__ import annotations
 
+import _compat_pickle
 import argparse
 import datetime
 import pathlib
@@ -80,6 +81,9 @@ class Restricted(pickle.Unpickler):
         self.placeholders: dict[str, type] = {}
 
     def find_class(self, module: str, name: str):
+        # Python 2 names (__builtin__, copy_reg) of protocols < 3, as the default find_class maps them
+        module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         full = f"{module}.{name}"
         if full in self.allowed:
             return self.allowed[full]
