@@ -20,12 +20,13 @@ FLOOR = "needs floor30: a pass on a model with no mapped blocks (layer-level low
 # style -> family its blocks map to (None: none recognised, the model stands on the floor)
 STYLES = {
     "per_head_qkv": None, "fused_qkv_named": "vit", "tuple_blocks": "vit", "hand_gelu": "vit", "no_final_norm": "vit",
-    "post_norm": "vit", "tuple_output": "vit", "dict_output": "vit", "pair_list": None,
+    "post_norm": "vit", "tuple_output": "vit", "dict_output": "vit", "pair_list": None, "parts_called": "vit",
+    "block_attr_read": None,
     "conv_bias_bn": "resnet", "identity_shortcut": "resnet", "avgpool_pad_shortcut": "resnet",
     "slice_shortcut": "resnet", "lambda_shortcut": None, "flat_blocks": "resnet", "preact": None,
 }
 # blocks recognised but none mappable (a block returning a tuple, a post-norm block): no block-level layers either
-NO_BLOCKS = {n for n, f in STYLES.items() if f is None} | {"tuple_blocks", "post_norm", "torch_encoder"}
+NO_BLOCKS = {n for n, f in STYLES.items() if f is None} | {"tuple_blocks", "post_norm", "parts_called", "torch_encoder"}
 ENCODERS = [(bf, nf) for bf in (True, False) for nf in (True, False)]  # nn.TransformerEncoder: batch_first x norm_first
 FAST = {"min_runtime": None, "slim": False}  # the old-runtime check and onnxslim are tested elsewhere
 
@@ -73,6 +74,10 @@ def test_style_exports_alone(tmp_path, name):
     if name in ("avgpool_pad_shortcut", "slice_shortcut"):  # the downsampling block's shortcut is computed in forward
         assert [u.split(" ")[0] for u in src["unmapped"]] == ["layer2.0"]
         assert "the mapped form does not run in its place" in src["unmapped"][0]
+    if name == "parts_called":
+        assert all("never calls the block itself" in u for u in src["unmapped"]) and len(src["unmapped"]) == 2
+    if name == "block_attr_read":  # each block maps alone; the model reads an attribute the mapped form lacks
+        assert src["unmapped"][0].startswith("all blocks (converted, the whole model fails: AttributeError")
     _check_export(model, rep, out)
 
 

@@ -161,6 +161,37 @@ def dict_output(num_classes: int = 5) -> nn.Module:
     return ViT([Block(SeparateQKV(DIM, HEADS), nn.GELU()) for _ in range(DEPTH)], num_classes, returns="dict")
 
 
+class PartsCallingViT(ViT):
+    """The model's forward calls each block's parts itself (block.forward is never called)."""
+
+    def forward(self, x):
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1) + self.pos_embed
+        for blk in self.blocks:
+            x = x + blk.attn(blk.norm1(x))
+            x = x + blk.mlp(blk.norm2(x))
+        return self.head(self.norm(x)[:, 0])
+
+
+class AttrReadingViT(ViT):
+    """The model's forward reads an attribute of its blocks' attention (as attention-rollout code does)."""
+
+    def forward(self, x):
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1) + self.pos_embed
+        for blk in self.blocks:
+            x = blk(x) * (blk.attn.n_head / HEADS)
+        return self.head(self.norm(x)[:, 0])
+
+
+def parts_called(num_classes: int = 5) -> nn.Module:
+    return PartsCallingViT([Block(FusedAttention(DIM, HEADS), nn.GELU()) for _ in range(DEPTH)], num_classes)
+
+
+def block_attr_read(num_classes: int = 5) -> nn.Module:
+    return AttrReadingViT([Block(FusedAttention(DIM, HEADS), nn.GELU()) for _ in range(DEPTH)], num_classes)
+
+
 class PreNorm(nn.Module):
     def __init__(self, fn: nn.Module):
         super().__init__()

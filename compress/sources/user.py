@@ -99,6 +99,9 @@ def _find(model: nn.Module):
     return "resnet", res
 
 
+NOT_CALLED = "the model never calls the block itself (its forward calls the block's parts)"
+
+
 def _block_diff(blk: nn.Module, new: nn.Module, x: torch.Tensor) -> float | str:
     """How far the mapped block is from yours on its real input, or why it cannot even run in its place (a shortcut
     computed in forward that changes the shape, a block that takes more than one input or returns more than one)."""
@@ -115,6 +118,8 @@ def _block_diff(blk: nn.Module, new: nn.Module, x: torch.Tensor) -> float | str:
 def convert(model: nn.Module, arch: str, input_size, choices: dict | None = None) -> tuple[UserAdapter, dict]:
     """Convert recognised blocks in place (search and verify, or replay recorded `choices`)."""
     family, found = _find(model)
+    if choices is not None and choices.get("family") is None:  # the original run left every block as written
+        family, found = None, {}
     if family is None:  # it still loads, exports and distills; only the passes that rewrite blocks refuse it
         kinds = sorted({type(m).__name__ for m in model.modules()} - {"Sequential", "ModuleList", "ModuleDict"})
         unmapped = [f"{n} ({why})" for n, why in (found or {}).items()]
@@ -135,7 +140,7 @@ def convert(model: nn.Module, arch: str, input_size, choices: dict | None = None
                 how = choices["blocks"][names[i]]
                 new = vit_block(p, **how)
             else:
-                got = fit_vit_block(blocks[i], xs[names[i]], p)
+                got = fit_vit_block(blocks[i], xs[names[i]], p) if names[i] in xs else NOT_CALLED
                 if isinstance(got, str):
                     unmapped.append(f"{names[i]} ({got})")
                     continue
@@ -148,7 +153,7 @@ def convert(model: nn.Module, arch: str, input_size, choices: dict | None = None
         for n, p in found.items():
             new = res_block(p)
             if choices is None:
-                d = _block_diff(model.get_submodule(n), new, xs[n])
+                d = _block_diff(model.get_submodule(n), new, xs[n]) if n in xs else NOT_CALLED
                 if isinstance(d, str):
                     unmapped.append(f"{n} ({d})")
                     continue
@@ -175,10 +180,11 @@ def read(arch: str, kwargs: dict, num_classes, img_size, sd: dict, weights) -> C
     adapter, record = convert(model, arch, size)
     try:
         diff = check_same(original, model, size, f"model.arch '{arch}'")
-    except InputError as e:  # each block matched alone, the whole does not (its forward reads the blocks otherwise)
+    except Exception as e:  # noqa: BLE001 - each block matched alone, the whole does not (its forward reads them otherwise)
         model = copy.deepcopy(original)
         kinds = sorted({type(m).__name__ for m in model.modules()} - {"Sequential", "ModuleList", "ModuleDict"})
-        why = str(e).partition(": the converted model ")[2].partition(" on random input")[0]
+        why = (str(e).partition(": the converted model ")[2].partition(" on random input")[0] if isinstance(e, InputError)
+               else f"fails: {type(e).__name__}: {str(e).strip()[:80]}")
         record = {"family": None, "blocks": {}, "unmapped": [f"all blocks (converted, the whole model {why})"],
                   "tokens": None, "input_size": list(size), "module_types": kinds}
         adapter = UserAdapter("other", [], record["unmapped"], size, None)
