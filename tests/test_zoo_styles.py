@@ -19,7 +19,7 @@ from conftest import random_bn_stats
 FLOOR = "needs floor30: a pass on a model with no mapped blocks (layer-level lowrank)"
 # style -> family its blocks map to (None: none recognised, the model stands on the floor)
 STYLES = {
-    "per_head_qkv": None, "fused_qkv_named": "vit", "tuple_blocks": "vit", "hand_gelu": "vit", "no_final_norm": "vit",
+    "per_head_qkv": "vit", "fused_qkv_named": "vit", "tuple_blocks": "vit", "hand_gelu": "vit", "no_final_norm": "vit",
     "post_norm": "vit", "tuple_output": "vit", "dict_output": "vit", "pair_list": None, "parts_called": "vit",
     "block_attr_read": None,
     "conv_bias_bn": "resnet", "identity_shortcut": "resnet", "avgpool_pad_shortcut": "resnet",
@@ -67,6 +67,8 @@ def test_style_exports_alone(tmp_path, name):
     model, rep, out = _run(tmp_path, name, [])
     src = rep["source"]
     assert src["family"] == (STYLES[name] or "other")
+    # nothing rewritten: the student goes back into your own keys (split or concatenated q/k/v included), reloaded
+    assert rep["family_layout"]["path"] == "model.user.safetensors", rep["family_layout"]
     if name in ("tuple_output", "dict_output"):
         assert "the logits are taken" in src["output"] and ("tuple of 2" in src["output"]) == (name == "tuple_output")
     else:

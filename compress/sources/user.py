@@ -214,15 +214,22 @@ def read(arch: str, kwargs: dict, num_classes, img_size, sd: dict, weights) -> C
                      save_back, adapter)
 
 
-def _origin(model: nn.Module, before: dict) -> dict[str, tuple[str, int, int]]:
-    """Converted key -> (your key, part index, parts): reused tensors map 1:1, split q/k/v to a third of theirs."""
-    back = {k: (before[id(t)][0], 0, 1) for k, t in model.state_dict(keep_vars=True).items() if id(t) in before}
+def _origin(model: nn.Module, before: dict) -> dict[str, list[tuple[str, int, int, int, int]]]:
+    """Converted key -> [(your key, part index, parts, chunk, chunks)]: chunk j of `chunks` of the converted tensor is
+    part i of `parts` of yours. Reused tensors map 1:1, a split q/k/v to a third of your fused one, a q/k/v built
+    from per-head Linears to all of them."""
+    back = {k: [(before[id(t)][0], 0, 1, 0, 1)] for k, t in model.state_dict(keep_vars=True).items() if id(t) in before}
     for n, m in model.named_modules():
         src = getattr(m, "split_from", None)
         if src is not None:
-            back[f"{n}.weight"] = (before[src[0]][0], src[2], src[3])
+            back[f"{n}.weight"] = [(before[src[0]][0], src[2], src[3], 0, 1)]
             if src[1] is not None:
-                back[f"{n}.bias"] = (before[src[1]][0], src[2], src[3])
+                back[f"{n}.bias"] = [(before[src[1]][0], src[2], src[3], 0, 1)]
+        cat = getattr(m, "concat_from", None)
+        if cat is not None:
+            back[f"{n}.weight"] = [(before[w][0], 0, 1, j, len(cat)) for j, (w, _) in enumerate(cat)]
+            if cat[0][1] is not None:
+                back[f"{n}.bias"] = [(before[b][0], 0, 1, j, len(cat)) for j, (_, b) in enumerate(cat)]
     return back
 
 
@@ -232,9 +239,8 @@ def _save_back(student, staging, x, tol: float, *, arch: str, kwargs: dict, back
     why = next((f"{k} has no place in {arch}" for k in sd if k not in back), None)
     parts: dict[str, list] = {}
     for k, v in sd.items():
-        if k in back:
-            old, i, n = back[k]
-            parts.setdefault(old, [None] * n)[i] = v.detach()
+        for old, i, n, j, m in back.get(k, []):
+            parts.setdefault(old, [None] * n)[i] = v.detach().chunk(m)[j] if m > 1 else v.detach()
     if why is None and (set(parts) != set(shapes) or any(p is None for ps in parts.values() for p in ps)):
         why = f"{sorted(set(shapes) - set(parts))[:1] or 'a part'} was removed"
     out = {k: (torch.cat(ps) if len(ps) > 1 else ps[0]).contiguous() for k, ps in parts.items()} if why is None else {}
