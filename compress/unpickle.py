@@ -12,17 +12,23 @@ from __future__ import annotations
 
 import _compat_pickle
 import argparse
+import collections
 import datetime
+import decimal
+import fractions
 import pathlib
 import pickle
 import sys
+import uuid
 
 import torch._weights_only_unpickler as _wo
 
 # Inert standard types (their constructors only store values) that may be built for real.
 INERT = {f"{t.__module__}.{t.__qualname__}": t for t in (
     argparse.Namespace, pathlib.PosixPath, pathlib.PurePosixPath, pathlib.WindowsPath, pathlib.PureWindowsPath,
-    datetime.datetime, datetime.date, datetime.time, datetime.timedelta, datetime.timezone, slice, frozenset, range)}
+    datetime.datetime, datetime.date, datetime.time, datetime.timedelta, datetime.timezone, slice, frozenset, range,
+    collections.defaultdict, collections.deque, decimal.Decimal, fractions.Fraction, uuid.UUID,
+    list, dict, tuple, int, float, str, bool, bytes)}  # builtins: as defaultdict factories and plain conversions
 STDLIB = set(sys.stdlib_module_names) | {"__builtin__", "torch", "numpy", "typing_extensions", "dill", "cloudpickle"}
 
 

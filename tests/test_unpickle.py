@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import enum
 import os
@@ -51,7 +52,8 @@ def test_run_objects_beside_the_weights_become_named_placeholders(tmp_path):
     m = jitter(user_models.resnet())
     ckpt = tmp_path / "checkpoint.pth"
     args = argparse.Namespace(arch="resnet", lr=0.1, data=pathlib.PurePosixPath("/data/cifar"))
-    torch.save({"epoch": 7, "args": args, "config": TrainConfig(), "mode": Mode.FINETUNE, "best_acc": np.float32(91.5),
+    meters = collections.defaultdict(list, {"loss": [2.3, 1.9]})
+    torch.save({"epoch": 7, "args": args, "meters": meters, "config": TrainConfig(), "mode": Mode.FINETUNE, "best_acc": np.float32(91.5),
                 "hist": np.arange(4), "hook": Loud(), "state_dict": m.state_dict()}, ckpt)
     sd, info = checkpoint.read(ckpt)
     assert set(sd) == set(m.state_dict()) and info["container"] == "'state_dict'"
