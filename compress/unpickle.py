@@ -18,6 +18,7 @@ import decimal
 import fractions
 import pathlib
 import pickle
+import re
 import sys
 import uuid
 
@@ -28,7 +29,7 @@ INERT = {f"{t.__module__}.{t.__qualname__}": t for t in (
     argparse.Namespace, pathlib.PosixPath, pathlib.PurePosixPath, pathlib.WindowsPath, pathlib.PureWindowsPath,
     datetime.datetime, datetime.date, datetime.time, datetime.timedelta, datetime.timezone, slice, frozenset, range,
     collections.defaultdict, collections.deque, decimal.Decimal, fractions.Fraction, uuid.UUID,
-    list, dict, tuple, int, float, str, bool, bytes)}  # builtins: as defaultdict factories and plain conversions
+    list, dict, tuple, int, float, str, bool)}  # builtins: as defaultdict factories and plain conversions
 STDLIB = set(sys.stdlib_module_names) | {"__builtin__", "torch", "numpy", "typing_extensions", "dill", "cloudpickle"}
 
 
@@ -142,7 +143,8 @@ def load(path, refuse) -> tuple[object, list[str]]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=mod)
     except pickle.UnpicklingError as e:
-        refuse(str(e).rpartition("GLOBAL ")[2] or None)
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        refuse(found.group(1) if found else None)
     for p in _walk(obj):
         state = p._state[0] if isinstance(p._state, tuple) and p._state else p._state
         if isinstance(state, dict) and {"_modules", "_parameters"} & set(state):
