@@ -45,7 +45,7 @@ def architecture(config: dict, where) -> str:
     found = [a for a in archs if a in known.values()] or [known[t] for t in [config.get("model_type")] if t in known and not archs]
     if not found:
         what = ", ".join(archs) or f"model_type {config.get('model_type')!r}"
-        raise InputError(f"{where}: Hugging Face {what} is not an image classifier; supported: {', '.join(SUPPORTED)} "
+        raise InputError(f"{where}: Hugging Face {what} is not supported (not an image classifier); supported: {', '.join(SUPPORTED)} "
                          "(converted), and every class AutoModelForImageClassification builds (as transformers builds it)")
     return found[0]
 
