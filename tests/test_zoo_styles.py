@@ -14,7 +14,7 @@ from compress.load import load_compressed
 from compress.pipeline import apply
 from compress.recipe import parse_recipe
 from compress.sources.common import logits_of
-from conftest import random_bn_stats
+from conftest import make_image_zip, random_bn_stats
 
 FLOOR = "needs floor30: a pass on a model with no mapped blocks (layer-level lowrank)"
 # style -> family its blocks map to (None: none recognised, the model stands on the floor)
@@ -39,12 +39,12 @@ def _jitter(model: torch.nn.Module) -> torch.nn.Module:
     return random_bn_stats(model).eval()
 
 
-def _run(tmp_path, name: str, passes: list, kwargs: dict | None = None, name_out: str = "out"):
+def _run(tmp_path, name: str, passes: list, kwargs: dict | None = None, name_out: str = "out", **extra):
     model = _jitter(getattr(zoo_models, name)(**(kwargs or {})))
     ckpt = tmp_path / "w.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt))
     recipe = {"version": 1, "model": {"arch": f"zoo_models:{name}", "kwargs": kwargs or {}, "img_size": 32},
-              "passes": passes, "report": {"latency": None}, "export": FAST}
+              "passes": passes, "report": {"latency": None}, "export": FAST, **extra}
     out = tmp_path / name_out
     return model, apply(parse_recipe(recipe), str(ckpt), out, log=lambda *_: None), out
 
@@ -106,3 +106,19 @@ def test_width_where_it_applies(tmp_path, name):
     model, rep, out = _run(tmp_path, name, [{"width": {"keep": 0.5, "multiple": 4}}])
     assert rep["summary"]["flops"]["student"] < rep["summary"]["flops"]["teacher"]
     assert rep["artifacts"]["onnx"]["parity"]["rel_diff"] <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["tuple_output", "dict_output"])
+def test_logits_everywhere_calibration_distillation_evaluation(tmp_path, name):
+    """A forward returning (logits, features) or {'logits', 'features'}: every stage reads the logits alone."""
+    data = make_image_zip(tmp_path / "images.zip", classes=5, per_class=4, size=32, corrupt=0)
+    model, rep, out = _run(tmp_path, name, [{"lowrank": {"rank": 0.5}}], calibration={"data": str(data)},
+                           distill={"data": str(data), "steps": 2, "batch_size": 4, "workers": 0, "checkpoint_every": None,
+                                    "device": "cpu"},
+                           report={"latency": None, "eval_data": str(data)})
+    assert "images.zip" in rep["calibration"] and rep["summary"]["eval"]["images"] == 20
+    assert rep["distill"]["steps"] == 2 and len(rep["distill"]["loss_history"]) == 2
+    assert [o.name for o in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.output] == ["logits"]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert load_compressed(out)(x).shape == (2, 5)
