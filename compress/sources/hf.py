@@ -35,6 +35,14 @@ def transformers():
     return tf
 
 
+def from_pretrained(arch: str, folder: Path) -> torch.nn.Module:
+    """`arch` from `folder` in float32, as we compute, whatever dtype it was saved in (transformers 5 keeps the saved
+    dtype by default, and calls the argument `dtype`; 4.x `torch_dtype`)."""
+    tf = transformers()
+    key = "dtype" if int(tf.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    return getattr(tf, arch).from_pretrained(str(folder), **{key: torch.float32}).float().eval()
+
+
 def architecture(config: dict, where) -> str:
     archs = config.get("architectures") or []
     found = [a for a in archs if a in SUPPORTED]
@@ -160,7 +168,7 @@ def read(folder: Path, config: dict, weights: Path, sd: dict) -> Converted:
     model = build(base)
     fit(model, timm_sd, f"the timm form of {arch} ({base['name']} {base['kwargs']})", weights)
     pcfg = _pretrained_cfg(folder, arch, config)
-    original = getattr(transformers(), arch).from_pretrained(str(folder), dtype=torch.float32).eval()  # as we compute
+    original = from_pretrained(arch, folder)  # like with like: the conversion is in float32 too
     diff = check_same(original, model, pcfg["input_size"], f"{folder}: {arch} -> timm {base['name']}")
     source = {"read_as": f"hf:{arch}", "converted": f"weights renamed into timm {base['name']} {base['kwargs']}"
               f"{' + ' + str(base['fixups']) if base['fixups'] else ''}; max |Δlogit| {diff:.1e} of the scale on random input"}
@@ -193,7 +201,7 @@ def _save_back(student, out: Path, x, tol: float, *, folder: Path, arch: str, ba
     config = read_json(folder / "config.json", "repair it")
     config.update({k: "float32" for k in ("dtype", "torch_dtype") if k in config})  # the weights written are float32
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    again = getattr(transformers(), arch).from_pretrained(str(out), dtype=torch.float32).eval()
+    again = from_pretrained(arch, out)
     with torch.no_grad():
         d = rel_diff(logits_of(student(x)), logits_of(again(x)))
     if not d <= tol:

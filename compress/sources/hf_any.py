@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from ..adapters.user import UserAdapter
@@ -46,12 +45,11 @@ def _side(config: dict) -> int:
 
 def read(folder: Path, config: dict, arch: str, pcfg: dict) -> Converted:
     """The directory as transformers loads it, in float32."""
-    from .hf import transformers
+    from .hf import from_pretrained, transformers
 
-    tf = transformers()
-    cls = _cls(tf, arch)
+    _cls(transformers(), arch)
     try:
-        model = cls.from_pretrained(str(folder), dtype=torch.float32).float().eval()
+        model = from_pretrained(arch, folder)
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         raise InputError(f"{folder}: transformers could not load it as {arch} ({str(e).strip().splitlines()[0][:200]}); "
                          "check that the directory is complete") from None
