@@ -96,9 +96,9 @@ def _load(ckpt: str, spec: ModelSpec | None = None) -> Loaded:
     key = spec.weights_key if spec is not None else None
     sharded = weights.name in SHARD_INDEXES
     sd, read_info = (checkpoint.read_sharded if sharded else checkpoint.read)(weights, key)
-    size = (sum(f.stat().st_size for f in {weights.parent / n for n in read_json(weights, "")["weight_map"].values()})
-            if sharded else weights.stat().st_size)
-    info = {"path": str(path), "weights": str(weights), "bytes": size, "checkpoint": read_info,
+    nbytes = (sum(f.stat().st_size for f in {weights.parent / n for n in read_json(weights, "")["weight_map"].values()})
+              if sharded else weights.stat().st_size)
+    info = {"path": str(path), "weights": str(weights), "bytes": nbytes, "checkpoint": read_info,
             "read": checkpoint.describe(read_info)}
     if config is not None and "architecture" not in config:  # a Hugging Face directory: its config says the rest
         size = spec.img_size if spec is not None else None  # a convnet's input size, where no preprocessor config says it
