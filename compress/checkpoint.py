@@ -3,7 +3,6 @@ prefixes and fill what older PyTorch versions did not save. Never executes pickl
 from __future__ import annotations
 
 import pickle
-import re
 import struct
 import zipfile
 from pathlib import Path
@@ -12,7 +11,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .errors import InputError
+from . import unpickle
+from .errors import InputError, read_json
 
 # Containers a training script wraps its weights in, by what they hold; the plain weights win over EMA ones
 # unless the recipe says `model.weights_key`.
@@ -38,7 +38,7 @@ def sniff(path: Path) -> str:
                      f"pickle; it starts with {head[:8]!r}); pass the weights file itself")
 
 
-def _numpy_globals() -> list:
+def numpy_globals() -> list:
     """Numpy scalars and arrays that training scripts store beside the weights (`best_acc: np.float64`).
 
     Rebuilding them calls no user code (numpy's own constructors), so `weights_only` may allow them.
@@ -60,24 +60,31 @@ def _read_safetensors(path: Path) -> dict:
         return load_file(str(path))
 
 
-def _load(path: Path, fmt: str):
+def _load(path: Path, fmt: str) -> tuple[object, list[str]]:
+    """(the file's content, classes that became inert placeholders): tensors and plain values through torch's
+    weights_only reader; a checkpoint that also carries a run's config objects through `unpickle` (no code runs)."""
     if fmt == "safetensors":
         try:
-            return _read_safetensors(path)
+            return _read_safetensors(path), []
         except (SafetensorError, OSError, ValueError) as e:
             raise InputError(f"cannot read {path}: not a valid safetensors file, truncated or corrupt ({e}); "
                              "re-export or re-download it") from None
-    try:
-        with torch.serialization.safe_globals(_numpy_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        what = f" (it references {found.group(1)})" if found else ""
+
+    def refuse(name: str | None):
+        what = f" (it references {name})" if name else ""
         raise InputError(f"refusing to load {path}: it holds pickled Python objects beyond tensors, which could run "
                          f"code{what}; re-save it as a plain state dict or as .safetensors") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, struct.error) as e:
+
+    try:
+        try:
+            with torch.serialization.safe_globals(numpy_globals()):
+                return torch.load(path, map_location="cpu", weights_only=True), []
+        except pickle.UnpicklingError:  # a global torch does not know: the restricted reader names it or keeps it inert
+            return unpickle.load(path, refuse)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, struct.error, pickle.UnpicklingError,
+            AttributeError, IndexError, TypeError) as e:
         raise InputError(f"cannot read {path}: truncated or not a PyTorch checkpoint "
-                         f"({str(e).strip().splitlines()[0][:160]}); re-export it") from None
+                         f"({str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__}); re-export it") from None
 
 
 def _is_sd(d) -> bool:
@@ -153,14 +160,59 @@ def fill_batch_counts(sd: dict) -> tuple[dict, list[str]]:
     return out, missing
 
 
-def read(path: Path, weights_key: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
-    """(state dict, what was read and repaired, for the report's source section)."""
+def to_float32(sd: dict) -> tuple[dict, str | None]:
+    """Half-precision weights as float32 (the passes, the checks and ONNX Runtime's CPU kernels compute in float32),
+    and the saved dtype(s), or None when nothing was cast."""
+    low = sorted({str(v.dtype).removeprefix("torch.") for v in sd.values() if v.dtype in (torch.float16, torch.bfloat16)})
+    if not low:
+        return sd, None
+    return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, "/".join(low)
+
+
+def _check(path: Path) -> None:
     if not path.is_file():
         raise InputError(f"checkpoint not found: {path}; check the path")
     if path.stat().st_size == 0:
         raise InputError(f"checkpoint {path} is empty (0 bytes); re-export or re-download it")
+
+
+def read(path: Path, weights_key: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """(state dict, what was read and repaired, for the report's source section)."""
+    _check(path)
     fmt = sniff(path)
-    sd, container = unwrap(_load(path, fmt), path, weights_key)
+    obj, placeholders = _load(path, fmt)
+    sd, container = unwrap(obj, path, weights_key)
+    return _finish(sd, path, {"format": fmt, "container": container}, placeholders)
+
+
+def read_sharded(index: Path, weights_key: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """A Hugging Face sharded checkpoint: the shards its index lists (`weight_map`), merged; each is read as `read` does."""
+    meta = read_json(index, "repair it or save the model again with save_pretrained")
+    wmap = meta.get("weight_map") if isinstance(meta, dict) else None
+    if not isinstance(wmap, dict) or not wmap:
+        raise InputError(f"{index}: no 'weight_map' of tensor name -> shard file; save the model again with save_pretrained")
+    sd, fmts, placeholders = {}, set(), set()
+    shards = sorted(set(wmap.values()))
+    for name in shards:
+        shard = index.parent / name
+        if not shard.is_file():
+            raise InputError(f"{index} lists shard {name}, which is not in {index.parent}; copy the whole directory")
+        _check(shard)
+        fmt = sniff(shard)
+        obj, found = _load(shard, fmt)
+        part, _ = unwrap(obj, shard, weights_key)
+        sd.update(part)
+        fmts.add(fmt)
+        placeholders.update(found)
+    listed = set(wmap) - set(sd)
+    if listed:
+        raise InputError(f"{index}: {len(listed)} tensors it lists are in none of its shards (e.g. {sorted(listed)[0]}); "
+                         "the shards do not belong to this index, save the model again")
+    info = {"format": "/".join(sorted(fmts)), "container": f"{len(shards)} shards listed in {index.name}"}
+    return _finish(sd, index, info, sorted(placeholders))
+
+
+def _finish(sd: dict, path: Path, info: dict, placeholders: list[str]) -> tuple[dict, dict]:
     sd, stripped = strip_prefixes(sd)
     repairs = [f"key prefix '{p}' removed from all {len(sd)} keys" for p in stripped]
     sd, filled = fill_batch_counts(sd)
@@ -170,13 +222,24 @@ def read(path: Path, weights_key: str | None = None) -> tuple[dict[str, torch.Te
     if filled:
         repairs.append(f"num_batches_tracked filled with 0 for {len(filled)} BatchNorm layers (saved by an older "
                        f"PyTorch; load_state_dict does the same), e.g. {filled[0].rstrip('.')}")
-    info = {"format": fmt, "container": container, "repairs": repairs}
+    sd, saved = to_float32(sd)
+    info = {**info, "repairs": repairs}
+    if saved:
+        info["dtype"] = {"saved": saved, "computed": "float32"}
+    if placeholders:  # classes beside the weights, recorded by name and never constructed
+        info["placeholders"] = placeholders
     return sd, info
 
 
 def describe(info: dict) -> str:
     """One log line for the terminal."""
-    fmt = {"safetensors": "safetensors", "torch-zip": "PyTorch zip", "torch-legacy": "legacy (pre-1.6) PyTorch"}[info["format"]]
+    names = {"safetensors": "safetensors", "torch-zip": "PyTorch zip", "torch-legacy": "legacy (pre-1.6) PyTorch"}
+    fmt = "/".join(names[f] for f in info["format"].split("/"))
     rep = "; ".join(info["repairs"])
-    return f"read {fmt} weights, {info['container']}" + (f"; repaired: {rep}" if rep else "")
-
+    line = f"read {fmt} weights, {info['container']}" + (f"; repaired: {rep}" if rep else "")
+    if info.get("placeholders"):
+        line += (f"; objects of {len(info['placeholders'])} classes beside the weights kept as inert placeholders, not "
+                 f"constructed ({', '.join(info['placeholders'][:4])}{', ...' if len(info['placeholders']) > 4 else ''})")
+    if info.get("dtype"):
+        line += f"; note: saved in {info['dtype']['saved']}, loaded and computed in float32"
+    return line

@@ -1,6 +1,7 @@
 """Writers: safetensors (with metadata) and ONNX, each verified before it gets its final name."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import warnings
@@ -210,6 +211,18 @@ def _save_proto(proto, path: Path, external: bool) -> None:
         onnx.save_model(proto, str(path))
 
 
+@contextlib.contextmanager
+def no_fastpath():
+    """torch's nn.TransformerEncoder / nn.MultiheadAttention run a fused native op in eval (`_transformer_encoder_layer_fwd`,
+    `_native_multi_head_attention`) that no ONNX exporter knows; their plain path is the same maths, so export that."""
+    was = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(was)
+
+
 def write_onnx(model: nn.Module, path: Path, calib: torch.Tensor, *, opset: int, dynamic_batch: bool,
                tol: float, slim: bool | str = False, threads: int = 2, external_above: int = EXTERNAL_ABOVE,
                check: bool = True, old=None, ref: torch.Tensor | None = None, lean: bool = False) -> dict:
@@ -225,9 +238,10 @@ def write_onnx(model: nn.Module, path: Path, calib: torch.Tensor, *, opset: int,
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
     try:
-        return _write_onnx(model, path, work / path.name, calib, opset=opset, dynamic_batch=dynamic_batch, tol=tol,
-                           slim=slim if check else False, threads=threads, external_above=external_above, check=check, old=old,
-                           ref=ref, lean=lean)
+        with no_fastpath():
+            return _write_onnx(model, path, work / path.name, calib, opset=opset, dynamic_batch=dynamic_batch, tol=tol,
+                               slim=slim if check else False, threads=threads, external_above=external_above, check=check,
+                               old=old, ref=ref, lean=lean)
     finally:
         shutil.rmtree(work, ignore_errors=True)
         release()

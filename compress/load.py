@@ -30,6 +30,7 @@ from .recipe import ModelSpec, parse_recipe
 from .registry import PassContext, get_pass
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pth", "model.pt")
+SHARD_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")  # save_pretrained's sharded forms
 
 
 @dataclass
@@ -101,13 +102,18 @@ def _load(ckpt: str, spec: ModelSpec | None = None) -> Loaded:
     config = None
     if path.is_dir():
         config = _read_config(path)
-        weights = next((path / n for n in WEIGHT_FILES if (path / n).is_file()), None)
+        weights = next((path / n for n in (*WEIGHT_FILES, *SHARD_INDEXES) if (path / n).is_file()), None)
         if weights is None:
-            raise InputError(f"{path}: no weights file ({', '.join(WEIGHT_FILES)})")
+            raise InputError(f"{path}: no weights file ({', '.join(WEIGHT_FILES)}) and no shard index "
+                             f"({', '.join(SHARD_INDEXES)})")
     else:
         weights = path  # any name: the content says the format
-    sd, read_info = checkpoint.read(weights, spec.weights_key if spec is not None else None)
-    info = {"path": str(path), "weights": str(weights), "bytes": weights.stat().st_size, "checkpoint": read_info,
+    key = spec.weights_key if spec is not None else None
+    sharded = weights.name in SHARD_INDEXES
+    sd, read_info = (checkpoint.read_sharded if sharded else checkpoint.read)(weights, key)
+    nbytes = (sum(f.stat().st_size for f in {weights.parent / n for n in read_json(weights, "")["weight_map"].values()})
+              if sharded else weights.stat().st_size)
+    info = {"path": str(path), "weights": str(weights), "bytes": nbytes, "checkpoint": read_info,
             "read": checkpoint.describe(read_info)}
     if config is not None and "architecture" not in config:  # a Hugging Face directory: its config says the rest
         size = spec.img_size if spec is not None else None  # a convnet's input size, where no preprocessor config says it

@@ -11,5 +11,9 @@ def rebuild(base: dict) -> tuple[nn.Module, object]:
 
     if base.get("builder") == "user":
         return user.rebuild(base)
+    if base.get("builder") == "hf":
+        from . import hf_any
+
+        return hf_any.rebuild(base)
     model = timm_src.build(base)
     return model, detect(model)

@@ -85,14 +85,48 @@ def split_qkv(sd: dict) -> dict:
 
 
 def logits_of(out) -> torch.Tensor:
-    """The logits of a model output: a tensor, a transformers output (.logits), or the first of a tuple."""
+    """The logits of a model output: a tensor, a transformers output or a dict (`logits`), or the first of a tuple/list."""
     if isinstance(out, torch.Tensor):
         return out
-    if hasattr(out, "logits"):
+    if isinstance(out, dict) and isinstance(out.get("logits"), torch.Tensor):  # a dict or a transformers ModelOutput
+        return out["logits"]
+    if isinstance(getattr(out, "logits", None), torch.Tensor):
         return out.logits
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
         return out[0]
-    raise InputError(f"the model returned {type(out).__name__}, not a tensor of logits; wrap it to return logits")
+    kind = f"dict with keys {', '.join(map(str, list(out)[:6]))}" if isinstance(out, dict) else type(out).__name__
+    raise InputError(f"the model returned a {kind}, not a tensor of logits (nor a tuple/list starting with one, nor "
+                     "a dict or output with 'logits'); make its forward return the logits")
+
+
+class LogitsOnly(nn.Module):
+    """A model whose forward returns more than the logits, reduced to them: calibration, distillation, evaluation and
+    export then see one tensor, and the ONNX file has one output. Its weights are the wrapped model's ('model.' + key)."""
+
+    def __init__(self, model: nn.Module, returns: str):
+        super().__init__()
+        self.model, self.returns = model, returns  # `returns` says what the original forward gave, for the report
+
+    def forward(self, x):
+        return logits_of(self.model(x))
+
+
+def returns_of(model: nn.Module, input_size) -> str | None:
+    """What the model's forward returns on a probe batch, when that is not a plain tensor (None when it is)."""
+    with torch.no_grad():
+        out = model.eval()(random_input(input_size, batch=1))
+    if isinstance(out, torch.Tensor):
+        return None
+    logits_of(out)  # anything without logits in it is refused here, in one line
+    if isinstance(out, dict) or hasattr(out, "logits"):
+        return f"{type(out).__name__} with 'logits'"
+    return f"{type(out).__name__} of {len(out)}, logits first"
+
+
+def logits_only(model: nn.Module, input_size) -> nn.Module:
+    """`model` itself when its forward returns a tensor, else wrapped in LogitsOnly (done once, at load time)."""
+    returns = returns_of(model, input_size)
+    return model if returns is None else LogitsOnly(model, returns).eval()
 
 
 def rel_diff(ref: torch.Tensor, got: torch.Tensor) -> float:

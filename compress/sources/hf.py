@@ -6,6 +6,7 @@ is imported only here, when an HF checkpoint is read (it takes seconds).
 """
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from safetensors.torch import save_file
 
 from ..errors import InputError, VerificationError, read_json
 from .common import Converted, check_same, fit, logits_of, merge_qkv, rel_diff, rename, split_qkv
+from . import hf_any
 from .timm_src import build
 
 VIT = {"ViTForImageClassification": ("vit", None, "vit_base_patch16_224"),
@@ -33,12 +35,26 @@ def transformers():
     return tf
 
 
+def from_pretrained(arch: str, folder: Path) -> torch.nn.Module:
+    """`arch` from `folder` in float32, as we compute, whatever dtype it was saved in (transformers 5 keeps the saved
+    dtype by default, and calls the argument `dtype`; 4.x `torch_dtype`)."""
+    tf = transformers()
+    key = "dtype" if int(tf.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    return getattr(tf, arch).from_pretrained(str(folder), **{key: torch.float32}).float().eval()
+
+
 def architecture(config: dict, where) -> str:
     archs = config.get("architectures") or []
     found = [a for a in archs if a in SUPPORTED]
+    if found:
+        return found[0]
+    transformers()  # the missing package is named first
+    known = hf_any.classes()
+    found = [a for a in archs if a in known.values()] or [known[t] for t in [config.get("model_type")] if t in known and not archs]
     if not found:
         what = ", ".join(archs) or f"model_type {config.get('model_type')!r}"
-        raise InputError(f"{where}: Hugging Face {what} is not supported; supported: {', '.join(SUPPORTED)}")
+        raise InputError(f"{where}: Hugging Face {what} is not supported (not an image classifier); supported: {', '.join(SUPPORTED)} "
+                         "(converted), and every class AutoModelForImageClassification builds (as transformers builds it)")
     return found[0]
 
 
@@ -140,6 +156,8 @@ def _pretrained_cfg(folder: Path, arch: str, c: dict) -> dict:
 def read(folder: Path, config: dict, weights: Path, sd: dict) -> Converted:
     """An HF directory -> its timm equivalent, checked against transformers on random input."""
     arch = architecture(config, folder / "config.json")
+    if arch not in SUPPORTED:
+        return hf_any.read(folder, config, arch, _pretrained_cfg(folder, arch, config))
     if arch in VIT:
         prefix, token, _ = VIT[arch]
         renamed, origin = rename(sd, _vit_rules(prefix, token), f"Hugging Face {arch}", weights)
@@ -150,7 +168,7 @@ def read(folder: Path, config: dict, weights: Path, sd: dict) -> Converted:
     model = build(base)
     fit(model, timm_sd, f"the timm form of {arch} ({base['name']} {base['kwargs']})", weights)
     pcfg = _pretrained_cfg(folder, arch, config)
-    original = getattr(transformers(), arch).from_pretrained(str(folder)).eval()
+    original = from_pretrained(arch, folder)  # like with like: the conversion is in float32 too
     diff = check_same(original, model, pcfg["input_size"], f"{folder}: {arch} -> timm {base['name']}")
     source = {"read_as": f"hf:{arch}", "converted": f"weights renamed into timm {base['name']} {base['kwargs']}"
               f"{' + ' + str(base['fixups']) if base['fixups'] else ''}; max |Δlogit| {diff:.1e} of the scale on random input"}
@@ -178,10 +196,12 @@ def _save_back(student, out: Path, x, tol: float, *, folder: Path, arch: str, ba
         return {"format": f"hf:{arch}", "skipped": f"the passes changed the structure ({what}); model.safetensors + model.onnx hold the result"}
     out.mkdir()
     save_file(hf, str(out / "model.safetensors"), metadata={"format": "pt"})
-    for name in ("config.json", "preprocessor_config.json"):
-        if (folder / name).is_file():
-            shutil.copyfile(folder / name, out / name)
-    again = getattr(transformers(), arch).from_pretrained(str(out)).eval()
+    if (folder / "preprocessor_config.json").is_file():
+        shutil.copyfile(folder / "preprocessor_config.json", out / "preprocessor_config.json")
+    config = read_json(folder / "config.json", "repair it")
+    config.update({k: "float32" for k in ("dtype", "torch_dtype") if k in config})  # the weights written are float32
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    again = from_pretrained(arch, out)
     with torch.no_grad():
         d = rel_diff(logits_of(student(x)), logits_of(again(x)))
     if not d <= tol:

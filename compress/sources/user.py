@@ -21,7 +21,7 @@ from torch import nn
 from ..adapters.base import set_module
 from ..adapters.user import UserAdapter
 from ..errors import InputError, VerificationError
-from .common import CONVERT_TOL, Converted, check_same, fit, random_input, rel_diff
+from .common import CONVERT_TOL, Converted, LogitsOnly, check_same, fit, logits_of, logits_only, random_input, rel_diff
 from .user_blocks import fit_vit_block, res_block, res_parts, vit_block, vit_parts
 
 
@@ -99,9 +99,27 @@ def _find(model: nn.Module):
     return "resnet", res
 
 
+NOT_CALLED = "the model never calls the block itself (its forward calls the block's parts)"
+
+
+def _block_diff(blk: nn.Module, new: nn.Module, x: torch.Tensor) -> float | str:
+    """How far the mapped block is from yours on its real input, or why it cannot even run in its place (a shortcut
+    computed in forward that changes the shape, a block that takes more than one input or returns more than one)."""
+    try:
+        with torch.no_grad():
+            ref, got = blk(x), new(x)
+    except Exception as e:  # noqa: BLE001 - any failure of the stand-in means: leave your block as it is
+        return f"the mapped form does not run in its place: {type(e).__name__}: {str(e).strip()[:80]}"
+    if not isinstance(ref, torch.Tensor):
+        return f"it returns a {type(ref).__name__}, not a tensor"
+    return rel_diff(ref, got)
+
+
 def convert(model: nn.Module, arch: str, input_size, choices: dict | None = None) -> tuple[UserAdapter, dict]:
     """Convert recognised blocks in place (search and verify, or replay recorded `choices`)."""
     family, found = _find(model)
+    if choices is not None and choices.get("family") is None:  # the original run left every block as written
+        family, found = None, {}
     if family is None:  # it still loads, exports and distills; only the passes that rewrite blocks refuse it
         kinds = sorted({type(m).__name__ for m in model.modules()} - {"Sequential", "ModuleList", "ModuleDict"})
         unmapped = [f"{n} ({why})" for n, why in (found or {}).items()]
@@ -122,7 +140,7 @@ def convert(model: nn.Module, arch: str, input_size, choices: dict | None = None
                 how = choices["blocks"][names[i]]
                 new = vit_block(p, **how)
             else:
-                got = fit_vit_block(blocks[i], xs[names[i]], p)
+                got = fit_vit_block(blocks[i], xs[names[i]], p) if names[i] in xs else NOT_CALLED
                 if isinstance(got, str):
                     unmapped.append(f"{names[i]} ({got})")
                     continue
@@ -135,8 +153,10 @@ def convert(model: nn.Module, arch: str, input_size, choices: dict | None = None
         for n, p in found.items():
             new = res_block(p)
             if choices is None:
-                with torch.no_grad():
-                    d = rel_diff(model.get_submodule(n)(xs[n]), new(xs[n]))
+                d = _block_diff(model.get_submodule(n), new, xs[n]) if n in xs else NOT_CALLED
+                if isinstance(d, str):
+                    unmapped.append(f"{n} ({d})")
+                    continue
                 if not d <= CONVERT_TOL:
                     unmapped.append(f"{n} (differs from conv-BN-ReLU ... + shortcut, then ReLU, by {d:.1e})")
                     continue
@@ -153,10 +173,23 @@ def read(arch: str, kwargs: dict, num_classes, img_size, sd: dict, weights) -> C
     model = make(arch, kwargs, num_classes)
     fit(model, sd, f"{arch}({kwargs or ''})", weights)
     size = _input_size(model, img_size)
-    original = copy.deepcopy(model)
     before = {id(t): (k, t) for k, t in model.state_dict(keep_vars=True).items()}  # t kept alive: ids stay unique
+    model = logits_only(model, size)  # your keys stay in `before`: the save-back writes them without the wrapper
+    returns = model.returns if isinstance(model, LogitsOnly) else None
+    original = copy.deepcopy(model)
     adapter, record = convert(model, arch, size)
-    diff = check_same(original, model, size, f"model.arch '{arch}'")
+    try:
+        diff = check_same(original, model, size, f"model.arch '{arch}'")
+    except Exception as e:  # noqa: BLE001 - each block matched alone, the whole does not (its forward reads them otherwise)
+        model = copy.deepcopy(original)
+        kinds = sorted({type(m).__name__ for m in model.modules()} - {"Sequential", "ModuleList", "ModuleDict"})
+        why = (str(e).partition(": the converted model ")[2].partition(" on random input")[0] if isinstance(e, InputError)
+               else f"fails: {type(e).__name__}: {str(e).strip()[:80]}")
+        record = {"family": None, "blocks": {}, "unmapped": [f"all blocks (converted, the whole model {why})"],
+                  "tokens": None, "input_size": list(size), "module_types": kinds}
+        adapter = UserAdapter("other", [], record["unmapped"], size, None)
+        before = {id(t): (k.removeprefix("model.") if returns else k, t) for k, t in model.state_dict(keep_vars=True).items()}
+        diff = 0.0
     back = _origin(model, before)
     note = (f"blocks {', '.join(record['unmapped'])} could not be mapped; passes that rewrite {record['family']} blocks "
             "cannot run on this model" if record["unmapped"] else None)
@@ -167,10 +200,10 @@ def read(arch: str, kwargs: dict, num_classes, img_size, sd: dict, weights) -> C
                 + "); it loads, exports and distills, but passes that rewrite blocks cannot run on it")
     converted = (f"{len(adapter.blocks)} {record['family']} blocks converted in place, each checked on its real input; "
                  f"whole model max |Δlogit| {diff:.1e} of the scale" if record["family"] else None)
-    source = {"read_as": f"user:{arch}", "converted": converted,
-              "note": note, "unmapped": record["unmapped"]}
+    source = {"read_as": f"user:{arch}", "converted": converted, "note": note, "unmapped": record["unmapped"],
+              "output": f"forward returns a {returns}; the logits are taken everywhere (one ONNX output)" if returns else None}
     args = {**kwargs, **({"num_classes": num_classes} if num_classes else {})}
-    base = {"builder": "user", "arch": arch, "kwargs": args, "conversion": record}
+    base = {"builder": "user", "arch": arch, "kwargs": args, "conversion": record, **({"returns": returns} if returns else {})}
     shapes = {k: tuple(v.shape) for k, v in sd.items()}
 
     def save_back(student, staging, x, tol: float) -> dict:
@@ -181,15 +214,22 @@ def read(arch: str, kwargs: dict, num_classes, img_size, sd: dict, weights) -> C
                      save_back, adapter)
 
 
-def _origin(model: nn.Module, before: dict) -> dict[str, tuple[str, int, int]]:
-    """Converted key -> (your key, part index, parts): reused tensors map 1:1, split q/k/v to a third of theirs."""
-    back = {k: (before[id(t)][0], 0, 1) for k, t in model.state_dict(keep_vars=True).items() if id(t) in before}
+def _origin(model: nn.Module, before: dict) -> dict[str, list[tuple[str, int, int, int, int]]]:
+    """Converted key -> [(your key, part index, parts, chunk, chunks)]: chunk j of `chunks` of the converted tensor is
+    part i of `parts` of yours. Reused tensors map 1:1, a split q/k/v to a third of your fused one, a q/k/v built
+    from per-head Linears to all of them."""
+    back = {k: [(before[id(t)][0], 0, 1, 0, 1)] for k, t in model.state_dict(keep_vars=True).items() if id(t) in before}
     for n, m in model.named_modules():
         src = getattr(m, "split_from", None)
         if src is not None:
-            back[f"{n}.weight"] = (before[src[0]][0], src[2], src[3])
+            back[f"{n}.weight"] = [(before[src[0]][0], src[2], src[3], 0, 1)]
             if src[1] is not None:
-                back[f"{n}.bias"] = (before[src[1]][0], src[2], src[3])
+                back[f"{n}.bias"] = [(before[src[1]][0], src[2], src[3], 0, 1)]
+        cat = getattr(m, "concat_from", None)
+        if cat is not None:
+            back[f"{n}.weight"] = [(before[w][0], 0, 1, j, len(cat)) for j, (w, _) in enumerate(cat)]
+            if cat[0][1] is not None:
+                back[f"{n}.bias"] = [(before[b][0], 0, 1, j, len(cat)) for j, (_, b) in enumerate(cat)]
     return back
 
 
@@ -199,9 +239,8 @@ def _save_back(student, staging, x, tol: float, *, arch: str, kwargs: dict, back
     why = next((f"{k} has no place in {arch}" for k in sd if k not in back), None)
     parts: dict[str, list] = {}
     for k, v in sd.items():
-        if k in back:
-            old, i, n = back[k]
-            parts.setdefault(old, [None] * n)[i] = v.detach()
+        for old, i, n, j, m in back.get(k, []):
+            parts.setdefault(old, [None] * n)[i] = v.detach().chunk(m)[j] if m > 1 else v.detach()
     if why is None and (set(parts) != set(shapes) or any(p is None for ps in parts.values() for p in ps)):
         why = f"{sorted(set(shapes) - set(parts))[:1] or 'a part'} was removed"
     out = {k: (torch.cat(ps) if len(ps) > 1 else ps[0]).contiguous() for k, ps in parts.items()} if why is None else {}
@@ -213,7 +252,7 @@ def _save_back(student, staging, x, tol: float, *, arch: str, kwargs: dict, back
     fresh = make(arch, kwargs)
     fresh.load_state_dict(out, strict=True)
     with torch.no_grad():
-        d = rel_diff(student(x), fresh(x))
+        d = rel_diff(logits_of(student(x)), logits_of(fresh(x)))
     if not d <= tol:
         raise VerificationError(f"{arch} with the student's weights differs by {d:.2e} of the logit scale "
                                 f"(tolerance {tol:.0e}); not written")
@@ -226,6 +265,8 @@ def _save_back(student, staging, x, tol: float, *, arch: str, kwargs: dict, back
 def rebuild(base: dict) -> tuple[nn.Module, UserAdapter]:
     """The converted structure for load_compressed: factory, then the recorded conversion choices."""
     model = make(base["arch"], base["kwargs"])
+    if base.get("returns"):
+        model = LogitsOnly(model, base["returns"])
     rec = base["conversion"]
     adapter, _ = convert(model, base["arch"], tuple(rec["input_size"]), choices=rec)
     adapter.unmapped = rec["unmapped"]

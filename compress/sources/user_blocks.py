@@ -29,6 +29,34 @@ def split(w: torch.Tensor, b, parts: int) -> list[nn.Linear]:
     return out
 
 
+def concat(lins: list[nn.Linear]) -> nn.Linear:
+    """One Linear whose outputs are those of `lins` in order (per-head projections -> one q, k or v)."""
+    w = torch.cat([l.weight.detach() for l in lins])
+    b = torch.cat([l.bias.detach() for l in lins]) if all(l.bias is not None for l in lins) else None
+    if b is None and any(l.bias is not None for l in lins):
+        return None
+    out = nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
+    out.concat_from = [(id(l.weight), id(l.bias) if l.bias is not None else None) for l in lins]  # for saving back
+    out.weight.data.copy_(w)
+    if b is not None:
+        out.bias.data.copy_(b)
+    return out
+
+
+def per_head_parts(m: nn.Module, d: int):
+    """(q, k, v, proj, heads) of an attention written as a list of heads, each with its own q, k, v Linears."""
+    heads = next((c for c in m.children() if isinstance(c, nn.ModuleList) and len(c)), None)
+    proj = [c for c in m.children() if isinstance(c, nn.Linear) and c.in_features == d == c.out_features]
+    if heads is None or len(proj) != 1:
+        return None
+    per = [[c for c in h.children() if isinstance(c, nn.Linear)] for h in heads]
+    hd = d // len(heads)
+    if hd * len(heads) != d or any(len(p) != 3 or any(l.in_features != d or l.out_features != hd for l in p) for p in per):
+        return None
+    q, k, v = (concat([p[i] for p in per]) for i in range(3))
+    return (q, k, v, proj[0], len(heads)) if None not in (q, k, v) else None
+
+
 def attention_parts(m: nn.Module, d: int):
     """(q, k, v, proj, heads or None) of an attention module, or None if it does not look like one."""
     mha = m if isinstance(m, nn.MultiheadAttention) else next((c for c in m.children() if isinstance(c, nn.MultiheadAttention)), None)
@@ -43,7 +71,7 @@ def attention_parts(m: nn.Module, d: int):
     if len(lins) == 4 and len(square) == 4:  # q, k, v, out in the order they were defined
         return (*split(square[0].weight, square[0].bias, 1), *split(square[1].weight, square[1].bias, 1),
                 *split(square[2].weight, square[2].bias, 1), square[3], heads)
-    return None
+    return per_head_parts(m, d)
 
 
 def vit_parts(blk: nn.Module):
@@ -76,8 +104,15 @@ def fit_vit_block(blk, x, parts) -> tuple[ViTBlock, dict] | str:
     given = parts[2][4]
     heads = [given] if given else [h for h in range(1, d + 1) if d % h == 0]
     best = (float("inf"), None, None)
+    try:
+        with torch.no_grad():
+            ref = blk(x)
+    except Exception as e:  # noqa: BLE001 - a block that needs more than its first input: leave it as it is
+        return f"it does not run on its first input alone ({type(e).__name__})"
+    if not isinstance(ref, torch.Tensor) or ref.shape != x.shape:
+        return f"it returns {type(ref).__name__ if not isinstance(ref, torch.Tensor) else 'another shape'}, not a tensor like its input"
+    ref = ref - x  # compare what the block adds: the residual would hide small differences
     with torch.no_grad():
-        ref = blk(x) - x  # compare what the block adds: the residual would hide small differences
         for h in heads:
             for act in ACTS:  # the closest candidate wins: gelu and its tanh form differ only slightly
                 new = vit_block(parts, h, act)
