@@ -170,7 +170,7 @@ def plan(recipe: Path = typer.Argument(..., help="recipe YAML with a target: sec
         calib_path = data if data is not None else r.calibration.data
         calib, holdout = calibration_pair(calib_path, loaded.data_cfg, r.calibration)
         log = (lambda m: print(m, file=sys.stderr)) if as_json else print
-        result = run_plan(loaded, r, calib, log, holdout=holdout)
+        result = run_plan(loaded, r, calib, log, holdout=holdout, real=calib_path is not None)
         chosen = planned_recipe(r, result, result["choice"])
         write_text_atomic(out, yaml.safe_dump(chosen, sort_keys=False))
         kept = summary(result)

@@ -184,8 +184,9 @@ class TargetSpec(_Strict):
     size_mb: Optional[PositiveFloat] = Field(None, description="size of the ONNX file that ships, in MB (1e6 bytes)")
     max_top1_drop: Optional[Annotated[float, Field(ge=0)]] = Field(
         None, description="percentage points after distillation (a gate; needs report.eval_data)")
-    variants: list[Literal["fp32", "int8_dynamic"]] = Field(
-        default_factory=lambda: ["fp32", "int8_dynamic"], min_length=1, description="export variants the plan may ship")
+    variants: list[Literal["fp32", "int8_dynamic", "int8_static"]] = Field(
+        default_factory=lambda: ["fp32", "int8_dynamic", "int8_static"], min_length=1,
+        description="export variants the plan may ship (int8_static only with real calibration images)")
     attempts: PositiveInt = Field(1, description="candidates tried in turn when the accuracy gate is missed")
 
     @model_validator(mode="after")
