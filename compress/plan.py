@@ -652,6 +652,8 @@ def planned_recipe(recipe: Recipe, result: dict, index: int) -> dict:
     d = recipe.resolved()
     d.pop("target", None)
     d["passes"] = d["passes"] + row["passes"]
+    if not d["passes"]:  # the teacher's own int8 file: nothing was rewritten, so nothing to distil back
+        d["distill"] = None
     g = d["gates"]
     if row["variant"] != "fp32":
         d["export"]["quantize"] = sorted({*d["export"]["quantize"], row["variant"]})

@@ -367,3 +367,24 @@ def test_the_choice_is_timed_again_as_the_gate_will_and_dropped_when_it_does_not
     assert kept == [False, True]
     assert rows[0]["confirm"]["speedup"]["8"] == pytest.approx(1.40) and rows[1]["confirm"]["speedup"]["8"] == pytest.approx(1.60)
     assert len(said) == 1 and "1.40x at batch 8 when timed again" in said[0]
+
+
+def test_int8_static_is_a_default_variant_planned_only_with_real_calibration_images(deep_vit):
+    """Every target may ship static int8 by default; on random calibration inputs (which the pipeline refuses to
+    calibrate it on) the planner leaves it out and says why. The teacher's own int8_static file as the plan
+    adds the variant to the export and gates it, and distils nothing (nothing was rewritten)."""
+    r = parse_recipe(_recipe("{speedup: 0.5, batch: 2}"))  # the teacher meets it: only the teacher is timed
+    assert r.target.variants == ["fp32", "int8_dynamic", "int8_static"]
+    loaded = load(str(deep_vit))
+    calib, holdout = calibration_pair(None, loaded.data_cfg, r.calibration)
+    said = []
+    plan(loaded, r, calib, log=said.append, holdout=holdout)
+    assert any("int8_static is not planned: it calibrates on real images" in m for m in said)
+    said.clear()
+    plan(loaded, r, calib, log=said.append, holdout=holdout, real=True)
+    assert not any("int8_static is not planned" in m for m in said)
+    with_distill = parse_recipe({**_recipe("{speedup: 2.0, batch: 8}"), "distill": {"steps": 3}})
+    row = {"passes": [], "variant": "int8_static"}
+    d = planned_recipe(with_distill, {"rows": [row], "teacher": {"p50_ms": {"8": 10.0}}}, 0)
+    assert d["distill"] is None and "int8_static" in d["export"]["quantize"] and d["gates"]["variant"] == "int8_static"
+    assert d["gates"]["min_speedup"] == 2.0 and parse_recipe(d).target is None

@@ -102,3 +102,47 @@ def test_images_to_resolve_is_given_when_the_interval_straddles_the_bound():
     assert need == int(np.ceil(1000 * (1.2 / 0.5) ** 2))  # the half-width 1.2 shrunk to the 0.5 margin
     assert images_to_resolve({**ci, "hi": 0.9}, 1.0) is None  # already below the bound
     assert images_to_resolve({**ci, "lo": 1.1, "drop": 1.5, "hi": 2}, 1.0) is None  # already above it
+
+
+def test_the_accuracy_gate_holds_on_the_upper_end_unless_point():
+    """A 0.5 pt drop on 1,000 images with 6% of predictions changed passes a 1.0 pt gate as a point, not as an
+    interval (its upper end is ~1.9 pt); the record says the interval and how many images would settle it."""
+    from compress.accuracy import accuracy_gate, gate_basis
+
+    ci = drop_interval(*_preds(1000, 0.84, 32, 27))
+    assert ci["drop"] == pytest.approx(0.5) and ci["hi"] > 1.0
+    point = accuracy_gate("max_top1_drop (points)", 1.0, "point", ci)
+    interval = accuracy_gate("max_top1_drop (points)", 1.0, "interval", ci)
+    assert point["ok"] and point["measured"] == pytest.approx(0.5)
+    assert not interval["ok"] and interval["measured"] == ci["hi"] and interval["interval"] == [ci["lo"], ci["hi"]]
+    assert interval["images_to_resolve"] == images_to_resolve(ci, 1.0) > 1000
+    text = gate_basis(interval)
+    assert "upper end of the 95% paired interval" in text and f"{interval['images_to_resolve']} images" in text
+    clear = accuracy_gate("max_top1_drop (points)", 5.0, "interval", ci)
+    assert clear["ok"] and "images_to_resolve" not in clear
+    assert gate_basis({"gate": "min_speedup", "measured": 1.2}) == ""
+    g = parse_recipe({"version": 1, "gates": {"accuracy": "point"}}).gates
+    assert g.accuracy == "point" and parse_recipe({"version": 1}).gates.accuracy == "interval"
+
+
+def test_evaluate_reports_each_top1_and_drop_with_its_interval():
+    """evaluate() on synthetic predictions: the intervals are those of the per-image hits, paired with the teacher."""
+    import torch
+
+    from compress.metrics import evaluate
+
+    t_ok, m_ok = _preds(400, 0.8, 20, 8, seed=5)
+    y = torch.zeros(400, dtype=torch.long)
+    onehot = lambda ok: torch.nn.functional.one_hot(torch.where(torch.from_numpy(ok), 0, 1), 10).float()  # noqa: E731
+
+    class DL(list):
+        dataset = type("D", (), {"labeled": True})()
+
+    x = torch.arange(400).float()[:, None]
+    dl = DL([(x[i:i + 100], y[i:i + 100], 0) for i in range(0, 400, 100)])
+    models = {k: (lambda ok: lambda xb: onehot(ok)[xb[:, 0].long()])(ok) for k, ok in
+              (("teacher", t_ok), ("student", m_ok), ("int8_static", m_ok))}
+    ev = evaluate(models, dl)
+    assert ev["teacher_top1"] == pytest.approx(0.8) and ev["student_top1"] == pytest.approx(0.77)
+    assert ev["intervals"]["student"]["drop"] == drop_interval(t_ok, m_ok) == ev["intervals"]["int8_static"]["drop"]
+    assert ev["intervals"]["teacher"]["top1"] == top1_interval(t_ok) and "drop" not in ev["intervals"]["teacher"]
