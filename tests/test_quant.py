@@ -64,14 +64,18 @@ def test_a_bound_the_plain_file_meets_keeps_every_layer_int8(outlier, tmp_path):
 
 
 def test_write_int8_records_the_accuracy_control(outlier, tmp_path):
-    """Through the exporter (as export.int8_max_kl does): the file is verified and the record says what stayed float."""
+    """Through the exporter (as export.int8_max_kl does): the mixed file is verified on the installed and the oldest
+    runtime (export.min_runtime 1.16, as every file) and the record says what stayed float."""
+    from compress import runtimes
+
     m, base, calib, held = outlier
     with torch.no_grad():
         ref = m(calib)
     rec = write_int8(base, tmp_path / "model.int8_static.onnx", "int8_static", ref, calib, min_agreement=0.5,
-                     threads=1, max_kl=1e-3, held=held)
+                     threads=1, max_kl=1e-3, held=held, old=runtimes.prepare("1.16"))
     ctl = rec["accuracy_control"]
     assert ctl["meets"] and ctl["kept_float"] and "note" not in rec and "QuantizeLinear" in rec["operators"]
+    assert rec["oldest_runtime"] == "1.16.3"
     from compress.report import int8_control
 
     assert "kept float: /c" in int8_control(ctl) and f"<= {1e-3:.3g}" in int8_control(ctl)
