@@ -23,6 +23,7 @@ from .export import write_int8, write_onnx
 from .metrics import count_flops, count_params, fidelity, latency, ort_predictor
 from .recipe import Recipe, parse_recipe
 from .registry import PassContext, all_passes, get_pass
+from .plan_table import describe, reach, summary, table, target_text  # noqa: F401 (table: the CLI's)
 from .stats import timing_intervals
 
 # A FLOP/param budget is met exactly: the written plan's gate restates the target, and a candidate 2% over it
@@ -361,11 +362,11 @@ def plan(loaded, recipe: Recipe, calib, log=print, cands: Candidates | None = No
     if not meeting:
         best = _best_effort(rows, t)
         if any(r.get("measured") for r in rows):
-            why = f"the best candidate measured, {describe(best)}, reaches {_reach(best, t)}"
+            why = f"the best candidate measured, {describe(best)}, reaches {reach(best, t)}"
         else:  # nothing came near it on FLOPs/params (e.g. speedup 50): say that, not a measurement
             why = (f"no candidate comes near it on FLOPs/params, so none was measured (the smallest, {describe(best)}, "
-                   f"keeps {_reach(best, t)})")
-        err = TargetError(f"target {_target_text(t)} is out of reach: {why}; relax the target or allow more variants")
+                   f"keeps {reach(best, t)})")
+        err = TargetError(f"target {target_text(t)} is out of reach: {why}; relax the target or allow more variants")
         err.plan = result
         raise err
     return result
@@ -610,36 +611,6 @@ def _best_effort(rows: list[dict], t) -> dict:
     return min(rows, key=lambda r: (r["params_ratio"] if t.params else r["flops_ratio"]))
 
 
-def _reach(r: dict, t) -> str:
-    bits = [f"FLOPs {r['flops_ratio']:.0%}", f"params {r['params_ratio']:.0%}"]
-    if "speedup" in r:
-        bits.append(f"{r['speedup'][str(t.batch)]:.2f}x at batch {t.batch}")
-    if r.get("bytes"):
-        bits.append(f"{r['bytes'] / 1e6:.2f} MB")
-    return ", ".join(bits)
-
-
-def _target_text(t) -> str:
-    keys = ("speedup", "latency_ms", "flops", "params", "size_mb")
-    return ", ".join(f"{k} {getattr(t, k)}" for k in keys if getattr(t, k) is not None) + (
-        f" (batch {t.batch})" if t.speedup or t.latency_ms else "")
-
-
-def describe(row: dict) -> str:
-    """A candidate in one short phrase: its passes and the file variant."""
-    parts = []
-    for p in row["passes"]:
-        (name, cfg), = p.items()
-        if name == "mlp_strip":
-            b = cfg["blocks"]
-            parts.append(f"strip auto {cfg['fraction']}" if b == "auto" else "strip " + ",".join(map(str, b)))
-        elif name in ("lowrank", "width"):
-            parts.append(f"{name} {cfg['target']:.3g} {cfg.get('allocate', '')}".strip())
-        else:
-            parts.append(f"{name} {cfg.get('mode', '')}".strip())
-    return (" + ".join(parts) or "teacher") + ("" if row["variant"] == "fp32" else f" [{row['variant']}]")
-
-
 def _result(t, teacher, rows, choice, meeting, t0, *, met_by_teacher: bool, timed_rows: int) -> dict:
     return {"target": t.model_dump(mode="json"), "teacher": teacher, "rows": rows, "choice": choice,
             "ranked": meeting, "met_by_teacher": met_by_teacher, "timed_rows": timed_rows,
@@ -672,42 +643,6 @@ def planned_recipe(recipe: Recipe, result: dict, index: int) -> dict:
     if t.max_top1_drop is not None:
         g["max_top1_drop"] = t.max_top1_drop
     return d
-
-
-def table(result: dict) -> tuple[list[tuple], int]:
-    """Rows for report.align, one per measured candidate (lowest KL first, the choice marked *), and how
-    many candidates were left out (beyond reach on FLOPs/params, or not timed once one met the target)."""
-    bss = sorted(result["teacher"].get("p50_ms", {}), key=int)
-    tb = str(result["target"].get("batch"))
-    out = [("", "candidate", "FLOPs", "params", *[f"speedup b{b}" for b in bss], "MB",
-            "KL held-out" if any(r.get("scored_on") == "holdout" for r in result["rows"]) else "KL", "agree", "meets")]
-    rows = result["rows"]
-    shown = sorted((i for i, r in enumerate(rows) if r.get("measured")), key=lambda i: (rows[i]["kl"], i))
-    for i in shown:
-        r = rows[i]
-        out.append(("*" if i == result["choice"] else "", describe(r), f"{r['flops_ratio']:.1%}", f"{r['params_ratio']:.1%}",
-                    *[_speed_text(r, b) for b in bss],
-                    f"{r['bytes'] / 1e6:.2f}" if r.get("bytes") else "-", f"{r['kl']:.4f}",
-                    f"{100 * r['agreement']:.1f}%", ("yes" if i in result["ranked"] else "no")
-                    + (f" (again: {r['confirm']['speedup'][tb]:.2f}x)" if "confirm" in r else "")))
-    return out, len(rows) - len(shown)
-
-
-def _speed_text(r: dict, b: str) -> str:
-    """A row's speedup at batch b, with its 95% interval when the run times were kept: "1.60x (1.55-1.64)"."""
-    if "speedup" not in r:
-        return "-"
-    iv = r.get("interval", {}).get(b)
-    return f"{r['speedup'][b]:.2f}x" + (f" ({iv['lo']:.2f}-{iv['hi']:.2f})" if iv else "")
-
-
-def summary(result: dict) -> dict:
-    """The plan as the report keeps it: the table (rendered rows), the choice, and the raw candidate rows."""
-    rows, left = table(result)
-    choice = result["choice"]
-    return {**{k: result[k] for k in ("target", "teacher", "met_by_teacher", "timed_rows", "seconds", "ranked")},
-            "choice": describe(result["rows"][choice]) if choice is not None else None,
-            "table": [list(r) for r in rows], "left_out": left, "rows": result["rows"]}
 
 
 def run_target(recipe: Recipe, loaded, data, run, log) -> dict:
@@ -743,7 +678,7 @@ def run_target(recipe: Recipe, loaded, data, run, log) -> dict:
             if not accuracy:
                 raise
             if n + 1 == len(tries):
-                err = GateError(f"target {_target_text(recipe.target)} not met after {len(tries)} attempt(s): "
+                err = GateError(f"target {target_text(recipe.target)} not met after {len(tries)} attempt(s): "
                                 + "; ".join(f"{a['candidate']} missed {a['missed']}" for a in kept["attempts"])
                                 + "; nothing was published. Relax max_top1_drop, raise target.attempts or distill longer")
                 err.record, err.plan = e.record, result

@@ -64,7 +64,7 @@ def test_a_file_meets_a_speed_target_on_the_lower_end_of_its_interval():
 
 
 def test_the_plan_table_shows_the_interval():
-    from compress.plan import _speed_text
+    from compress.plan_table import _speed_text
 
     row = _row(*_rounds(1.6, 0.05))
     iv = row["interval"]["8"]
