@@ -388,3 +388,45 @@ def test_int8_static_is_a_default_variant_planned_only_with_real_calibration_ima
     d = planned_recipe(with_distill, {"rows": [row], "teacher": {"p50_ms": {"8": 10.0}}}, 0)
     assert d["distill"] is None and "int8_static" in d["export"]["quantize"] and d["gates"]["variant"] == "int8_static"
     assert d["gates"]["min_speedup"] == 2.0 and parse_recipe(d).target is None
+
+
+def test_a_teacher_int8_file_that_meets_the_target_ends_the_search(deep_vit, monkeypatch, tmp_path):
+    """Where the teacher's own int8 file is fast enough (the shared ResNet's static int8 file: 2.77x at batch 8),
+    no rewrite is built to beat it (quantization's error alone is the lowest KL); it is the plan, once re-timed."""
+    import compress.plan as planner
+
+    def fake_export(cands, row, folder, recipe):
+        row["bytes"] = 1
+        return tmp_path / f"{id(row)}.onnx"
+
+    def speed(row):
+        return (2.0 if row["variant"] == "int8_static" else 1.0) / (0.3 + 0.7 * row["flops_ratio"])
+
+    def fake_time(paths, rows, teacher_path, recipe, batches, size):
+        for row in rows.values():
+            row["speedup"] = {str(b): speed(row) for b in batches}
+            row["p50_ms"] = {str(b): 10 / speed(row) for b in batches}
+
+    def fake_confirm(row, *a):
+        row["confirm"] = {"speedup": {"8": speed(row)}, "p50_ms": {"8": 10 / speed(row)}, "meets": True}
+        return True
+
+    monkeypatch.setattr(planner, "_export_row", fake_export)
+    monkeypatch.setattr(planner, "_time", fake_time)
+    monkeypatch.setattr(planner, "_confirm", fake_confirm)
+    r = parse_recipe(_recipe("{speedup: 1.5, batch: 8}"))
+    loaded = load(str(deep_vit))
+    calib, holdout = calibration_pair(None, loaded.data_cfg, r.calibration)
+    cands = planner.Candidates(loaded, calib, [], holdout)
+    t, tref = r.target, {"p50_ms": 10.0}
+    rows = [{**c, "variant": v} for c in cands.enumerate(planner._levels(t, tref), lambda _m: None)
+            for v in ("fp32", "int8_static")]
+    for row in rows:
+        row["feasible"] = planner._feasible(row, t, tref)
+    order = sorted((i for i, row in enumerate(rows) if row["feasible"]), key=lambda i: (rows[i]["kl"], i))
+    n, said = len(rows), []
+    run = (cands, tmp_path, r, tmp_path / "t.onnx", [8], t, tref, said.append)
+    planner._speed_search(order, rows, ["fp32", "int8_static"], run)
+    ranked = planner._ranked(order, rows, t, tref)
+    assert not rows[ranked[0]]["passes"] and rows[ranked[0]]["variant"] == "int8_static"
+    assert len(rows) == n and any("no rewrite is built to beat it" in m for m in said)  # no aim was built
