@@ -4,8 +4,9 @@
 
 Contenders per teacher and FLOP budget: this tool's best recipe (chosen before training by
 calibration KL), Torch-Pruning, plain SVD truncation, the same structure as ours trained
-from random init; per teacher: the teacher itself and its int8 dynamic ONNX. All get the
-same distillation (steps, batch, data, schedule) and the same measurements.
+from random init; per teacher: the teacher itself and its int8 dynamic and static ONNX. All get the
+same distillation (steps, batch, data, schedule) and the same measurements; every trained contender's run also
+writes its static int8 file (quantized from the distilled weights), read as ours-int8 and torch-pruning-int8.
 """
 from __future__ import annotations
 
@@ -44,6 +45,9 @@ QUICK = {"budgets": [0.75], "steps": 2, "batch_size": 8, "eval_images": 64, "cal
          "latency": {"batch_sizes": [1, 8], "threads": 2, "warmup": 1, "runs": 3}, "teachers": ["vit_cifar10"],
          "scaling": ["vit_tiny_patch16_224"], "scaling_runs": 2, "tp_search_steps": 4, "workers": 0,
          "gpu": {"batch_size": 32, "steps": 3, "warmup": 1, "workers": 2}}
+
+
+STATIC = ["int8_static"]  # every trained contender's run also writes its static int8 file (one recipe, one run)
 
 
 def recipe_dict(name: str, passes: list, cfg: dict, *, distill: bool, quantize=()) -> dict:
@@ -146,7 +150,8 @@ def bench_teacher(ckpt: Path, cfg: dict, work: Path, log) -> dict:
             log(f"  {contender} @ {budget}: skipped ({why})")
         else:
             entry["passes"] = recipe["passes"]
-            key = json.dumps([recipe["passes"], variant], sort_keys=True)
+            # one run per recipe: the int8 rows read another file of the same run
+            key = json.dumps([recipe["passes"], recipe["export"]["quantize"], "distill" in recipe], sort_keys=True)
             if key in ran:
                 got = ran[key]
                 entry["same_run_as"] = got["contender"]
@@ -163,8 +168,10 @@ def bench_teacher(ckpt: Path, cfg: dict, work: Path, log) -> dict:
                     out["teacher_row"] = row_of(got["record"])
         out["rows"].append(entry)
 
-    log(f"{ckpt.name}: int8 dynamic quantization of the teacher (no training)")
-    add("int8-dynamic", None, recipe_dict("int8", [], cfg, distill=False, quantize=["int8_dynamic"]), variant="int8_dynamic")
+    log(f"{ckpt.name}: int8 dynamic and static quantization of the teacher (no training)")
+    int8 = recipe_dict("int8", [], cfg, distill=False, quantize=["int8_dynamic", "int8_static"])
+    add("int8-dynamic", None, int8, variant="int8_dynamic")
+    add("int8-static", None, int8, variant="int8_static")
     for b in cfg["budgets"]:
         log(f"{ckpt.name}: budget {b:.0%} of the FLOPs")
         t0 = time.perf_counter()
@@ -173,20 +180,25 @@ def bench_teacher(ckpt: Path, cfg: dict, work: Path, log) -> dict:
         why = "no candidate recipe of this tool's passes reaches this budget" + (
             "" if contenders.has_lowrank() else " (the lowrank pass is not in this build)")
         tried = [result["rows"][i] for i in result["ranked"]] if result else []
-        add("ours", b, best and recipe_dict("ours", best["passes"], cfg, distill=True), why, search_s=search_s,
-            picked=best and describe(best),
+        ours = best and recipe_dict("ours", best["passes"], cfg, distill=True, quantize=STATIC)
+        add("ours", b, ours, why, search_s=search_s, picked=best and describe(best),
             candidates=[{k: t[k] for k in ("passes", "flops_ratio", "kl", "agreement")} for t in tried],
             **kls(best))
+        add("ours-int8", b, ours, why, variant="int8_static", picked=best and describe(best))
         svd = svd_fit(cands, b)
-        add("svd", b, svd and recipe_dict("svd", svd["passes"], cfg, distill=True),
+        add("svd", b, svd and recipe_dict("svd", svd["passes"], cfg, distill=True, quantize=STATIC),
             "the lowrank pass is not in this build" if not contenders.has_lowrank() else "no rank meets the budget",
             **kls(svd))
         wid, plain = width_rows(cands, b)
-        add("width", b, wid and recipe_dict("width", wid["passes"], cfg, distill=True), "the width pass cannot reach this budget",
+        add("width", b, wid and recipe_dict("width", wid["passes"], cfg, distill=True, quantize=STATIC),
+            "the width pass cannot reach this budget",
             **kls(wid), **kls(plain, "_no_refit"))
         for name, rnd in (("torch-pruning", None), ("torch-pruning-r8", 8)):
             tp = {"flops_ratio": b, "search_steps": cfg["tp_search_steps"], **({"round_to": rnd} if rnd else {})}
-            add(name, b, recipe_dict(name, [{"bench_torch_pruning": tp}], cfg, distill=True))
+            add(name, b, recipe_dict(name, [{"bench_torch_pruning": tp}], cfg, distill=True, quantize=STATIC))
+            if rnd is None:
+                add("torch-pruning-int8", b, recipe_dict(name, [{"bench_torch_pruning": tp}], cfg, distill=True,
+                                                         quantize=STATIC), variant="int8_static")
     return out
 
 

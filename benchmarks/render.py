@@ -12,7 +12,8 @@ from pathlib import Path
 
 KINDS = {"teacher": ("black", "*"), "ours": ("tab:blue", "o"), "torch-pruning": ("tab:orange", "s"),
          "svd": ("tab:green", "^"), "scratch": ("tab:gray", "x"), "int8-dynamic": ("tab:purple", "D"),
-         "width": ("tab:red", "v"), "torch-pruning-r8": ("tab:brown", "P")}
+         "width": ("tab:red", "v"), "torch-pruning-r8": ("tab:brown", "P"), "int8-static": ("tab:pink", "d"),
+         "ours-int8": ("tab:cyan", "o"), "torch-pruning-int8": ("tab:olive", "s")}
 
 
 def _rel(path: Path, md: Path) -> str:
@@ -211,7 +212,10 @@ def render(result: dict, md: Path, png: Path, reading: Path) -> None:
            "fair latency contender); **svd** = the "
            "`lowrank` pass with plain weight SVD at the budget as a share of the whole model (`scope: model`; greedy or uniform allocation, "
            "whichever has the lower held-out KL); **int8-dynamic** = the teacher through onnxruntime "
-           "`quantize_dynamic` (no training; FLOPs unchanged, cheaper arithmetic). The from-scratch contender of "
+           "`quantize_dynamic` (no training; FLOPs unchanged, cheaper arithmetic); **int8-static** = the teacher through "
+           "`quantize_static` (QDQ, per-channel, calibrated on the calibration images); **ours-int8** and "
+           "**torch-pruning-int8** = the static int8 file of the same run as ours / torch-pruning, quantized from the "
+           "distilled weights. The from-scratch contender of "
            "earlier runs (every rewrite beat it by 30+ points) is left out to keep the run within the hour.",
            "- Seconds: `convert` = the rewrite stage of the pipeline (passes + their checks; the planner's search for "
            "ours is extra, in the JSON as `search_s`), `distill` = the training loop.", ""]

@@ -228,7 +228,7 @@ def plan(recipe: Path = typer.Argument(..., help="recipe YAML with a target: sec
         if loaded.source.get("preprocess_warning"):
             log(f"warning: {loaded.source['preprocess_warning']}")
         calib, holdout = calibration_pair(calib_path, loaded.data_cfg, r.calibration, log)
-        result = run_plan(loaded, r, calib, log, holdout=holdout)
+        result = run_plan(loaded, r, calib, log, holdout=holdout, real=calib_path is not None)
         chosen = planned_recipe(r, result, result["choice"])
         write_text_atomic(out, yaml.safe_dump(chosen, sort_keys=False))
         kept = summary(result)

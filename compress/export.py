@@ -375,8 +375,10 @@ def write_fp16(base: Path, path: Path, ref: torch.Tensor, x: torch.Tensor, *, to
 
 
 def write_int8(base: Path, path: Path, mode: str, ref: torch.Tensor, x: torch.Tensor, *, min_agreement: float,
-               threads: int = 2, convs: bool = False, old=None, external_above: int = EXTERNAL_ABOVE) -> dict:
+               threads: int = 2, convs: bool = False, old=None, external_above: int = EXTERNAL_ABOVE,
+               max_kl: float | None = None, held: torch.Tensor | None = None) -> dict:
     """onnxruntime quantization: dynamic (weights int8, activations at run time) or static (QDQ, calibrated on x).
+    Static with max_kl: calibration method and float layers chosen by the KL to `base` on `held` (quant.py).
 
     Dynamic quantizes MatMul only unless `convs`: ConvInteger with int8 weights is missing from older
     runtimes and was 3.6-6x slower than the float conv on the ResNets measured (BENCHMARKS.md).
@@ -386,38 +388,38 @@ def write_int8(base: Path, path: Path, mode: str, ref: torch.Tensor, x: torch.Te
     tmp = _private(path)
     try:
         return _write_int8(base, path, tmp, mode, ref, x, min_agreement=min_agreement, threads=threads, convs=convs,
-                           old=old, external_above=external_above)
+                           old=old, external_above=external_above, max_kl=max_kl, held=held)
     finally:
         shutil.rmtree(tmp.parent, ignore_errors=True)
         release()
 
 
 def _write_int8(base: Path, path: Path, tmp: Path, mode: str, ref, x, *, min_agreement, threads, convs, old,
-                external_above) -> dict:
+                external_above, max_kl, held) -> dict:
     import logging
 
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from .quant import controlled_static, quantize_static
 
     logging.getLogger().setLevel(logging.ERROR)  # the quantizer logs advice at WARNING on the root logger
     big = base.with_name(base.name + ".data").exists()  # a proto over 2 GiB cannot even be written in one file
+    extra = {}
     if mode == "int8_dynamic":
         quantize_dynamic(str(base), str(tmp), weight_type=QuantType.QInt8, use_external_data_format=big,
                          op_types_to_quantize=["MatMul", "Conv"] if convs else ["MatMul"])
+    elif max_kl is not None:
+        extra["accuracy_control"] = rec = controlled_static(base, tmp, x, held if held is not None else x, max_kl,
+                                                            threads=threads, big=big)
+        if not rec["meets"]:
+            extra["note"] = (f"KL {rec['kl']:.3g} to model.onnx is above export.int8_max_kl {max_kl:g} even with every "
+                             "convolution and matrix product in float")
     else:
-        class Reader(CalibrationDataReader):
-            def __init__(self):
-                self.batches = iter([{"input": x[i:i + 8].numpy()} for i in range(0, len(x), 8)])
-
-            def get_next(self):
-                return next(self.batches, None)
-
-        quantize_static(str(base), str(tmp), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, use_external_data_format=big)
+        quantize_static(base, tmp, x, big=big)
     _one_or_two_files(tmp, _folder_bytes(tmp.parent) > external_above)
     parity = _verify(tmp, path.name, _parity(tmp, ref, x, threads), min_agreement=min_agreement)
     ran = _on_runtimes(tmp, path.name, parity, ref, x, threads, old, min_agreement=min_agreement)
     ops, nodes = _graph(tmp)
-    extra = {}
     if mode == "int8_dynamic":
         import numpy as np
 

@@ -107,10 +107,13 @@ def ort_predictor(path, dynamic_batch: bool, threads: int = 2):
 
 @torch.no_grad()
 def evaluate(models: dict, dl) -> dict:
-    """Top-1 of every model (when labeled) and its top-1 agreement with models['teacher'], in one pass."""
+    """Top-1 of every model (when labeled) and its top-1 agreement with models['teacher'], in one pass; each top-1
+    and each drop from the teacher with its paired 95% interval over the images (stats.py)."""
+    from .stats import drop_interval, top1_interval
+
     n = skipped = 0
     first = None  # the first unreadable image's name, for the warning
-    ok = {k: 0 for k in models}
+    right: dict[str, list] = {k: [] for k in models}
     agree = {k: 0 for k in models}
     for x, y, bad in dl:
         skipped += len(bad)
@@ -120,14 +123,17 @@ def evaluate(models: dict, dl) -> dict:
         preds = {k: m(x).argmax(-1) for k, m in models.items()}
         n += len(y)
         for k, p in preds.items():
-            ok[k] += int((p == y).sum())
+            right[k].append(p == y)
             agree[k] += int((p == preds["teacher"]).sum())
     named = {"first_unreadable": first} if first else {}
     if n == 0:
         return {"images": 0, "skipped": skipped, **named}
     out = {"images": n, "skipped": skipped, **named, "agreement": agree["student"] / n}
+    hits = {k: torch.cat(v).numpy() for k, v in right.items()}
     if dl.dataset.labeled:
-        out.update(teacher_top1=ok["teacher"] / n, student_top1=ok["student"] / n)
-    out["variants"] = {k: {"agreement": agree[k] / n, **({"top1": ok[k] / n} if dl.dataset.labeled else {})}
+        out.update(teacher_top1=float(hits["teacher"].mean()), student_top1=float(hits["student"].mean()),
+                   intervals={k: {"top1": top1_interval(h), **({"drop": drop_interval(hits["teacher"], h)}
+                                                             if k != "teacher" else {})} for k, h in hits.items()})
+    out["variants"] = {k: {"agreement": agree[k] / n, **({"top1": float(hits[k].mean())} if dl.dataset.labeled else {})}
                        for k in models if k not in ("teacher", "student")}
     return out

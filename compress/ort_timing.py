@@ -30,8 +30,10 @@ def run(sess, x: np.ndarray) -> np.ndarray:
     return sess.run(None, {sess.get_inputs()[0].name: x})[0]
 
 
-def latency(paths: dict[str, str], input_size, *, batch_sizes, threads: int, warmup: int, runs: int, seed: int = 0) -> dict:
-    """p50/p90 ms per model and batch size; models run interleaved (alternating order) in one process."""
+def latency(paths: dict[str, str], input_size, *, batch_sizes, threads: int, warmup: int, runs: int, seed: int = 0,
+            keep_times: bool = False) -> dict:
+    """p50/p90 ms per model and batch size; models run interleaved (alternating order) in one process.
+    keep_times: also every run's ms, in round order ("times_ms"), for intervals from per-round ratios."""
     sessions = {k: session(p, threads) for k, p in paths.items()}
     rng = np.random.default_rng(seed)
     out: dict = {k: {} for k in paths}
@@ -48,7 +50,8 @@ def latency(paths: dict[str, str], input_size, *, batch_sizes, threads: int, war
                 run(sessions[k], x)
                 times[k].append((time.perf_counter() - t0) * 1e3)
         for k, t in times.items():
-            out[k][str(bs)] = {"p50_ms": float(np.percentile(t, 50)), "p90_ms": float(np.percentile(t, 90)), "runs": runs}
+            out[k][str(bs)] = {"p50_ms": float(np.percentile(t, 50)), "p90_ms": float(np.percentile(t, 90)), "runs": runs,
+                               **({"times_ms": [round(v, 4) for v in t]} if keep_times else {})}
     return out
 
 

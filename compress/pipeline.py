@@ -25,6 +25,7 @@ from . import __version__, runtimes
 from .data import Unreadable, calibration_batch, dataset, loader, unreadable_warning
 from .diskio import nbytes, writing
 from .distill import KeepBest, distill
+from .accuracy import accuracy_gate, gate_basis
 from .errors import GateError, InputError, VerificationError
 from .export import SLIM_AUTO_MAX, write_fp16, write_int8, write_onnx, write_safetensors
 from .outdir import check_inputs_untouched, claim, let_go, publish, sha256
@@ -35,7 +36,7 @@ from .metrics import count_flops, count_params, evaluate, fidelity, latency_chil
 from .modules import learned_parameters
 from .recipe import Recipe
 from .registry import PassContext, get_pass
-from .report import machine_info, write_reports
+from .report import int8_control, machine_info, write_reports
 from .rsslog import mark
 
 EXACT_TOL = 1e-4  # max |Δlogit| / max |logit| allowed for a pass that declares itself exact
@@ -206,8 +207,9 @@ def _holdout(train, n: int, seed: int) -> torch.Tensor:
     return torch.stack([it[0] for it in items if not isinstance(it, Unreadable)])
 
 
-def _export(recipe: Recipe, loaded, student, staging: Path, calib, ledger: list, old, log, ref=None) -> dict:
-    """Write every artifact the recipe asks for; each is verified before it gets its final name."""
+def _export(recipe: Recipe, loaded, student, staging: Path, calib, ledger: list, old, log, ref=None, held=None) -> dict:
+    """Write every artifact the recipe asks for; each is verified before it gets its final name. `held`: held-out
+    calibration images, on which int8_static's accuracy control scores its files (export.int8_max_kl)."""
     ex, artifacts, need = recipe.export, {}, nbytes(student)  # about what each full-precision file takes
     meta = {"compress_version": __version__, "source_arch": loaded.source["arch"],
             "source_kwargs": json.dumps(loaded.source["kwargs"]), "source_base": json.dumps(loaded.source.get("base")),
@@ -244,7 +246,11 @@ def _export(recipe: Recipe, loaded, student, staging: Path, calib, ledger: list,
                 artifacts[f"onnx.{v}"] = (write_fp16(base, path, ref, x, tol=ex.fp16_tol, old=old, external_above=big)
                                           if v == "fp16" else
                                           write_int8(base, path, v, ref, x, min_agreement=ex.int8_min_agreement,
-                                                     convs=ex.int8_dynamic_convs, old=old, external_above=big))
+                                                     convs=ex.int8_dynamic_convs, old=old, external_above=big,
+                                                     max_kl=ex.int8_max_kl if v == "int8_static" else None,
+                                                     held=held))
+            if "accuracy_control" in artifacts[f"onnx.{v}"]:
+                log(f"export: {v}: {int8_control(artifacts[f'onnx.{v}']['accuracy_control'])}")
             if "note" in artifacts[f"onnx.{v}"]:
                 log(f"export: warning: {v}: {artifacts[f'onnx.{v}']['note']}")
             release()
@@ -360,8 +366,8 @@ def _gates(recipe: Recipe, summary: dict) -> list[dict]:
     if g.max_top1_drop is not None:
         if "teacher_top1" not in ev:
             raise InputError(f"gate max_top1_drop needs labels, but {ev['data']} has no class folders; drop the gate")
-        drop = 100 * (ev["teacher_top1"] - mine["top1"])
-        add(f"max_top1_drop{of} (points)", g.max_top1_drop, drop, drop <= g.max_top1_drop)
+        checks.append(accuracy_gate(f"max_top1_drop{of} (points)", g.max_top1_drop, g.accuracy,
+                                    ev["intervals"][v or "student"]["drop"]))
     if g.min_agreement is not None:
         add(f"min_agreement{of}", g.min_agreement, mine["agreement"], mine["agreement"] >= g.min_agreement)
     return checks
@@ -481,8 +487,11 @@ def _run_in(recipe: Recipe, loaded, staging: Path | None, data, train, work: Pat
 
     with stages("export"):
         # the student's calibration logits from the rewrite, unless training changed it since
+        ex = recipe.export
+        held = (calibration_batch(calib_path, cfg, recipe.calibration.images, recipe.calibration.seed, holdout=True)[0]
+                if "int8_static" in ex.quantize and ex.int8_max_kl is not None else None)
         record["artifacts"] = artifacts = _export(recipe, loaded, student, staging, calib, ledger, old, log,
-                                                  rewritten if recipe.distill is None else None)
+                                                  rewritten if recipe.distill is None else None, held=held)
         if loaded.save_back is not None:  # the original family's layout too, when the structure allows it
             with writing(f"the {loaded.source['arch']} layout", staging, nbytes(student)):
                 record["family_layout"] = lay = loaded.save_back(student, staging, calib, recipe.export.parity_tol)
@@ -519,7 +528,7 @@ def _run_in(recipe: Recipe, loaded, staging: Path | None, data, train, work: Pat
     if failed:
         record["failed_gates"] = failed
         g = failed[0]
-        err = GateError(f"gate {g['gate']} missed: measured {g['measured']:.4g}, target {g['target']}; "
+        err = GateError(f"gate {g['gate']} missed: measured {g['measured']:.4g}{gate_basis(g)}, target {g['target']}; "
                         f"nothing was published ({len(failed)} gate(s) missed)")
         err.record = record  # the CLI still shows what was measured
         raise err

@@ -100,6 +100,10 @@ class ExportSpec(_Strict):
     parity_tol: PositiveFloat = Field(1e-4, description="fp32: max |ONNX - PyTorch| relative to the logit scale")
     fp16_tol: PositiveFloat = Field(1e-2, description="fp16: the same bound")
     int8_min_agreement: float = Field(0.9, ge=0, le=1, description="int8: top-1 agreement with PyTorch on calibration")
+    int8_max_kl: Optional[PositiveFloat] = Field(
+        None, description="int8_static accuracy control: the calibration method (minmax/entropy/percentile) with the "
+        "lowest KL to model.onnx on held-out calibration images, and the most sensitive layers kept float until the "
+        "file's KL is at most this; null: plain minmax calibration of every layer")
     int8_dynamic_convs: bool = Field(False, description="int8_dynamic also quantizes convolutions (ConvInteger: "
                                      "needs onnxruntime >= 1.24, several times slower on ResNets); default MatMul only")
     min_runtime: Optional[Literal["1.16", "1.17", "1.18"]] = Field(
@@ -172,6 +176,9 @@ class Gates(_Strict):
     speedup_batch: Optional[PositiveInt] = Field(None, description="batch size min_speedup reads; null = the largest timed")
     variant: Optional[Literal["fp16", "int8_dynamic", "int8_static"]] = Field(
         None, description="the ONNX variant the speed/size/accuracy gates read (the file that ships); null = model.onnx")
+    accuracy: Literal["interval", "point"] = Field(
+        "interval", description="max_top1_drop holds on the upper end of the drop's paired 95% interval over the eval "
+        "images (interval), or on the measured drop alone (point: a draw that another set of images may not repeat)")
 
 
 class TargetSpec(_Strict):
@@ -185,8 +192,9 @@ class TargetSpec(_Strict):
     size_mb: Optional[PositiveFloat] = Field(None, description="size of the ONNX file that ships, in MB (1e6 bytes)")
     max_top1_drop: Optional[Annotated[float, Field(ge=0)]] = Field(
         None, description="percentage points after distillation (a gate; needs report.eval_data)")
-    variants: list[Literal["fp32", "int8_dynamic"]] = Field(
-        default_factory=lambda: ["fp32", "int8_dynamic"], min_length=1, description="export variants the plan may ship")
+    variants: list[Literal["fp32", "int8_dynamic", "int8_static"]] = Field(
+        default_factory=lambda: ["fp32", "int8_dynamic", "int8_static"], min_length=1,
+        description="export variants the plan may ship (int8_static only with real calibration images)")
     attempts: PositiveInt = Field(1, description="candidates tried in turn when the accuracy gate is missed")
 
     @model_validator(mode="after")

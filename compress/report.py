@@ -6,6 +6,8 @@ import os
 import platform
 from pathlib import Path
 
+from .accuracy import gate_basis
+
 
 def machine_info(threads: int | None) -> dict:
     import numpy
@@ -62,10 +64,33 @@ def rows(record: dict) -> list[tuple[str, str, str, str]]:
     ev = s.get("eval")
     if ev and ev.get("images"):
         if "teacher_top1" in ev:
-            out.append((f"top-1 ({ev['images']} images)", f"{100 * ev['teacher_top1']:.2f}%", f"{100 * ev['student_top1']:.2f}%",
-                        f"{100 * (ev['student_top1'] - ev['teacher_top1']):+.2f} pts"))
+            iv = ev.get("intervals", {})
+            out.append((f"top-1 ({ev['images']} images)", _top1(ev["teacher_top1"], iv.get("teacher")),
+                        _top1(ev["student_top1"], iv.get("student")),
+                        f"{100 * (ev['student_top1'] - ev['teacher_top1']):+.2f} pts" + _change(iv.get("student"))))
         out.append((f"agreement with teacher ({ev['images']} images)", "", f"{100 * ev['agreement']:.2f}%", ""))
     return out
+
+
+def _top1(top1: float, iv: dict | None) -> str:
+    """A top-1 with its 95% interval when the record has one: "83.80% (81.4-86.1)"."""
+    t = iv and iv.get("top1")
+    return f"{100 * top1:.2f}%" + (f" ({100 * t['lo']:.1f}-{100 * t['hi']:.1f})" if t else "")
+
+
+def _change(iv: dict | None) -> str:
+    """The paired 95% interval of a change in top-1 (points; the drop's interval negated)."""
+    d = iv and iv.get("drop")
+    return f" ({-d['hi']:+.2f} to {-d['lo']:+.2f})" if d else ""
+
+
+def int8_control(rec: dict) -> str:
+    """The accuracy control in one line for the report."""
+    methods = ", ".join(f"{m} {v:.3g}" for m, v in rec["methods_kl"].items())
+    kept = "; ".join(f"{k['node']} ({k['op']}, KL {k['kl_alone']:.3g} when only it is int8)" for k in rec["kept_float"])
+    return (f"calibration {rec['method']} (KL to fp32 on {rec['held_out_images']} held-out images: {methods}); "
+            + (f"kept float: {kept}; " if kept else "no layer kept float; ")
+            + f"file KL {rec['kl']:.3g} {'<=' if rec['meets'] else '> (bound not met)'} {rec['bound']:.3g}")
 
 
 def variant_rows(record: dict) -> list[tuple]:
@@ -82,11 +107,12 @@ def variant_rows(record: dict) -> list[tuple]:
         lat = [(bs, d["student"] if v == "fp32" else d["variants"][v]) for bs, d in s.get("latency", {}).items()]
         acc = ev if v == "fp32" else (ev.get("variants") or {}).get(v, {})
         top1 = acc.get("student_top1", acc.get("top1"))
+        iv = (ev.get("intervals") or {}).get("student" if v == "fp32" else v)
         p = a["parity"]
         check = f"max rel Δ {p['rel_diff']:.1e}, agree {100 * p['agreement']:.1f}%"
         out.append((v, " + ".join(a.get("files", [a["path"]])), _bytes(a["bytes"]), check,
                     "  ".join(f"b{bs} {d['p50_ms']:.2f} ms" for bs, d in lat) or "-",
-                    f"{100 * top1:.2f}%" if top1 is not None else "-",
+                    _top1(top1, iv) + _change(iv) if top1 is not None else "-",
                     f"{100 * acc['agreement']:.2f}%" if "agreement" in acc else "-", name, a.get("oldest_runtime", "-")))
     return out
 
@@ -195,7 +221,8 @@ def markdown(record: dict) -> str:
         lines += [f"| `{k}` | {', '.join(f'{n} {x:.4g}' for n, x in v.items())} |" for k, v in record["learned"].items()]
     if record.get("gates"):
         lines += ["", "## Gates", "", "| gate | target | measured | result |", "|---|---|---|---|"]
-        lines += [f"| {g['gate']} | {g['target']} | {g['measured']:.4g} | {'pass' if g['ok'] else '**FAIL**'} |" for g in record["gates"]]
+        lines += [f"| {g['gate']} | {g['target']} | {g['measured']:.4g}{gate_basis(g)} | {'pass' if g['ok'] else '**FAIL**'} |"
+                  for g in record["gates"]]
     v = variant_rows(record)
     if len(v) > 1:
         lines += ["", "## ONNX variants", "", "Each checked against the PyTorch student on the calibration batch before it was "
@@ -216,6 +243,7 @@ def markdown(record: dict) -> str:
                      + (f" (onnxslim: {slim['nodes_before']} before)" if slim.get("applied") else
                         f" (onnxslim not applied: {slim['why']})" if slim else "")
                      + f"; operators: {', '.join(a['operators'])}" + _runs_md(a)
+                     + (f"; int8 accuracy control: {int8_control(a['accuracy_control'])}" if a.get("accuracy_control") else "")
                      + (f"; **{a['note']}**" if a.get("note") else ""))
         lines.append(f"- `{' + '.join(a.get('files', [a['path']]))}`: {_bytes(a['bytes'])}{extra}")
     lay = record.get("family_layout")

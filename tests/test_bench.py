@@ -9,7 +9,8 @@ import pytest
 
 from conftest import CIFAR_TEST, CIFAR_TRAIN, REPO, VIT_TEACHER, need_shared
 
-KINDS = {"int8-dynamic", "ours", "svd", "width", "torch-pruning", "torch-pruning-r8"}
+KINDS = {"int8-dynamic", "int8-static", "ours", "ours-int8", "svd", "width", "torch-pruning", "torch-pruning-r8",
+         "torch-pruning-int8"}
 
 
 @pytest.mark.slow
@@ -32,12 +33,16 @@ def test_bench_quick_runs_every_contender(tmp_path):
     assert ran == (KINDS if result["lowrank_available"] else KINDS - {"svd"})  # svd needs the lowrank pass
     t = teacher["teacher_row"]
     for r in rows:
-        if r["contender"] in ran - {"int8-dynamic"}:
+        if r["contender"] in ran - {"int8-dynamic", "int8-static"}:
             assert r["flops_ratio"] <= r["budget"] * 1.02, r  # every trained contender meets its FLOP budget
             assert r["distill_steps"] == result["config"]["steps"]  # and gets the same distillation
             assert set(r["latency"]) == {"1", "8"}
-    int8 = next(r for r in rows if r["contender"] == "int8-dynamic")
-    assert int8["flops"] == t["flops"] and int8["onnx_bytes"] < t["onnx_bytes"] / 2
+    for kind in ("int8-dynamic", "int8-static"):
+        int8 = next(r for r in rows if r["contender"] == kind)
+        assert int8["flops"] == t["flops"] and int8["onnx_bytes"] < t["onnx_bytes"] / 2
+    for kind, of in (("ours-int8", "ours"), ("torch-pruning-int8", "torch-pruning")):  # the same run's int8 file
+        q, f = (next(r for r in rows if r["contender"] == k) for k in (kind, of))
+        assert q["same_run_as"] == of and q["flops"] == f["flops"] and q["onnx_bytes"] < f["onnx_bytes"] / 2
     width = next(r for r in rows if r["contender"] == "width")
     assert width["calib_kl"] < width["calib_kl_no_refit"]  # the least-squares refit beats slicing alone
     assert all("error" not in s for s in result["scaling"])

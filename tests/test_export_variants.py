@@ -119,3 +119,25 @@ def test_fixed_batch_export(tmp_path, vit_dir, image_zip):
     assert rep["artifacts"]["onnx"]["parity"]["images"] == 1
     assert set(rep["summary"]["latency"]) == {"1"}  # a fixed-batch graph is timed at batch 1 only
     assert rep["summary"]["eval"]["variants"]["int8_dynamic"]["top1"] >= 0  # evaluated image by image
+
+
+def test_int8_max_kl_runs_the_accuracy_control_on_held_out_images(tmp_path, vit_dir, image_zip):
+    """export.int8_max_kl through the CLI: the static file's record and report say which calibration method won,
+    on how many held-out images (the fixture's zip holds one unreadable image), and the file's KL against the
+    bound; the accuracy gate reads the int8 file's interval."""
+    recipe = write_recipe(tmp_path / "r.yaml", _recipe(
+        image_zip, "{quantize: [int8_static], int8_min_agreement: 0.5, int8_max_kl: 10.0}",
+        "gates: {variant: int8_static, max_top1_drop: 100, accuracy: interval}\n").replace(
+        "latency: {batch_sizes: [1, 4], threads: 1, warmup: 1, runs: 3}", "latency: null"))
+    out = tmp_path / "out"
+    res = run_cli("apply", recipe, vit_dir, "-o", out)
+    assert res.returncode == 0, res.stderr
+    rep = json.loads((out / "report.json").read_text())
+    ctl = rep["artifacts"]["onnx.int8_static"]["accuracy_control"]
+    assert 20 <= ctl["held_out_images"] <= 24 and set(ctl["methods_kl"]) == {"minmax", "entropy", "percentile"}
+    # a bound the plain file meets: no layer is ranked (tests/test_quant.py keeps an outlier layer float)
+    assert ctl["meets"] and ctl["kept_float"] == [] and ctl["kl"] == min(ctl["methods_kl"].values())
+    assert "int8 accuracy control: calibration" in (out / "report.md").read_text() and "export: int8_static: calibration" in res.stdout
+    (gate,) = rep["gates"]
+    drop = rep["summary"]["eval"]["intervals"]["int8_static"]["drop"]
+    assert gate["basis"] == "interval" and gate["measured"] == drop["hi"] and gate["interval"] == [drop["lo"], drop["hi"]]

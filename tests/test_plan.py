@@ -377,7 +377,7 @@ def test_the_choice_is_timed_again_as_the_gate_will_and_dropped_when_it_does_not
 
     again = iter([1.40, 1.60])
 
-    def fake_latency(paths, size, *, batch_sizes, threads, warmup, runs):
+    def fake_latency(paths, size, *, batch_sizes, threads, warmup, runs, keep_times=False):  # no run times: the margin
         s = next(again)
         timed = {"teacher": {str(b): {"p50_ms": 10.0 * s} for b in batch_sizes}}
         return {**timed, **{k: {str(b): {"p50_ms": 10.0} for b in batch_sizes} for k in paths if k != "teacher"}}
@@ -392,3 +392,85 @@ def test_the_choice_is_timed_again_as_the_gate_will_and_dropped_when_it_does_not
     assert kept == [False, True]
     assert rows[0]["confirm"]["speedup"]["8"] == pytest.approx(1.40) and rows[1]["confirm"]["speedup"]["8"] == pytest.approx(1.60)
     assert len(said) == 1 and "1.40x at batch 8 when timed again" in said[0]
+
+
+def test_int8_static_is_a_default_variant_planned_only_with_real_calibration_images(deep_vit):
+    """Every target may ship static int8 by default; on random calibration inputs (which the pipeline refuses to
+    calibrate it on) the planner leaves it out and says why. The teacher's own int8_static file as the plan
+    adds the variant to the export and gates it, and distils nothing (nothing was rewritten)."""
+    r = parse_recipe(_recipe("{speedup: 0.5, batch: 2}"))  # the teacher meets it: only the teacher is timed
+    assert r.target.variants == ["fp32", "int8_dynamic", "int8_static"]
+    loaded = load(str(deep_vit))
+    calib, holdout = calibration_pair(None, loaded.data_cfg, r.calibration)
+    said = []
+    plan(loaded, r, calib, log=said.append, holdout=holdout)
+    assert any("int8_static is not planned: it calibrates on real images" in m for m in said)
+    said.clear()
+    plan(loaded, r, calib, log=said.append, holdout=holdout, real=True)
+    assert not any("int8_static is not planned" in m for m in said)
+    with_distill = parse_recipe({**_recipe("{speedup: 2.0, batch: 8}"), "distill": {"steps": 3}})
+    row = {"passes": [], "variant": "int8_static"}
+    d = planned_recipe(with_distill, {"rows": [row], "teacher": {"p50_ms": {"8": 10.0}}}, 0)
+    assert d["distill"] is None and "int8_static" in d["export"]["quantize"] and d["gates"]["variant"] == "int8_static"
+    assert d["gates"]["min_speedup"] == 2.0 and parse_recipe(d).target is None
+
+
+def _search(deep_vit, monkeypatch, tmp_path, speed, variants: list[str], target: float):
+    """The speed search with synthetic timings (`speed(row)`, re-timed the same): rows, log lines, ranked rows."""
+    import compress.plan as planner
+
+    def fake_export(cands, row, folder, recipe):
+        row["bytes"] = 1
+        return tmp_path / f"{id(row)}.onnx"
+
+    def fake_time(paths, rows, teacher_path, recipe, batches, size):
+        for row in rows.values():
+            row["speedup"] = {str(b): speed(row) for b in batches}
+            row["p50_ms"] = {str(b): 10 / speed(row) for b in batches}
+
+    def fake_confirm(row, *a):
+        row["confirm"] = {"speedup": {"8": speed(row)}, "p50_ms": {"8": 10 / speed(row)}, "meets": True}
+        return True
+
+    monkeypatch.setattr(planner, "_export_row", fake_export)
+    monkeypatch.setattr(planner, "_time", fake_time)
+    monkeypatch.setattr(planner, "_confirm", fake_confirm)
+    r = parse_recipe(_recipe(f"{{speedup: {target}, batch: 8}}"))
+    loaded = load(str(deep_vit))
+    calib, holdout = calibration_pair(None, loaded.data_cfg, r.calibration)
+    cands = planner.Candidates(loaded, calib, [], holdout)
+    t, tref = r.target, {"p50_ms": 10.0}
+    rows = [{**c, "variant": v} for c in cands.enumerate(planner._levels(t, tref), lambda _m: None) for v in variants]
+    for row in rows:
+        row["feasible"] = planner._feasible(row, t, tref)
+    order = sorted((i for i, row in enumerate(rows) if row["feasible"]), key=lambda i: (rows[i]["kl"], i))
+    said = []
+    planner._speed_search(order, rows, variants, (cands, tmp_path, r, tmp_path / "t.onnx", [8], t, tref, said.append))
+    return rows, said, planner._ranked(order, rows, t, tref)
+
+
+def test_a_teacher_int8_file_that_meets_the_target_ends_the_search(deep_vit, monkeypatch, tmp_path):
+    """Where the teacher's own int8 file is fast enough (the shared ResNet's static int8 file: 2.77x at batch 8),
+    no rewrite is built to beat it (quantization's error alone is the lowest KL); it is the plan, once re-timed."""
+    def speed(row):
+        return (2.0 if row["variant"] == "int8_static" else 1.0) / (0.3 + 0.7 * row["flops_ratio"])
+
+    rows, said, ranked = _search(deep_vit, monkeypatch, tmp_path, speed, ["fp32", "int8_static"], 1.5)
+    n = len([r for r in rows if r.get("tried")])
+    assert not rows[ranked[0]]["passes"] and rows[ranked[0]]["variant"] == "int8_static"
+    assert any("no rewrite is built to beat it" in m for m in said)
+    assert not any(m.startswith("plan: candidates at") for m in said) and n <= 12  # no aim was built
+
+
+def test_an_int8_variant_beaten_at_the_teacher_has_no_candidate_timed(deep_vit, monkeypatch, tmp_path):
+    """The shared ViT's teacher: int8_static 1.20x, int8_dynamic 1.43x at batch 8, as close to the teacher: no
+    candidate's static file is timed (the budget of timed files goes to the dynamic ones); the teacher's is."""
+    gain = {"fp32": 1.0, "int8_dynamic": 1.43, "int8_static": 1.2}
+
+    def speed(row):
+        return gain[row["variant"]] / (0.5 + 0.5 * row["flops_ratio"])
+
+    rows, said, ranked = _search(deep_vit, monkeypatch, tmp_path, speed, ["fp32", "int8_dynamic", "int8_static"], 1.8)
+    static = [r for r in rows if r.get("tried") and r["variant"] == "int8_static"]
+    assert [r["passes"] for r in static] == [[]]
+    assert any("int8_static file is slower than another int8 file" in m for m in said)
