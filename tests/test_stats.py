@@ -139,7 +139,7 @@ def test_evaluate_reports_each_top1_and_drop_with_its_interval():
         dataset = type("D", (), {"labeled": True})()
 
     x = torch.arange(400).float()[:, None]
-    dl = DL([(x[i:i + 100], y[i:i + 100], 0) for i in range(0, 400, 100)])
+    dl = DL([(x[i:i + 100], y[i:i + 100], []) for i in range(0, 400, 100)])
     models = {k: (lambda ok: lambda xb: onehot(ok)[xb[:, 0].long()])(ok) for k, ok in
               (("teacher", t_ok), ("student", m_ok), ("int8_static", m_ok))}
     ev = evaluate(models, dl)
