@@ -5,9 +5,14 @@ BIN := $(VENV)/bin
 SHARED ?= ../shared
 PYTEST_ARGS ?=
 
-.PHONY: setup demo demo-distill test test-fast bench bench-quick clean
+.PHONY: setup runtime demo demo-strip demo-distill test test-fast bench bench-quick clean
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed runtime
+
+# The older onnxruntime every ONNX file is also run on (export.min_runtime), installed once into the cache
+# ($COMPRESS_CACHE or ~/.cache/compress): `compress apply` never downloads. Under a second when already there.
+runtime: $(VENV)/.installed
+	$(BIN)/compress runtime prepare 1.16
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
