@@ -19,9 +19,13 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $@
 
+# A goal, not passes: 1.5x faster at batch 8 within 1 point of top-1; prints the plan table and the measured result
 demo: setup
+	$(BIN)/compress apply recipes/vit_plan_demo.yaml $(SHARED)/data/models/vit_cifar10 -o compressed/demo --overwrite
+
+demo-strip: setup  # the earlier demo: a hand-written pass list (the MLP of blocks 2, 3, 4 stripped), no training
 	$(BIN)/compress inspect $(SHARED)/data/models/vit_cifar10
-	$(BIN)/compress apply recipes/vit_strip_half.yaml $(SHARED)/data/models/vit_cifar10 -o compressed/demo --overwrite
+	$(BIN)/compress apply recipes/vit_strip_half.yaml $(SHARED)/data/models/vit_cifar10 -o compressed/demo-strip --overwrite
 
 demo-distill: setup
 	$(BIN)/compress apply recipes/vit_strip_half_distill.yaml $(SHARED)/data/models/vit_cifar10 -o compressed/demo-distill --overwrite
