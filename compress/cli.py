@@ -343,7 +343,8 @@ app.add_typer(runtime_app, name="runtime")
 @runtime_app.command("prepare")
 def runtime_prepare(version: str = typer.Argument("1.16", help="an export.min_runtime value, e.g. 1.16"),
                     debug: bool = typer.Option(False, "--debug")):
-    """Install that onnxruntime into the cache ($COMPRESS_CACHE or ~/.cache/compress) while online."""
+    """Install that onnxruntime into the cache ($COMPRESS_CACHE or ~/.cache/compress) while online (`make setup` does
+    it for 1.16). The only command that downloads: `apply` finds it prepared or stops, naming this command."""
     with _errors(debug):
         from .runtimes import RUNTIMES, prepare
 

@@ -110,7 +110,7 @@ class ExportSpec(_Strict):
         "1.16", description="oldest onnxruntime every ONNX file must also run on (an isolated, cached install); "
                             "null = the installed one only")
     min_runtime_check: Literal["require", "warn"] = Field(
-        "require", description="min_runtime not installable (offline, not cached): fail (require) or skip with a warning")
+        "require", description="min_runtime not prepared (`compress runtime prepare`): fail (require) or skip with a warning")
     external_data_mb: float = Field(1800, ge=0, description="an ONNX file (model.onnx or a variant) whose weights exceed "
                                     "this goes out as NAME.onnx + NAME.onnx.data (protobuf cannot hold 2 GiB in one file)")
 

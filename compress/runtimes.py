@@ -1,5 +1,9 @@
 """Older onnxruntime releases, each installed once into its own cached venv, so every exported
-file is also run on the runtime the recipe promises (`export.min_runtime`), not only the newest."""
+file is also run on the runtime the recipe promises (`export.min_runtime`), not only the newest.
+
+Only `compress runtime prepare` (which `make setup` runs) installs one; a run finds it prepared or stops
+with one line saying how to prepare it, so a run never reaches the network. Heavy imports (torch through
+onnx_lean, onnxruntime) stay inside the functions that run files: `prepare` on a ready cache takes a blink."""
 from __future__ import annotations
 
 import os
@@ -10,14 +14,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import onnx
-import onnxruntime
-
 from .diskio import writing
 from .errors import InputError, VerificationError
 from .locks import scratch_dir
-from .onnx_lean import light
 
 
 @dataclass(frozen=True)
@@ -43,6 +42,7 @@ def version_tuple(v: str) -> tuple:
 
 
 def installed() -> str:
+    import onnxruntime
     return onnxruntime.__version__
 
 
@@ -105,15 +105,30 @@ def _pip_for(python: Path) -> list:
     return [sys.executable, "-m", "pip", "--python", str(python)] if _own_pip() else [str(python), "-m", "pip"]
 
 
-def prepare(min_runtime: str, log=print) -> OldRuntime:
-    """The cached venv for `min_runtime`, built from the package registry the first time (then reused)."""
+def _home(rt: Runtime) -> Path:
+    return cache_dir() / f"ort-{rt.release}"
+
+
+def find(min_runtime: str) -> OldRuntime:
+    """The prepared venv for `min_runtime`; never installs (a run must not reach the network): one line
+    saying how to prepare it when it is not there."""
     rt = RUNTIMES[min_runtime]
-    home = cache_dir() / f"ort-{rt.release}"
-    python = home / "bin" / "python"
-    how = (f"run `compress runtime prepare {min_runtime}` where the package registry is reachable, or set "
-           "export.min_runtime_check: warn (or export.min_runtime: null)")
+    home = _home(rt)
+    if not (home / ".ready").exists():
+        raise InputError(f"onnxruntime {rt.release} for export.min_runtime is not prepared in {home}; run "
+                         f"`compress runtime prepare {min_runtime}` (`make setup` does) where the package registry "
+                         "is reachable, or set export.min_runtime_check: warn (or export.min_runtime: null)")
+    return OldRuntime(rt.release, home / "bin" / "python", rt)
+
+
+def prepare(min_runtime: str, log=print) -> OldRuntime:
+    """The cached venv for `min_runtime`, built from the package registry the first time (then reused).
+    Only `compress runtime prepare` calls this: the one place that downloads."""
+    rt = RUNTIMES[min_runtime]
+    home = _home(rt)
+    how = f"run `compress runtime prepare {min_runtime}` again where the package registry is reachable"
     if (home / ".ready").exists():
-        return OldRuntime(rt.release, python, rt)
+        return find(min_runtime)
     base = _python_for(rt)
     if base is None:
         raise InputError(f"onnxruntime {rt.release} has wheels for Python 3.{'/3.'.join(map(str, rt.pythons))} only and "
@@ -131,30 +146,29 @@ def prepare(min_runtime: str, log=print) -> OldRuntime:
         if got != rt.release:
             raise subprocess.CalledProcessError(1, "pip", stderr=f"installed onnxruntime {got}")
         (tmp / ".ready").write_text(rt.release + "\n")
-        if not (home / ".ready").exists():  # else another process (a batch job) finished first: use that one
+        if not (home / ".ready").exists():  # else another process finished first: use that one
             shutil.rmtree(home, ignore_errors=True)  # a half-built venv from an interrupted run
             os.replace(tmp, home)  # a venv's python finds its packages relative to itself: it survives the rename
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if (home / ".ready").exists():
-            return OldRuntime(rt.release, python, rt)
+            return find(min_runtime)
         lines = (getattr(e, "stderr", None) or str(e)).strip().splitlines() or [""]
-        raise InputError(f"onnxruntime {rt.release} for export.min_runtime is not in {home} and could not be installed "
-                         f"({lines[-1][:160]}); {how}") from None
+        raise InputError(f"onnxruntime {rt.release} could not be installed into {home} ({lines[-1][:160]}); {how}") from None
     shutil.rmtree(tmp, ignore_errors=True)
-    return OldRuntime(rt.release, python, rt)
+    return find(min_runtime)
 
 
 def for_recipe(ex, log=print) -> OldRuntime | dict | None:
-    """The older runtime every file must also run on; None when the installed one is that old;
-    {onnxruntime, skipped: why} when it is missing and the recipe says to warn instead of failing."""
+    """The older runtime every file must also run on, as prepared (never installed here); None when the installed
+    one is that old; {onnxruntime, skipped: why} when it is missing and the recipe says to warn instead of failing."""
     if ex.min_runtime is None or "onnx" not in ex.formats:
         return None
     rt = RUNTIMES[ex.min_runtime]
     if version_tuple(installed()) <= version_tuple(rt.release):
         return None
     try:
-        return prepare(ex.min_runtime, log)
+        return find(ex.min_runtime)
     except InputError as e:
         if ex.min_runtime_check == "require":
             raise
@@ -164,6 +178,8 @@ def for_recipe(ex, log=print) -> OldRuntime | dict | None:
 
 def static_check(path: Path, name: str, rt: Runtime, version: str) -> None:
     """IR version and ai.onnx opset of the file against what the runtime reads: a clear line before running it."""
+    from .onnx_lean import light  # torch comes with it: only a run that has files to check pays for it
+
     m = light(path)
     opset = max((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), default=0)
     if m.ir_version > rt.ir or opset > rt.opset:
@@ -175,6 +191,8 @@ def static_check(path: Path, name: str, rt: Runtime, version: str) -> None:
 
 def run(old: OldRuntime, path: Path, name: str, x: np.ndarray, threads: int) -> np.ndarray:
     """Run the file in the isolated runtime; a runtime that refuses it fails the variant (file deleted)."""
+    import numpy as np
+
     static_check(path, name, old.limits, old.version)
     runner = Path(__file__).with_name("ort_runner.py")
     with scratch_dir("compress-ort-") as tmp:  # swept by a later run if this one is killed

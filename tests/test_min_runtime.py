@@ -1,19 +1,22 @@
 """export.min_runtime: every ONNX file also runs on an isolated onnxruntime 1.16.3 (built once into the
-cache from the package registry), at each variant's own tolerance; unmet recipes fail before any work."""
+cache from the package registry by `compress runtime prepare`, which `make setup` runs; a run never installs),
+at each variant's own tolerance; unmet recipes fail before any work."""
 from __future__ import annotations
 
 import json
 import os
+import subprocess
 
 import numpy as np
 import pytest
 import torch
 
 from compress import runtimes
+from compress.errors import InputError
 from compress.load import load, load_compressed
 from compress.pipeline import apply
-from compress.recipe import load_recipe
-from tests.conftest import CIFAR_TRAIN, RESNET_TEACHER, VIT_TEACHER, need_shared, run_cli, write_recipe
+from compress.recipe import ExportSpec, load_recipe
+from tests.conftest import CIFAR_TRAIN, REPO, RESNET_TEACHER, VIT_TEACHER, need_shared, run_cli, write_recipe
 
 OLD = runtimes.RUNTIMES["1.16"].release
 TOL = {"fp32": 1e-4, "fp16": 1e-2}  # max |Δlogit| relative to the logit scale (recipe defaults); int8: agreement
@@ -29,7 +32,7 @@ def test_every_variant_of_the_shared_teachers_runs_on_onnxruntime_1_16(tmp_path,
         "report: {latency: null, eval_data: null}\n"))
     out = tmp_path / "out"
     record = apply(load_recipe(recipe), str(teacher), out, log=lambda _: None)
-    old = runtimes.prepare("1.16")  # the cached venv the run used
+    old = runtimes.find("1.16")  # the cached venv the run used
     student = load(str(teacher), None).model  # no passes: the student is the teacher, exported four ways
     x = torch.from_numpy(np.random.default_rng(0).normal(size=(8, *record["input_size"])).astype(np.float32))
     with torch.no_grad():
@@ -87,7 +90,49 @@ def test_offline_and_not_cached_fails_in_one_line_saying_how_to_prepare(tmp_path
     assert res.returncode == 2, res.stderr
     line = res.stderr.strip()
     assert "\n" not in line and "compress runtime prepare 1.16" in line and "min_runtime_check: warn" in line, line
-    assert not (tmp_path / "out").exists() and not list((tmp_path / "cache").iterdir())  # no half-built venv left
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()  # nothing was even tried
+
+
+def test_apply_never_installs_even_where_the_registry_is_reachable(tmp_path, vit_dir, monkeypatch):
+    """The network is not cut here: a run that tried pip or venv would get as far as calling them."""
+    real = subprocess.run
+
+    def forbid(cmd, *a, **kw):
+        assert not any(w in map(str, cmd) for w in ("pip", "venv")), f"apply tried to install: {cmd}"
+        return real(cmd, *a, **kw)
+
+    monkeypatch.setattr(subprocess, "run", forbid)
+    monkeypatch.setenv("COMPRESS_CACHE", str(tmp_path / "cache"))
+    recipe = write_recipe(tmp_path / "r.yaml", "version: 1\nreport: {latency: null}\n")
+    with pytest.raises(InputError, match=r"not prepared in .*`compress runtime prepare 1\.16`"):
+        apply(load_recipe(recipe), str(vit_dir), tmp_path / "out", log=lambda _: None)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
+def test_prepare_is_the_installer_and_says_so_in_one_line_when_offline(tmp_path):
+    res = _cli("runtime", "prepare", "1.16", env=_offline(tmp_path))
+    assert res.returncode == 2, res.stderr
+    line = res.stderr.strip()
+    assert "\n" not in line and "could not be installed" in line and "compress runtime prepare 1.16" in line, line
+    assert not list((tmp_path / "cache").iterdir())  # no half-built venv left
+
+
+def test_prepare_on_a_prepared_cache_installs_nothing(tmp_path):
+    """`make setup` runs it every time: where the runtime is there it only says so (no pip, works offline)."""
+    home = tmp_path / "cache" / f"ort-{OLD}"
+    home.mkdir(parents=True)
+    (home / ".ready").write_text(OLD + "\n")
+    res = _cli("runtime", "prepare", "1.16", env=_offline(tmp_path))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == f"onnxruntime {OLD} ready: {home / 'bin' / 'python'}"
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [f"ort-{OLD}"]
+
+
+def test_make_setup_prepares_the_runtime_apply_needs():
+    """CI runs `make test` on a fresh clone: the runtime must come with setup, not with the first apply."""
+    plan = subprocess.run(["make", "-n", "setup"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert "compress runtime prepare 1.16" in plan
+    assert ExportSpec().min_runtime == "1.16"  # the release setup prepares is the default one
 
 
 def test_warn_skips_the_old_runtime_and_the_report_says_so(tmp_path, vit_dir):
