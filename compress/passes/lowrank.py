@@ -13,6 +13,7 @@ from pydantic import Field, PositiveInt, model_validator
 from torch import nn
 
 from ..adapters.base import set_module
+from ..adapters.generic import structural_layers
 from ..errors import InputError
 from ..limits import release
 from ..rsslog import mark
@@ -333,7 +334,7 @@ def _prepare(model, chosen: dict, layers: dict, cfg: LowRankConfig, calib) -> tu
     return weight, cands, ref, skipped
 
 
-@register_pass("lowrank", LowRankConfig, families={"vit", "resnet"}, input_logits=True,
+@register_pass("lowrank", LowRankConfig, families={"vit", "resnet", "other"}, input_logits=True,
                summary="factorise Linear/conv layers at ranks fitted to the outputs' principal directions (approximate)")
 def lowrank(model, adapter, cfg: LowRankConfig, ctx: PassContext) -> PassResult:
     listed = adapter.layers(model)  # converts the family's blocks first, so the names resolve
@@ -341,6 +342,10 @@ def lowrank(model, adapter, cfg: LowRankConfig, ctx: PassContext) -> PassResult:
         for name, info in ctx.replay["layers"].items():
             _replace(model, name, model.get_submodule(name), None, info["rank"])
         return PassResult(model, [], ctx.replay)
+    # the family's names first, then every other plain layer the forward calls, found by structure (a hybrid ViT's
+    # ResNet stem, a squeeze-excite's convs, a model no family knows): lowrank is layer-level, for any model
+    known = {n for n, _ in listed}
+    listed = listed + [(n, k) for n, k in structural_layers(model, ctx.calib[:1]) if n not in known]
     chosen = {n: model.get_submodule(n) for n, kind in listed if kind in cfg.layers}
     kinds = {n: kind for n, kind in listed}
     if not chosen:
@@ -377,7 +382,7 @@ def lowrank(model, adapter, cfg: LowRankConfig, ctx: PassContext) -> PassResult:
         details["allocate"] = allocate
     if compared is not None:
         details["allocate_kl"] = compared
-    changes = []
+    changes, selected = [], len(chosen)  # chosen empties below, as each original is dropped
     with torch.no_grad():
         for n, r in ranks.items():  # each original dropped as it is replaced: no second copy of those layers' weights
             c, m = cands[n], layers.pop(n)
@@ -396,6 +401,6 @@ def lowrank(model, adapter, cfg: LowRankConfig, ctx: PassContext) -> PassResult:
     how = f"{cfg.method}, {allocate} allocation" if cfg.target is not None else cfg.method
     if compared is not None:
         how += " (auto: calibration KL " + ", ".join(f"{k} {v:.4g}" for k, v in compared.items()) + ")"
-    head = f"factorised {len(ranks)} of {len(chosen)} selected layers ({how}): their params {p0:,} -> {p1:,}"
+    head = f"factorised {len(ranks)} of {selected} selected layers ({how}): their params {p0:,} -> {p1:,}"
     return PassResult(model, [head, *changes, *(f"{n}: not factorised, {why}" for n, why in skipped.items())], details,
                       logits=seen, input_logits=ref)
