@@ -131,3 +131,14 @@ def test_extra_forward_arguments_do_not_reach_the_exporter(tmp_path):
     with torch.no_grad():
         np.testing.assert_allclose(model(x).numpy(), got, atol=1e-4)
     assert "forward" not in vars(model)
+
+
+def test_width_on_grouped_convs_names_lowrank_in_one_line():
+    torch.manual_seed(0)
+    model = timm.create_model("resnext50_32x4d", pretrained=False, num_classes=5, layers=[1, 1, 1, 1]).eval()
+    from compress.passes.width import WidthConfig, width
+    from compress.registry import PassContext
+
+    with pytest.raises(InputError, match="grouped convs .* lowrank is the pass") as e:
+        width(model, detect(model), WidthConfig(target=0.5, scope="model"), PassContext(torch.randn(2, 3, 32, 32)))
+    assert "\n" not in str(e.value)

@@ -365,8 +365,11 @@ def width(model, adapter, cfg: WidthConfig, ctx: PassContext) -> PassResult:
     full = {g.name: g.full for g, _ in found}
     found = [(g, c) for g, c in found if g.kind in cfg.layers]
     if not found:
+        grouped = sum(isinstance(m, nn.Conv2d) and m.groups > 1 for m in model.modules())
+        why = (f"; its {grouped} grouped convs (ResNeXt-style) are not narrowed by width: lowrank is the pass for this "
+               "model (it factorises the 1x1 convs around them)" if grouped else "")
         raise InputError(f"width: this {adapter.name} model has no widths of kinds {cfg.layers} that the pass can narrow "
-                         f"(ViT: mlp, qk, vo; ResNet: conv, residual)")
+                         f"(ViT: mlp, qk, vo; ResNet: conv, residual){why}")
     groups = [g for g, _ in found]
     cuts = {g.name: c for g, c in found}
     cost = _coster(groups, links, full, cfg.budget)
