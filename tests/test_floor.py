@@ -87,20 +87,20 @@ def test_export_lowrank_and_reload_on_a_generic_model(tmp_path, relpos_dir):
 
 
 def test_block_pass_on_a_generic_model_is_one_line_or_skipped(tmp_path, relpos_dir):
-    recipe = write_recipe(tmp_path / "r.yaml", "version: 1\npasses:\n  - width: {target: 0.5, scope: model}\n"
+    recipe = write_recipe(tmp_path / "r.yaml", "version: 1\npasses:\n  - qk_merge: {mode: exact}\n"
                                                "report: {latency: null}\n")
     res = run_cli("apply", recipe, relpos_dir, "-o", tmp_path / "out")
     assert res.returncode == 2, res.stderr
     line = res.stderr.strip().splitlines()[-1]
-    assert line.startswith("error: pass 'width'") and "RelPosBlock" in line and "lowrank" in line
+    assert line.startswith("error: pass 'qk_merge'") and "RelPosBlock" in line and "lowrank, width" in line
     assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
-    rec = parse_recipe({"version": 1, "skip_inapplicable": True, "passes": [{"width": {"target": 0.5}}],
+    rec = parse_recipe({"version": 1, "skip_inapplicable": True, "passes": [{"vo": {"mode": "fold"}}],
                         "report": {"latency": None}})
     record = apply(rec, str(relpos_dir), tmp_path / "out2", log=lambda m: None)
-    assert record["passes"][0]["skipped"].startswith("pass 'width' needs")
+    assert record["passes"][0]["skipped"].startswith("pass 'vo' needs")
 
 
-def test_parallel_blocks_fall_to_the_generic_adapter_and_refuse_width_in_one_line():
+def test_parallel_blocks_fall_to_the_generic_adapter():
     model = _seeded("vit_small_patch16_18x2_224", SMALL)
     assert detect(model) is GENERIC  # a VisionTransformer, but its blocks are not the standard Block
     with pytest.raises(InputError, match="ParallelThingsBlock"):

@@ -19,6 +19,7 @@ from ..modules import SeparateQK, SeparateVO
 from ..probe import capture, kl
 from ..registry import PassConfig, PassContext, PassResult, register_pass
 from ._scope import layer_share, whole_cost
+from ._width_mlp import mlp_width
 from ._width_groups import Group, Link, QKCut, SelectCut, Stream, StreamCut, VOCut, refit_reader
 
 Kind = Literal["mlp", "qk", "vo", "conv", "residual"]
@@ -352,10 +353,12 @@ def _cut(model, blocks, found, widths: dict[str, int], calib) -> dict[str, float
     return errors
 
 
-@register_pass("width", WidthConfig, families={"vit", "resnet"},
+@register_pass("width", WidthConfig, families={"vit", "resnet", "other"},
                summary="narrower dense layers: keep MLP units / head dims / inner channels, refit by least squares",
                fits_batchnorm=True)  # a refit conv's fitted constant lives in its BatchNorm's running mean
 def width(model, adapter, cfg: WidthConfig, ctx: PassContext) -> PassResult:
+    if adapter.family == "other":  # no family: the MLPs found by structure (_width_mlp.py)
+        return mlp_width(model, adapter, cfg, ctx)
     blocks, found, links = _groups(model, adapter, ctx.calib, cfg)
     if ctx.replay is not None:  # rebuild the recorded widths; the weights are loaded afterwards
         cuts = {g.name: c for g, c in found}
