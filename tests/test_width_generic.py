@@ -7,7 +7,6 @@ import copy
 import numpy as np
 import onnxruntime as ort
 import pytest
-import timm
 import torch
 from timm.layers import SwiGLU
 
