@@ -15,9 +15,9 @@ def instead(model_family: str, exclude: str) -> str:
 
 def inapplicable(name: str, spec, adapter, model: nn.Module, note: str | None = None) -> str:
     need = "/".join(sorted(spec.families))
-    why = f": {note}" if note and adapter.family == "other" else ""
-    return (f"pass '{name}' needs {need} blocks; this {type(model).__name__} ({adapter.name}) has module types "
-            f"{module_types(model)}{why}; passes that apply: {instead(adapter.family, name)}")
+    seen = note if note and adapter.family == "other" else f"module types of this {type(model).__name__}: {module_types(model)}"
+    return (f"pass '{name}' does not apply to {adapter.name} models (it needs family {need}); {seen}; "
+            f"passes that apply: {instead(adapter.family, name)}")
 
 
 def unexpected(name: str, model: nn.Module, e: Exception) -> str:

@@ -92,12 +92,13 @@ def test_block_pass_on_a_generic_model_is_one_line_or_skipped(tmp_path, relpos_d
     res = run_cli("apply", recipe, relpos_dir, "-o", tmp_path / "out")
     assert res.returncode == 2, res.stderr
     line = res.stderr.strip().splitlines()[-1]
-    assert line.startswith("error: pass 'qk_merge'") and "RelPosBlock" in line and "lowrank, width" in line
+    assert line.startswith("error: pass 'qk_merge' does not apply to generic models") and "RelPosBlock" in line
+    assert "passes that apply: lowrank, width" in line
     assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
     rec = parse_recipe({"version": 1, "skip_inapplicable": True, "passes": [{"vo": {"mode": "fold"}}],
                         "report": {"latency": None}})
     record = apply(rec, str(relpos_dir), tmp_path / "out2", log=lambda m: None)
-    assert record["passes"][0]["skipped"].startswith("pass 'vo' needs")
+    assert record["passes"][0]["skipped"].startswith("pass 'vo' does not apply")
 
 
 def test_parallel_blocks_fall_to_the_generic_adapter():

@@ -60,7 +60,8 @@ def _called(model: nn.Module, sample: torch.Tensor) -> list[str] | None:
 def structural_layers(model: nn.Module, sample: torch.Tensor) -> list[tuple[str, str]]:
     """Every plain Linear / Conv2d the forward calls, by kind, from structure alone: attn (inside a module named
     like attention or holding a head count), mlp (other Linears inside repeated blocks), stem (convs called
-    before any repeated block), conv (other convs), head (the last layer called, a Linear or 1x1 conv).
+    before any repeated block, or the first conv of a model without), conv (other convs), head (the last layer
+    called, a Linear or 1x1 conv).
     Linears outside the blocks other than the head are left out (a pre-logits layer, a pooling query)."""
     called = _called(model, sample)
     if not called:
@@ -79,7 +80,8 @@ def structural_layers(model: nn.Module, sample: torch.Tensor) -> list[tuple[str,
         elif _ATTN.search(n) or any(n.startswith(h + ".") for h in heads):
             kind = "attn" if isinstance(m, nn.Linear) else "conv"
         elif isinstance(m, nn.Conv2d):
-            kind = "stem" if i < first_block else "conv"
+            # no repeated blocks (a flat CNN): only the conv on the input is the stem
+            kind = "stem" if (i < first_block if first_block < len(called) else i == 0) else "conv"
         else:
             kind = "mlp" if inside[n] else None
         if kind is not None:
