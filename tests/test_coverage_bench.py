@@ -23,11 +23,11 @@ def test_summary_counts_a_rewrite_only_within_the_budget_and_shows_each_failure(
             _row("c", "vit", {}, build_error="TypeError: no such arg")]
     s = summarise(rows)
     assert s == {"architectures": 3, "built": 2, "export_ok": 2, "width_or_lowrank_ok": 1, "family_entries": 2,
-                 "flops_target_ok": 0, "exit_1_or_3": 1, "pending": 0}
+                 "flops_target_ok": None, "exit_1_or_3": 1, "pending": 0}  # no flops recipe ran: not a 0
     md = render(rows, {"summary": s, "date": "d", "commit": "c", "machine": "m", "minutes": 1.0},
                 ["export", "width", "lowrank"])
     assert "| a | X | ✔ 1.000 | ✔ 0.490 | exit 2: error: no / layers |" in md  # a '|' in the line would split the cell
-    assert "⚠ 0.600" in md and "exit 1: internal error: boom" in md and "not built: TypeError" in md
+    assert "flops: 0.5}`: not run" in md and "⚠ 0.600" in md and "exit 1: internal error: boom" in md and "not built: TypeError" in md
 
 
 def test_the_harness_covers_forty_architectures_and_each_family_in_quick():
