@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from benchmarks.coverage import CASES, render, summarise
+from benchmarks.coverage import CASES, ok, render, summarise
 from tests.conftest import REPO
 
 
@@ -38,7 +38,7 @@ def test_the_harness_covers_forty_architectures_and_each_family_in_quick():
 
 @pytest.mark.slow
 def test_coverage_quick_converts_one_model_per_family(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "benchmarks.coverage", "--quick", "--recipes", "export,lowrank",
+    res = subprocess.run([sys.executable, "-m", "benchmarks.coverage", "--quick", "--recipes", "export,width,lowrank",
                           "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=1200)
     assert res.returncode == 0, res.stderr[-3000:]
     data = json.loads((tmp_path / "coverage.json").read_text())
@@ -47,7 +47,7 @@ def test_coverage_quick_converts_one_model_per_family(tmp_path):
         assert "build_error" not in row, row
         assert row["cells"]["export"]["rc"] == 0, row
         assert row["cells"]["export"]["flops"] == pytest.approx(1.0)
-        assert row["cells"]["lowrank"]["rc"] == 0, row
-        assert abs(row["cells"]["lowrank"]["flops"] - 0.5) <= 0.02, row
+        assert all(c["rc"] in (0, 2) for c in row["cells"].values()), row  # never a crash or a failed verification
+        assert ok(row["cells"]["width"], True) or ok(row["cells"]["lowrank"], True), row  # the acceptance's bar
     md = (tmp_path / "COVERAGE.md").read_text()
     assert all(row["label"] in md for row in data["rows"])
