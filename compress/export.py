@@ -18,6 +18,7 @@ from .limits import release
 from .rsslog import mark
 from .errors import VerificationError
 from .metrics import fidelity, ort_run, ort_session
+from .frozen import one_input
 from .fuse import fused_qkv
 from .onnx_lean import NotLean, export_lean, light
 
@@ -57,11 +58,12 @@ def to_onnx(model: nn.Module, path: Path, input_size, *, opset: int, dynamic_bat
     mode = torch.onnx.TrainingMode.EVAL if fold_batchnorm else torch.onnx.TrainingMode.PRESERVE  # model is in eval
     if lean is not None:
         try:
-            return export_lean(model, path, sample, opset=opset, axes=axes, mode=mode, external=lean)
+            with one_input(model):
+                return export_lean(model, path, sample, opset=opset, axes=axes, mode=mode, external=lean)
         except NotLean:  # a plain export below
             for f in path.parent.iterdir():
                 f.unlink()
-    with warnings.catch_warnings(), torch.no_grad(), fused_qkv(model):  # one qkv MatMul per block (fuse.py)
+    with warnings.catch_warnings(), torch.no_grad(), fused_qkv(model), one_input(model):  # one qkv MatMul per block (fuse.py)
         warnings.simplefilter("ignore")
         torch.onnx.export(model.eval(), (sample,), str(path), dynamo=False, opset_version=opset, training=mode,
                           input_names=["input"], output_names=["logits"], dynamic_axes=axes)

@@ -21,6 +21,7 @@ from . import checkpoint, sources
 from .adapters import Adapter, detect
 from .data import resolve_preprocess
 from .errors import InputError, read_json
+from .frozen import freeze_weight_norm_convs
 from .sources import hf, user
 from .sources import torchvision as tv
 from .sources.common import Converted, fit
@@ -68,6 +69,10 @@ def _data_cfg(model: nn.Module, adapter: Adapter, pretrained_cfg: dict | None, i
 def load(ckpt: str, spec: ModelSpec | None = None) -> Loaded:
     """`_load`, then the recipe's model.preprocess (and the model's channel count) on top of what the checkpoint said."""
     loaded = _load(ckpt, spec)
+    frozen = freeze_weight_norm_convs(loaded.model)
+    if frozen:
+        loaded.source["frozen"] = (f"{len(frozen)} weight-standardised convs computed once into plain convs "
+                                   "(exact: their weight does not depend on the input)")
     chans = next((m.in_channels for m in loaded.model.modules() if isinstance(m, nn.Conv2d)), None)
     pre = spec.preprocess if spec is not None else None
     loaded.data_cfg, notes = resolve_preprocess(loaded.data_cfg, chans, pre)
@@ -263,6 +268,7 @@ def load_compressed(path: str | Path) -> nn.Module:
     else:
         model = create(_timm_name(meta["source_arch"]), kwargs.pop("num_classes", None), kwargs.pop("img_size", None), kwargs)
         adapter = detect(model)
+    freeze_weight_norm_convs(model)  # as `load` did before the passes ran
     structure = json.loads(meta.get("structure", "null")) or [{} for _ in recipe.steps]
     for step, details in zip(recipe.steps, structure):
         spec = get_pass(step.name)

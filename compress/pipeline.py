@@ -36,6 +36,7 @@ from .metrics import count_flops, count_params, evaluate, fidelity, latency_chil
 from .modules import learned_parameters
 from .recipe import Recipe
 from .registry import PassContext, get_pass
+from .applicable import inapplicable, unexpected
 from .report import int8_control, machine_info, write_reports
 from .rsslog import mark
 
@@ -97,8 +98,7 @@ def rewrite(loaded, recipe: Recipe, calib, log, inplace: bool = False, ref: torc
     for i, step in enumerate(recipe.steps):
         spec = get_pass(step.name)
         if adapter.family not in spec.families:
-            msg = (f"pass '{step.name}' does not apply to {adapter.name} models (it needs family "
-                   f"{'/'.join(sorted(spec.families))})" + (f": {loaded.source['note']}" if adapter.family == "other" else ""))
+            msg = inapplicable(step.name, spec, adapter, student, loaded.source.get("note"))
             if not recipe.skip_inapplicable:
                 raise InputError(f"{msg}; remove it from the recipe or set skip_inapplicable: true")
             log(f"skipped {step.name}: {msg}")
@@ -112,6 +112,8 @@ def rewrite(loaded, recipe: Recipe, calib, log, inplace: bool = False, ref: torc
             result = spec.fn(student, adapter, step.config, PassContext(calib))
         except InputError as e:
             raise InputError(f"recipe passes[{i}]: {e}") from None
+        except AttributeError as e:  # a structure the pass was not written for (a block without .attn)
+            raise InputError(f"recipe passes[{i}]: {unexpected(step.name, student, e)}") from None
         student = result.model.eval()
         if ref is None:  # the first pass ran the teacher's forward (PassSpec.input_logits)
             if result.input_logits is None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .applicable import inapplicable
 from .data import calibration_batch
 from .diskio import writing
 from .errors import InputError, TargetError, VerificationError
@@ -128,7 +129,7 @@ class Candidates:
         for i, step in enumerate(recipe.steps):
             spec = get_pass(step.name)
             if self.loaded.adapter.family not in spec.families:
-                raise InputError(f"pass '{step.name}' does not apply to {self.loaded.adapter.name} models")
+                raise InputError(inapplicable(step.name, spec, self.loaded.adapter, student))
             memo = self.memos.setdefault(json.dumps(raw[:i], sort_keys=True), {}) if self.memos is not None else None
             student = spec.fn(student, self.loaded.adapter, step.config, PassContext(self.calib, memo=memo)).model.eval()
         with torch.no_grad():

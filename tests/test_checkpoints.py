@@ -190,11 +190,15 @@ def test_grayscale_28px_model_with_own_preprocessing(tmp_path):
     assert rep["input_size"] == [1, 28, 28] and rep["source"]["preprocess"]["std"] == [0.5]
     assert "3 class folders but the model has 10 outputs" in rep["summary"]["eval"]["warning"]
     assert any(line.startswith("warning: ") and "10 outputs" in line for line in lines)
-    # no recognised blocks: it loads, exports and distills; a block pass refuses, naming the module types seen
+    # no recognised blocks: it loads, exports and distills; a block pass refuses, naming the module types seen;
+    # lowrank works on its plain layers, found by structure
     assert "module types seen: AdaptiveAvgPool2d, BatchNorm2d, Conv2d" in rep["source"]["note"]
-    with pytest.raises(InputError, match="pass 'lowrank' does not apply .*module types seen: .*MaxPool2d"):
-        apply(parse_recipe({**recipe, "passes": [{"lowrank": {"rank": 4}}], "distill": None}), str(ckpt), tmp_path / "o2",
+    with pytest.raises(InputError, match="pass 'vo' does not apply .*module types seen: .*MaxPool2d.*apply: lowrank"):
+        apply(parse_recipe({**recipe, "passes": [{"vo": {"mode": "fold"}}], "distill": None}), str(ckpt), tmp_path / "o2",
               log=lambda *_: None)
+    low = apply(parse_recipe({**recipe, "passes": [{"lowrank": {"rank": 4}}], "distill": None}), str(ckpt),
+                tmp_path / "o3", log=lambda *_: None)
+    assert low["passes"][0]["details"]["layers"]
     convert(tmp_path, ckpt, spec, m, (1, 28, 28), name="plain")
 
 

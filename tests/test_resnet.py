@@ -38,7 +38,8 @@ def test_resnet_refuses_vit_passes_by_name(tmp_path):
     res = run_cli("apply", recipe, ckpt, "-o", tmp_path / "out")
     assert res.returncode == 2
     assert res.stderr.strip() == ("error: pass 'mlp_strip' does not apply to timm-resnet models (it needs family vit); "
-                                  "remove it from the recipe or set skip_inapplicable: true")
+                                  "module types of this ResNet: ResNet, BasicBlock, SelectAdaptivePool2d; passes that "
+                                  "apply: lowrank, tie_rowcol, width; remove it from the recipe or set skip_inapplicable: true")
     assert not (tmp_path / "out").exists()
 
 

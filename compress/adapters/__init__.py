@@ -1,10 +1,10 @@
-"""Family adapters; `detect` picks the one that recognises a model."""
+"""Family adapters; `detect` picks the one that recognises a model, else the generic floor."""
 from __future__ import annotations
 
 from torch import nn
 
-from ..errors import InputError
 from .base import Adapter
+from .generic import GenericAdapter
 from .timm_resnet import TimmResNetAdapter
 from .timm_vit import TimmViTAdapter
 
@@ -12,8 +12,9 @@ ADAPTERS: list[Adapter] = [TimmViTAdapter(), TimmResNetAdapter()]
 
 
 def detect(model: nn.Module) -> Adapter:
-    for a in ADAPTERS:
-        if a.matches(model):
-            return a
-    raise InputError(f"model class {type(model).__name__} matches no known family "
-                     f"(known: {', '.join(a.name for a in ADAPTERS)})")
+    """The family adapter that recognises `model`; a model no family knows still loads, exports, distills and
+    takes layer-level passes (GenericAdapter); only the passes that rewrite blocks refuse it."""
+    return next((a for a in ADAPTERS if a.matches(model)), GENERIC)
+
+
+GENERIC = GenericAdapter()

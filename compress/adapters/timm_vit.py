@@ -39,19 +39,25 @@ def _plain_layer(model: nn.Module, name: str) -> bool:
     return type(m) in (nn.Linear, nn.Conv2d)
 
 
+def _standard(blk: nn.Module) -> bool:
+    return isinstance(blk, ViTBlock) or (type(blk) is TimmBlock and type(getattr(blk, "attn", None)) is TimmAttention)
+
+
 class TimmViTAdapter:
     name = "timm-vit"
     family = "vit"
 
     def matches(self, model: nn.Module) -> bool:
-        return isinstance(model, VisionTransformer)
+        """A timm VisionTransformer whose blocks are all the standard pre-norm Block with standard Attention;
+        other block types (parallel blocks, ...) fall to the generic adapter, so they still load and export."""
+        return isinstance(model, VisionTransformer) and all(_standard(b) for b in model.blocks)
 
     def vit_blocks(self, model: VisionTransformer) -> list[ViTBlock]:
         for i, blk in enumerate(model.blocks):
             if isinstance(blk, ViTBlock):
                 continue
-            if type(blk) is not TimmBlock or type(blk.attn) is not TimmAttention:
-                raise InputError(f"blocks.{i}: timm block type {type(blk).__name__}/{type(blk.attn).__name__} "
+            if not _standard(blk):
+                raise InputError(f"blocks.{i}: timm block type {type(blk).__name__}/{type(getattr(blk, 'attn', None)).__name__} "
                                  "is not supported by the passes (only pre-norm Block with standard Attention)")
             model.blocks[i] = ViTBlock(blk.norm1, _convert_attention(blk.attn, f"blocks.{i}"), blk.ls1,
                                        blk.drop_path1, blk.norm2, blk.mlp, blk.ls2, blk.drop_path2)

@@ -13,6 +13,7 @@ from pydantic import Field, PositiveInt, model_validator
 from torch import nn
 
 from ..adapters.base import set_module
+from ..adapters.generic import structural_layers
 from ..errors import InputError
 from ..limits import release
 from ..rsslog import mark
@@ -333,7 +334,7 @@ def _prepare(model, chosen: dict, layers: dict, cfg: LowRankConfig, calib) -> tu
     return weight, cands, ref, skipped
 
 
-@register_pass("lowrank", LowRankConfig, families={"vit", "resnet"}, input_logits=True,
+@register_pass("lowrank", LowRankConfig, families={"vit", "resnet", "other"}, input_logits=True,
                summary="factorise Linear/conv layers at ranks fitted to the outputs' principal directions (approximate)")
 def lowrank(model, adapter, cfg: LowRankConfig, ctx: PassContext) -> PassResult:
     listed = adapter.layers(model)  # converts the family's blocks first, so the names resolve
@@ -341,6 +342,10 @@ def lowrank(model, adapter, cfg: LowRankConfig, ctx: PassContext) -> PassResult:
         for name, info in ctx.replay["layers"].items():
             _replace(model, name, model.get_submodule(name), None, info["rank"])
         return PassResult(model, [], ctx.replay)
+    # the family's names first, then every other plain layer the forward calls, found by structure (a hybrid ViT's
+    # ResNet stem, a squeeze-excite's convs, a model no family knows): lowrank is layer-level, for any model
+    known = {n for n, _ in listed}
+    listed = listed + [(n, k) for n, k in structural_layers(model, ctx.calib[:1]) if n not in known]
     chosen = {n: model.get_submodule(n) for n, kind in listed if kind in cfg.layers}
     kinds = {n: kind for n, kind in listed}
     if not chosen:

@@ -19,6 +19,7 @@ from ..modules import SeparateQK, SeparateVO
 from ..probe import capture, kl
 from ..registry import PassConfig, PassContext, PassResult, register_pass
 from ._scope import layer_share, whole_cost
+from ._width_mlp import mlp_width
 from ._width_groups import Group, Link, QKCut, SelectCut, Stream, StreamCut, VOCut, refit_reader
 
 Kind = Literal["mlp", "qk", "vo", "conv", "residual"]
@@ -352,10 +353,12 @@ def _cut(model, blocks, found, widths: dict[str, int], calib) -> dict[str, float
     return errors
 
 
-@register_pass("width", WidthConfig, families={"vit", "resnet"},
+@register_pass("width", WidthConfig, families={"vit", "resnet", "other"},
                summary="narrower dense layers: keep MLP units / head dims / inner channels, refit by least squares",
                fits_batchnorm=True)  # a refit conv's fitted constant lives in its BatchNorm's running mean
 def width(model, adapter, cfg: WidthConfig, ctx: PassContext) -> PassResult:
+    if adapter.family == "other":  # no family: the MLPs found by structure (_width_mlp.py)
+        return mlp_width(model, adapter, cfg, ctx)
     blocks, found, links = _groups(model, adapter, ctx.calib, cfg)
     if ctx.replay is not None:  # rebuild the recorded widths; the weights are loaded afterwards
         cuts = {g.name: c for g, c in found}
@@ -365,8 +368,11 @@ def width(model, adapter, cfg: WidthConfig, ctx: PassContext) -> PassResult:
     full = {g.name: g.full for g, _ in found}
     found = [(g, c) for g, c in found if g.kind in cfg.layers]
     if not found:
+        grouped = sum(isinstance(m, nn.Conv2d) and m.groups > 1 for m in model.modules())
+        why = (f"; its {grouped} grouped convs (ResNeXt-style) are not narrowed by width: lowrank is the pass for this "
+               "model (it factorises the 1x1 convs around them)" if grouped else "")
         raise InputError(f"width: this {adapter.name} model has no widths of kinds {cfg.layers} that the pass can narrow "
-                         f"(ViT: mlp, qk, vo; ResNet: conv, residual)")
+                         f"(ViT: mlp, qk, vo; ResNet: conv, residual){why}")
     groups = [g for g, _ in found]
     cuts = {g.name: c for g, c in found}
     cost = _coster(groups, links, full, cfg.budget)

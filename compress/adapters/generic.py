@@ -1,0 +1,137 @@
+"""Any nn.Module: the floor under every family. No blocks (passes that rewrite blocks refuse it), but its
+Linear / Conv2d layers found by structure, so layer-level passes (lowrank) apply to any model."""
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from ..errors import InputError
+
+# a layer inside a module named like this, or inside one that knows its head count, is attention
+_ATTN = re.compile(r"(^|[._])(attn|attention|self_attn|mha)([._]|$)", re.I)
+_CONTAINERS = ("Sequential", "ModuleList", "ModuleDict")
+
+
+def module_types(model: nn.Module, limit: int = 8) -> str:
+    """The distinct module types, most specific first (no containers, no torch built-ins when others exist)."""
+    seen = [t for t in dict.fromkeys(type(m) for m in model.modules()) if t.__name__ not in _CONTAINERS]
+    own = [t for t in seen if not t.__module__.startswith("torch.")] or seen
+    names = [t.__name__ for t in own]
+    return ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
+
+
+def _block_lists(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """ModuleList / Sequential containers of >= 2 modules of one type: the model's repeated blocks."""
+    out = []
+    for n, m in model.named_modules():
+        if isinstance(m, (nn.ModuleList, nn.Sequential)) and len(m) >= 2 and len({type(c) for c in m}) == 1:
+            if not isinstance(m[0], (nn.Linear, nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.GELU, nn.Dropout, nn.Identity)):
+                out.append((n, m))
+    return out
+
+
+def _called(model: nn.Module, sample: torch.Tensor) -> list[str] | None:
+    """Names of the plain Linear / Conv2d modules whose __call__ runs in a forward, in call order: a layer a parent
+    reads `.weight` of (timm Beit's qkv under F.linear) cannot be replaced by a factorised pair. None when the
+    probe forward fails."""
+    hit, hooks = {}, []
+
+    def seen(name):
+        def hook(mod, inp, out):  # returns None: the output stays as it is
+            hit.setdefault(name, len(hit))
+        return hook
+
+    for n, m in model.named_modules():
+        if type(m) in (nn.Linear, nn.Conv2d):
+            hooks.append(m.register_forward_hook(seen(n)))
+    try:
+        with torch.no_grad():
+            model.forward(sample)  # one image; the model's own hooks are not a forward of its logits
+    except Exception:  # noqa: BLE001 - a model that needs other inputs: no layer is listed, passes say so
+        return None
+    finally:
+        for h in hooks:
+            h.remove()
+    return sorted(hit, key=hit.get)
+
+
+def structural_layers(model: nn.Module, sample: torch.Tensor) -> list[tuple[str, str]]:
+    """Every plain Linear / Conv2d the forward calls, by kind, from structure alone: attn (inside a module named
+    like attention or holding a head count), mlp (other Linears inside repeated blocks), stem (convs called
+    before any repeated block, or the first conv of a model without), conv (other convs), head (the last layer
+    called, a Linear or 1x1 conv).
+    Linears outside the blocks other than the head are left out (a pre-logits layer, a pooling query)."""
+    called = _called(model, sample)
+    if not called:
+        return []
+    blocks = [n for n, _ in _block_lists(model)]
+    heads = {n for n, m in model.named_modules() if n and (hasattr(m, "num_heads") or hasattr(m, "num_attention_heads"))}
+    inside = {n: any(n.startswith(b + ".") for b in blocks if b) for n in called}
+    first_block = next((i for i, n in enumerate(called) if inside[n]), len(called))
+    last = model.get_submodule(called[-1])
+    head = called[-1] if isinstance(last, nn.Linear) or last.kernel_size == (1, 1) else None
+    out = []
+    for i, n in enumerate(called):
+        m = model.get_submodule(n)
+        if n == head:
+            kind = "head"
+        elif _ATTN.search(n) or any(n.startswith(h + ".") for h in heads):
+            kind = "attn" if isinstance(m, nn.Linear) else "conv"
+        elif isinstance(m, nn.Conv2d):
+            # no repeated blocks (a flat CNN): only the conv on the input is the stem
+            kind = "stem" if (i < first_block if first_block < len(called) else i == 0) else "conv"
+        else:
+            kind = "mlp" if inside[n] else None
+        if kind is not None:
+            out.append((n, kind))
+    return out
+
+
+def _in_chans(model: nn.Module) -> int | None:
+    return next((m.in_channels for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+
+
+class GenericAdapter:
+    """The adapter of a model no family recognises: export, distillation, verify and lowrank work on it."""
+
+    name = "generic"
+    family = "other"
+
+    def matches(self, model: nn.Module) -> bool:
+        return True
+
+    def vit_blocks(self, model: nn.Module):
+        raise InputError(f"no transformer blocks recognised (module types: {module_types(model)})")
+
+    def res_blocks(self, model: nn.Module):
+        raise InputError(f"no residual conv blocks recognised (module types: {module_types(model)})")
+
+    def layers(self, model: nn.Module) -> list[tuple[str, str]]:
+        """`structural_layers` on a zero image of the model's input size (64 px where any size works)."""
+        p = next(model.parameters(), None)
+        size = self.input_size(model) or (_in_chans(model) or 3, 64, 64)
+        return structural_layers(model, torch.zeros((1, *size), dtype=p.dtype if p is not None else torch.float32))
+
+    def feature_modules(self, model: nn.Module) -> list[nn.Module]:
+        """The blocks of the longest repeated list (distillation matches their outputs)."""
+        lists = _block_lists(model)
+        return list(max(lists, key=lambda x: len(x[1]))[1]) if lists else []
+
+    def input_size(self, model: nn.Module):
+        """A patch embedding's fixed image size (timm `patch_embed.img_size`), else None: any size works."""
+        chans = _in_chans(model) or 3
+        for m in model.modules():
+            size = getattr(m, "img_size", None)
+            if isinstance(size, int):
+                return (chans, size, size)
+            if isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(s, int) for s in size):
+                return (chans, *size)
+        return None
+
+    def describe(self, model: nn.Module) -> dict:
+        lin = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        lists = _block_lists(model)
+        return {"blocks": max((len(m) for _, m in lists), default=0), "module_types": module_types(model),
+                "num_classes": getattr(model, "num_classes", lin[-1].out_features if lin else None)}
