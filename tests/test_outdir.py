@@ -66,7 +66,7 @@ def test_two_runs_to_one_out_one_publishes_the_other_exits_2(tmp_path, vit_dir):
     err = next(e for c, _, e in done if c == 2)
     line = _one_error_line(err)
     assert str(res / "x") in line and ("another compress run" in line or "already exists" in line), line
-    assert verify(res / "x", 2, log=lambda m: None)["hashes"] > 0
+    assert verify(res / "x", 2)["hashes"] > 0
     assert sorted(p.name for p in res.iterdir()) == ["x"]  # no staging, backup or lock left by either
     assert leftovers(tmp_path / "tmp") == []
 
@@ -85,7 +85,7 @@ def test_a_folder_made_at_out_during_the_run_is_kept_and_so_is_the_result(tmp_pa
     kept = [p for p in res.iterdir() if p.name.startswith("x.unpublished-")]
     assert len(kept) == 1 and str(kept[0]) in line, line
     assert (res / "x" / "IMPORTANT.txt").read_text() == "precious" and os.listdir(res / "x") == ["IMPORTANT.txt"]
-    assert verify(kept[0], 2, log=lambda m: None)["hashes"] > 0  # the result, whole, where the line says
+    assert verify(kept[0], 2)["hashes"] > 0  # the result, whole, where the line says
     assert sorted(p.name for p in res.iterdir()) == ["x", kept[0].name]
 
 
@@ -163,7 +163,7 @@ def test_container_rerun_after_sigkill_during_export(tmp_path, vit_dir):
     assert not (res / "x").exists() and list(res.glob(".x.tmp-*"))  # what a kill leaves: staging, no result
     again = subprocess.run(line, cwd=REPO, env=_env(tmpdir), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr
-    assert verify(res / "x", 2, log=lambda m: None)["hashes"] > 0
+    assert verify(res / "x", 2)["hashes"] > 0
     assert sorted(p.name for p in res.iterdir()) == ["x"] and leftovers(tmpdir) == []
 
 
