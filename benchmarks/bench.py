@@ -6,7 +6,8 @@ Contenders per teacher and FLOP budget: this tool's best recipe (chosen before t
 calibration KL), Torch-Pruning, plain SVD truncation, the same structure as ours trained
 from random init; per teacher: the teacher itself and its int8 dynamic and static ONNX. All get the
 same distillation (steps, batch, data, schedule) and the same measurements; every trained contender's run also
-writes its static int8 file (quantized from the distilled weights), read as ours-int8 and torch-pruning-int8.
+writes an int8 file (quantized from the distilled weights; static for a ResNet, dynamic for a ViT: int8_twin), read as
+ours-int8 and torch-pruning-int8.
 """
 from __future__ import annotations
 
@@ -44,16 +45,23 @@ FULL = {"budgets": [0.75, 0.5, 0.3], "steps": 150, "batch_size": 64, "eval_image
 QUICK = {"budgets": [0.75], "steps": 2, "batch_size": 8, "eval_images": 64, "calib_images": 8,
          "latency": {"batch_sizes": [1, 8], "threads": 2, "warmup": 1, "runs": 3}, "teachers": ["vit_cifar10"],
          "scaling": ["vit_tiny_patch16_224"], "scaling_runs": 2, "tp_search_steps": 4, "workers": 0,
-         "gpu": {"batch_size": 32, "steps": 3, "warmup": 1, "workers": 2}}
+         "gpu": {"batch_size": 32, "steps": 3, "warmup": 1, "workers": 2},
+         # a smoke run's students are trained 2 steps on 8 calibration images: their int8 files disagree with PyTorch
+         # on up to 38% of that batch (width@0.75), so the 90% export check is not what this run tests; FULL keeps it
+         "int8_min_agreement": 0.0}
 
 
-STATIC = ["int8_static"]  # every trained contender's run also writes its static int8 file (one recipe, one run)
+def int8_twin(family: str) -> str:
+    """The int8 file every trained contender's run also writes (one recipe, one run), its best int8 form by issue
+    32's measurements: static for a convnet (2.8x at b8 on VNNI), dynamic for a ViT (1.43x against static's 1.20x)."""
+    return "int8_static" if family == "resnet" else "int8_dynamic"
 
 
 def recipe_dict(name: str, passes: list, cfg: dict, *, distill: bool, quantize=()) -> dict:
     r = {"version": 1, "name": name, "passes": passes,
          "calibration": {"data": str(cfg["train"]), "images": cfg["calib_images"], "seed": 0},
-         "export": {"formats": ["onnx"], "quantize": list(quantize)},
+         "export": {"formats": ["onnx"], "quantize": list(quantize),
+                    **({"int8_min_agreement": cfg["int8_min_agreement"]} if "int8_min_agreement" in cfg else {})},
          "report": {"eval_data": str(cfg["test"]), "eval_images": cfg["eval_images"], "latency": cfg["latency"]}}
     if distill:
         s = cfg["steps"]
@@ -172,6 +180,8 @@ def bench_teacher(ckpt: Path, cfg: dict, work: Path, log) -> dict:
     int8 = recipe_dict("int8", [], cfg, distill=False, quantize=["int8_dynamic", "int8_static"])
     add("int8-dynamic", None, int8, variant="int8_dynamic")
     add("int8-static", None, int8, variant="int8_static")
+    twin = int8_twin(loaded.adapter.family)
+    twin_q = [twin]
     for b in cfg["budgets"]:
         log(f"{ckpt.name}: budget {b:.0%} of the FLOPs")
         t0 = time.perf_counter()
@@ -180,25 +190,25 @@ def bench_teacher(ckpt: Path, cfg: dict, work: Path, log) -> dict:
         why = "no candidate recipe of this tool's passes reaches this budget" + (
             "" if contenders.has_lowrank() else " (the lowrank pass is not in this build)")
         tried = [result["rows"][i] for i in result["ranked"]] if result else []
-        ours = best and recipe_dict("ours", best["passes"], cfg, distill=True, quantize=STATIC)
+        ours = best and recipe_dict("ours", best["passes"], cfg, distill=True, quantize=twin_q)
         add("ours", b, ours, why, search_s=search_s, picked=best and describe(best),
             candidates=[{k: t[k] for k in ("passes", "flops_ratio", "kl", "agreement")} for t in tried],
             **kls(best))
-        add("ours-int8", b, ours, why, variant="int8_static", picked=best and describe(best))
+        add("ours-int8", b, ours, why, variant=twin, picked=best and describe(best))
         svd = svd_fit(cands, b)
-        add("svd", b, svd and recipe_dict("svd", svd["passes"], cfg, distill=True, quantize=STATIC),
+        add("svd", b, svd and recipe_dict("svd", svd["passes"], cfg, distill=True, quantize=twin_q),
             "the lowrank pass is not in this build" if not contenders.has_lowrank() else "no rank meets the budget",
             **kls(svd))
         wid, plain = width_rows(cands, b)
-        add("width", b, wid and recipe_dict("width", wid["passes"], cfg, distill=True, quantize=STATIC),
+        add("width", b, wid and recipe_dict("width", wid["passes"], cfg, distill=True, quantize=twin_q),
             "the width pass cannot reach this budget",
             **kls(wid), **kls(plain, "_no_refit"))
         for name, rnd in (("torch-pruning", None), ("torch-pruning-r8", 8)):
             tp = {"flops_ratio": b, "search_steps": cfg["tp_search_steps"], **({"round_to": rnd} if rnd else {})}
-            add(name, b, recipe_dict(name, [{"bench_torch_pruning": tp}], cfg, distill=True, quantize=STATIC))
+            add(name, b, recipe_dict(name, [{"bench_torch_pruning": tp}], cfg, distill=True, quantize=twin_q))
             if rnd is None:
                 add("torch-pruning-int8", b, recipe_dict(name, [{"bench_torch_pruning": tp}], cfg, distill=True,
-                                                         quantize=STATIC), variant="int8_static")
+                                                         quantize=twin_q), variant=twin)
     return out
 
 

@@ -214,7 +214,7 @@ def render(result: dict, md: Path, png: Path, reading: Path) -> None:
            "whichever has the lower held-out KL); **int8-dynamic** = the teacher through onnxruntime "
            "`quantize_dynamic` (no training; FLOPs unchanged, cheaper arithmetic); **int8-static** = the teacher through "
            "`quantize_static` (QDQ, per-channel, calibrated on the calibration images); **ours-int8** and "
-           "**torch-pruning-int8** = the static int8 file of the same run as ours / torch-pruning, quantized from the "
+           "**torch-pruning-int8** = the int8 file of the same run as ours / torch-pruning (static on a ResNet, dynamic on a ViT), quantized from the "
            "distilled weights. The from-scratch contender of "
            "earlier runs (every rewrite beat it by 30+ points) is left out to keep the run within the hour.",
            "- Seconds: `convert` = the rewrite stage of the pipeline (passes + their checks; the planner's search for "
