@@ -12,6 +12,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from . import unpickle
+from .unpickle import numpy_globals
 from .errors import InputError, read_json
 
 # Containers a training script wraps its weights in, by what they hold; the plain weights win over EMA ones
@@ -36,18 +37,6 @@ def sniff(path: Path) -> str:
         return "torch-legacy"
     raise InputError(f"cannot read {path}: its content is neither safetensors nor a PyTorch checkpoint (zip or legacy "
                      f"pickle; it starts with {head[:8]!r}); pass the weights file itself")
-
-
-def numpy_globals() -> list:
-    """Numpy scalars and arrays that training scripts store beside the weights (`best_acc: np.float64`).
-
-    Rebuilding them calls no user code (numpy's own constructors), so `weights_only` may allow them.
-    """
-    import numpy as np
-
-    core = getattr(np, "_core", None) or np.core
-    dtypes = [t for t in vars(getattr(np, "dtypes", object)).values() if isinstance(t, type) and issubclass(t, np.dtype)]
-    return [core.multiarray.scalar, core.multiarray._reconstruct, np.ndarray, np.dtype, *dtypes]
 
 
 def _read_safetensors(path: Path) -> dict:

@@ -62,10 +62,20 @@ class Placeholder:
         return f"<not loaded: {self._name}>"
 
 
+def numpy_globals() -> list:
+    """Numpy scalars and arrays that training scripts store beside the weights (`best_acc: np.float64`).
+
+    Rebuilding them calls no user code (numpy's own constructors), so `weights_only` may allow them.
+    """
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    dtypes = [t for t in vars(getattr(np, "dtypes", object)).values() if isinstance(t, type) and issubclass(t, np.dtype)]
+    return [core.multiarray.scalar, core.multiarray._reconstruct, np.ndarray, np.dtype, *dtypes]
+
+
 def _allowed() -> dict:
     """torch's own weights_only allowlist (tensor rebuilding), the numpy value types, and INERT."""
-    from .checkpoint import numpy_globals
-
     out = dict(_wo._get_allowed_globals())
     out.update({f"{g.__module__}.{g.__qualname__}": g for g in numpy_globals()})
     out.update(INERT)

@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from ..errors import InputError, VerificationError, read_json
 from .common import Converted, check_same, fit, logits_of, merge_qkv, rel_diff, rename, split_qkv
 from . import hf_any
+from .hf_any import from_pretrained, transformers
 from .timm_src import build
 
 VIT = {"ViTForImageClassification": ("vit", None, "vit_base_patch16_224"),
@@ -23,24 +24,6 @@ VIT = {"ViTForImageClassification": ("vit", None, "vit_base_patch16_224"),
        "DeiTForImageClassificationWithTeacher": ("deit", "dist_token", "deit_base_distilled_patch16_224")}
 SUPPORTED = (*VIT, "ResNetForImageClassification")
 IMAGENET = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
-
-
-def transformers():
-    try:
-        import transformers as tf
-    except ImportError:
-        raise InputError("reading a Hugging Face checkpoint needs the transformers package; pip install 'transformers>=4.40'") from None
-    tf.utils.logging.set_verbosity_error()
-    tf.utils.logging.disable_progress_bar()
-    return tf
-
-
-def from_pretrained(arch: str, folder: Path) -> torch.nn.Module:
-    """`arch` from `folder` in float32, as we compute, whatever dtype it was saved in (transformers 5 keeps the saved
-    dtype by default, and calls the argument `dtype`; 4.x `torch_dtype`)."""
-    tf = transformers()
-    key = "dtype" if int(tf.__version__.split(".")[0]) >= 5 else "torch_dtype"
-    return getattr(tf, arch).from_pretrained(str(folder), **{key: torch.float32}).float().eval()
 
 
 def architecture(config: dict, where) -> str:

@@ -10,11 +10,30 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from ..adapters.user import UserAdapter
 from ..errors import InputError
 from .common import Converted, LogitsOnly
+
+
+def transformers():
+    try:
+        import transformers as tf
+    except ImportError:
+        raise InputError("reading a Hugging Face checkpoint needs the transformers package; pip install 'transformers>=4.40'") from None
+    tf.utils.logging.set_verbosity_error()
+    tf.utils.logging.disable_progress_bar()
+    return tf
+
+
+def from_pretrained(arch: str, folder: Path) -> torch.nn.Module:
+    """`arch` from `folder` in float32, as we compute, whatever dtype it was saved in (transformers 5 keeps the saved
+    dtype by default, and calls the argument `dtype`; 4.x `torch_dtype`)."""
+    tf = transformers()
+    key = "dtype" if int(tf.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    return getattr(tf, arch).from_pretrained(str(folder), **{key: torch.float32}).float().eval()
 
 
 def classes() -> dict[str, str]:
@@ -45,7 +64,6 @@ def _side(config: dict) -> int:
 
 def read(folder: Path, config: dict, arch: str, pcfg: dict) -> Converted:
     """The directory as transformers loads it, in float32."""
-    from .hf import from_pretrained, transformers
 
     _cls(transformers(), arch)
     try:
@@ -66,7 +84,6 @@ def read(folder: Path, config: dict, arch: str, pcfg: dict) -> Converted:
 
 def rebuild(base: dict) -> tuple[nn.Module, UserAdapter]:
     """The same structure, from the recorded config (random weights: load_compressed loads the student's)."""
-    from .hf import transformers
 
     tf = transformers()
     cls = _cls(tf, base["arch"])
