@@ -181,41 +181,18 @@ def test_speed_search_times_deepest_files_first_and_misses_no_better_candidate(d
         s = 1 / (a[kind] + (1 - a[kind]) * row["flops_ratio"]) if kind else 1.0
         return s * (int8 if row["variant"] == "int8_dynamic" else 1.0)
 
-    def fake_export(cands, row, folder, recipe):
-        row["bytes"] = 1
-        return tmp_path / f"{id(row)}.onnx"
-
-    def fake_time(paths, rows, teacher_path, recipe, batches, size):
-        for row in rows.values():
-            row["speedup"] = {str(b): speed(row) for b in batches}
-            row["p50_ms"] = {str(b): 10 / speed(row) for b in batches}
-
     confirmed = []
 
-    def fake_confirm(row, *a):
+    def fake_confirm(row, rows):
         s = speed(row) * (0.97 if not confirmed else 1.0)
         confirmed.append(next(i for i, r in enumerate(rows) if r is row))
         held = s >= target * (1 + planner.SPEED_MARGIN)
         row["confirm"] = {"speedup": {"8": s}, "p50_ms": {"8": 10 / s}, "meets": held}
         return held
 
-    monkeypatch.setattr(planner, "_export_row", fake_export)
-    monkeypatch.setattr(planner, "_time", fake_time)
-    monkeypatch.setattr(planner, "_confirm", fake_confirm)
-    r = parse_recipe(_recipe(f"{{speedup: {target}, batch: 8}}"))
-    loaded = load(str(deep_vit))
-    calib, holdout = calibration_pair(None, loaded.data_cfg, r.calibration)
-    cands = planner.Candidates(loaded, calib, [], holdout)
-    t, tref = r.target, {"p50_ms": 10.0}
-    rows = [{**c, "variant": v} for c in cands.enumerate(planner._levels(t, tref), lambda _m: None)
-            for v in ("fp32", "int8_dynamic")]
-    for row in rows:
-        row["feasible"] = planner._feasible(row, t, tref)
-    order = sorted((i for i, row in enumerate(rows) if row["feasible"]), key=lambda i: (rows[i]["kl"], i))
+    rows, _, ranked, done, order = _search(deep_vit, monkeypatch, tmp_path, speed, ["fp32", "int8_dynamic"], target,
+                                           confirm=fake_confirm)
     within = len(order)
-    run = (cands, tmp_path, r, tmp_path / "t.onnx", [8], t, tref, lambda _m: None)
-    done = planner._speed_search(order, rows, ["fp32", "int8_dynamic"], run)
-    ranked = planner._ranked(order, rows, t, tref)
     assert ranked and len(confirmed) >= 2 and confirmed[0] not in ranked, "the first re-timed file was dropped"
     choice = rows[ranked[0]]
     assert choice["confirm"]["meets"]
@@ -415,8 +392,9 @@ def test_int8_static_is_a_default_variant_planned_only_with_real_calibration_ima
     assert d["gates"]["min_speedup"] == 2.0 and parse_recipe(d).target is None
 
 
-def _search(deep_vit, monkeypatch, tmp_path, speed, variants: list[str], target: float):
-    """The speed search with synthetic timings (`speed(row)`, re-timed the same): rows, log lines, ranked rows."""
+def _search(deep_vit, monkeypatch, tmp_path, speed, variants: list[str], target: float, confirm=None):
+    """The speed search with synthetic timings (`speed(row)`; re-timed the same unless `confirm(row, rows)` says how
+    a re-timing goes): rows, log lines, ranked rows, the number of files the search timed and the feasible order."""
     import compress.plan as planner
 
     def fake_export(cands, row, folder, recipe):
@@ -428,25 +406,27 @@ def _search(deep_vit, monkeypatch, tmp_path, speed, variants: list[str], target:
             row["speedup"] = {str(b): speed(row) for b in batches}
             row["p50_ms"] = {str(b): 10 / speed(row) for b in batches}
 
-    def fake_confirm(row, *a):
+    def same_again(row, *a):
         row["confirm"] = {"speedup": {"8": speed(row)}, "p50_ms": {"8": 10 / speed(row)}, "meets": True}
         return True
 
+    rows: list[dict] = []
     monkeypatch.setattr(planner, "_export_row", fake_export)
     monkeypatch.setattr(planner, "_time", fake_time)
-    monkeypatch.setattr(planner, "_confirm", fake_confirm)
+    monkeypatch.setattr(planner, "_confirm", (lambda row, *a: confirm(row, rows)) if confirm else same_again)
     r = parse_recipe(_recipe(f"{{speedup: {target}, batch: 8}}"))
     loaded = load(str(deep_vit))
     calib, holdout = calibration_pair(None, loaded.data_cfg, r.calibration)
     cands = planner.Candidates(loaded, calib, [], holdout)
     t, tref = r.target, {"p50_ms": 10.0}
-    rows = [{**c, "variant": v} for c in cands.enumerate(planner._levels(t, tref), lambda _m: None) for v in variants]
+    rows += [{**c, "variant": v} for c in cands.enumerate(planner._levels(t, tref), lambda _m: None) for v in variants]
     for row in rows:
         row["feasible"] = planner._feasible(row, t, tref)
     order = sorted((i for i, row in enumerate(rows) if row["feasible"]), key=lambda i: (rows[i]["kl"], i))
     said = []
-    planner._speed_search(order, rows, variants, (cands, tmp_path, r, tmp_path / "t.onnx", [8], t, tref, said.append))
-    return rows, said, planner._ranked(order, rows, t, tref)
+    done = planner._speed_search(order, rows, variants,
+                                 (cands, tmp_path, r, tmp_path / "t.onnx", [8], t, tref, said.append))
+    return rows, said, planner._ranked(order, rows, t, tref), done, order
 
 
 def test_a_teacher_int8_file_that_meets_the_target_ends_the_search(deep_vit, monkeypatch, tmp_path):
@@ -455,7 +435,7 @@ def test_a_teacher_int8_file_that_meets_the_target_ends_the_search(deep_vit, mon
     def speed(row):
         return (2.0 if row["variant"] == "int8_static" else 1.0) / (0.3 + 0.7 * row["flops_ratio"])
 
-    rows, said, ranked = _search(deep_vit, monkeypatch, tmp_path, speed, ["fp32", "int8_static"], 1.5)
+    rows, said, ranked, _, _ = _search(deep_vit, monkeypatch, tmp_path, speed, ["fp32", "int8_static"], 1.5)
     n = len([r for r in rows if r.get("tried")])
     assert not rows[ranked[0]]["passes"] and rows[ranked[0]]["variant"] == "int8_static"
     assert any("no rewrite is built to beat it" in m for m in said)
@@ -470,7 +450,7 @@ def test_an_int8_variant_beaten_at_the_teacher_has_no_candidate_timed(deep_vit, 
     def speed(row):
         return gain[row["variant"]] / (0.5 + 0.5 * row["flops_ratio"])
 
-    rows, said, ranked = _search(deep_vit, monkeypatch, tmp_path, speed, ["fp32", "int8_dynamic", "int8_static"], 1.8)
+    rows, said, ranked, _, _ = _search(deep_vit, monkeypatch, tmp_path, speed, ["fp32", "int8_dynamic", "int8_static"], 1.8)
     static = [r for r in rows if r.get("tried") and r["variant"] == "int8_static"]
     assert [r["passes"] for r in static] == [[]]
     assert any("int8_static file is slower than another int8 file" in m for m in said)
