@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import io
 import os
+import re
+import signal
+import time
 import zipfile
 from pathlib import Path
 
@@ -159,6 +162,27 @@ def eval_transform(data_cfg: dict):
 
 def dataset(path, data_cfg: dict, limit: int | None = None, phase: float = 0.0) -> ImageFolderData:
     return ImageFolderData(path, eval_transform(data_cfg), limit, data_cfg["input_size"][0], phase)
+
+
+def worker_death(e: BaseException, batches) -> str | None:
+    """How a DataLoader worker died ("was killed by signal Killed", "exited unexpectedly") when `e` is what its death
+    raised in the main process, else None: PyTorch's RuntimeError, or a ConnectionResetError/EOFError from a batch
+    the dead worker was handing over. Slurm's stop and a terminal's Ctrl-C signal every process of the job, workers
+    too: a worker that died of it first ended the run as `internal error: DataLoader worker ... killed by signal:
+    Terminated` (exit 1). (Workers that ignore the signal are no fix: PyTorch ends a stuck worker with SIGTERM.)"""
+    first = str(e).splitlines()[0] if str(e) else ""
+    if isinstance(e, RuntimeError) and re.match(r"DataLoader worker \(pid", first):
+        m = re.search(r"is killed by signal: (.+?)\.? *$", first)
+        return f"was killed by signal {m.group(1).strip()}" if m else "exited unexpectedly"
+    if isinstance(e, (ConnectionResetError, EOFError)):
+        deadline = time.monotonic() + 2.0  # the socket is reset as the worker dies, a moment before it can be reaped
+        while time.monotonic() < deadline:
+            for w in getattr(batches, "_workers", []):
+                code = w.exitcode
+                if code is not None:
+                    return f"was killed by signal {signal.strsignal(-code)}" if code < 0 else "exited unexpectedly"
+            time.sleep(0.05)
+    return None
 
 
 def loader(path, data_cfg: dict, *, limit: int | None, batch_size: int = 64, workers: int = 0, phase: float = 0.0):

@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .data import Augmented, ImageFolderData, collate, unreadable_warning
+from .data import Augmented, ImageFolderData, collate, unreadable_warning, worker_death
 from .diskio import writing
 from .errors import InputError, Terminated
 from .progress import progress
@@ -144,6 +144,37 @@ class StopRequests:
             signal.signal(s, h)
 
 
+def _forget_workers(batches) -> None:
+    """Take the DataLoader's worker pids off PyTorch's SIGCHLD watch: while registered, a dead worker's RuntimeError is
+    raised again wherever the run is (inside its one-line error, or the cleanup after it)."""
+    if getattr(batches, "_worker_pids_set", False):
+        torch.utils.data._utils.signal_handling._remove_worker_pids(id(batches))
+        batches._worker_pids_set = False
+
+
+def _close_loader(batches, failing: bool) -> None:
+    """Stop the DataLoader's workers now, not when the iterator is collected. Shutting down beside a killed worker can
+    raise ConnectionResetError/EOFError; while a run is already failing they are consequences, not news."""
+    if failing:
+        _forget_workers(batches)
+    try:
+        getattr(batches, "_shutdown_workers", lambda: None)()
+    except (RuntimeError, OSError, EOFError):
+        if not failing:
+            raise
+    finally:
+        _forget_workers(batches)
+
+
+def _worker_died(e: BaseException, batches) -> str | None:
+    """worker_death, with the SIGCHLD watch off first (a second raise of the same death, mid-diagnosis, is caught)."""
+    try:
+        _forget_workers(batches)
+    except RuntimeError as again:
+        e = again
+    return worker_death(e, batches)
+
+
 def distill(student: nn.Module, teacher: nn.Module, data: ImageFolderData, *, steps: int, batch_size: int,
             lr: float, weight_decay: float, warmup_steps: int, temperature: float, feature_weight: float,
             label_weight: float, features: tuple[list, list] | None, seed: int, device: torch.device,
@@ -207,6 +238,7 @@ def distill(student: nn.Module, teacher: nn.Module, data: ImageFolderData, *, st
                            "keep": keep.state() if keep is not None else None})
 
     stop = StopRequests().__enter__()  # left in `finally`, with the bar and the hooks
+    done = start
     try:
         for step, (x, y, bad) in zip(range(start, steps), batches):
             skipped += len(bad)
@@ -256,7 +288,25 @@ def distill(student: nn.Module, teacher: nn.Module, data: ImageFolderData, *, st
                 log(f"distill: stopped at step {done} of {steps}" + (f"; resume checkpoint in {checkpoint}"
                                                                      if checkpoint is not None else ""))
                 stop.raise_()
+    except (RuntimeError, ConnectionResetError, EOFError) as e:  # a worker killed (OOM killer, the job's stop)
+        died = _worker_died(e, batches)
+        if died is None:
+            raise
+        _close_loader(batches, failing=True)
+        if rank == 0 and checkpoint is not None:
+            save(done)  # between steps: the state is whole
+        if stop.signum is None and ("Terminated" in died or "Interrupt" in died):  # the job's stop reached a worker first
+            stop.signum = signal.SIGTERM if "Terminated" in died else signal.SIGINT
+        if stop.signum is not None:  # a stop, as above: the steps done are kept
+            log(f"distill: stopped at step {done} of {steps}" + (f"; resume checkpoint in {checkpoint}"
+                                                                 if checkpoint is not None else ""))
+            stop.raise_()
+        where = f"; rerun the same command with --resume to continue from step {done}" if checkpoint is not None else ""
+        raise InputError(f"a data-loading worker {died} during distillation step {done + 1} of {steps}"
+                         f"{' (out of memory?)' if 'Killed' in died or 'unexpectedly' in died else ''}: lower "
+                         f"distill.workers (now {workers}) or distill.batch_size (now {batch_size}){where}") from None
     finally:
+        _close_loader(batches, failing=sys.exc_info()[0] is not None)
         stop.__exit__()
         bar.close()
         for h in hooks:

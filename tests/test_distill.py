@@ -231,3 +231,60 @@ def test_frozen_batchnorm_keeps_running_statistics_and_trains_the_weights(tmp_pa
     assert not torch.equal(bn.weight, before["weight"])  # the affine weights train either way
     same = torch.equal(bn.running_mean, before["running_mean"]) and torch.equal(bn.running_var, before["running_var"])
     assert same == frozen
+
+
+def _start_and_wait_for_training(recipe, vit_dir, out):
+    """`compress apply` in its own process group, returned once its first distillation progress line is out."""
+    env = {**os.environ, "COMPRESS_PROGRESS_S": "0.2"}
+    proc = subprocess.Popen([sys.executable, "-m", "compress", "apply", str(recipe), str(vit_dir), "-o", str(out)],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if line.startswith("distill: step "):
+            return proc, lines
+    proc.wait()
+    raise AssertionError("".join(lines))
+
+
+def _workers(pid: int) -> list[int]:
+    """The DataLoader worker processes of `pid` (its children that are python)."""
+    kids = open(f"/proc/{pid}/task/{pid}/children").read().split()
+    return [int(k) for k in kids]
+
+
+def test_sigterm_to_the_whole_group_with_workers_stops_cleanly_and_resumes(tmp_path, vit_dir, image_zip):
+    """Slurm (and a terminal's Ctrl-C) signal every process of the job, DataLoader workers included. A worker that
+    died of it first ended the run as `internal error: DataLoader worker ... killed by signal: Terminated` (exit 1);
+    the workers now leave the stop to the main process: exit 143 and a checkpoint, then --resume finishes."""
+    recipe = write_recipe(tmp_path / "r.yaml", _distill(image_zip, 80, batch=16, workers=2))
+    out = tmp_path / "out"
+    proc, lines = _start_and_wait_for_training(recipe, vit_dir, out)
+    assert _workers(proc.pid), "the run was meant to have DataLoader workers"
+    os.killpg(proc.pid, signal.SIGTERM)
+    rest = proc.stderr.read()
+    proc.wait()
+    assert proc.returncode == 143, "".join(lines) + rest
+    assert "internal error" not in rest and "error: terminated; nothing was published" in rest
+    assert 0 < torch.load(tmp_path / ".out.work" / "distill.pt", weights_only=True)["step"] < 80
+    res = run_cli("apply", recipe, vit_dir, "-o", out, "--resume")
+    assert res.returncode == 0, res.stderr
+    assert json.loads((out / "report.json").read_text())["distill"]["resumed_from"] > 0
+
+
+def test_a_worker_killed_alone_is_one_line_with_the_fix_and_resume_finishes(tmp_path, vit_dir, image_zip):
+    """The OOM killer takes a DataLoader worker: one line (exit 2) naming the signal, the settings to lower and the
+    --resume that continues from the steps done (saved at once), not an internal error."""
+    recipe = write_recipe(tmp_path / "r.yaml", _distill(image_zip, 80, batch=16, workers=2))
+    out = tmp_path / "out"
+    proc, lines = _start_and_wait_for_training(recipe, vit_dir, out)
+    os.kill(_workers(proc.pid)[0], signal.SIGKILL)
+    rest = proc.stderr.read()
+    proc.wait()
+    errors = [s for s in rest.splitlines() if s.startswith("error:")]
+    assert proc.returncode == 2, "".join(lines) + rest
+    assert len(errors) == 1 and "a data-loading worker" in errors[0] and "distill.workers (now 2)" in errors[0]
+    assert "--resume" in errors[0] and not out.exists()
+    res = run_cli("apply", recipe, vit_dir, "-o", out, "--resume")
+    assert res.returncode == 0, res.stderr
