@@ -137,7 +137,28 @@ def test_int8_max_kl_runs_the_accuracy_control_on_held_out_images(tmp_path, vit_
     assert 20 <= ctl["held_out_images"] <= 24 and set(ctl["methods_kl"]) == {"minmax", "entropy", "percentile"}
     # a bound the plain file meets: no layer is ranked (tests/test_quant.py keeps an outlier layer float)
     assert ctl["meets"] and ctl["kept_float"] == [] and ctl["kl"] == min(ctl["methods_kl"].values())
-    assert "int8 accuracy control: calibration" in (out / "report.md").read_text() and "export: int8_static: calibration" in res.stdout
+    assert (ctl["metric"], ctl["source"]) == ("kl", "export.int8_max_kl")  # explicit: wins over max_top1_drop's
+    line = "int8_static: bound kl <= 10 from export.int8_max_kl; calibration"
+    assert f"int8 accuracy control: {line[13:]}" in (out / "report.md").read_text() and f"export: {line}" in res.stdout
     (gate,) = rep["gates"]
     drop = rep["summary"]["eval"]["intervals"]["int8_static"]["drop"]
     assert gate["basis"] == "interval" and gate["measured"] == drop["hi"] and gate["interval"] == [drop["lo"], drop["hi"]]
+
+
+def test_max_top1_drop_bounds_the_int8_file_without_int8_max_kl(tmp_path, vit_dir, image_zip):
+    """No export.int8_max_kl: gates.max_top1_drop D bounds the static file's disagreement with model.onnx at
+    QUANT_SHARE x D %; the record, the log and report.md say the bound and where it came from."""
+    from compress.quant import QUANT_SHARE
+
+    recipe = write_recipe(tmp_path / "r.yaml", _recipe(
+        image_zip, "{quantize: [int8_static], int8_min_agreement: 0.5}",
+        "gates: {variant: int8_static, max_top1_drop: 100, accuracy: point}\n").replace(
+        "latency: {batch_sizes: [1, 4], threads: 1, warmup: 1, runs: 3}", "latency: null"))
+    out = tmp_path / "out"
+    res = run_cli("apply", recipe, vit_dir, "-o", out)
+    assert res.returncode == 0, res.stderr
+    ctl = json.loads((out / "report.json").read_text())["artifacts"]["onnx.int8_static"]["accuracy_control"]
+    assert ctl["metric"] == "disagreement" and ctl["bound"] == pytest.approx(QUANT_SHARE)
+    assert "gates.max_top1_drop 100" in ctl["source"] and ctl["meets"] == (ctl["disagreement"] <= ctl["bound"])
+    assert "bound disagreement <= 0.5 from 0.5 x gates.max_top1_drop" in (out / "report.md").read_text()
+    assert "used: ptq" in res.stdout

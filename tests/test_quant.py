@@ -39,6 +39,35 @@ def outlier(tmp_path_factory):
     return m, folder / "model.onnx", x[:32], x[32:]
 
 
+def sensitive_model(seed: int = 0):
+    """The outlier model with predictions that vary with the input: images of one colour each (the features a
+    random net pools then differ image to image) and a head centred and scaled on them, so that the outlier's lost
+    resolution changes top-1 and not only the KL. Returns (model, calibration, held-out)."""
+    torch.manual_seed(seed)
+    m = Convs().eval()
+    x = torch.randn(64, 3, 1, 1) * 2 + 0.5 * torch.randn(64, 3, 16, 16)
+    with torch.no_grad():
+        m.c2.weight[0] *= 1000
+        m.c2.bias[0] *= 1000
+        m.c3.weight[:, 0] /= 1000
+        feats = []
+        hook = m.fc.register_forward_hook(lambda _m, i, _o: feats.append(i[0]))
+        m(x)
+        hook.remove()
+        m.fc.weight /= feats[0].std(0)
+        m.fc.bias.copy_(-m.fc.weight @ feats[0].mean(0))
+    return m, x[:32], x[32:]
+
+
+@pytest.fixture(scope="module")
+def spread(tmp_path_factory):
+    """sensitive_model() as model.onnx: (model, fp32 file, calibration, held-out)."""
+    m, calib, held = sensitive_model()
+    folder = tmp_path_factory.mktemp("spread")
+    to_onnx(m, folder / "model.onnx", (3, 16, 16), opset=18, dynamic_batch=True)
+    return m, folder / "model.onnx", calib, held
+
+
 def test_the_outlier_layer_stays_float_and_the_file_meets_the_bound(outlier, tmp_path):
     _, base, calib, held = outlier
     score = Scorer(base, held, threads=1)
@@ -79,3 +108,52 @@ def test_write_int8_records_the_accuracy_control(outlier, tmp_path):
     from compress.report import int8_control
 
     assert "kept float: /c" in int8_control(ctl) and f"<= {1e-3:.3g}" in int8_control(ctl)
+
+
+def _recipe(**sections):
+    from compress.recipe import parse_recipe
+
+    return parse_recipe({"version": 1, **sections})
+
+
+def test_the_bound_from_max_top1_drop_is_met_where_plain_int8_is_not(spread, tmp_path):
+    """No export.int8_max_kl, gates.max_top1_drop D: the file may change at most QUANT_SHARE * D % of the held-out
+    predictions of model.onnx; the outlier layer stays float to get there, and the record says whence the bound."""
+    from compress.quant import QUANT_SHARE, bound_for
+    from compress.report import int8_control
+
+    _, base, calib, held = spread
+    quantize_static(base, tmp_path / "plain.onnx", calib)
+    plain = 1 - Scorer(base, held, threads=1).fidelity(tmp_path / "plain.onnx")["agreement"]
+    assert plain > 0  # the outlier costs the plain file some predictions
+    drop = 100 * plain / QUANT_SHARE / 2  # a budget whose share is half of what the plain file changes
+    r = _recipe(export={"quantize": ["int8_static"]}, gates={"max_top1_drop": drop})
+    bound = bound_for(r.export, r.gates, r.target)
+    assert bound.metric == "disagreement" and bound.value == pytest.approx(plain / 2)
+    assert "gates.max_top1_drop" in bound.source
+    rec = controlled_static(base, tmp_path / "mixed.onnx", calib, held, bound, threads=1)
+    assert rec["plain_disagreement"] > bound.value  # plain int8 misses it (its best calibration too)
+    assert rec["meets"] and rec["disagreement"] <= bound.value and rec["kept_float"]
+    after = Scorer(base, held, threads=1).fidelity(tmp_path / "mixed.onnx")
+    assert 1 - after["agreement"] == pytest.approx(rec["disagreement"])
+    line = int8_control(rec)
+    assert "bound disagreement <=" in line and "gates.max_top1_drop" in line and "kept float: /c" in line
+
+
+def test_explicit_int8_max_kl_wins_over_the_derived_bound():
+    from compress.quant import QUANT_SHARE, bound_for
+
+    def bound(**sections):
+        r = _recipe(**sections)
+        return bound_for(r.export, r.gates, r.target)
+
+    gates = {"max_top1_drop": 2.0}
+    target = {"flops": 0.5, "max_top1_drop": 2.0}
+    ev = {"eval_data": "images.zip"}
+    b = bound(export={"quantize": ["int8_static"], "int8_max_kl": 0.01}, gates=gates)
+    assert (b.metric, b.value, b.source) == ("kl", 0.01, "export.int8_max_kl")
+    b = bound(export={"quantize": ["int8_static"], "int8_max_disagreement": 0.002}, target=target, report=ev)
+    assert (b.metric, b.value, b.source) == ("disagreement", 0.002, "export.int8_max_disagreement")
+    b = bound(export={"quantize": ["int8_static"]}, target=target, report=ev)
+    assert b.metric == "disagreement" and b.value == pytest.approx(QUANT_SHARE * 0.02) and "target.max_top1_drop" in b.source
+    assert bound(export={"quantize": ["int8_static"]}) is None  # no bound, no target: plain minmax as before
