@@ -28,6 +28,7 @@ from .distill import KeepBest, distill
 from .accuracy import accuracy_gate, gate_basis
 from .errors import GateError, InputError, VerificationError
 from .export import SLIM_AUTO_MAX, write_fp16, write_int8, write_onnx, write_safetensors
+from .qat import int8_qat
 from .quant import bound_for
 from .outdir import check_inputs_untouched, claim, let_go, publish, sha256
 from .limits import check_memory, release
@@ -495,6 +496,13 @@ def _run_in(recipe: Recipe, loaded, staging: Path | None, data, train, work: Pat
                 if "int8_static" in ex.quantize and bound_for(ex, recipe.gates, recipe.target) else None)
         record["artifacts"] = artifacts = _export(recipe, loaded, student, staging, calib, ledger, old, log,
                                                   rewritten if recipe.distill is None else None, held=held)
+        if ex.int8_qat_steps and "onnx.int8_static" in artifacts:  # PTQ missed its bound: fake-quant distillation
+            artifacts["onnx.int8_static"] = a = int8_qat(
+                artifacts["onnx.int8_static"], staging / "model.onnx", staging / "model.int8_static.onnx",
+                student=student, teacher=teacher, train=train, d=recipe.distill, steps=ex.int8_qat_steps,
+                bound=bound_for(ex, recipe.gates, recipe.target), calib=calib, held=held, ex=ex, old=old,
+                device=_device(device or recipe.distill.device), adapter=loaded.adapter, log=log)
+            log(f"export: int8_static: {int8_control(a['accuracy_control'])}")
         if loaded.save_back is not None:  # the original family's layout too, when the structure allows it
             with writing(f"the {loaded.source['arch']} layout", staging, nbytes(student)):
                 record["family_layout"] = lay = loaded.save_back(student, staging, calib, recipe.export.parity_tol)

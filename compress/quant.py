@@ -107,14 +107,15 @@ class Scorer:
 
 
 def controlled_static(base: Path, out: Path, x: torch.Tensor, held: torch.Tensor, bound: float | Bound, *,
-                      threads: int = 2, big: bool = False, methods=METHODS) -> dict:
+                      threads: int = 2, big: bool = False, methods=METHODS, reference: Path | None = None) -> dict:
     """Write `out`: static int8 whose distance to `base` on `held` is within `bound` (a float: a KL bound) where any
     mix of float layers allows. The calibration method is the one closest to `base` (ties: lowest KL); layers are
     ranked by KL, continuous where disagreement on a few images is not. Returns the record: each method's KL, the one
-    chosen, each layer kept float with its sensitivity, the file's KL and disagreement, and whether it meets."""
+    chosen, each layer kept float with its sensitivity, the file's KL and disagreement, and whether it meets.
+    reference: the fp32 file scored against when it is not `base` (a QAT file is measured against model.onnx)."""
     if not isinstance(bound, Bound):
         bound = Bound("kl", float(bound), "export.int8_max_kl")
-    score = Scorer(base, held, threads)
+    score = Scorer(reference or base, held, threads)
     work = Path(tempfile.mkdtemp(prefix="compress-int8-", dir=out.parent))
     try:
         def fid(name: str, **kw) -> dict:

@@ -94,8 +94,14 @@ def int8_control(rec: dict) -> str:
     if metric == "disagreement":
         ptq += f" (KL {rec['kl']:.3g})"
     qat = rec.get("qat")
-    used = (f"; used: {qat['used']} (before {metric} {qat['before'][metric]:.3g}, KL {qat['before']['kl']:.3g}; "
-            f"after {metric} {qat['after'][metric]:.3g}, KL {qat['after']['kl']:.3g})" if qat else "; used: ptq")
+
+    def far(r: dict) -> str:
+        return (f"{metric} {r[metric]:.3g}" + (f", KL {r['kl']:.3g}" if metric != "kl" else "")
+                + f", {r['kept_float']} float")
+
+    used = (f"; used: {qat['used']} (before: ptq {far(qat['before'])}; after {qat['steps']} QAT steps: "
+            f"{far(qat['after'])})" if qat and "after" in qat else
+            f"; used: ptq ({qat['why']})" if qat else "; used: ptq")
     return (f"bound {metric} <= {rec['bound']:.3g} from {rec.get('source', 'export.int8_max_kl')}; "
             f"calibration {rec['method']} (KL to fp32 on {rec['held_out_images']} held-out images: {methods}); "
             + (f"kept float: {kept} (the most sensitive first, until the file was within the bound); " if kept

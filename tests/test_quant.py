@@ -157,3 +157,101 @@ def test_explicit_int8_max_kl_wins_over_the_derived_bound():
     b = bound(export={"quantize": ["int8_static"]}, target=target, report=ev)
     assert b.metric == "disagreement" and b.value == pytest.approx(QUANT_SHARE * 0.02) and "target.max_top1_drop" in b.source
     assert bound(export={"quantize": ["int8_static"]}) is None  # no bound, no target: plain minmax as before
+
+
+CFG = {"input_size": (3, 16, 16), "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25), "crop_pct": 1.0,
+       "interpolation": "bilinear"}
+
+
+@pytest.fixture(scope="module")
+def rounding(tmp_path_factory):
+    """A model int8 rounding hurts and training can help: in c2 and c3 one weight per output channel is 100x the
+    others (they share a few of the channel's int8 steps), on images of one colour each (pooled features that vary).
+    Returns (model, fp32 file, training data, calibration, held-out)."""
+    import io
+    import zipfile
+
+    import numpy as np
+    from PIL import Image
+
+    from compress.data import calibration_batch, dataset
+
+    folder = tmp_path_factory.mktemp("rounding")
+    rng = np.random.default_rng(0)
+    with zipfile.ZipFile(folder / "images.zip", "w") as z:
+        for i in range(96):
+            img = rng.uniform(0, 255, (1, 1, 3)) + rng.normal(0, 30, (16, 16, 3))
+            buf = io.BytesIO()
+            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, format="PNG")
+            z.writestr(f"data/c{i % 3}/{i:03d}.png", buf.getvalue())
+    calib = calibration_batch(folder / "images.zip", CFG, 32, 0)[0]
+    held = calibration_batch(folder / "images.zip", CFG, 32, 0, holdout=True)[0]
+    torch.manual_seed(0)
+    m = Convs().eval()
+    with torch.no_grad():
+        for c in (m.c2, m.c3):
+            c.weight[:, 0, 1, 1] *= 100
+        m.fc.weight *= 10
+    to_onnx(m, folder / "model.onnx", (3, 16, 16), opset=18, dynamic_batch=True)
+    return m, folder / "model.onnx", dataset(folder / "images.zip", CFG), calib, held
+
+
+def _distill_spec(**kw):
+    from compress.recipe import DistillSpec
+
+    return DistillSpec(lr=1e-3, batch_size=16, workers=0, warmup_steps=0, **kw)
+
+
+def test_qat_brings_the_int8_file_closer_than_ptq(rounding, tmp_path):
+    """Fake int8 in the forward while distilling from the teacher (here the model itself): the same onnxruntime
+    static quantization of the QAT weights is closer to model.onnx than that of the original weights."""
+    import copy
+
+    from compress.qat import finetune
+
+    m, base, train, calib, held = rounding
+    q, stats = finetune(m, copy.deepcopy(m), train, _distill_spec(), 30, calib, device=torch.device("cpu"),
+                        log=lambda *a: None)
+    assert stats["steps"] == 30 and not any("_qat" in k or "parametrizations" in k for k in q.state_dict())
+    to_onnx(q, tmp_path / "qat.onnx", (3, 16, 16), opset=18, dynamic_batch=True)
+    score = Scorer(base, held, threads=1)
+    quantize_static(base, tmp_path / "ptq.int8.onnx", calib)
+    quantize_static(tmp_path / "qat.onnx", tmp_path / "qat.int8.onnx", calib)
+    assert score(tmp_path / "qat.int8.onnx") < score(tmp_path / "ptq.int8.onnx")
+
+
+def test_int8_qat_runs_when_ptq_misses_and_says_which_file_ships(rounding, tmp_path):
+    """export.int8_qat_steps through int8_qat: the plain PTQ file misses its bound, so QAT runs; the record has the
+    distance before (PTQ, float layers included) and after (QAT), the file kept is the better one and it is the
+    one on disk; a bound the plain file meets runs no QAT."""
+    import copy
+
+    from compress.qat import int8_qat
+    from compress.quant import Bound
+    from compress.recipe import ExportSpec
+    from compress.report import int8_control
+
+    m, base, train, calib, held = rounding
+    path = tmp_path / "model.int8_static.onnx"
+    with torch.no_grad():
+        ref = m(calib)
+    plain = Scorer(base, held, threads=1)
+    quantize_static(base, tmp_path / "plain.onnx", calib)
+    bound = Bound("kl", plain(tmp_path / "plain.onnx") / 2, "test")
+    ptq = write_int8(base, path, "int8_static", ref, calib, min_agreement=0.5, threads=1, bound=bound, held=held)
+    ex = ExportSpec(quantize=["int8_static"], int8_min_agreement=0.5, min_runtime=None, int8_qat_steps=30)
+    rec = int8_qat(ptq, base, path, student=m, teacher=copy.deepcopy(m), train=train, d=_distill_spec(), steps=30,
+                   bound=bound, calib=calib, held=held, ex=ex, log=lambda *a: None)
+    qat = rec["accuracy_control"]["qat"]
+    before = ptq["accuracy_control"]
+    assert qat["before"]["kl"] == before["kl"] and qat["before"]["kept_float"] == len(before["kept_float"])
+    after = qat["after"]
+    better = (not after["meets"], after["kept_float"], after["kl"]) < (not before["meets"], len(before["kept_float"]),
+                                                                       before["kl"])
+    assert qat["used"] == ("qat 30 steps" if better else "ptq")
+    assert plain(path) == pytest.approx(rec["accuracy_control"]["kl"])  # the file on disk is the one recorded
+    assert f"used: {qat['used']} (before: ptq kl " in int8_control(rec["accuracy_control"])
+    easy = write_int8(base, path, "int8_static", ref, calib, min_agreement=0.5, threads=1,
+                      bound=Bound("kl", 10.0, "test"), held=held)
+    assert int8_qat(easy, base, path, student=m, teacher=m, train=train, d=_distill_spec(), steps=30,
+                    bound=Bound("kl", 10.0, "test"), calib=calib, held=held, ex=ex)["accuracy_control"]["qat"]["used"] == "ptq"
