@@ -162,3 +162,22 @@ def test_max_top1_drop_bounds_the_int8_file_without_int8_max_kl(tmp_path, vit_di
     assert "gates.max_top1_drop 100" in ctl["source"] and ctl["meets"] == (ctl["disagreement"] <= ctl["bound"])
     assert "bound disagreement <= 0.5 from 0.5 x gates.max_top1_drop" in (out / "report.md").read_text()
     assert "used: ptq" in res.stdout
+
+
+def test_int8_qat_steps_through_the_cli(tmp_path, vit_dir, image_zip):
+    """export.int8_qat_steps after distillation: a KL bound the plain static file misses starts the QAT fine-tune;
+    report.json, report.md and the log say which file ships (ptq or qat N steps) with the KL before and after."""
+    recipe = write_recipe(tmp_path / "r.yaml", _recipe(
+        image_zip, "{quantize: [int8_static], int8_min_agreement: 0.5, int8_max_kl: 1.0e-9, int8_qat_steps: 3}",
+        f"distill: {{data: {image_zip}, steps: 2, batch_size: 8, workers: 0, holdout_images: 0, device: cpu}}\n").replace(
+        "latency: {batch_sizes: [1, 4], threads: 1, warmup: 1, runs: 3}", "latency: null"))
+    out = tmp_path / "out"
+    res = run_cli("apply", recipe, vit_dir, "-o", out)
+    assert res.returncode == 0, res.stderr
+    ctl = json.loads((out / "report.json").read_text())["artifacts"]["onnx.int8_static"]["accuracy_control"]
+    qat = ctl["qat"]
+    assert ctl["plain_kl"] > 1e-9 and qat["steps"] == 3 and qat["used"] in ("ptq", "qat 3 steps")
+    assert {"kl", "disagreement", "kept_float", "meets"} <= set(qat["before"]) == set(qat["after"])
+    assert f"used: {qat['used']} (before: ptq kl " in (out / "report.md").read_text()
+    assert "quantization-aware fine-tune, 3 steps" in res.stdout and f"used: {qat['used']}" in res.stdout
+    assert not list(out.glob(".qat-*")) and not list(out.glob("*.tmp*"))  # the QAT work files are gone
