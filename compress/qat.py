@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.ao.quantization import FakeQuantize, MovingAverageMinMaxObserver, disable_observer
 from torch.nn.utils import parametrize
@@ -125,6 +126,11 @@ def int8_qat(ptq: dict, base: Path, path: Path, *, student, teacher, train, d, s
     plain = ctl["plain_kl"] if bound.metric == "kl" else ctl["plain_disagreement"]
     if plain <= bound.value:
         ctl["qat"] = {"used": "ptq", "why": "the plain int8 file is within the bound"}
+        return ptq
+    if dist.is_initialized() and dist.get_world_size() > 1:  # the other ranks have left: DDP here would wait forever
+        ctl["qat"] = {"used": "ptq", "why": "QAT runs in a single process; this run was started by torchrun"}
+        log("export: warning: int8_static: export.int8_qat_steps skipped under torchrun (the plain file misses "
+            "its bound); run compress apply in one process for QAT")
         return ptq
     t0 = time.perf_counter()
     log(f"export: int8_static: post-training quantization needed {len(ctl['kept_float'])} float layer(s) "
