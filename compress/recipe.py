@@ -125,9 +125,6 @@ class ExportSpec(_Strict):
     def _int8_control(self):
         if self.int8_max_kl is not None and self.int8_max_disagreement is not None:
             raise ValueError("int8_max_kl and int8_max_disagreement both bound the int8_static file; set one")
-        if self.int8_qat_steps and "int8_static" not in self.quantize:
-            raise ValueError(f"int8_qat_steps {self.int8_qat_steps} fine-tunes for the int8_static file, which is not "
-                             "exported; add int8_static to quantize or set it to 0")
         return self
 
 
@@ -244,6 +241,10 @@ class Recipe(_Strict):
     @model_validator(mode="after")
     def _target_fits(self):
         t, g = self.target, self.gates
+        ex = self.export
+        if ex.int8_qat_steps and "int8_static" not in ex.quantize and (t is None or "int8_static" not in t.variants):
+            raise ValueError(f"export.int8_qat_steps {ex.int8_qat_steps} fine-tunes for the int8_static file, which "
+                             "is not exported; add int8_static to export.quantize or set it to 0")
         if self.export.int8_qat_steps and self.distill is None:
             raise ValueError("export.int8_qat_steps fine-tunes with the distill: section's data and settings; add a "
                              "distill: section or set it to 0")

@@ -63,6 +63,7 @@ def test_schema_command_lists_every_pass():
     ("{quantize: [int8_static], int8_max_disagreement: 1.5}", "export.int8_max_disagreement: Input should be less than 1"),
     ("{quantize: [int8_static], int8_qat_steps: -3}", "export.int8_qat_steps: Input should be greater than or equal to 0"),
     ("{quantize: [int8_dynamic], int8_qat_steps: 5}", "for the int8_static file, which is not exported"),
+    ("{quantize: [], int8_qat_steps: 5}\ntarget: {flops: 0.5, variants: [fp32]}", "which is not exported"),
     ("{quantize: [int8_static], int8_qat_steps: 5, int8_max_kl: 0.1}", "add a distill: section or set it to 0"),
     ("{quantize: [int8_static], int8_qat_steps: 5}\ndistill: {steps: 1}", "needs a bound to aim for"),
 ])
