@@ -21,6 +21,7 @@ from .metrics import fidelity, ort_run, ort_session
 from .frozen import one_input
 from .fuse import fused_qkv
 from .onnx_lean import NotLean, export_lean, light
+from .quant import Bound
 
 
 def _publish(tmp: Path, final: Path) -> int:
@@ -378,9 +379,11 @@ def write_fp16(base: Path, path: Path, ref: torch.Tensor, x: torch.Tensor, *, to
 
 def write_int8(base: Path, path: Path, mode: str, ref: torch.Tensor, x: torch.Tensor, *, min_agreement: float,
                threads: int = 2, convs: bool = False, old=None, external_above: int = EXTERNAL_ABOVE,
-               max_kl: float | None = None, held: torch.Tensor | None = None) -> dict:
+               max_kl: float | None = None, held: torch.Tensor | None = None, bound=None,
+               reference: Path | None = None) -> dict:
     """onnxruntime quantization: dynamic (weights int8, activations at run time) or static (QDQ, calibrated on x).
-    Static with max_kl: calibration method and float layers chosen by the KL to `base` on `held` (quant.py).
+    Static with a bound (quant.Bound; max_kl: a KL bound): calibration method and float layers chosen by the
+    distance to `reference` (default `base`: the fp32 file it is quantized from) on `held` (quant.py).
 
     Dynamic quantizes MatMul only unless `convs`: ConvInteger with int8 weights is missing from older
     runtimes and was 3.6-6x slower than the float conv on the ResNets measured (BENCHMARKS.md).
@@ -390,14 +393,15 @@ def write_int8(base: Path, path: Path, mode: str, ref: torch.Tensor, x: torch.Te
     tmp = _private(path)
     try:
         return _write_int8(base, path, tmp, mode, ref, x, min_agreement=min_agreement, threads=threads, convs=convs,
-                           old=old, external_above=external_above, max_kl=max_kl, held=held)
+                           old=old, external_above=external_above, held=held, reference=reference,
+                           bound=bound if bound is not None or max_kl is None else Bound("kl", max_kl, "export.int8_max_kl"))
     finally:
         shutil.rmtree(tmp.parent, ignore_errors=True)
         release()
 
 
 def _write_int8(base: Path, path: Path, tmp: Path, mode: str, ref, x, *, min_agreement, threads, convs, old,
-                external_above, max_kl, held) -> dict:
+                external_above, held, bound, reference) -> dict:
     import logging
 
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -410,12 +414,12 @@ def _write_int8(base: Path, path: Path, tmp: Path, mode: str, ref, x, *, min_agr
     if mode == "int8_dynamic":
         quantize_dynamic(str(base), str(tmp), weight_type=QuantType.QInt8, use_external_data_format=big,
                          op_types_to_quantize=["MatMul", "Conv"] if convs else ["MatMul"])
-    elif max_kl is not None:
-        extra["accuracy_control"] = rec = controlled_static(base, tmp, x, held if held is not None else x, max_kl,
-                                                            threads=threads, big=big)
+    elif bound is not None:
+        extra["accuracy_control"] = rec = controlled_static(base, tmp, x, held if held is not None else x, bound,
+                                                            threads=threads, big=big, reference=reference)
         if not rec["meets"]:
-            extra["note"] = (f"KL {rec['kl']:.3g} to model.onnx is above export.int8_max_kl {max_kl:g} even with every "
-                             "convolution and matrix product in float")
+            extra["note"] = (f"{bound.metric} {rec[bound.metric]:.3g} to {(reference or base).name} is above the bound {bound.value:.3g} "
+                             f"({bound.source}) even with every convolution and matrix product in float")
     else:
         quantize_static(base, tmp, x, big=big)
     _one_or_two_files(tmp, _folder_bytes(tmp.parent) > external_above)

@@ -28,6 +28,8 @@ from .distill import KeepBest, distill
 from .accuracy import accuracy_gate, gate_basis
 from .errors import GateError, InputError, VerificationError
 from .export import SLIM_AUTO_MAX, write_fp16, write_int8, write_onnx, write_safetensors
+from .qat import int8_qat
+from .quant import bound_for
 from .outdir import check_inputs_untouched, claim, let_go, publish, sha256
 from .limits import check_memory, release
 from .locks import scratch_dir
@@ -211,8 +213,9 @@ def _holdout(train, n: int, seed: int) -> torch.Tensor:
 
 def _export(recipe: Recipe, loaded, student, staging: Path, calib, ledger: list, old, log, ref=None, held=None) -> dict:
     """Write every artifact the recipe asks for; each is verified before it gets its final name. `held`: held-out
-    calibration images, on which int8_static's accuracy control scores its files (export.int8_max_kl)."""
+    calibration images, on which int8_static's accuracy control scores its files (quant.bound_for)."""
     ex, artifacts, need = recipe.export, {}, nbytes(student)  # about what each full-precision file takes
+    bound = bound_for(ex, recipe.gates, recipe.target)
     meta = {"compress_version": __version__, "source_arch": loaded.source["arch"],
             "source_kwargs": json.dumps(loaded.source["kwargs"]), "source_base": json.dumps(loaded.source.get("base")),
             "recipe": json.dumps(recipe.resolved()), "family": loaded.adapter.family,
@@ -249,8 +252,7 @@ def _export(recipe: Recipe, loaded, student, staging: Path, calib, ledger: list,
                                           if v == "fp16" else
                                           write_int8(base, path, v, ref, x, min_agreement=ex.int8_min_agreement,
                                                      convs=ex.int8_dynamic_convs, old=old, external_above=big,
-                                                     max_kl=ex.int8_max_kl if v == "int8_static" else None,
-                                                     held=held))
+                                                     bound=bound if v == "int8_static" else None, held=held))
             if "accuracy_control" in artifacts[f"onnx.{v}"]:
                 log(f"export: {v}: {int8_control(artifacts[f'onnx.{v}']['accuracy_control'])}")
             if "note" in artifacts[f"onnx.{v}"]:
@@ -491,9 +493,16 @@ def _run_in(recipe: Recipe, loaded, staging: Path | None, data, train, work: Pat
         # the student's calibration logits from the rewrite, unless training changed it since
         ex = recipe.export
         held = (calibration_batch(calib_path, cfg, recipe.calibration.images, recipe.calibration.seed, holdout=True)[0]
-                if "int8_static" in ex.quantize and ex.int8_max_kl is not None else None)
+                if "int8_static" in ex.quantize and bound_for(ex, recipe.gates, recipe.target) else None)
         record["artifacts"] = artifacts = _export(recipe, loaded, student, staging, calib, ledger, old, log,
                                                   rewritten if recipe.distill is None else None, held=held)
+        if ex.int8_qat_steps and "onnx.int8_static" in artifacts:  # PTQ missed its bound: fake-quant distillation
+            artifacts["onnx.int8_static"] = a = int8_qat(
+                artifacts["onnx.int8_static"], staging / "model.onnx", staging / "model.int8_static.onnx",
+                student=student, teacher=teacher, train=train, d=recipe.distill, steps=ex.int8_qat_steps,
+                bound=bound_for(ex, recipe.gates, recipe.target), calib=calib, held=held, ex=ex, old=old,
+                device=_device(device or recipe.distill.device), adapter=loaded.adapter, log=log)
+            log(f"export: int8_static: {int8_control(a['accuracy_control'])}")
         if loaded.save_back is not None:  # the original family's layout too, when the structure allows it
             with writing(f"the {loaded.source['arch']} layout", staging, nbytes(student)):
                 record["family_layout"] = lay = loaded.save_back(student, staging, calib, recipe.export.parity_tol)

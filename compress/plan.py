@@ -646,6 +646,8 @@ def planned_recipe(recipe: Recipe, result: dict, index: int) -> dict:
     d["passes"] = d["passes"] + row["passes"]
     if not d["passes"]:  # the teacher's own int8 file: nothing was rewritten, so nothing to distil back
         d["distill"] = None
+    if d["distill"] is None or row["variant"] != "int8_static":  # QAT fine-tunes a distilled student's int8_static
+        d["export"]["int8_qat_steps"] = 0
     g = d["gates"]
     if row["variant"] != "fp32":
         d["export"]["quantize"] = sorted({*d["export"]["quantize"], row["variant"]})

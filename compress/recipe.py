@@ -103,7 +103,14 @@ class ExportSpec(_Strict):
     int8_max_kl: Optional[PositiveFloat] = Field(
         None, description="int8_static accuracy control: the calibration method (minmax/entropy/percentile) with the "
         "lowest KL to model.onnx on held-out calibration images, and the most sensitive layers kept float until the "
-        "file's KL is at most this; null: plain minmax calibration of every layer")
+        "file's KL is at most this; null: the bound below, else plain minmax calibration of every layer")
+    int8_max_disagreement: Optional[Annotated[float, Field(gt=0, lt=1)]] = Field(
+        None, description="int8_static accuracy control on the share of held-out images whose top-1 changes from "
+        "model.onnx (a changed prediction moves top-1 by at most one image); null: half of target/gates.max_top1_drop "
+        "when one is set (compress/quant.py QUANT_SHARE). int8_max_kl, when set, wins")
+    int8_qat_steps: int = Field(0, ge=0, description="int8_static: when the file (float layers included) misses its "
+                                "bound, fine-tune the student this many steps with fake int8 weights and inputs in the "
+                                "forward, distilling as distill: does, and quantize again; kept when closer. 0: off")
     int8_dynamic_convs: bool = Field(False, description="int8_dynamic also quantizes convolutions (ConvInteger: "
                                      "needs onnxruntime >= 1.24, several times slower on ResNets); default MatMul only")
     min_runtime: Optional[Literal["1.16", "1.17", "1.18"]] = Field(
@@ -113,6 +120,12 @@ class ExportSpec(_Strict):
         "require", description="min_runtime not prepared (`compress runtime prepare`): fail (require) or skip with a warning")
     external_data_mb: float = Field(1800, ge=0, description="an ONNX file (model.onnx or a variant) whose weights exceed "
                                     "this goes out as NAME.onnx + NAME.onnx.data (protobuf cannot hold 2 GiB in one file)")
+
+    @model_validator(mode="after")
+    def _int8_control(self):
+        if self.int8_max_kl is not None and self.int8_max_disagreement is not None:
+            raise ValueError("int8_max_kl and int8_max_disagreement both bound the int8_static file; set one")
+        return self
 
 
 class LatencySpec(_Strict):
@@ -228,6 +241,17 @@ class Recipe(_Strict):
     @model_validator(mode="after")
     def _target_fits(self):
         t, g = self.target, self.gates
+        ex = self.export
+        if ex.int8_qat_steps and "int8_static" not in ex.quantize and (t is None or "int8_static" not in t.variants):
+            raise ValueError(f"export.int8_qat_steps {ex.int8_qat_steps} fine-tunes for the int8_static file, which "
+                             "is not exported; add int8_static to export.quantize or set it to 0")
+        if self.export.int8_qat_steps and self.distill is None:
+            raise ValueError("export.int8_qat_steps fine-tunes with the distill: section's data and settings; add a "
+                             "distill: section or set it to 0")
+        bounds = (self.export.int8_max_kl, self.export.int8_max_disagreement, g.max_top1_drop, t and t.max_top1_drop)
+        if self.export.int8_qat_steps and all(b is None for b in bounds):
+            raise ValueError("export.int8_qat_steps needs a bound to aim for: set export.int8_max_kl, "
+                             "export.int8_max_disagreement or a max_top1_drop (target or gates)")
         if t is None:
             return self
         if (t.speedup or t.latency_ms) and self.report.latency is None:
@@ -290,7 +314,7 @@ def _fmt(err: ValidationError, prefix: str) -> str:
         where = f"{prefix}.{loc}" if prefix and loc else (prefix or loc)
         msg = e["msg"].removeprefix("Value error, ")
         got = f" (got {e['input']!r})" if e["type"] not in ("missing", "value_error") and not isinstance(e["input"], dict) else ""
-        parts.append(f"{where}: {msg}{got}")
+        parts.append(f"{where}: {msg}{got}" if where else f"{msg}{got}")  # a whole-recipe check names its keys
     return "; ".join(parts)
 
 

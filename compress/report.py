@@ -85,12 +85,27 @@ def _change(iv: dict | None) -> str:
 
 
 def int8_control(rec: dict) -> str:
-    """The accuracy control in one line for the report."""
+    """The accuracy control in one line for the report: the bound and where it came from, the calibration, what
+    stayed float and why, the file's distance against the bound (and QAT's, when it ran)."""
+    metric = rec.get("metric", "kl")
     methods = ", ".join(f"{m} {v:.3g}" for m, v in rec["methods_kl"].items())
     kept = "; ".join(f"{k['node']} ({k['op']}, KL {k['kl_alone']:.3g} when only it is int8)" for k in rec["kept_float"])
-    return (f"calibration {rec['method']} (KL to fp32 on {rec['held_out_images']} held-out images: {methods}); "
-            + (f"kept float: {kept}; " if kept else "no layer kept float; ")
-            + f"file KL {rec['kl']:.3g} {'<=' if rec['meets'] else '> (bound not met)'} {rec['bound']:.3g}")
+    ptq = f"file {metric} {rec[metric]:.3g} {'<=' if rec['meets'] else '> (bound not met)'} {rec['bound']:.3g}"
+    if metric == "disagreement":
+        ptq += f" (KL {rec['kl']:.3g})"
+    qat = rec.get("qat")
+
+    def far(r: dict) -> str:
+        return (f"{metric} {r[metric]:.3g}" + (f", KL {r['kl']:.3g}" if metric != "kl" else "")
+                + f", {r['kept_float']} float")
+
+    used = (f"; used: {qat['used']} (before: ptq {far(qat['before'])}; after {qat['steps']} QAT steps: "
+            f"{far(qat['after'])})" if qat and "after" in qat else
+            f"; used: ptq ({qat['why']})" if qat else "; used: ptq")
+    return (f"bound {metric} <= {rec['bound']:.3g} from {rec.get('source', 'export.int8_max_kl')}; "
+            f"calibration {rec['method']} (KL to fp32 on {rec['held_out_images']} held-out images: {methods}); "
+            + (f"kept float: {kept} (the most sensitive first, until the file was within the bound); " if kept
+               else "no layer kept float; ") + ptq + used)
 
 
 def variant_rows(record: dict) -> list[tuple]:

@@ -137,7 +137,47 @@ def test_int8_max_kl_runs_the_accuracy_control_on_held_out_images(tmp_path, vit_
     assert 20 <= ctl["held_out_images"] <= 24 and set(ctl["methods_kl"]) == {"minmax", "entropy", "percentile"}
     # a bound the plain file meets: no layer is ranked (tests/test_quant.py keeps an outlier layer float)
     assert ctl["meets"] and ctl["kept_float"] == [] and ctl["kl"] == min(ctl["methods_kl"].values())
-    assert "int8 accuracy control: calibration" in (out / "report.md").read_text() and "export: int8_static: calibration" in res.stdout
+    assert (ctl["metric"], ctl["source"]) == ("kl", "export.int8_max_kl")  # explicit: wins over max_top1_drop's
+    line = "int8_static: bound kl <= 10 from export.int8_max_kl; calibration"
+    assert f"int8 accuracy control: {line[13:]}" in (out / "report.md").read_text() and f"export: {line}" in res.stdout
     (gate,) = rep["gates"]
     drop = rep["summary"]["eval"]["intervals"]["int8_static"]["drop"]
     assert gate["basis"] == "interval" and gate["measured"] == drop["hi"] and gate["interval"] == [drop["lo"], drop["hi"]]
+
+
+def test_max_top1_drop_bounds_the_int8_file_without_int8_max_kl(tmp_path, vit_dir, image_zip):
+    """No export.int8_max_kl: gates.max_top1_drop D bounds the static file's disagreement with model.onnx at
+    QUANT_SHARE x D %; the record, the log and report.md say the bound and where it came from."""
+    from compress.quant import QUANT_SHARE
+
+    recipe = write_recipe(tmp_path / "r.yaml", _recipe(
+        image_zip, "{quantize: [int8_static], int8_min_agreement: 0.5}",
+        "gates: {variant: int8_static, max_top1_drop: 100, accuracy: point}\n").replace(
+        "latency: {batch_sizes: [1, 4], threads: 1, warmup: 1, runs: 3}", "latency: null"))
+    out = tmp_path / "out"
+    res = run_cli("apply", recipe, vit_dir, "-o", out)
+    assert res.returncode == 0, res.stderr
+    ctl = json.loads((out / "report.json").read_text())["artifacts"]["onnx.int8_static"]["accuracy_control"]
+    assert ctl["metric"] == "disagreement" and ctl["bound"] == pytest.approx(QUANT_SHARE)
+    assert "gates.max_top1_drop 100" in ctl["source"] and ctl["meets"] == (ctl["disagreement"] <= ctl["bound"])
+    assert "bound disagreement <= 0.5 from 0.5 x gates.max_top1_drop" in (out / "report.md").read_text()
+    assert "used: ptq" in res.stdout
+
+
+def test_int8_qat_steps_through_the_cli(tmp_path, vit_dir, image_zip):
+    """export.int8_qat_steps after distillation: a KL bound the plain static file misses starts the QAT fine-tune;
+    report.json, report.md and the log say which file ships (ptq or qat N steps) with the KL before and after."""
+    recipe = write_recipe(tmp_path / "r.yaml", _recipe(
+        image_zip, "{quantize: [int8_static], int8_min_agreement: 0.5, int8_max_kl: 1.0e-9, int8_qat_steps: 3}",
+        f"distill: {{data: {image_zip}, steps: 2, batch_size: 8, workers: 0, holdout_images: 0, device: cpu}}\n").replace(
+        "latency: {batch_sizes: [1, 4], threads: 1, warmup: 1, runs: 3}", "latency: null"))
+    out = tmp_path / "out"
+    res = run_cli("apply", recipe, vit_dir, "-o", out)
+    assert res.returncode == 0, res.stderr
+    ctl = json.loads((out / "report.json").read_text())["artifacts"]["onnx.int8_static"]["accuracy_control"]
+    qat = ctl["qat"]
+    assert ctl["plain_kl"] > 1e-9 and qat["steps"] == 3 and qat["used"] in ("ptq", "qat 3 steps")
+    assert {"kl", "disagreement", "kept_float", "meets"} <= set(qat["before"]) == set(qat["after"])
+    assert f"used: {qat['used']} (before: ptq kl " in (out / "report.md").read_text()
+    assert "quantization-aware fine-tune, 3 steps" in res.stdout and f"used: {qat['used']}" in res.stdout
+    assert not list(out.glob(".qat-*")) and not list(out.glob("*.tmp*"))  # the QAT work files are gone

@@ -454,3 +454,18 @@ def test_an_int8_variant_beaten_at_the_teacher_has_no_candidate_timed(deep_vit, 
     static = [r for r in rows if r.get("tried") and r["variant"] == "int8_static"]
     assert [r["passes"] for r in static] == [[]]
     assert any("int8_static file is slower than another int8 file" in m for m in said)
+
+
+def test_planned_recipe_keeps_int8_qat_only_for_a_distilled_int8_static_file():
+    """export.int8_qat_steps fine-tunes a distilled student's int8_static file: a planned recipe that ships another
+    variant, or the teacher's own file (no distill:), has it off, and every planned recipe parses."""
+    from compress.plan import planned_recipe
+    from compress.recipe import parse_recipe
+
+    r = parse_recipe({"version": 1, "target": {"flops": 0.5, "max_top1_drop": 1.0}, "report": {"eval_data": "x.zip"},
+                      "export": {"int8_qat_steps": 7}, "distill": {"steps": 5}})
+    rows = [{"passes": [{"mlp_strip": {"blocks": [0]}}], "variant": "int8_static"},
+            {"passes": [{"mlp_strip": {"blocks": [0]}}], "variant": "fp32"},
+            {"passes": [], "variant": "int8_static"}]
+    got = [parse_recipe(planned_recipe(r, {"rows": rows}, i)).export.int8_qat_steps for i in range(3)]
+    assert got == [7, 0, 0]

@@ -56,3 +56,22 @@ def test_schema_command_lists_every_pass():
     assert names == set(all_passes())
     assert schema["additionalProperties"] is False
     assert "version" in schema["required"]
+
+
+@pytest.mark.parametrize("export, says", [
+    ("{quantize: [int8_static], int8_max_kl: 0.01, int8_max_disagreement: 0.01}", "set one"),
+    ("{quantize: [int8_static], int8_max_disagreement: 1.5}", "export.int8_max_disagreement: Input should be less than 1"),
+    ("{quantize: [int8_static], int8_qat_steps: -3}", "export.int8_qat_steps: Input should be greater than or equal to 0"),
+    ("{quantize: [int8_dynamic], int8_qat_steps: 5}", "for the int8_static file, which is not exported"),
+    ("{quantize: [], int8_qat_steps: 5}\ntarget: {flops: 0.5, variants: [fp32]}", "which is not exported"),
+    ("{quantize: [int8_static], int8_qat_steps: 5, int8_max_kl: 0.1}", "add a distill: section or set it to 0"),
+    ("{quantize: [int8_static], int8_qat_steps: 5}\ndistill: {steps: 1}", "needs a bound to aim for"),
+])
+def test_int8_control_fields_are_checked(tmp_path, export, says):
+    """The int8 accuracy-control fields: a bad value is one line naming the key and the fix, exit 2."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"version: 1\nexport: {export}\n")
+    res = run_cli("apply", recipe, "timm:no_such_model", "-o", tmp_path / "out")
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: recipe: ") and says in lines[0], res.stderr
+    assert not (tmp_path / "out").exists()
