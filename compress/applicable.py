@@ -4,6 +4,7 @@ from __future__ import annotations
 from torch import nn
 
 from .adapters.generic import module_types
+from .attn_obstacles import obstacle
 from .registry import all_passes
 
 
@@ -16,8 +17,9 @@ def instead(model_family: str, exclude: str) -> str:
 def inapplicable(name: str, spec, adapter, model: nn.Module, note: str | None = None) -> str:
     need = "/".join(sorted(spec.families))
     seen = note if note and adapter.family == "other" else f"module types of this {type(model).__name__}: {module_types(model)}"
-    return (f"pass '{name}' does not apply to {adapter.name} models (it needs family {need}); {seen}; "
-            f"passes that apply: {instead(adapter.family, name)}")
+    why = obstacle(model, name)  # qk_merge / vo: what in the attention stops it, read from its structure
+    return (f"pass '{name}' does not apply to {adapter.name} models (it needs family {need}); {why + '; ' if why else ''}"
+            f"{seen}; passes that apply: {instead(adapter.family, name)}")
 
 
 def unexpected(name: str, model: nn.Module, e: Exception) -> str:

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
+from .base import set_module
 
 # a layer inside a module named like this, or inside one that knows its head count, is attention
 _ATTN = re.compile(r"(^|[._])(attn|attention|self_attn|mha)([._]|$)", re.I)
@@ -32,29 +33,43 @@ def _block_lists(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return out
 
 
+class _Probe(nn.Module):
+    """Stands in for a layer during the probe forward: records that it was called, and any read of its weight or
+    bias from outside (torch's TransformerEncoderLayer checks linear1.weight for its fast path, timm Beit reads
+    qkv.weight under F.linear): such a layer cannot be replaced by a factorised pair."""
+
+    def __init__(self, layer: nn.Module, name: str, calls: dict, reads: set):
+        super().__init__()
+        self.layer = layer
+        self.__dict__.update(_name=name, _calls=calls, _reads=reads)  # plain attributes, not registered
+
+    def forward(self, *args, **kwargs):
+        self._calls.setdefault(self._name, len(self._calls))
+        return self.layer(*args, **kwargs)
+
+    def __getattr__(self, key):
+        if key in ("weight", "bias"):
+            self.__dict__["_reads"].add(self.__dict__["_name"])
+            return getattr(self._modules["layer"], key)
+        return super().__getattr__(key)
+
+
 def _called(model: nn.Module, sample: torch.Tensor) -> list[str] | None:
-    """Names of the plain Linear / Conv2d modules whose __call__ runs in a forward, in call order: a layer a parent
-    reads `.weight` of (timm Beit's qkv under F.linear) cannot be replaced by a factorised pair. None when the
-    probe forward fails."""
-    hit, hooks = {}, []
-
-    def seen(name):
-        def hook(mod, inp, out):  # returns None: the output stays as it is
-            hit.setdefault(name, len(hit))
-        return hook
-
-    for n, m in model.named_modules():
-        if type(m) in (nn.Linear, nn.Conv2d):
-            hooks.append(m.register_forward_hook(seen(n)))
+    """Names of the plain Linear / Conv2d modules called in a forward, in call order, less those whose weight a
+    parent reads (see _Probe). None when the probe forward fails."""
+    calls, reads = {}, set()
+    layers = [(n, m) for n, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d)]
+    for n, m in layers:
+        set_module(model, n, _Probe(m, n, calls, reads))
     try:
         with torch.no_grad():
             model.forward(sample)  # one image; the model's own hooks are not a forward of its logits
     except Exception:  # noqa: BLE001 - a model that needs other inputs: no layer is listed, passes say so
         return None
     finally:
-        for h in hooks:
-            h.remove()
-    return sorted(hit, key=hit.get)
+        for n, m in layers:
+            set_module(model, n, m)
+    return [n for n in sorted(calls, key=calls.get) if n not in reads]
 
 
 def structural_layers(model: nn.Module, sample: torch.Tensor) -> list[tuple[str, str]]:

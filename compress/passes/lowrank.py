@@ -5,7 +5,6 @@ Cholesky); `svd` takes U_r from the weight's own SVD instead (data-free basis, f
 """
 from __future__ import annotations
 
-import heapq
 from typing import Annotated, Literal, Optional, Union
 
 import torch
@@ -18,6 +17,7 @@ from ..errors import InputError
 from ..limits import release
 from ..rsslog import mark
 from ..registry import PassConfig, PassContext, PassResult, register_pass
+from ._lowrank_alloc import greedy as _allocate, uniform as _uniform
 from ._scope import layer_share, whole_cost
 
 Kind = Literal["attn", "mlp", "conv", "stem", "head"]
@@ -185,63 +185,6 @@ def _cols(c: dict, layer: nn.Module, rank: int) -> torch.Tensor:
     if "rv" in c:
         return layer.weight.detach().float().flatten(1) @ c["rv"][:, :rank]
     return c["u"][:, :rank]
-
-
-def _allocate(cands: dict[str, dict], target: float, total: float, budget: str) -> dict[str, int]:
-    """Greedy: take the cheapest error per unit of cost saved until the selected layers fit the budget.
-
-    Each layer's curve is its own fraction of output energy lost, so layers compare on one scale.
-    """
-    state = {n: 0 for n in cands}  # index into c["steps"]: 0 = unfactorised
-    cost = total
-    heap = []
-
-    def push(n):
-        c, i = cands[n], state[n]
-        if i + 1 < len(c["steps"]):
-            (r0, e0, k0), (r1, e1, k1) = c["steps"][i], c["steps"][i + 1]
-            heapq.heappush(heap, ((e1 - e0) / max(k0 - k1, 1e-12), n))
-
-    for n in cands:
-        push(n)
-    while cost > target * total and heap:
-        _, n = heapq.heappop(heap)
-        c = cands[n]
-        cost -= c["steps"][state[n]][2] - c["steps"][state[n] + 1][2]
-        state[n] += 1
-        push(n)
-    _check_reach(cost, target, total, budget)
-    return {n: cands[n]["steps"][i][0] for n, i in state.items() if i > 0}
-
-
-def _within(cost: float, target: float, total: float) -> bool:
-    return cost <= target * total * (1 + 1e-9)
-
-
-def _check_reach(cost_at_smallest: float, target: float, total: float, budget: str) -> None:
-    if not _within(cost_at_smallest, target, total):
-        raise InputError(f"lowrank: target {target} is out of reach: at the smallest ranks the selected layers keep "
-                         f"{cost_at_smallest / total:.0%} of their {budget}; raise target or select more layer kinds")
-
-
-def _uniform(cands: dict[str, dict], target: float, total: float, budget: str) -> dict[str, int]:
-    """One rank fraction f of each layer's full rank (rounded down to the multiple), the largest meeting the target."""
-    def pick(f):
-        ranks, cost = {}, total
-        for n, c in cands.items():
-            if f * c["top"] >= c["even"]:  # at or above break-even: the layer stays whole
-                continue
-            step = next(st for st in c["steps"][1:] if st[0] <= max(f * c["top"], c["steps"][-1][0]))
-            ranks[n] = step[0]
-            cost -= c["steps"][0][2] - step[2]
-        return ranks, cost
-
-    _check_reach(pick(0.0)[1], target, total, budget)
-    lo, hi = 0.0, 1.0
-    for _ in range(30):  # cost grows with f: bisect for the largest f within the target
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if _within(pick(mid)[1], target, total) else (lo, mid)
-    return pick(lo)[0]
 
 
 def _replace(model, name: str, layer: nn.Module, u: torch.Tensor | None, rank: int) -> nn.Sequential:
