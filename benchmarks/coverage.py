@@ -32,7 +32,8 @@ RECIPES = {
 }
 BUDGET, SLACK = 0.5, 0.02  # a rewriting cell counts when its FLOP ratio is within SLACK of BUDGET
 TIMEOUT_S = 900
-VIT = {"depth": 2, "img_size": 64, "num_classes": 10}
+PX = 64
+VIT = {"depth": 2, "img_size": PX, "num_classes": 10}
 VIT14 = {**VIT, "img_size": 56}  # patch 14: 4 x 4 patches
 RES = {"num_classes": 10}
 RES1 = {**RES, "layers": [1, 1, 1, 1]}  # one block per stage: the block style is what is covered, not the depth
@@ -117,7 +118,10 @@ def _build_timm(case: Case, folder: Path) -> tuple[Path, str]:
     folder.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
     args = {k: v for k, v in case.args.items() if k != "num_classes"}
-    (folder / "config.json").write_text(json.dumps({"architecture": case.name, "num_classes": 10, "model_args": args}))
+    cfg = {"architecture": case.name, "num_classes": 10, "model_args": args}
+    if "img_size" not in args:  # a CNN takes any size: 64 px as the ViTs (timm's default, 224, cost 12x the CPU)
+        cfg["pretrained_cfg"] = {"input_size": [3, PX, PX]}
+    (folder / "config.json").write_text(json.dumps(cfg))
     return folder, ""
 
 
@@ -169,8 +173,15 @@ def _last_error(text: str) -> str:
     return (err or lines or ["(no output)"])[-1]
 
 
-def run_case(case: Case, recipes: list[str], work: Path, log) -> dict:
-    """Build the case's checkpoint, then one CLI run per recipe: exit code, FLOP ratio or the last error line."""
+def run_cli(args: list[str]) -> subprocess.CompletedProcess:
+    """`python -m compress ARGS` in a child process, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "compress", *args], cwd=REPO, env=child_env(), capture_output=True,
+                          text=True, timeout=TIMEOUT_S)
+
+
+def run_case(case: Case, recipes: list[str], work: Path, log, cli=run_cli) -> dict:
+    """Build the case's checkpoint, then one CLI run per recipe: exit code, FLOP ratio or the last error line.
+    cli: what runs the command line (the tests pass one that forks a process with compress imported already)."""
     row = {**asdict(case), "label": f"{case.source}:{case.name}", "cells": {}}
     try:
         ckpt, spec = BUILD[case.source](case, work / "ckpt")
@@ -184,9 +195,7 @@ def run_case(case: Case, recipes: list[str], work: Path, log) -> dict:
         out = work / f"out_{r}"
         t0 = time.perf_counter()
         try:
-            res = subprocess.run([sys.executable, "-m", "compress", "apply", str(recipe), str(ckpt), "-o", str(out),
-                                  "--overwrite"], cwd=REPO, env=child_env(), capture_output=True, text=True,
-                                 timeout=TIMEOUT_S)
+            res = cli(["apply", str(recipe), str(ckpt), "-o", str(out), "--overwrite"])
             rc, err = res.returncode, _last_error(res.stderr) if res.returncode else ""
         except subprocess.TimeoutExpired:
             rc, err = "timeout", f"no result in {TIMEOUT_S} s"
@@ -267,7 +276,7 @@ def render(rows: list[dict], meta: dict, recipes: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, cli=run_cli) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="one architecture per family and source")
     ap.add_argument("--only", default="", help="comma-separated labels or names")
@@ -290,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for i, case in enumerate(cases):
         with tempfile.TemporaryDirectory(prefix="coverage-") as tmp:
-            rows.append(run_case(case, recipes, Path(tmp), log))
+            rows.append(run_case(case, recipes, Path(tmp), log, cli))
         meta = {"date": f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC", "commit": commit or "?",
                 "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "minutes": (time.time() - t0) / 60,
                 "recipes": {k: RECIPES[k] + TAIL for k in recipes}, "cases_done": f"{i + 1} / {len(cases)}",

@@ -37,7 +37,7 @@ def variants(loaded: Loaded) -> dict[str, list]:
     return out
 
 
-def run_arch(arch: str, *, runs: int, threads: int, work: Path, log) -> dict:
+def run_arch(arch: str, *, runs: int, threads: int, work: Path, log, warmup: int = 10) -> dict:
     torch.manual_seed(0)
     model = nonzero_biases(timm.create_model(arch, pretrained=False, num_classes=1000).eval())
     size = (3, 224, 224)
@@ -53,7 +53,7 @@ def run_arch(arch: str, *, runs: int, threads: int, work: Path, log) -> dict:
         rows[name] = {"passes": passes, "params": count_params(student), "flops": count_flops(student, size),
                       "onnx_bytes": art["bytes"], "convert_s": round(convert, 2)}
         log(f"  {arch} {name}: {rows[name]['flops'] / 1e9:.2f} GFLOPs, converted in {convert:.1f} s")
-    batches, warmup = [1, 8], 10
+    batches = [1, 8]
     lat = latency(files, size, batch_sizes=batches, threads=threads, warmup=warmup, runs=runs)
     for name, r in rows.items():
         r["latency"] = lat[name]
@@ -66,11 +66,11 @@ def run_arch(arch: str, *, runs: int, threads: int, work: Path, log) -> dict:
             "variants": rows}
 
 
-def run(archs: list[str], *, runs: int, threads: int, work: Path, log) -> list[dict]:
+def run(archs: list[str], *, runs: int, threads: int, work: Path, log, warmup: int = 10) -> list[dict]:
     out = []
     for arch in archs:
         try:
-            out.append(run_arch(arch, runs=runs, threads=threads, work=work, log=log))
+            out.append(run_arch(arch, runs=runs, threads=threads, work=work, log=log, warmup=warmup))
         except Exception as e:  # noqa: BLE001 - recorded in the table, and fails the run
             log(f"  {arch} FAILED: {type(e).__name__}: {e}")
             out.append({"arch": arch, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=6)})

@@ -18,12 +18,13 @@ from compress.batch import shard_of, verified
 from tests.conftest import FAST, REPO, run_cli, save_timm_dir, tiny_vit, tiny_vit_args, write_recipe
 
 RECIPE = "version: 1\npasses:\n  - mlp_strip: {blocks: [0]}\n" + FAST
+UNTIMED = "version: 1\npasses:\n  - mlp_strip: {blocks: [0]}\nreport: {latency: null}\n"  # no timing child per entry
 
 
-def _zoo(tmp_path, n_good=3, broken=True):
+def _zoo(tmp_path, n_good=3, broken=True, recipe=RECIPE):
     for i in range(n_good):
         save_timm_dir(tiny_vit(seed=i, heads=2), "vit_tiny_patch16_224", tiny_vit_args(heads=2), tmp_path / f"m{i}")
-    write_recipe(tmp_path / "r.yaml", RECIPE)
+    write_recipe(tmp_path / "r.yaml", recipe)
     (tmp_path / "broken.safetensors").write_bytes(b"not a safetensors file")
     entries = [f"  - {{checkpoint: m{i}}}" for i in range(n_good)]
     args = tiny_vit_args(heads=2)
@@ -78,7 +79,7 @@ def test_broken_entries_fail_alone_and_resume_converts_only_the_fixed_one(tmp_pa
 
 
 def test_resume_redoes_an_entry_whose_files_changed(tmp_path):
-    zoo, out = _zoo(tmp_path, n_good=2, broken=False), tmp_path / "out"
+    zoo, out = _zoo(tmp_path, n_good=2, broken=False, recipe=UNTIMED), tmp_path / "out"
     assert run_cli("batch", zoo, "-o", out).returncode == 0
     with open(out / "m0" / "model.onnx", "ab") as f:
         f.write(b"corruption")
@@ -165,7 +166,7 @@ def test_bad_shard_is_one_line(tmp_path, text):
 
 
 def test_shards_in_parallel_then_merge_equal_the_unsharded_batch(tmp_path):
-    zoo = _zoo(tmp_path, n_good=3)  # 3 good entries and 2 failing ones
+    zoo = _zoo(tmp_path, n_good=3, recipe=UNTIMED)  # 3 good entries and 2 failing ones; the files are the point
     whole = run_cli("batch", zoo, "-o", tmp_path / "whole", "--jobs", "2")
     assert whole.returncode == 5, whole.stderr
     n = 3

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
-from benchmarks.coverage import CASES, ok, render, summarise
+from benchmarks import child_env
+from benchmarks.coverage import CASES, TIMEOUT_S, main, ok, render, summarise
+from tests import forkcli
 from tests.conftest import REPO
 
 
@@ -38,9 +38,10 @@ def test_the_harness_covers_forty_architectures_and_each_family_in_quick():
 
 @pytest.mark.slow
 def test_coverage_quick_converts_one_model_per_family(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "benchmarks.coverage", "--quick", "--recipes", "export,width,lowrank",
-                          "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=1200)
-    assert res.returncode == 0, res.stderr[-3000:]
+    def cli(args):  # the real CLI in a child process, forked from one that has imported compress already
+        return forkcli.run(args, REPO, child_env(), timeout=TIMEOUT_S)
+
+    assert main(["--quick", "--recipes", "export,width,lowrank", "--out", str(tmp_path)], cli=cli) == 0
     data = json.loads((tmp_path / "coverage.json").read_text())
     assert len(data["rows"]) == sum(c.quick for c in CASES) and not data["complete"]
     for row in data["rows"]:
