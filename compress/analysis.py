@@ -16,7 +16,7 @@ from .data import calibration_batch
 from .errors import InputError
 from .diskio import writing
 from .load import load
-from .outdir import check_inputs_untouched, write_text_atomic
+from .outdir import check_inputs_untouched, claim, let_go, write_text_atomic
 from .probe import capture, greedy_mlp_skip, skip_kl
 
 OUTLIER = 3.0  # a token whose norm exceeds this multiple of its image's median token norm is an outlier
@@ -156,12 +156,15 @@ def run(ckpt: str, data: str | None, images: int, eps: float, out, seed: int = 0
     loaded = load(ckpt)
     x, desc = calibration_batch(data, loaded.data_cfg, images, seed)
     result = {"source": loaded.source, "calibration": desc, **analyze(loaded.model, loaded.adapter, x, eps)}
+    held = claim(out, "force", staged=False)  # OUT's lock: two analyses into one folder cannot mix their two files
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        out.mkdir(exist_ok=True)
+        tmp = out / ".analysis.png.tmp"
+        chart(result, tmp)
+        os.replace(tmp, out / "analysis.png")
+        write_text_atomic(out / "analysis.json", json.dumps(result, indent=2) + "\n")  # last: the result's marker
     except OSError as e:
-        raise InputError(f"cannot create {out} ({e.strerror or e}); choose a writable -o") from None
-    tmp = out / ".analysis.png.tmp"
-    chart(result, tmp)
-    os.replace(tmp, out / "analysis.png")
-    write_text_atomic(out / "analysis.json", json.dumps(result, indent=2) + "\n")
+        raise InputError(f"cannot write into {out} ({e.strerror or e}); choose a writable -o") from None
+    finally:
+        let_go(held)
     return result

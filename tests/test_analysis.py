@@ -11,6 +11,8 @@ from compress.adapters import detect
 from compress.analysis import analyze, coding_rate, run
 from compress.probe import greedy_mlp_skip
 from compress.errors import InputError
+from compress.locks import try_lock, unlock
+from compress.outdir import lock_path
 from compress.passes.mlp_strip import MLPStripConfig, mlp_strip
 from compress.registry import PassContext
 from tests.conftest import make_image_zip, run_cli, save_timm_dir, tiny_vit, tiny_vit_args
@@ -74,6 +76,16 @@ def test_analyze_cli_writes_json_and_chart(tmp_path):
     with pytest.raises(InputError, match="--eps 0"):
         run(str(vit), None, 16, 0.0, tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
+    assert not list(tmp_path.glob(".an.lock"))  # the lock went with the run
+
+    held = try_lock(lock_path(out))  # another run writing the same folder: refused, its files untouched
+    before = (out / "analysis.json").read_bytes()
+    try:
+        with pytest.raises(InputError, match="being written by another compress run"):
+            run(str(vit), None, 16, 0.5, out)
+    finally:
+        unlock(held, lock_path(out))
+    assert (out / "analysis.json").read_bytes() == before
 
 
 @pytest.mark.slow
