@@ -121,17 +121,23 @@ def test_fixed_batch_export(tmp_path, vit_dir, image_zip):
     assert rep["summary"]["eval"]["variants"]["int8_dynamic"]["top1"] >= 0  # evaluated image by image
 
 
-def test_int8_max_kl_runs_the_accuracy_control_on_held_out_images(tmp_path, vit_dir, image_zip):
-    """export.int8_max_kl through the CLI: the static file's record and report say which calibration method won,
-    on how many held-out images (the fixture's zip holds one unreadable image), and the file's KL against the
-    bound; the accuracy gate reads the int8 file's interval."""
+def _static_untimed(tmp_path, vit_dir, image_zip, export: str, accuracy: str):
+    """An int8_static run gated on that file's top-1 drop (100 points: the record is the point), untimed."""
     recipe = write_recipe(tmp_path / "r.yaml", _recipe(
-        image_zip, "{quantize: [int8_static], int8_min_agreement: 0.5, int8_max_kl: 10.0}",
-        "gates: {variant: int8_static, max_top1_drop: 100, accuracy: interval}\n").replace(
+        image_zip, f"{{quantize: [int8_static], {export}}}",
+        f"gates: {{variant: int8_static, max_top1_drop: 100, accuracy: {accuracy}}}\n").replace(
         "latency: {batch_sizes: [1, 4], threads: 1, warmup: 1, runs: 3}", "latency: null"))
     out = tmp_path / "out"
     res = run_cli("apply", recipe, vit_dir, "-o", out)
     assert res.returncode == 0, res.stderr
+    return out, res
+
+
+def test_int8_max_kl_runs_the_accuracy_control_on_held_out_images(tmp_path, vit_dir, image_zip):
+    """export.int8_max_kl through the CLI: the static file's record and report say which calibration method won,
+    on how many held-out images (the fixture's zip holds one unreadable image), and the file's KL against the
+    bound; the accuracy gate reads the int8 file's interval."""
+    out, res = _static_untimed(tmp_path, vit_dir, image_zip, "int8_min_agreement: 0.5, int8_max_kl: 10.0", "interval")
     rep = json.loads((out / "report.json").read_text())
     ctl = rep["artifacts"]["onnx.int8_static"]["accuracy_control"]
     assert 20 <= ctl["held_out_images"] <= 24 and set(ctl["methods_kl"]) == {"minmax", "entropy", "percentile"}
@@ -150,13 +156,7 @@ def test_max_top1_drop_bounds_the_int8_file_without_int8_max_kl(tmp_path, vit_di
     QUANT_SHARE x D %; the record, the log and report.md say the bound and where it came from."""
     from compress.quant import QUANT_SHARE
 
-    recipe = write_recipe(tmp_path / "r.yaml", _recipe(
-        image_zip, "{quantize: [int8_static], int8_min_agreement: 0.5}",
-        "gates: {variant: int8_static, max_top1_drop: 100, accuracy: point}\n").replace(
-        "latency: {batch_sizes: [1, 4], threads: 1, warmup: 1, runs: 3}", "latency: null"))
-    out = tmp_path / "out"
-    res = run_cli("apply", recipe, vit_dir, "-o", out)
-    assert res.returncode == 0, res.stderr
+    out, res = _static_untimed(tmp_path, vit_dir, image_zip, "int8_min_agreement: 0.5", "point")
     ctl = json.loads((out / "report.json").read_text())["artifacts"]["onnx.int8_static"]["accuracy_control"]
     assert ctl["metric"] == "disagreement" and ctl["bound"] == pytest.approx(QUANT_SHARE)
     assert "gates.max_top1_drop 100" in ctl["source"] and ctl["meets"] == (ctl["disagreement"] <= ctl["bound"])
