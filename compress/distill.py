@@ -237,6 +237,11 @@ def distill(student: nn.Module, teacher: nn.Module, data: ImageFolderData, *, st
                            "first_unreadable": first_bad,
                            "keep": keep.state() if keep is not None else None})
 
+    def stopped():
+        log(f"distill: stopped at step {done} of {steps}" + (f"; resume checkpoint in {checkpoint}"
+                                                             if checkpoint is not None else ""))
+        stop.raise_()
+
     stop = StopRequests().__enter__()  # left in `finally`, with the bar and the hooks
     done = start
     try:
@@ -285,22 +290,17 @@ def distill(student: nn.Module, teacher: nn.Module, data: ImageFolderData, *, st
                     checkpoint_every and done % checkpoint_every == 0 and done < steps)):
                 save(done)  # on a stop request at once: a scheduler's SIGTERM loses no finished step
             if stop.signum is not None:
-                log(f"distill: stopped at step {done} of {steps}" + (f"; resume checkpoint in {checkpoint}"
-                                                                     if checkpoint is not None else ""))
-                stop.raise_()
+                stopped()
     except (RuntimeError, ConnectionResetError, EOFError) as e:  # a worker killed (OOM killer, the job's stop)
         died = _worker_died(e, batches)
         if died is None:
             raise
-        _close_loader(batches, failing=True)
-        if rank == 0 and checkpoint is not None:
+        if rank == 0 and checkpoint is not None:  # (the loader is closed in `finally`, its pids already forgotten)
             save(done)  # between steps: the state is whole
         if stop.signum is None and ("Terminated" in died or "Interrupt" in died):  # the job's stop reached a worker first
             stop.signum = signal.SIGTERM if "Terminated" in died else signal.SIGINT
         if stop.signum is not None:  # a stop, as above: the steps done are kept
-            log(f"distill: stopped at step {done} of {steps}" + (f"; resume checkpoint in {checkpoint}"
-                                                                 if checkpoint is not None else ""))
-            stop.raise_()
+            stopped()
         where = f"; rerun the same command with --resume to continue from step {done}" if checkpoint is not None else ""
         raise InputError(f"a data-loading worker {died} during distillation step {done + 1} of {steps}"
                          f"{' (out of memory?)' if 'Killed' in died or 'unexpectedly' in died else ''}: lower "
