@@ -4,7 +4,7 @@ from __future__ import annotations
 from torch import nn
 
 from .adapters.generic import module_types
-from .attn_obstacles import obstacle
+from .errors import InputError
 from .registry import all_passes
 
 
@@ -17,8 +17,7 @@ def instead(model_family: str, exclude: str) -> str:
 def inapplicable(name: str, spec, adapter, model: nn.Module, note: str | None = None) -> str:
     need = "/".join(sorted(spec.families))
     seen = note if note and adapter.family == "other" else f"module types of this {type(model).__name__}: {module_types(model)}"
-    why = obstacle(model, name)  # qk_merge / vo: what in the attention stops it, read from its structure
-    return (f"pass '{name}' does not apply to {adapter.name} models (it needs family {need}); {why + '; ' if why else ''}"
+    return (f"pass '{name}' does not apply to {adapter.name} models (it needs family {need}); "
             f"{seen}; passes that apply: {instead(adapter.family, name)}")
 
 
@@ -26,3 +25,17 @@ def unexpected(name: str, model: nn.Module, e: Exception) -> str:
     """A pass met a structure it was not written for (an AttributeError inside it): exit 2, not a crash."""
     return (f"pass '{name}' cannot handle this {type(model).__name__}'s structure ({type(e).__name__}: {e}); module "
             f"types: {module_types(model)}; lowrank works on any model's plain Linear/Conv2d layers")
+
+
+def why_not(name: str, spec, adapter, model: nn.Module, note: str | None = None) -> str | None:
+    """Why pass `name` cannot run on this model (one line), or None: its family is not the pass's, or the pass
+    rewrites transformer blocks and this model's do not map to the neutral block (which maps them, in place)."""
+    if adapter.family not in spec.families:
+        return inapplicable(name, spec, adapter, model, note)
+    if spec.vit_blocks and adapter.family == "other":
+        try:
+            adapter.vit_blocks(model)
+        except InputError as e:
+            seen = "" if "module types" in str(e) else f" ({note or 'module types: ' + module_types(model)}); lowrank works on any model's plain Linear/Conv2d layers"
+            return f"pass '{name}' does not apply to this {type(model).__name__}: {e}{seen}"
+    return None

@@ -1,7 +1,7 @@
 """`compress batch`: convert a model zoo, one process per entry, with a manifest that survives kills.
 
 Each entry runs `compress apply` in its own process (a crash or out-of-memory there cannot
-take the others down). The manifest records every entry's state and, once done, the
+take the others down), forked from one that has imported compress already (compress/forkrun.py). The manifest records every entry's state and, once done, the
 sha256 of every file it wrote; `--resume` skips entries whose inputs are unchanged and whose
 files still match, and retries the rest.
 """
@@ -22,6 +22,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from . import forkrun
 from .errors import InputError
 from .outdir import check_inputs_untouched, claim, let_go, write_text_atomic
 from .recipe import _check_keys, _fmt, read_yaml
@@ -154,25 +155,48 @@ def _die_with_parent() -> None:
         pass
 
 
-def _run_entry(job: dict, out: Path, manifest: Manifest, log) -> None:
+def _start(cmd: list[str], keep, scratch: Path) -> subprocess.CompletedProcess:
+    """`compress apply` for one entry: forked from a process that has imported compress (compress/forkrun.py: no
+    ~5 s of imports an entry), or `python -m compress` where there is no forkserver. `keep(proc)` registers it;
+    its output files live in `scratch` (beside OUT, under its lock: what a killed batch leaves, the next removes)."""
+    if forkrun.available():
+        return forkrun.run(cmd, Path.cwd(), None, timeout=None, die_with_parent=True, started=keep, scratch=scratch)
+    proc = subprocess.Popen([sys.executable, "-m", "compress", *cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=_die_with_parent if os.name == "posix" else None)
+    keep(proc)
+    stdout, stderr = proc.communicate()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def _stop(proc) -> None:
+    """SIGTERM to an entry's process (a subprocess.Popen or a forked multiprocessing.Process)."""
+    try:
+        os.kill(proc.pid, signal.SIGTERM)
+    except (ProcessLookupError, TypeError):  # already gone, or not started yet
+        pass
+
+
+def _run_entry(job: dict, out: Path, manifest: Manifest, log, scratch: Path) -> None:
     name = job["name"]
-    cmd = [sys.executable, "-m", "compress", "apply", job["recipe"], job["checkpoint"], "-o", str(out / name),
-           "--overwrite", "--json"]
+    cmd = ["apply", job["recipe"], job["checkpoint"], "-o", str(out / name), "--overwrite", "--json"]
     if job["overrides"]:
         cmd += ["--override", json.dumps(job["overrides"])]
     manifest.update(name, state="running", started=time.time(), checkpoint=job["checkpoint"], recipe=job["recipe"],
                     fingerprint=_fingerprint(job), attempts=manifest.entries.get(name, {}).get("attempts", 0) + 1)
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=_die_with_parent if os.name == "posix" else None)
-    with RUNNING_LOCK:
-        RUNNING.add(proc)
+    mine = []
+
+    def keep(proc):
+        with RUNNING_LOCK:
+            RUNNING.add(proc)
+            mine.append(proc)
+
     try:
-        stdout, stderr = proc.communicate()
+        proc = _start(cmd, keep, scratch)
     finally:
         with RUNNING_LOCK:
-            RUNNING.discard(proc)
-    proc = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+            for p in mine:
+                RUNNING.discard(p)
     seconds = round(time.perf_counter() - t0, 1)
     if proc.returncode == 0:
         record = json.loads(proc.stdout)
@@ -212,14 +236,14 @@ def run_batch(zoo_path: Path, out: Path, *, jobs: int, resume: bool, shard: tupl
                             *[j["checkpoint"] for j in entries if Path(j["checkpoint"]).exists()]], out)
     if out.exists() and not resume and any(out.iterdir()):
         raise InputError(f"output {out} already exists; pass --resume to continue that batch or choose another -o")
-    held = claim(out, "force", staged=False)  # OUT's lock for the whole batch: a second batch to it stops at once
-    try:
-        return _run_held(entries, zoo_path, out, jobs=jobs, resume=resume, shard=shard, log=log)
+    held = claim(out, "force")  # OUT's lock for the whole batch: a second batch to it stops at once; its staging
+    try:  # folder beside OUT holds the entries' output while they run
+        return _run_held(entries, zoo_path, out, jobs=jobs, resume=resume, shard=shard, log=log, scratch=held.staging)
     finally:
         let_go(held)
 
 
-def _run_held(entries: list, zoo_path: Path, out: Path, *, jobs: int, resume: bool, shard, log) -> dict:
+def _run_held(entries: list, zoo_path: Path, out: Path, *, jobs: int, resume: bool, shard, log, scratch: Path) -> dict:
     try:
         out.mkdir(exist_ok=True)
     except OSError as e:
@@ -238,12 +262,12 @@ def _run_held(entries: list, zoo_path: Path, out: Path, *, jobs: int, resume: bo
         manifest.save()
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         try:
-            list(pool.map(lambda j: _run_entry(j, out, manifest, log), todo))
+            list(pool.map(lambda j: _run_entry(j, out, manifest, log, scratch), todo))
         except BaseException:  # Ctrl-C or SIGTERM: pass it on, so each entry stops cleanly and is recorded failed
             pool.shutdown(wait=False, cancel_futures=True)
             with RUNNING_LOCK:
                 for proc in RUNNING:
-                    proc.send_signal(signal.SIGTERM)
+                    _stop(proc)
             raise
     names = [j["name"] for j in entries]
     summary = {"zoo": str(zoo_path), "out": str(out), "ran": [j["name"] for j in todo],

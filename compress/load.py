@@ -19,6 +19,7 @@ from torch import nn
 
 from . import checkpoint, sources
 from .adapters import Adapter, detect
+from .applicable import why_not
 from .data import resolve_preprocess
 from .errors import InputError, read_json
 from .frozen import freeze_weight_norm_convs
@@ -272,7 +273,7 @@ def load_compressed(path: str | Path) -> nn.Module:
     structure = json.loads(meta.get("structure", "null")) or [{} for _ in recipe.steps]
     for step, details in zip(recipe.steps, structure):
         spec = get_pass(step.name)
-        if adapter.family in spec.families:
+        if not why_not(step.name, spec, adapter, model):  # a pass the run skipped (skip_inapplicable) is skipped here
             model = spec.fn(model, adapter, step.config, PassContext(calib=None, replay=details)).model
     fit(model, read_state_dict(file), "the structure its recipe describes", file)
     return model.eval()

@@ -89,21 +89,58 @@ class FoldedVO(nn.Module):
 
 
 class Attention(nn.Module):
-    """softmax(score(x)) feeds value(A, x); any score part combines with any value part."""
+    """softmax(score(x) + position bias) feeds value(A, x); any score part combines with any value part.
 
-    def __init__(self, score: nn.Module, value: nn.Module, attn_drop: nn.Module, proj_drop: nn.Module):
+    `rel_pos` (optional) adds a relative position bias to the logits, as timm's Beit and RelPos attention do:
+    called on the logits, it returns them with the bias added. A bias shared by all blocks comes in as `shared`.
+    Both are added after q.k, so the score and value parts stay free to be rewritten.
+    """
+
+    def __init__(self, score: nn.Module, value: nn.Module, attn_drop: nn.Module, proj_drop: nn.Module,
+                 rel_pos: nn.Module | None = None):
         super().__init__()
         self.score, self.value = score, value
         self.attn_drop, self.proj_drop = attn_drop, proj_drop
+        self.rel_pos = rel_pos
 
-    def forward(self, x, attn_mask=None, is_causal: bool = False):
+    def forward(self, x, attn_mask=None, is_causal: bool = False, rope=None, shared=None):
         if is_causal:
             raise NotImplementedError("causal attention is not used by vision models")
-        logits = self.score(x)
+        logits = self.score(x) if rope is None else self.score(x, rope)
+        if self.rel_pos is not None:
+            logits = self.rel_pos(logits)
+        if shared is not None:
+            logits = logits + shared
         if attn_mask is not None:
             logits = logits.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else logits + attn_mask
         attn = self.attn_drop(logits.softmax(dim=-1))
         return self.proj_drop(self.value(attn, x))
+
+
+class Scale(nn.Module):
+    """A layer-scale vector held as a bare parameter by its block (Beit, EVA: `gamma_1 * attn(x)`)."""
+
+    def __init__(self, gamma: nn.Parameter):
+        super().__init__()
+        self.gamma = gamma
+
+    def forward(self, x):
+        return self.gamma * x
+
+
+class TableBias(nn.Module):
+    """Beit's relative position bias: a (distances, heads) table gathered by a fixed (N, N) index, added to the
+    logits."""
+
+    def __init__(self, table: nn.Parameter, index: torch.Tensor):
+        super().__init__()
+        self.relative_position_bias_table = table
+        self.register_buffer("relative_position_index", index.clone(), persistent=False)
+
+    def forward(self, logits):
+        n = self.relative_position_index.shape[0]
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(n, n, -1)
+        return logits + bias.permute(2, 0, 1).unsqueeze(0)
 
 
 class ViTBlock(nn.Module):
@@ -117,8 +154,12 @@ class ViTBlock(nn.Module):
     def strip_mlp(self) -> None:
         self.norm2 = self.mlp = self.ls2 = self.drop_path2 = None
 
-    def forward(self, x, attn_mask=None, is_causal: bool = False):
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
+    def forward(self, x, attn_mask=None, is_causal: bool = False, rope=None, shared_rel_pos_bias=None,
+                shared_rel_pos=None):
+        """The keyword arguments of every block form mapped here (timm ViT, Beit, RelPos, EVA)."""
+        shared = shared_rel_pos_bias if shared_rel_pos_bias is not None else shared_rel_pos
+        kw = {k: v for k, v in (("rope", rope), ("shared", shared)) if v is not None}
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal, **kw)))
         if self.mlp is not None:
             x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x

@@ -38,7 +38,7 @@ from .metrics import count_flops, count_params, evaluate, fidelity, latency_chil
 from .modules import learned_parameters
 from .recipe import Recipe
 from .registry import PassContext, get_pass
-from .applicable import inapplicable, unexpected
+from .applicable import unexpected, why_not
 from .report import int8_control, machine_info, write_reports
 from .rsslog import mark
 
@@ -99,8 +99,8 @@ def rewrite(loaded, recipe: Recipe, calib, log, inplace: bool = False, ref: torc
     ledger = []
     for i, step in enumerate(recipe.steps):
         spec = get_pass(step.name)
-        if adapter.family not in spec.families:
-            msg = inapplicable(step.name, spec, adapter, student, loaded.source.get("note"))
+        msg = why_not(step.name, spec, adapter, student, loaded.source.get("note"))
+        if msg:
             if not recipe.skip_inapplicable:
                 raise InputError(f"{msg}; remove it from the recipe or set skip_inapplicable: true")
             log(f"skipped {step.name}: {msg}")

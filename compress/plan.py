@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .applicable import inapplicable
+from .applicable import why_not
 from .data import calibration_batch
 from .diskio import writing
 from .errors import InputError, TargetError, VerificationError
@@ -128,8 +128,9 @@ class Candidates:
         student = copy.deepcopy(self.loaded.model)
         for i, step in enumerate(recipe.steps):
             spec = get_pass(step.name)
-            if self.loaded.adapter.family not in spec.families:
-                raise InputError(inapplicable(step.name, spec, self.loaded.adapter, student))
+            why = why_not(step.name, spec, self.loaded.adapter, student)
+            if why:
+                raise InputError(why)
             memo = self.memos.setdefault(json.dumps(raw[:i], sort_keys=True), {}) if self.memos is not None else None
             student = spec.fn(student, self.loaded.adapter, step.config, PassContext(self.calib, memo=memo)).model.eval()
         with torch.no_grad():

@@ -60,6 +60,7 @@ class PassSpec:
     summary: str
     fits_batchnorm: bool = False  # it fits BatchNorm running statistics: distillation must not re-estimate them
     input_logits: bool = False  # it always returns PassResult.input_logits (outside replay)
+    vit_blocks: bool = False  # it rewrites transformer blocks: on a model of no family, only where they map
 
 
 
@@ -68,11 +69,12 @@ _PASSES: dict[str, PassSpec] = {}
 
 
 def register_pass(name: str, config_cls: type[PassConfig], *, families: set[str], summary: str,
-                  fits_batchnorm: bool = False, input_logits: bool = False):
+                  fits_batchnorm: bool = False, input_logits: bool = False, vit_blocks: bool = False):
     def deco(fn):
         if name in _PASSES:
             raise RuntimeError(f"pass {name!r} registered twice")
-        _PASSES[name] = PassSpec(name, fn, config_cls, frozenset(families), summary, fits_batchnorm, input_logits)
+        _PASSES[name] = PassSpec(name, fn, config_cls, frozenset(families), summary, fits_batchnorm, input_logits,
+                                 vit_blocks)
         return fn
 
     return deco

@@ -18,6 +18,7 @@ from compress.errors import InputError
 from compress.export import _graph, to_onnx
 from compress.frozen import freeze_weight_norm_convs
 from compress.load import load, load_compressed
+from compress.modules import ViTBlock
 from compress.pipeline import apply
 from compress.recipe import parse_recipe
 from tests.conftest import random_bn_stats, run_cli, save_timm_dir, write_recipe
@@ -48,8 +49,9 @@ def test_unknown_family_loads_on_the_generic_adapter(relpos_dir):
     loaded = load(str(relpos_dir))
     assert loaded.adapter is GENERIC and loaded.source["family"] == "other"
     assert tuple(loaded.data_cfg["input_size"]) == (3, 32, 32)  # the patch embedding's size, found without a family
-    with pytest.raises(InputError, match="RelPosBlock"):
-        loaded.adapter.vit_blocks(loaded.model)
+    blocks = loaded.adapter.vit_blocks(loaded.model)  # no family, but its blocks map by structure
+    assert len(blocks) == 2 and all(isinstance(b, ViTBlock) for b in blocks)
+    assert loaded.adapter.describe(loaded.model)["tokens"] == 16  # 4 x 4 patches, no class token
 
 
 @pytest.mark.parametrize("arch", ["vit_relpos_small_patch16_224", "beit_base_patch16_224", "eva02_tiny_patch14_224",
@@ -86,19 +88,26 @@ def test_export_lowrank_and_reload_on_a_generic_model(tmp_path, relpos_dir):
         np.testing.assert_allclose(model(x).numpy(), got, atol=1e-4)
 
 
-def test_block_pass_on_a_generic_model_is_one_line_or_skipped(tmp_path, relpos_dir):
+@pytest.fixture
+def parallel_dir(tmp_path):
+    return save_timm_dir(_seeded("vit_small_patch16_18x2_224", SMALL), "vit_small_patch16_18x2_224", SMALL,
+                         tmp_path / "parallel")
+
+
+def test_block_pass_on_a_generic_model_is_one_line_or_skipped(tmp_path, parallel_dir):
     recipe = write_recipe(tmp_path / "r.yaml", "version: 1\npasses:\n  - qk_merge: {mode: exact}\n"
                                                "report: {latency: null}\n")
-    res = run_cli("apply", recipe, relpos_dir, "-o", tmp_path / "out")
+    res = run_cli("apply", recipe, parallel_dir, "-o", tmp_path / "out")
     assert res.returncode == 2, res.stderr
     line = res.stderr.strip().splitlines()[-1]
-    assert line.startswith("error: pass 'qk_merge' does not apply to generic models") and "RelPosBlock" in line
-    assert "passes that apply: lowrank, width" in line
+    assert line.startswith("error: pass 'qk_merge' does not apply to this VisionTransformer") and "ParallelThingsBlock" in line
+    assert "module types" in line and "lowrank works" in line
     assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
     rec = parse_recipe({"version": 1, "skip_inapplicable": True, "passes": [{"vo": {"mode": "fold"}}],
                         "report": {"latency": None}})
-    record = apply(rec, str(relpos_dir), tmp_path / "out2", log=lambda m: None)
+    record = apply(rec, str(parallel_dir), tmp_path / "out2", log=lambda m: None)
     assert record["passes"][0]["skipped"].startswith("pass 'vo' does not apply")
+    load_compressed(tmp_path / "out2")  # the skipped pass is skipped again when the structure replays
 
 
 def test_parallel_blocks_fall_to_the_generic_adapter():

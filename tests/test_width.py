@@ -143,6 +143,16 @@ def test_residual_width_is_not_offered_where_a_stage_is_not_plain():
         _run(se, "resnet", keep=0.5, layers=["residual"])
 
 
+def test_group_norm_blocks_are_refused_with_the_pass_that_applies():
+    """GroupNorm's statistics span channels (timm resnet50_gn): a channel cannot go alone, so width says lowrank."""
+    torch.manual_seed(0)
+    gn = ResNet(block=Bottleneck, layers=[1, 1, 1, 1], num_classes=10,
+                norm_layer=lambda c, **kw: torch.nn.GroupNorm(4, c)).eval()
+    with pytest.raises(InputError, match="normalise with GroupNorm.*lowrank is the pass") as e:
+        _run(gn, "resnet", target=0.5)
+    assert "\n" not in str(e.value)
+
+
 def test_unreachable_target_is_refused_in_one_line():
     with pytest.raises(InputError, match="target 0.05 is out of reach") as e:
         _run(_vit(), "vit", target=0.05, multiple=4)

@@ -8,7 +8,9 @@ import torch
 from torch import nn
 
 from ..errors import InputError
+from ..modules import ViTBlock
 from .base import set_module
+from .vit_struct import geometry, map_blocks
 
 # a layer inside a module named like this, or inside one that knows its head count, is attention
 _ATTN = re.compile(r"(^|[._])(attn|attention|self_attn|mha)([._]|$)", re.I)
@@ -118,7 +120,13 @@ class GenericAdapter:
         return True
 
     def vit_blocks(self, model: nn.Module):
-        raise InputError(f"no transformer blocks recognised (module types: {module_types(model)})")
+        """The longest list of pre-norm transformer blocks, mapped to ViTBlock in place by structure and checked
+        numerically (vit_struct.py); InputError saying why not, with the module types, otherwise."""
+        try:
+            return map_blocks(model, _block_lists(model), self._size(model))
+        except InputError as e:
+            raise InputError(f"no transformer blocks mapped: {e} (module types: {module_types(model)}); lowrank works "
+                             "on any model's plain Linear/Conv2d layers") from None
 
     def res_blocks(self, model: nn.Module):
         raise InputError(f"no residual conv blocks recognised (module types: {module_types(model)})")
@@ -126,8 +134,10 @@ class GenericAdapter:
     def layers(self, model: nn.Module) -> list[tuple[str, str]]:
         """`structural_layers` on a zero image of the model's input size (64 px where any size works)."""
         p = next(model.parameters(), None)
-        size = self.input_size(model) or (_in_chans(model) or 3, 64, 64)
-        return structural_layers(model, torch.zeros((1, *size), dtype=p.dtype if p is not None else torch.float32))
+        return structural_layers(model, torch.zeros((1, *self._size(model)), dtype=p.dtype if p is not None else torch.float32))
+
+    def _size(self, model: nn.Module) -> tuple[int, int, int]:
+        return self.input_size(model) or (_in_chans(model) or 3, 64, 64)
 
     def feature_modules(self, model: nn.Module) -> list[nn.Module]:
         """The blocks of the longest repeated list (distillation matches their outputs)."""
@@ -148,5 +158,9 @@ class GenericAdapter:
     def describe(self, model: nn.Module) -> dict:
         lin = [m for m in model.modules() if isinstance(m, nn.Linear)]
         lists = _block_lists(model)
-        return {"blocks": max((len(m) for _, m in lists), default=0), "module_types": module_types(model),
+        info = {"blocks": max((len(m) for _, m in lists), default=0), "module_types": module_types(model),
                 "num_classes": getattr(model, "num_classes", lin[-1].out_features if lin else None)}
+        longest = max(lists, key=lambda x: len(x[1]))[1] if lists else []
+        if longest and all(isinstance(b, ViTBlock) for b in longest):  # mapped by vit_blocks: what the passes cost
+            info.update(geometry(model, list(longest), self._size(model)))
+        return info

@@ -66,7 +66,13 @@ def rewrite_attention(model, adapter, cfg, *, part: str, kind: type, convert: Ca
     guard can refuse before anything changes.
     """
     blocks = adapter.vit_blocks(model)
-    idx = [i for i in select(cfg.blocks, len(blocks), label) if isinstance(getattr(blocks[i].attn, part), kind)]
+    sel = select(cfg.blocks, len(blocks), label)
+    idx = [i for i in sel if isinstance(getattr(blocks[i].attn, part, None), kind)]
+    stuck = [i for i in sel if getattr(getattr(blocks[i].attn, part, None), "obstacle", None)]
+    if stuck and not idx:  # e.g. RoPE scores: say why rather than rewrite nothing
+        m = getattr(blocks[stuck[0]].attn, part)
+        raise InputError(f"{label}: the attention of blocks {stuck} {m.obstacle} ({type(m).__name__}); lowrank and "
+                         "width apply to this model")
     tokens = adapter.describe(model)["tokens"]
     costs = [cost(getattr(blocks[i].attn, part), tokens) for i in idx]
     d_params = sum(c[1] - c[0] for c in costs)

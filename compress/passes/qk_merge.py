@@ -100,7 +100,7 @@ def _pays_below(score) -> int:
     return sum(p.numel() for p in score.parameters()) // (score.heads * d)
 
 
-@register_pass("qk_merge", QKMergeConfig, families={"vit"},
+@register_pass("qk_merge", QKMergeConfig, families={"vit", "other"}, vit_blocks=True,
                summary="merge W_Q, W_K per head: exact (shrinks only 1-head models) or symmetric rank r (approximate)")
 def qk_merge(model, adapter, cfg: QKMergeConfig, ctx: PassContext) -> PassResult:
     if cfg.mode == "exact":

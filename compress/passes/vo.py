@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 
 from ..errors import InputError
-from ..modules import FoldedVO, RemovedVO, SeparateVO
+from ..modules import FoldedVO, MergedQK, RemovedVO, SeparateQK, SeparateVO, SymmetricQK
 from ..probe import capture
 from ..registry import PassConfig, PassContext, PassResult, register_pass
 from ._blocks import BlockSel, rewrite_attention, select
@@ -83,8 +83,13 @@ def remove_vo(model, adapter, cfg: VOConfig, ctx: PassContext) -> PassResult:
         alpha, bias = torch.zeros(h, dtype=torch.float64), torch.zeros(d, dtype=torch.float64)
         if ctx.replay is None:
             x = capture(model, [blocks[i].attn], ctx.calib, inputs=True)[0]
+            a = blocks[i].attn
+            if not isinstance(a.score, (SeparateQK, MergedQK, SymmetricQK)):
+                raise InputError(f"vo remove: block {i}'s scores ({type(a.score).__name__}) need more than the block "
+                                 "input to compute (RoPE); use mode: fold, which stays exact on this model")
             with torch.no_grad():
-                attn = blocks[i].attn.score(x).softmax(-1)
+                logits = a.score(x)
+                attn = (a.rel_pos(logits) if a.rel_pos is not None else logits).softmax(-1)
                 alpha, bias = fit_removed(attn, x, value(attn, x))
         dtype = value.v.weight.dtype
         blocks[i].attn.value = RemovedVO(alpha.to(dtype), bias.to(dtype))
@@ -94,7 +99,7 @@ def remove_vo(model, adapter, cfg: VOConfig, ctx: PassContext) -> PassResult:
     return PassResult(model, changes, {"blocks": idx, "alpha": fits})
 
 
-@register_pass("vo", VOConfig, families={"vit"},
+@register_pass("vo", VOConfig, families={"vit", "other"}, vit_blocks=True,
                summary="fold W_V, W_O into one map per head (exact; 1-head models) or remove them (fitted; approximate)")
 def vo(model, adapter, cfg: VOConfig, ctx: PassContext) -> PassResult:
     if cfg.mode == "remove":

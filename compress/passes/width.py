@@ -359,6 +359,13 @@ def _cut(model, blocks, found, widths: dict[str, int], calib) -> dict[str, float
 def width(model, adapter, cfg: WidthConfig, ctx: PassContext) -> PassResult:
     if adapter.family == "other":  # no family: the MLPs found by structure (_width_mlp.py)
         return mlp_width(model, adapter, cfg, ctx)
+    if adapter.family == "resnet":
+        norms = sorted({type(m).__name__ for b in adapter.res_blocks(model) for n in ("bn1", "bn2", "bn3")
+                        if (m := getattr(b, n, None)) is not None and not isinstance(m, nn.modules.batchnorm._BatchNorm)})
+        if norms:  # GroupNorm: its statistics span groups of channels, so a dropped channel changes the others
+            raise InputError(f"width: this model's residual blocks normalise with {', '.join(norms)}, whose statistics "
+                             "span several channels, so channels cannot be removed one by one; lowrank is the pass "
+                             "for this model (it factorises the convs and keeps every channel)")
     blocks, found, links = _groups(model, adapter, ctx.calib, cfg)
     if ctx.replay is not None:  # rebuild the recorded widths; the weights are loaded afterwards
         cuts = {g.name: c for g, c in found}
