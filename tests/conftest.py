@@ -6,6 +6,9 @@ import os
 import subprocess
 from pathlib import Path
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two workers on two cores: one torch thread each (two
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # spinning OpenMP pools on shared cores slow both several times)
+
 import pytest
 import timm
 import torch

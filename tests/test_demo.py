@@ -26,6 +26,7 @@ def test_make_demo_prepares_the_runtime_then_applies_the_goal_recipe():
 
 
 @pytest.mark.slow  # the real demo on the shared ViT: about a minute on 2 idle cores
+@pytest.mark.timed  # its 1.5x speed gate
 def test_the_demo_meets_its_goal_and_shows_the_plan(tmp_path):
     data = {"calibration": {"data": str(need_shared(CIFAR_TRAIN))}, "distill": {"data": str(CIFAR_TRAIN)},
             "report": {"eval_data": str(need_shared(CIFAR_TEST))}}  # the paths conftest knows ($COMPRESS_SHARED)

@@ -40,6 +40,7 @@ def test_loader_matches_timm_local_dir():
         torch.testing.assert_close(ours(x), _reference_teacher()(x), rtol=0, atol=0)
 
 
+@pytest.mark.timed  # the recipe's min_speedup gate
 def test_demo_recipe_strip_half(tmp_path):
     """The README's demo: ONNX equals an independently stripped teacher, and every figure falls."""
     out = tmp_path / "demo"
