@@ -143,6 +143,25 @@ def test_residual_width_is_not_offered_where_a_stage_is_not_plain():
         _run(se, "resnet", keep=0.5, layers=["residual"])
 
 
+def test_anti_aliased_blocks_narrow_around_their_blur_filter():
+    """timm's resnetblur: a BlurPool2d (one fixed filter per channel, sized for the full width) sits between conv1
+    and conv2; it was exit 1 (a grouped conv on fewer channels). Keep-all stays exact, half the FLOPs runs."""
+    from timm.layers import BlurPool2d
+
+    torch.manual_seed(0)
+    blur = random_bn_stats(ResNet(block=BasicBlock, layers=[1, 1, 1, 1], num_classes=10, aa_layer=BlurPool2d).eval())
+    assert any(isinstance(m, BlurPool2d) for m in blur.modules())
+    x = _x("resnet", 5)
+    res = _run(blur, "resnet", keep=1.0, multiple=4)
+    with torch.no_grad():
+        ref, out = blur(x), res.model(x)
+    assert float((out - ref).abs().max() / ref.abs().max()) < 1e-5
+    half = _run(blur, "resnet", target=0.5, scope="model")
+    assert count_flops(half.model, (3, 32, 32)) / count_flops(blur, (3, 32, 32)) == pytest.approx(0.5, abs=0.02)
+    with torch.no_grad():
+        assert half.model(x).shape == (5, 10)
+
+
 def test_group_norm_blocks_are_refused_with_the_pass_that_applies():
     """GroupNorm's statistics span channels (timm resnet50_gn): a channel cannot go alone, so width says lowrank."""
     torch.manual_seed(0)

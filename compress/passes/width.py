@@ -356,10 +356,22 @@ def _cut(model, blocks, found, widths: dict[str, int], calib) -> dict[str, float
 @register_pass("width", WidthConfig, families={"vit", "resnet", "other"},
                summary="narrower dense layers: keep MLP units / head dims / inner channels, refit by least squares",
                fits_batchnorm=True)  # a refit conv's fitted constant lives in its BatchNorm's running mean
+def _channel_free_blur(model) -> None:
+    """Anti-aliased blocks (timm BlurPool2d, resnetblur) hold one copy of a fixed blur filter per channel, sized for
+    the full width: make them take the channel count from their input (timm's own `channels=None` form). Every
+    channel's filter is the same, so this is exact, and the convs around them narrow freely."""
+    for m in model.modules():
+        filt = getattr(m, "filt", None)
+        if (isinstance(getattr(m, "channels", None), int) and isinstance(filt, torch.Tensor) and filt.dim() == 4
+                and filt.shape[:2] == (m.channels, 1) and bool((filt == filt[:1]).all())):
+            m.filt, m.channels = filt[:1].clone(), None
+
+
 def width(model, adapter, cfg: WidthConfig, ctx: PassContext) -> PassResult:
     if adapter.family == "other":  # no family: the MLPs found by structure (_width_mlp.py)
         return mlp_width(model, adapter, cfg, ctx)
     if adapter.family == "resnet":
+        _channel_free_blur(model)
         norms = sorted({type(m).__name__ for b in adapter.res_blocks(model) for n in ("bn1", "bn2", "bn3")
                         if (m := getattr(b, n, None)) is not None and not isinstance(m, nn.modules.batchnorm._BatchNorm)})
         if norms:  # GroupNorm: its statistics span groups of channels, so a dropped channel changes the others
