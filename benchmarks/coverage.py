@@ -100,7 +100,8 @@ CASES = [
     Case("DeiTForImageClassification", "hf", "vit"),
     Case("BeitForImageClassification", "hf", "vit"),
     Case("Dinov2ForImageClassification", "hf", "vit"),
-    Case("ResNetForImageClassification", "hf", "resnet"),
+    Case("ResNetForImageClassification", "hf", "resnet"),  # a 32-channel stem: no timm form, so the floor
+    Case("ResNetForImageClassification stem64", "hf", "resnet", {"embedding_size": 64, "hidden_sizes": [256, 512, 1024, 2048]}),  # resnet-50's widths
     Case("ViTMSNForImageClassification", "hf", "vit"),
     Case("SwinForImageClassification", "hf", "other"),  # neither family: the floor (export, lowrank) is what counts
     Case("ConvNextForImageClassification", "hf", "other"),
@@ -161,7 +162,8 @@ def _build_hf(case: Case, folder: Path) -> tuple[Path, str]:
                                                            num_heads=[2, 4, 8], window_size=4, num_labels=10),
                "ConvNextForImageClassification": tf.ConvNextConfig(hidden_sizes=[32, 64, 128, 256], depths=[1, 1, 1, 1],
                                                                    num_labels=10),
-               "ResNetForImageClassification": tf.ResNetConfig(embedding_size=32, hidden_sizes=[64, 128, 256, 512],
+               "ResNetForImageClassification": tf.ResNetConfig(embedding_size=case.args.get("embedding_size", 32),
+                                                               hidden_sizes=case.args.get("hidden_sizes", [64, 128, 256, 512]),
                                                                depths=[1, 1, 1, 1], layer_type="bottleneck", num_labels=10)}
     model = getattr(tf, cls)(configs[cls]).eval()
     if case.args.get("dtype"):

@@ -11,6 +11,7 @@ import copy
 from typing import Annotated, Literal, Optional
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field, PositiveInt, model_validator
 from torch import nn
 
@@ -353,20 +354,39 @@ def _cut(model, blocks, found, widths: dict[str, int], calib) -> dict[str, float
     return errors
 
 
+class _SharedBlur(nn.Module):
+    """A fixed blur, the same filter for every channel (timm BlurPool2d's), applied to each channel as its own image:
+    the channel count comes from the input, and the exported graph has no per-channel weight sized for one width."""
+
+    def __init__(self, blur: nn.Module):
+        super().__init__()
+        self.register_buffer("filt", blur.filt[:1].clone(), persistent=False)  # (1, 1, k, k)
+        self.stride, self.padding, self.pad_mode = blur.stride, list(blur.padding), blur.pad_mode
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        x = F.pad(x, self.padding, mode=self.pad_mode).reshape(b * c, 1, h + self.padding[2] + self.padding[3],
+                                                                w + self.padding[0] + self.padding[1])
+        y = F.conv2d(x, self.filt, stride=self.stride)
+        return y.reshape(b, c, y.shape[-2], y.shape[-1])
+
+
+def _channel_free_blur(model) -> None:
+    """Anti-aliased blocks (timm BlurPool2d, resnetblur) hold one copy of a fixed blur filter per channel, sized for
+    the full width: each becomes one shared filter applied per channel (exact: every channel's filter is the same),
+    so the convs around it narrow freely."""
+    for name, m in list(model.named_modules()):
+        filt = getattr(m, "filt", None)
+        if (isinstance(getattr(m, "channels", None), int) and isinstance(filt, torch.Tensor) and filt.dim() == 4
+                and filt.shape[:2] == (m.channels, 1) and bool((filt == filt[:1]).all())
+                and isinstance(getattr(m, "padding", None), (list, tuple)) and len(m.padding) == 4):
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, attr, _SharedBlur(m))
+
+
 @register_pass("width", WidthConfig, families={"vit", "resnet", "other"},
                summary="narrower dense layers: keep MLP units / head dims / inner channels, refit by least squares",
                fits_batchnorm=True)  # a refit conv's fitted constant lives in its BatchNorm's running mean
-def _channel_free_blur(model) -> None:
-    """Anti-aliased blocks (timm BlurPool2d, resnetblur) hold one copy of a fixed blur filter per channel, sized for
-    the full width: make them take the channel count from their input (timm's own `channels=None` form). Every
-    channel's filter is the same, so this is exact, and the convs around them narrow freely."""
-    for m in model.modules():
-        filt = getattr(m, "filt", None)
-        if (isinstance(getattr(m, "channels", None), int) and isinstance(filt, torch.Tensor) and filt.dim() == 4
-                and filt.shape[:2] == (m.channels, 1) and bool((filt == filt[:1]).all())):
-            m.filt, m.channels = filt[:1].clone(), None
-
-
 def width(model, adapter, cfg: WidthConfig, ctx: PassContext) -> PassResult:
     if adapter.family == "other":  # no family: the MLPs found by structure (_width_mlp.py)
         return mlp_width(model, adapter, cfg, ctx)

@@ -101,10 +101,13 @@ def _num_classes(c: dict, sd: dict) -> int:
     return len(c.get("id2label") or {}) or 2
 
 
+def _timm_resnet_form(c: dict) -> bool:
+    """timm's ResNet has a 64-channel stem and no downsampling in the first stage; other HF ResNets stand on the
+    floor (the transformers model itself), as any other HF image classifier does."""
+    return c.get("embedding_size", 64) == 64 and not c.get("downsample_in_first_stage")
+
+
 def _resnet_base(c: dict, sd: dict, where) -> dict:
-    if c.get("embedding_size", 64) != 64 or c.get("downsample_in_first_stage"):
-        raise InputError(f"{where}: HF ResNet with embedding_size {c.get('embedding_size')} / downsample_in_first_stage "
-                         f"{c.get('downsample_in_first_stage')} has no timm equivalent (needs 64 / false); not supported")
     bottleneck = c.get("layer_type", "bottleneck") == "bottleneck"
     hidden = c["hidden_sizes"]
     kwargs = {"layers": list(c["depths"]), "channels": [h // 4 for h in hidden] if bottleneck else list(hidden),
@@ -139,7 +142,7 @@ def _pretrained_cfg(folder: Path, arch: str, c: dict) -> dict:
 def read(folder: Path, config: dict, weights: Path, sd: dict) -> Converted:
     """An HF directory -> its timm equivalent, checked against transformers on random input."""
     arch = architecture(config, folder / "config.json")
-    if arch not in SUPPORTED:
+    if arch not in SUPPORTED or (arch not in VIT and not _timm_resnet_form(config)):
         return hf_any.read(folder, config, arch, _pretrained_cfg(folder, arch, config))
     if arch in VIT:
         prefix, token, _ = VIT[arch]
