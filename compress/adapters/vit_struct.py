@@ -36,9 +36,11 @@ class RopeQK(nn.Module):
         p = self.prefix
         return torch.cat([t[:, :, :p], apply_rot_embed_cat(t[:, :, p:], rope, half=self.half)], dim=2).type_as(t)
 
-    def forward(self, x, rope):
+    def forward(self, x, rope=None):  # None: a model built without RoPE whose attention still takes the argument
         q, k = _heads(self.q(x), self.heads), _heads(self.k(x), self.heads)
-        return (self._rotate(q, rope) * self.scale) @ self._rotate(k, rope).transpose(-2, -1)
+        if rope is not None:
+            q, k = self._rotate(q, rope), self._rotate(k, rope)
+        return (q * self.scale) @ k.transpose(-2, -1)
 
 
 def _real(m: nn.Module, child: str) -> bool:
