@@ -88,6 +88,21 @@ def test_resume_redoes_an_entry_whose_files_changed(tmp_path):
     assert verified("m0", _manifest(out)["m0"], out)
 
 
+def test_without_a_forkserver_entries_run_as_python_m_compress(tmp_path, monkeypatch):
+    """Where multiprocessing has no forkserver (not POSIX), each entry is a fresh `python -m compress apply`: the same
+    manifest, files and error lines (forked entries are what every other test here runs)."""
+    from compress import batch, forkrun
+
+    monkeypatch.setattr(forkrun, "available", lambda: False)
+    zoo, out = _zoo(tmp_path, n_good=1, recipe=UNTIMED), tmp_path / "out"
+    summary = batch.run_batch(zoo, out, jobs=1, resume=False, log=lambda m: None)
+    states = {n: e["state"] for n, e in summary["entries"].items()}
+    assert states == {"m0": "done", "broken": "failed", "badpass": "failed"}
+    assert verified("m0", _manifest(out)["m0"], out) and _manifest(out)["badpass"]["error"].startswith("error: recipe passes[0]")
+    _no_partial_files(out)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # the staging folder is gone
+
+
 def test_kill_batch_then_resume_leaves_nothing_partial(tmp_path):
     zoo, out = _zoo(tmp_path, n_good=2), tmp_path / "out"  # killed while m1 runs; the resume does m1 and the failing two
     proc = subprocess.Popen([sys.executable, "-m", "compress", "batch", str(zoo), "-o", str(out)], cwd=REPO,
