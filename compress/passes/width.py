@@ -408,8 +408,10 @@ def width(model, adapter, cfg: WidthConfig, ctx: PassContext) -> PassResult:
     found = [(g, c) for g, c in found if g.kind in cfg.layers]
     if not found:
         grouped = sum(isinstance(m, nn.Conv2d) and m.groups > 1 for m in model.modules())
+        kinds = ", ".join(sorted({type(b).__name__ for b in blocks}))
         why = (f"; its {grouped} grouped convs (ResNeXt-style) are not narrowed by width: lowrank is the pass for this "
-               "model (it factorises the 1x1 convs around them)" if grouped else "")
+               "model (it factorises the 1x1 convs around them)" if grouped else
+               f"; its blocks ({kinds}) hold no such chain: lowrank is the pass for this model (any plain Linear/Conv2d)")
         raise InputError(f"width: this {adapter.name} model has no widths of kinds {cfg.layers} that the pass can narrow "
                          f"(ViT: mlp, qk, vo; ResNet: conv, residual){why}")
     groups = [g for g, _ in found]
