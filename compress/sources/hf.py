@@ -107,7 +107,7 @@ def _timm_resnet_form(c: dict) -> bool:
     return c.get("embedding_size", 64) == 64 and not c.get("downsample_in_first_stage")
 
 
-def _resnet_base(c: dict, sd: dict) -> dict:
+def _resnet_base(c: dict, sd: dict, where) -> dict:
     bottleneck = c.get("layer_type", "bottleneck") == "bottleneck"
     hidden = c["hidden_sizes"]
     kwargs = {"layers": list(c["depths"]), "channels": [h // 4 for h in hidden] if bottleneck else list(hidden),
@@ -150,7 +150,7 @@ def read(folder: Path, config: dict, weights: Path, sd: dict) -> Converted:
         timm_sd, base = merge_qkv(renamed), _vit_base(arch, config, sd)
     else:
         renamed, origin = rename(sd, _resnet_rules(), f"Hugging Face {arch}", weights)
-        timm_sd, base = renamed, _resnet_base(config, sd)
+        timm_sd, base = renamed, _resnet_base(config, sd, folder)
     model = build(base)
     fit(model, timm_sd, f"the timm form of {arch} ({base['name']} {base['kwargs']})", weights)
     pcfg = _pretrained_cfg(folder, arch, config)
