@@ -14,11 +14,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from compress.data import calibration_batch
-from compress.load import load
+from compress.load.data import calibration_batch
+from compress.load.model import load
 
 from .bench import FULL, ROOT, SHARED, _save, recipe_dict, row_of, run_one
-from compress.plan import Candidates
+from compress.plan.search import Candidates
 
 VARIANTS = [(m, a) for m in ("whitened_svd", "svd") for a in ("greedy", "uniform")]
 

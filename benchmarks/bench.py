@@ -23,14 +23,14 @@ from pathlib import Path
 
 import torch
 
-from compress.data import calibration_batch
-from compress.load import load
-from compress.pipeline import apply
+from compress.load.data import calibration_batch
+from compress.load.model import load
+from compress.run.pipeline import apply
 from compress.recipe import parse_recipe
-from compress.report import machine_info
+from compress.report.write import machine_info
 
-from compress.errors import TargetError
-from compress.plan import Candidates, describe, plan, width_candidates
+from compress.core.errors import TargetError
+from compress.plan.search import Candidates, describe, plan, width_candidates
 
 from . import contenders, gpu, scaling
 from .render import render
@@ -107,7 +107,7 @@ def row_of(record: dict, variant: str | None = None) -> dict:
 
 
 def run_one(name: str, recipe: dict, ckpt: Path, work: Path, log) -> dict:
-    """One contender through compress.pipeline.apply; a crash is recorded, not raised."""
+    """One contender through compress.run.pipeline.apply; a crash is recorded, not raised."""
     out = work / name
     t0 = time.perf_counter()
     try:
@@ -122,7 +122,7 @@ def run_one(name: str, recipe: dict, ckpt: Path, work: Path, log) -> dict:
 
 
 def plan_budget(loaded, calib, cands: Candidates, budget: float, log) -> tuple[dict | None, dict | None]:
-    """Ours = the planner (compress/plan.py) asked for a FLOP budget: lowest calibration KL among the strip,
+    """Ours = the planner (compress/plan/search.py) asked for a FLOP budget: lowest calibration KL among the strip,
     lowrank and width candidates that meet it. Returns the chosen row and the plan (or None, None)."""
     r = parse_recipe({"version": 1, "target": {"flops": budget}, "report": {"latency": None}})
     try:

@@ -32,12 +32,12 @@ import torch
 from torch import nn
 
 from compress.adapters import detect
-from compress.export import write_onnx
-from compress.load import Loaded, load
-from compress.metrics import count_flops, latency
-from compress.pipeline import rewrite
+from compress.export.write import write_onnx
+from compress.load.model import Loaded, load
+from compress.measure.metrics import count_flops, latency
+from compress.run.pipeline import rewrite
 from compress.recipe import parse_recipe
-from compress.report import machine_info
+from compress.report.write import machine_info
 
 from . import nonzero_biases  # not via .scaling: that registers the bench-only passes
 

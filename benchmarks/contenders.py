@@ -11,9 +11,9 @@ from typing import Literal, Optional
 import torch
 from torch import nn
 
-from compress.errors import InputError
-from compress.metrics import count_flops
-from compress.registry import PassConfig, PassContext, PassResult, all_passes, register_pass
+from compress.core.errors import InputError
+from compress.measure.metrics import count_flops
+from compress.core.registry import PassConfig, PassContext, PassResult, all_passes, register_pass
 
 
 class TorchPruningConfig(PassConfig):

@@ -285,11 +285,12 @@ def render(rows: list[dict], meta: dict, recipes: list[str]) -> str:
 
 
 def forked_cli(args: list[str]) -> subprocess.CompletedProcess:
-    """The same command line in a child forked from a process that has imported compress already (compress/forkrun.py):
+    """The same command line in a child forked from a process that has imported compress already (compress/run/forkrun.py):
     exit code and output as `python -m compress` gives them, without its ~5 s of imports per cell."""
-    from compress import forkrun
+    from compress.cli import main
+    from compress.run import forkrun
 
-    return forkrun.run(args, REPO, child_env(), timeout=TIMEOUT_S)
+    return forkrun.run(main, args, REPO, child_env(), timeout=TIMEOUT_S)
 
 
 def main(argv: list[str] | None = None, cli=None) -> int:

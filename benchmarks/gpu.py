@@ -2,7 +2,7 @@
 
 Runs when CUDA is present (the device tool lends an H100/H200 to some tasks). Two figures per
 teacher, student = a copy of the teacher (the heaviest student any budget gives):
-- `loop`: the pipeline's own `compress.distill.distill` on `cifar10/train.zip` (data loading,
+- `loop`: the pipeline's own `compress.distill.train.distill` on `cifar10/train.zip` (data loading,
   augmentation and all), after a warm-up call;
 - `compute`: the same step (teacher forward, KD loss, student forward + backward, AdamW) on a
   batch already on the device, so data loading is out of it.
@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from compress.data import dataset
-from compress.distill import distill, kd_loss
-from compress.load import load
-from compress.metrics import count_flops
+from compress.load.data import dataset
+from compress.distill.train import distill, kd_loss
+from compress.load.model import load
+from compress.measure.metrics import count_flops
 
 # Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's datasheets; first match on the device name wins.
 PEAK_BF16 = [("H200", 989.4e12), ("H100 PCIe", 756.5e12), ("H100 NVL", 835.5e12), ("H100", 989.4e12),

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from compress.data import calibration_batch, loader
-from compress.load import load
-from compress.pipeline import distill_data, rewrite, run_distill
+from compress.load.data import calibration_batch, loader
+from compress.load.model import load
+from compress.run.pipeline import distill_data, rewrite, run_distill
 from compress.recipe import parse_recipe
 
 from .bench import SHARED

@@ -20,7 +20,7 @@ import onnxruntime
 import torch
 
 from benchmarks import child_env
-from compress.report import machine_info
+from compress.report.write import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT.parent / "shared" / "data" / "models"

@@ -10,11 +10,11 @@ import timm
 import torch
 
 from compress.adapters import detect
-from compress.export import write_onnx
-from compress.load import Loaded
-from compress.metrics import count_flops, count_params, latency
-from compress.pipeline import rewrite
-from compress.plan import WIDTH_LAYERS
+from compress.export.write import write_onnx
+from compress.load.model import Loaded
+from compress.measure.metrics import count_flops, count_params, latency
+from compress.run.pipeline import rewrite
+from compress.plan.search import WIDTH_LAYERS
 from compress.recipe import parse_recipe
 
 from . import nonzero_biases

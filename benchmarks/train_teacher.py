@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from compress.data import Augmented, collate, dataset, loader
-from compress.distill import StepBatches
-from compress.load import load
-from compress.metrics import evaluate
+from compress.load.data import Augmented, collate, dataset, loader
+from compress.distill.train import StepBatches
+from compress.load.model import load
+from compress.measure.metrics import evaluate
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.247, 0.2435, 0.2616)

@@ -1,2 +1,2 @@
 """compress: turn pretrained ViT/ResNet checkpoints into smaller, faster models, verified."""
-__version__ = "0.1.0"
+from .core.version import __version__  # noqa: F401

@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from .errors import CompressError, InputError, Terminated, terminate_like_interrupt
+from .core.errors import CompressError, InputError, Terminated, terminate_like_interrupt
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Turn pretrained ViT/ResNet checkpoints into smaller, faster, verified models.")
@@ -30,12 +30,12 @@ def _errors(debug: bool):
             raise
         record = getattr(e, "record", None)
         if record is not None:
-            from .report import terminal_table
+            from .report.write import terminal_table
 
             print(terminal_table(record), file=sys.stderr)
         if getattr(e, "plan", None) is not None:  # an unreachable target: the candidates that were measured
-            from .plan import table
-            from .report import align
+            from .plan.search import table
+            from .report.write import align
 
             rows = table(e.plan)[0]
             if len(rows) > 1:  # none measured (nothing came near the target): no empty table
@@ -72,12 +72,12 @@ def _errors(debug: bool):
 
 
 def _disk_problem(e: BaseException) -> bool:
-    """A full disk, quota, read-only mount or closed pipe that no writer wrapped (compress/diskio.py), stdout's
+    """A full disk, quota, read-only mount or closed pipe that no writer wrapped (compress/core/diskio.py), stdout's
     included: one line, exit 2 -- the user's to fix, not a bug."""
     import errno
     import os
 
-    from .diskio import WORDS, disk_problem, message
+    from .core.diskio import WORDS, disk_problem, message
 
     code = disk_problem(e)
     if code is None:
@@ -120,9 +120,9 @@ def apply(recipe: Path = typer.Argument(..., help="recipe YAML"),
           debug: bool = typer.Option(False, "--debug", help="show tracebacks")):
     """Run a recipe on a checkpoint: rewrite, verify, export, measure, report."""
     with _errors(debug):
-        from .pipeline import apply as run
         from .recipe import load_recipe
-        from .report import terminal_table
+        from .report.write import terminal_table
+        from .run.pipeline import apply as run
 
         if device not in (None, "auto", "cpu", "cuda"):
             raise InputError(f"--device {device!r}: use auto, cpu or cuda")
@@ -140,7 +140,7 @@ def apply(recipe: Path = typer.Argument(..., help="recipe YAML"),
             return
         print()
         if record.get("plan"):
-            from .report import align
+            from .report.write import align
 
             print(align([tuple(x) for x in record["plan"]["table"]], left=(0, 1)))
             print(f"plan: {record['plan']['choice'] or 'the teacher as it is'} ({record['plan']['seconds']:.0f} s)\n")
@@ -211,11 +211,12 @@ def plan(recipe: Path = typer.Argument(..., help="recipe YAML with a target: sec
     with _errors(debug):
         import yaml
 
-        from .load import load
-        from .outdir import write_text_atomic
-        from .plan import calibration_pair, plan as run_plan, planned_recipe, summary
+        from .load.model import load
+        from .plan.search import calibration_pair, planned_recipe, summary
+        from .plan.search import plan as run_plan
         from .recipe import load_recipe
-        from .report import align, left_out_text
+        from .report.write import align, left_out_text
+        from .run.outdir import write_text_atomic
 
         r = load_recipe(recipe, _json_arg(override, "--override"))
         if r.target is None:
@@ -266,9 +267,9 @@ def inspect(ckpt: str = typer.Argument(..., help="timm directory, weights file, 
             debug: bool = typer.Option(False, "--debug")):
     """Family, blocks, params, FLOPs, and what each pass would change."""
     with _errors(debug):
-        from .inspect import format_inspect, inspect_model
-        from .load import load
+        from .load.model import load
         from .recipe import load_recipe
+        from .run.inspect import format_inspect, inspect_model
 
         spec = load_recipe(recipe).model if recipe else None
         info = inspect_model(load(ckpt, spec))
@@ -286,8 +287,9 @@ def analyze(ckpt: str = typer.Argument(..., help="timm directory, weights file, 
             debug: bool = typer.Option(False, "--debug")):
     """Per-block influence, skip-KL, coding rate, sparsity and similarity: where a ViT can be cut."""
     with _errors(debug):
-        from .analysis import run, table
-        from .report import align
+        from .measure.analysis import table
+        from .report.write import align
+        from .run.analyze import run
 
         out = out or Path("analysis") / Path(ckpt.rstrip("/")).stem
         result = run(ckpt, data, images, eps, out)
@@ -314,11 +316,11 @@ def batch(zoo: list[Path] = typer.Argument(..., help="zoo YAML: version, entries
           debug: bool = typer.Option(False, "--debug")):
     """Convert every entry of a model zoo; a failing entry never stops the others."""
     with _errors(debug):
-        from .batch import PARTIAL_FAILURE, parse_shard, run_batch, summary_rows
-        from .report import align
+        from .report.write import align
+        from .run.batch import PARTIAL_FAILURE, parse_shard, run_batch, summary_rows
 
         if merge:
-            from .batch_merge import merge as join
+            from .run.batch_merge import merge as join
 
             if shard is not None:
                 raise InputError("--merge joins finished shards; drop --shard")
@@ -326,7 +328,7 @@ def batch(zoo: list[Path] = typer.Argument(..., help="zoo YAML: version, entries
         else:
             if len(zoo) != 1:
                 raise InputError(f"batch takes one zoo file, got {len(zoo)} paths; to join shard outputs add --merge")
-            summary = run_batch(zoo[0], out, jobs=jobs, resume=resume, shard=parse_shard(shard) if shard else None)
+            summary = run_batch(zoo[0], out, entry=main, jobs=jobs, resume=resume, shard=parse_shard(shard) if shard else None)
         print()
         print(align(summary_rows(summary), left=(0, 6)))
         failed = [n for n, e in summary["entries"].items() if e["state"] != "done"]
@@ -346,7 +348,7 @@ def runtime_prepare(version: str = typer.Argument("1.16", help="an export.min_ru
     """Install that onnxruntime into the cache ($COMPRESS_CACHE or ~/.cache/compress) while online (`make setup` does
     it for 1.16). The only command that downloads: `apply` finds it prepared or stops, naming this command."""
     with _errors(debug):
-        from .runtimes import RUNTIMES, prepare
+        from .export.runtimes import RUNTIMES, prepare
 
         if version not in RUNTIMES:
             raise InputError(f"no min_runtime '{version}'; choose one of {', '.join(RUNTIMES)}")
@@ -360,7 +362,7 @@ def verify(out: Path = typer.Argument(..., help="a directory written by compress
            debug: bool = typer.Option(False, "--debug")):
     """Re-check a result: file hashes against report.json, model.onnx against the rebuilt safetensors (exit 0 / 3)."""
     with _errors(debug):
-        from .verify import verify as run
+        from .run.verify import verify as run
 
         checked = run(out, images)
         par = checked.get("parity")

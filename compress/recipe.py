@@ -8,12 +8,21 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    model_validator,
+)
 
 from . import passes as _passes  # noqa: F401  (registers the passes)
-from . import yaml_strict
-from .errors import InputError
-from .registry import PassConfig, all_passes, get_pass
+from .core import yaml_strict
+from .core.errors import InputError
+from .core.registry import PassConfig, all_passes, get_pass
 
 
 class _Strict(BaseModel):
@@ -107,7 +116,7 @@ class ExportSpec(_Strict):
     int8_max_disagreement: Optional[Annotated[float, Field(gt=0, lt=1)]] = Field(
         None, description="int8_static accuracy control on the share of held-out images whose top-1 changes from "
         "model.onnx (a changed prediction moves top-1 by at most one image); null: half of target/gates.max_top1_drop "
-        "when one is set (compress/quant.py QUANT_SHARE). int8_max_kl, when set, wins")
+        "when one is set (compress/export/quant.py QUANT_SHARE). int8_max_kl, when set, wins")
     int8_qat_steps: int = Field(0, ge=0, description="int8_static: when the file (float layers included) misses its "
                                 "bound, fine-tune the student this many steps with fake int8 weights and inputs in the "
                                 "forward, distilling as distill: does, and quantize again; kept when closer. 0: off")
@@ -195,7 +204,7 @@ class Gates(_Strict):
 
 
 class TargetSpec(_Strict):
-    """What the result must achieve; the planner (compress/plan.py) chooses passes and export variant to get there."""
+    """What the result must achieve; the planner (compress/plan/search.py) chooses passes and export variant to get there."""
 
     speedup: Optional[PositiveFloat] = Field(None, description="teacher/student ONNX p50 latency at `batch`")
     batch: PositiveInt = Field(8, description="batch size the speedup / latency_ms target is measured at")

@@ -8,13 +8,14 @@ import pytest
 import torch
 
 from compress.adapters import detect
-from compress.analysis import analyze, coding_rate, run
-from compress.probe import greedy_mlp_skip
-from compress.errors import InputError
-from compress.locks import try_lock, unlock
-from compress.outdir import lock_path
+from compress.measure.analysis import analyze, coding_rate
+from compress.run.analyze import run
+from compress.core.probe import greedy_mlp_skip
+from compress.core.errors import InputError
+from compress.core.locks import try_lock, unlock
+from compress.run.outdir import lock_path
 from compress.passes.mlp_strip import MLPStripConfig, mlp_strip
-from compress.registry import PassContext
+from compress.core.registry import PassContext
 from tests.conftest import make_image_zip, run_cli, save_timm_dir, tiny_vit, tiny_vit_args
 
 X = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(2))
@@ -91,9 +92,9 @@ def test_analyze_cli_writes_json_and_chart(tmp_path):
 @pytest.mark.slow
 def test_greedy_choice_on_the_teacher_costs_no_more_kl_than_first_or_last():
     """On the real teacher, the auto choice's skip-KL is at most that of stripping the first or last blocks."""
-    from compress.data import calibration_batch
-    from compress.load import load
-    from compress.probe import kl, zeroed
+    from compress.load.data import calibration_batch
+    from compress.load.model import load
+    from compress.core.probe import kl, zeroed
     from tests.conftest import CIFAR_TRAIN, VIT_TEACHER, need_shared
 
     loaded = load(str(need_shared(VIT_TEACHER)))

@@ -9,17 +9,17 @@ import pytest
 import torch
 
 from compress.adapters import detect
-from compress.errors import InputError
-from compress.load import load_compressed
-from compress.metrics import count_params, logits64
-from compress.modules import MergedQK
+from compress.core.errors import InputError
+from compress.load.model import load_compressed
+from compress.measure.metrics import count_params, logits64
+from compress.core.modules import MergedQK
 from compress.passes.attn_diffusion import AttnDiffusionConfig, attn_diffusion
 from compress.passes.crate import CrateConfig, crate
 from compress.passes.qk_merge import QKMergeConfig, _merged64, qk_merge
 from compress.passes.vo import VOConfig, fit_removed, vo
-from compress.pipeline import apply
+from compress.run.pipeline import apply
 from compress.recipe import load_recipe
-from compress.registry import PassContext
+from compress.core.registry import PassContext
 from tests.conftest import save_timm_dir, tiny_vit, tiny_vit_args, write_recipe
 
 X = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(1))

@@ -178,7 +178,7 @@ def build_plan_onto_existing(root: Path) -> list:
 
 def result_dir(root: Path, report) -> Path:
     """A result directory as `compress verify` reads it: two small files and `report` as report.json."""
-    from compress.outdir import sha256
+    from compress.run.outdir import sha256
 
     res = root / "res"
     res.mkdir()

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from compress.batch import shard_of, verified
+from compress.run.batch import shard_of, verified
 from tests.conftest import FAST, REPO, run_cli, save_timm_dir, tiny_vit, tiny_vit_args, write_recipe
 
 RECIPE = "version: 1\npasses:\n  - mlp_strip: {blocks: [0]}\n" + FAST
@@ -91,11 +91,12 @@ def test_resume_redoes_an_entry_whose_files_changed(tmp_path):
 def test_without_a_forkserver_entries_run_as_python_m_compress(tmp_path, monkeypatch):
     """Where multiprocessing has no forkserver (not POSIX), each entry is a fresh `python -m compress apply`: the same
     manifest, files and error lines (forked entries are what every other test here runs)."""
-    from compress import batch, forkrun
+    from compress.cli import main
+    from compress.run import batch, forkrun
 
     monkeypatch.setattr(forkrun, "available", lambda: False)
     zoo, out = _zoo(tmp_path, n_good=1, recipe=UNTIMED), tmp_path / "out"
-    summary = batch.run_batch(zoo, out, jobs=1, resume=False, log=lambda m: None)
+    summary = batch.run_batch(zoo, out, entry=main, jobs=1, resume=False, log=lambda m: None)
     states = {n: e["state"] for n, e in summary["entries"].items()}
     assert states == {"m0": "done", "broken": "failed", "badpass": "failed"}
     assert verified("m0", _manifest(out)["m0"], out) and _manifest(out)["badpass"]["error"].startswith("error: recipe passes[0]")
@@ -157,7 +158,7 @@ SHARD_COUNTS = [1, 2, 3, 4, 5]
 @pytest.fixture(scope="module")
 def shards_elsewhere() -> dict:
     """shard_of for every count, as another process (task) with another hash seed computes it: one python for all."""
-    code = (f"from compress.batch import shard_of; "
+    code = (f"from compress.run.batch import shard_of; "
             f"print({{n: [shard_of(m, n) for m in {SHARD_NAMES!r}] for n in {SHARD_COUNTS!r}}})")
     other = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                            env={**os.environ, "PYTHONHASHSEED": "12345"})

@@ -58,7 +58,7 @@ def test_train_teacher_writes_a_loadable_timm_dir(tmp_path):
     need_shared(CIFAR_TRAIN)
     need_shared(CIFAR_TEST)
     from benchmarks.train_teacher import train
-    from compress.load import load
+    from compress.load.model import load
 
     info = train("vit", tmp_path / "t", train_data=CIFAR_TRAIN, test_data=CIFAR_TEST, epochs=None, steps=3, batch_size=8,
                  lr=None, device="cpu", seed=0, eval_images=32, workers=0, log=lambda _m: None)

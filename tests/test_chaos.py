@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from compress.locks import is_held
-from compress.verify import verify
+from compress.core.locks import is_held
+from compress.run.verify import verify
 from tests import forkcli
 from tests.conftest import REPO, run_cli, save_timm_dir, tiny_vit, tiny_vit_args, write_recipe
 from tests.test_outdir import leftovers

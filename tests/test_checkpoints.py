@@ -15,14 +15,14 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 import user_models
-from compress import checkpoint
+from compress.load import checkpoint
 from compress.cli import app
-from compress.data import calibration_batch
-from compress.errors import InputError
-from compress.export import write_onnx
-from compress.limits import check_memory
-from compress.load import load, load_compressed
-from compress.pipeline import apply
+from compress.load.data import calibration_batch
+from compress.core.errors import InputError
+from compress.export.write import write_onnx
+from compress.core.limits import check_memory
+from compress.load.model import load, load_compressed
+from compress.run.pipeline import apply
 from compress.recipe import parse_recipe
 from conftest import random_bn_stats, tiny_vit, tiny_vit_args
 
@@ -136,7 +136,7 @@ def test_batch_reading_forward_exports_with_dynamo(tmp_path):
 
 
 def test_fixed_batch_when_dynamo_fails_too(tmp_path, monkeypatch):
-    import compress.export as ex
+    import compress.export.write as ex
 
     def refuse(*_a, **_k):
         raise RuntimeError("data-dependent batch size")
@@ -232,7 +232,7 @@ def test_verify_ok_and_tampered(tmp_path):
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from compress.outdir import sha256
+    from compress.run.outdir import sha256
 
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         meta = f.metadata()
@@ -265,7 +265,7 @@ def test_absurd_sizes_fail_in_one_line(tmp_path):
 
 
 def test_stripped_prefix_is_put_back_when_the_model_has_it(tmp_path):
-    from compress.sources.common import fit
+    from compress.load.sources.common import fit
 
     class Wrapper(torch.nn.Module):
         def __init__(self):

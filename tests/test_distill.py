@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from compress.data import ImageFolderData, Unreadable
-from compress.distill import StepBatches, kd_loss
-from compress.load import load_compressed
+from compress.load.data import ImageFolderData, Unreadable
+from compress.distill.train import StepBatches, kd_loss
+from compress.load.model import load_compressed
 from tests.conftest import REPO, run_cli, write_recipe
 
 STRIP = "version: 1\npasses:\n  - mlp_strip: {blocks: [0]}\n"
@@ -215,8 +215,8 @@ def test_frozen_batchnorm_keeps_running_statistics_and_trains_the_weights(tmp_pa
     """width fits a refit conv's constant into its BatchNorm's running mean: frozen, training must not re-estimate it."""
     from timm.models.resnet import BasicBlock, ResNet
 
-    from compress.data import dataset
-    from compress.distill import distill
+    from compress.load.data import dataset
+    from compress.distill.train import distill
     from tests.conftest import random_bn_stats
 
     torch.manual_seed(0)

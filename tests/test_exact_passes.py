@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from compress.adapters import detect
-from compress.errors import InputError
-from compress.metrics import count_params, fidelity, logits64
+from compress.core.errors import InputError
+from compress.measure.metrics import count_params, fidelity, logits64
 from compress.passes.qk_merge import QKMergeConfig, qk_merge
 from compress.passes.vo import VOConfig, vo
-from compress.registry import PassContext
+from compress.core.registry import PassContext
 from tests.conftest import tiny_vit
 
 HEADS = [1, 2, 3, 4]

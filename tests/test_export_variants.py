@@ -10,9 +10,9 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from compress.errors import VerificationError
-from compress.export import _graph
-from compress.load import load_compressed
+from compress.core.errors import VerificationError
+from compress.export.write import _graph
+from compress.load.model import load_compressed
 from tests.conftest import run_cli, write_recipe
 
 TOL = {"fp32": 1e-4, "fp16": 1e-2}  # max |Δlogit| relative to the logit scale, as the recipe defaults state
@@ -154,7 +154,7 @@ def test_int8_max_kl_runs_the_accuracy_control_on_held_out_images(tmp_path, vit_
 def test_max_top1_drop_bounds_the_int8_file_without_int8_max_kl(tmp_path, vit_dir, image_zip):
     """No export.int8_max_kl: gates.max_top1_drop D bounds the static file's disagreement with model.onnx at
     QUANT_SHARE x D %; the record, the log and report.md say the bound and where it came from."""
-    from compress.quant import QUANT_SHARE
+    from compress.export.quant import QUANT_SHARE
 
     out, res = _static_untimed(tmp_path, vit_dir, image_zip, "int8_min_agreement: 0.5", "point")
     ctl = json.loads((out / "report.json").read_text())["artifacts"]["onnx.int8_static"]["accuracy_control"]

@@ -14,12 +14,12 @@ from torch import nn
 
 from compress.adapters import GENERIC, detect
 from compress.adapters.generic import structural_layers
-from compress.errors import InputError
-from compress.export import _graph, to_onnx
-from compress.frozen import freeze_weight_norm_convs
-from compress.load import load, load_compressed
-from compress.modules import ViTBlock
-from compress.pipeline import apply
+from compress.core.errors import InputError
+from compress.export.write import _graph, to_onnx
+from compress.load.frozen import freeze_weight_norm_convs
+from compress.load.model import load, load_compressed
+from compress.core.modules import ViTBlock
+from compress.run.pipeline import apply
 from compress.recipe import parse_recipe
 from tests.conftest import random_bn_stats, run_cli, save_timm_dir, write_recipe
 
@@ -147,7 +147,7 @@ def test_width_on_grouped_convs_names_lowrank_in_one_line():
     torch.manual_seed(0)
     model = timm.create_model("resnext50_32x4d", pretrained=False, num_classes=5, layers=[1, 1, 1, 1]).eval()
     from compress.passes.width import WidthConfig, width
-    from compress.registry import PassContext
+    from compress.core.registry import PassContext
 
     with pytest.raises(InputError, match="grouped convs .* lowrank is the pass") as e:
         width(model, detect(model), WidthConfig(target=0.5, scope="model"), PassContext(torch.randn(2, 3, 32, 32)))

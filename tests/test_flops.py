@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from compress.adapters import detect
-from compress.metrics import _count_flops, count_flops
+from compress.measure.metrics import _count_flops, count_flops
 from compress.passes.lowrank import LowRankConfig, lowrank
-from compress.registry import PassContext
+from compress.core.registry import PassContext
 from tests.conftest import tiny_vit
 
 

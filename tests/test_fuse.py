@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from compress.adapters import detect
-from compress.export import write_onnx
-from compress.fuse import FusedQKVAttention, fused_qkv
-from compress.modules import SeparateQK
+from compress.export.write import write_onnx
+from compress.export.fuse import FusedQKVAttention, fused_qkv
+from compress.core.modules import SeparateQK
 from tests.conftest import tiny_vit
 
 

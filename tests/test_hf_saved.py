@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from compress.errors import InputError
-from compress.load import load, load_compressed
-from compress.pipeline import apply
+from compress.core.errors import InputError
+from compress.load.model import load, load_compressed
+from compress.run.pipeline import apply
 from compress.recipe import parse_recipe
 
 transformers = pytest.importorskip("transformers")

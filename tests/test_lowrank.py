@@ -11,13 +11,13 @@ import torch
 from safetensors.torch import save_file
 
 from compress.adapters import detect
-from compress.errors import InputError
-from compress.load import load, load_compressed
-from compress.metrics import count_flops
+from compress.core.errors import InputError
+from compress.load.model import load, load_compressed
+from compress.measure.metrics import count_flops
 from compress.passes.lowrank import LowRankConfig, lowrank
-from compress.pipeline import apply
+from compress.run.pipeline import apply
 from compress.recipe import parse_recipe
-from compress.registry import PassContext
+from compress.core.registry import PassContext
 from tests.conftest import CIFAR_TRAIN, VIT_TEACHER, need_shared, save_timm_dir, tiny_vit, tiny_vit_args
 
 
@@ -159,7 +159,7 @@ def test_memo_reuses_the_bases_and_changes_nothing(monkeypatch):
 
 def test_whitened_beats_plain_svd_on_the_teacher():
     """At equal rank, the output-principal basis loses less calibration output than the weight SVD."""
-    from compress.data import calibration_batch
+    from compress.load.data import calibration_batch
 
     loaded = load(str(need_shared(VIT_TEACHER)), None)
     x, _ = calibration_batch(str(need_shared(CIFAR_TRAIN)), loaded.data_cfg, 32, 0)
@@ -252,7 +252,7 @@ def test_auto_returns_the_winners_logits_which_are_the_results_own():
 def test_rewrite_takes_the_teachers_logits_from_lowranks_own_forward(tmp_path):
     """With lowrank first, the pipeline runs no forward of its own for the teacher's reference logits (ViT-L: 8 s):
     the reference it returns and scores against is still the teacher's."""
-    from compress.pipeline import rewrite
+    from compress.run.pipeline import rewrite
 
     loaded = load(str(save_timm_dir(tiny_vit(depth=2), "vit_tiny_patch16_224", tiny_vit_args(depth=2), tmp_path / "m")))
     x = torch.randn(8, *loaded.data_cfg["input_size"])

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from compress import runtimes
-from compress.errors import InputError
-from compress.load import load, load_compressed
-from compress.pipeline import apply
+from compress.export import runtimes
+from compress.core.errors import InputError
+from compress.load.model import load, load_compressed
+from compress.run.pipeline import apply
 from compress.recipe import ExportSpec, load_recipe
 from tests.conftest import CIFAR_TRAIN, REPO, RESNET_TEACHER, VIT_TEACHER, need_shared, run_cli, write_recipe
 

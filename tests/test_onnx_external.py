@@ -7,9 +7,9 @@ import shutil
 import numpy as np
 import torch
 
-from compress.batch import verified
-from compress.export import write_fp16, write_int8, write_onnx
-from compress.metrics import ort_run, ort_session
+from compress.run.batch import verified
+from compress.export.write import write_fp16, write_int8, write_onnx
+from compress.measure.metrics import ort_run, ort_session
 from tests.conftest import run_cli, tiny_vit, write_recipe
 
 RECIPE = ("version: 1\npasses:\n  - mlp_strip: {blocks: [0]}\nexport: {external_data_mb: 0}\n"

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from compress.errors import InputError
-from compress.locks import scratch_dir
-from compress.outdir import claim, let_go
-from compress.pipeline import apply
+from compress.core.errors import InputError
+from compress.core.locks import scratch_dir
+from compress.run.outdir import claim, let_go
+from compress.run.pipeline import apply
 from compress.recipe import parse_recipe
-from compress.verify import verify
+from compress.run.verify import verify
 from tests.conftest import REPO, run_cli, write_recipe
 
 RECIPE = "version: 1\npasses:\n  - mlp_strip: {blocks: [0]}\nreport: {latency: null}\n"
@@ -203,7 +203,7 @@ def test_a_write_that_fails_for_space_is_exit_2_and_leaves_nothing(tmp_path, vit
         raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
                               "message: \"No space left on device\" })")
 
-    monkeypatch.setattr("compress.export.save_model", full)
+    monkeypatch.setattr("compress.export.write.save_model", full)
     rec = parse_recipe({"version": 1, "passes": [{"mlp_strip": {"blocks": [0]}}], "report": {"latency": None}})
     with pytest.raises(InputError, match=r"^no space left on device while writing model.safetensors .*MB needed"):
         apply(rec, str(vit_dir), tmp_path / "out", log=lambda m: None)
@@ -223,7 +223,7 @@ def test_a_second_batch_to_the_same_out_exits_2_and_touches_nothing(tmp_path):
     write_recipe(tmp_path / "r.yaml", RECIPE)
     zoo = write_recipe(tmp_path / "zoo.yaml", "version: 1\nrecipe: r.yaml\nentries:\n  - {checkpoint: m0}\n")
     out = tmp_path / "out"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from compress.outdir import claim; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from compress.run.outdir import claim; "
                                "c = claim(__import__('pathlib').Path(sys.argv[1]), staged=False); print('held', flush=True); "
                                "time.sleep(60)", str(out)], cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:

@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 import compress.passes.qk_merge as qk_mod
-from compress.errors import InputError, VerificationError
-from compress.load import load_compressed
-from compress.pipeline import apply
+from compress.core.errors import InputError, VerificationError
+from compress.load.model import load_compressed
+from compress.run.pipeline import apply
 from compress.recipe import parse_recipe
 from tests.conftest import FAST, run_cli, save_timm_dir, tiny_vit, tiny_vit_args, write_recipe
 

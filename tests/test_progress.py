@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import io
 
-from compress.progress import PlainProgress, progress
+from compress.core.progress import PlainProgress, progress
 
 
 def test_not_a_tty_gives_plain_lines_with_step_rate_loss_and_eta():

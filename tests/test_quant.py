@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from compress.export import to_onnx, write_int8
-from compress.quant import METHODS, controlled_static, quantize_static, ranked_nodes, Scorer
+from compress.export.write import to_onnx, write_int8
+from compress.export.quant import METHODS, controlled_static, quantize_static, ranked_nodes, Scorer
 
 
 class Convs(nn.Module):
@@ -95,7 +95,7 @@ def test_a_bound_the_plain_file_meets_keeps_every_layer_int8(outlier, tmp_path):
 def test_write_int8_records_the_accuracy_control(outlier, tmp_path):
     """Through the exporter (as export.int8_max_kl does): the mixed file is verified on the installed and the oldest
     runtime (export.min_runtime 1.16, as every file) and the record says what stayed float."""
-    from compress import runtimes
+    from compress.export import runtimes
 
     m, base, calib, held = outlier
     with torch.no_grad():
@@ -105,7 +105,7 @@ def test_write_int8_records_the_accuracy_control(outlier, tmp_path):
     ctl = rec["accuracy_control"]
     assert ctl["meets"] and ctl["kept_float"] and "note" not in rec and "QuantizeLinear" in rec["operators"]
     assert rec["oldest_runtime"] == "1.16.3"
-    from compress.report import int8_control
+    from compress.report.write import int8_control
 
     assert "kept float: /c" in int8_control(ctl) and f"<= {1e-3:.3g}" in int8_control(ctl)
 
@@ -119,8 +119,8 @@ def _recipe(**sections):
 def test_the_bound_from_max_top1_drop_is_met_where_plain_int8_is_not(spread, tmp_path):
     """No export.int8_max_kl, gates.max_top1_drop D: the file may change at most QUANT_SHARE * D % of the held-out
     predictions of model.onnx; the outlier layer stays float to get there, and the record says whence the bound."""
-    from compress.quant import QUANT_SHARE, bound_for
-    from compress.report import int8_control
+    from compress.export.quant import QUANT_SHARE, bound_for
+    from compress.report.write import int8_control
 
     _, base, calib, held = spread
     quantize_static(base, tmp_path / "plain.onnx", calib)
@@ -141,7 +141,7 @@ def test_the_bound_from_max_top1_drop_is_met_where_plain_int8_is_not(spread, tmp
 
 
 def test_explicit_int8_max_kl_wins_over_the_derived_bound():
-    from compress.quant import QUANT_SHARE, bound_for
+    from compress.export.quant import QUANT_SHARE, bound_for
 
     def bound(**sections):
         r = _recipe(**sections)
@@ -174,7 +174,7 @@ def rounding(tmp_path_factory):
     import numpy as np
     from PIL import Image
 
-    from compress.data import calibration_batch, dataset
+    from compress.load.data import calibration_batch, dataset
 
     folder = tmp_path_factory.mktemp("rounding")
     rng = np.random.default_rng(0)
@@ -207,7 +207,7 @@ def test_qat_brings_the_int8_file_closer_than_ptq(rounding, tmp_path):
     static quantization of the QAT weights is closer to model.onnx than that of the original weights."""
     import copy
 
-    from compress.qat import finetune
+    from compress.distill.qat import finetune
 
     m, base, train, calib, held = rounding
     q, stats = finetune(m, copy.deepcopy(m), train, _distill_spec(), 30, calib, device=torch.device("cpu"),
@@ -226,10 +226,10 @@ def test_int8_qat_runs_when_ptq_misses_and_says_which_file_ships(rounding, tmp_p
     one on disk; a bound the plain file meets runs no QAT."""
     import copy
 
-    from compress.qat import int8_qat
-    from compress.quant import Bound
+    from compress.distill.qat import int8_qat
+    from compress.export.quant import Bound
     from compress.recipe import ExportSpec
-    from compress.report import int8_control
+    from compress.report.write import int8_control
 
     m, base, train, calib, held = rounding
     path = tmp_path / "model.int8_static.onnx"

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from compress.errors import InputError
+from compress.core.errors import InputError
 from compress.recipe import load_recipe, parse_recipe
-from compress.registry import all_passes
+from compress.core.registry import all_passes
 from tests.conftest import REPO, run_cli
 
 SHIPPED = sorted((REPO / "recipes").glob("*.yaml"))

@@ -14,15 +14,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer
 
-import compress.pipeline as pipeline
+import compress.run.pipeline as pipeline
 from benchmarks.scale import _tree_rss
-from compress.export import EXTERNAL_ABOVE, write_onnx
-from compress.load import load
-from compress.metrics import ort_run, ort_session
-from compress.onnx_lean import light
-from compress.pipeline import apply
+from compress.export.write import EXTERNAL_ABOVE, write_onnx
+from compress.load.model import load
+from compress.measure.metrics import ort_run, ort_session
+from compress.export.onnx_lean import light
+from compress.run.pipeline import apply
 from compress.recipe import parse_recipe
-from compress.rsslog import rss
+from compress.core.rsslog import rss
 from tests.conftest import save_timm_dir, tiny_vit, tiny_vit_args
 
 LAT = {"batch_sizes": [1], "threads": 1, "warmup": 1, "runs": 3}

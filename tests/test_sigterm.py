@@ -11,7 +11,7 @@ MODULE = "import os, signal, time\nos.kill(os.getpid(), signal.SIGTERM)\ntime.sl
 MAIN = """
 import sys, time
 sys.path.insert(0, sys.argv[1])
-from compress.errors import Terminated, terminate_like_interrupt
+from compress.core.errors import Terminated, terminate_like_interrupt
 terminate_like_interrupt()
 try:
     import slow_import

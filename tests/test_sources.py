@@ -10,13 +10,13 @@ import torch
 import torchvision
 from safetensors.torch import load_file, save_file
 
-from compress.errors import InputError, VerificationError
-from compress.load import load, load_compressed
-from compress.pipeline import apply
+from compress.core.errors import InputError, VerificationError
+from compress.load.model import load, load_compressed
+from compress.run.pipeline import apply
 from compress.recipe import parse_recipe
-from compress.sources import hf
-from compress.sources.detect import guess_arch
-from compress.verify import verify
+from compress.load.sources import hf
+from compress.load.sources.detect import guess_arch
+from compress.run.verify import verify
 from tests.conftest import random_bn_stats
 
 transformers = pytest.importorskip("transformers")
@@ -222,7 +222,7 @@ def test_keys_of_no_known_family(tmp_path):
 
 
 def test_hf_hub_id_offline_fails_at_once(monkeypatch):
-    import compress.load as ld
+    import compress.load.model as ld
 
     monkeypatch.setattr(ld, "_hub_reachable", lambda: False)
     with pytest.raises(InputError, match="cannot reach the model hub to fetch hf:google/vit-base-patch16-224.*local"):

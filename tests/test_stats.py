@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from compress.recipe import parse_recipe
-from compress.stats import (drop_interval, images_to_resolve, median_interval, speedup_interval, timing_intervals,
+from compress.measure.stats import (drop_interval, images_to_resolve, median_interval, speedup_interval, timing_intervals,
                             top1_interval)
 
 
@@ -52,7 +52,7 @@ def _row(teacher_ms, file_ms) -> dict:
 def test_a_file_meets_a_speed_target_on_the_lower_end_of_its_interval():
     """Two files with the same point speedup (1.6x, 6.7% above a 1.5x target, more than the old 3% margin): timed
     quietly, the lower end meets the target; timed on a busy machine, it does not, and the planner says no."""
-    from compress.plan import _meets
+    from compress.plan.search import _meets
 
     t = _target()
     quiet, busy = _row(*_rounds(1.6, 0.01)), _row(*_rounds(1.6, 0.6, seed=3))
@@ -64,7 +64,7 @@ def test_a_file_meets_a_speed_target_on_the_lower_end_of_its_interval():
 
 
 def test_the_plan_table_shows_the_interval():
-    from compress.plan_table import _speed_text
+    from compress.plan.table import _speed_text
 
     row = _row(*_rounds(1.6, 0.05))
     iv = row["interval"]["8"]
@@ -107,7 +107,7 @@ def test_images_to_resolve_is_given_when_the_interval_straddles_the_bound():
 def test_the_accuracy_gate_holds_on_the_upper_end_unless_point():
     """A 0.5 pt drop on 1,000 images with 6% of predictions changed passes a 1.0 pt gate as a point, not as an
     interval (its upper end is ~1.9 pt); the record says the interval and how many images would settle it."""
-    from compress.accuracy import accuracy_gate, gate_basis
+    from compress.measure.accuracy import accuracy_gate, gate_basis
 
     ci = drop_interval(*_preds(1000, 0.84, 32, 27))
     assert ci["drop"] == pytest.approx(0.5) and ci["hi"] > 1.0
@@ -129,7 +129,7 @@ def test_evaluate_reports_each_top1_and_drop_with_its_interval():
     """evaluate() on synthetic predictions: the intervals are those of the per-image hits, paired with the teacher."""
     import torch
 
-    from compress.metrics import evaluate
+    from compress.measure.metrics import evaluate
 
     t_ok, m_ok = _preds(400, 0.8, 20, 8, seed=5)
     y = torch.zeros(400, dtype=torch.long)

@@ -9,9 +9,9 @@ import timm
 import torch
 
 from compress.adapters import detect
-from compress.errors import InputError
-from compress.load import load_compressed
-from compress.pipeline import apply
+from compress.core.errors import InputError
+from compress.load.model import load_compressed
+from compress.run.pipeline import apply
 from compress.recipe import parse_recipe
 from tests.conftest import save_timm_dir
 

@@ -9,8 +9,8 @@ import pytest
 import timm
 import torch
 
-from compress.data import loader
-from compress.load import load
+from compress.load.data import loader
+from compress.load.model import load
 from tests.conftest import CIFAR_TEST, REPO, RESNET_TEACHER, VIT_TEACHER, need_shared, run_cli
 
 pytestmark = pytest.mark.slow

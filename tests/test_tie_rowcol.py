@@ -13,13 +13,13 @@ from safetensors.torch import save_file
 from torch import nn
 
 from compress.adapters import detect
-from compress.load import load_compressed
-from compress.metrics import count_flops, count_params
+from compress.load.model import load_compressed
+from compress.measure.metrics import count_flops, count_params
 from compress.passes.tie_rowcol import TieRowColConfig, fit_scale, tie_rowcol
-from compress.pipeline import apply
+from compress.run.pipeline import apply
 from compress.recipe import parse_recipe
-from compress.registry import PassContext
-from compress.tied import TiedMLP
+from compress.core.registry import PassContext
+from compress.passes.tied import TiedMLP
 from tests.conftest import save_timm_dir, tiny_vit, tiny_vit_args
 
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import user_models
-from compress import checkpoint
-from compress.errors import InputError
+from compress.load import checkpoint
+from compress.core.errors import InputError
 from test_checkpoints import convert, jitter
 
 SIDE_EFFECT = pathlib.Path(os.environ.get("TMPDIR", "/tmp")) / "compress-unpickle-ran"

@@ -12,14 +12,14 @@ from safetensors.torch import save_file
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from compress.adapters import detect
-from compress.errors import InputError
-from compress.load import load_compressed
-from compress.metrics import count_flops
+from compress.core.errors import InputError
+from compress.load.model import load_compressed
+from compress.measure.metrics import count_flops
 from compress.passes.width import WidthConfig, width
-from compress.pipeline import apply
-from compress.probe import kl
+from compress.run.pipeline import apply
+from compress.core.probe import kl
 from compress.recipe import parse_recipe
-from compress.registry import PassContext
+from compress.core.registry import PassContext
 from tests.conftest import random_bn_stats, save_timm_dir, tiny_vit, tiny_vit_args
 
 VIT = {"heads": 2, "depth": 2}  # embed 16, head dim 8: with multiple 4, every kind can narrow
@@ -221,7 +221,7 @@ def test_narrow_vit_exports_static_reshapes(tmp_path):
     the teacher's 201 on the shared ViT), each an onnxruntime kernel launch that does not shrink with the width."""
     import onnx
 
-    from compress.export import write_onnx
+    from compress.export.write import write_onnx
 
     student = _run(_vit(), "vit", target=0.5, layers=["mlp", "qk", "vo"], multiple=4).model
     path = tmp_path / "narrow.onnx"

@@ -11,13 +11,13 @@ import torch
 from timm.layers import SwiGLU
 
 from compress.adapters import GENERIC
-from compress.load import load_compressed
-from compress.metrics import count_flops
+from compress.load.model import load_compressed
+from compress.measure.metrics import count_flops
 from compress.passes._width_mlp import find_pairs, mlp_width
 from compress.passes.width import WidthConfig
-from compress.pipeline import apply
+from compress.run.pipeline import apply
 from compress.recipe import parse_recipe
-from compress.registry import PassContext
+from compress.core.registry import PassContext
 from tests.test_floor import SMALL, _seeded
 
 P14 = {**SMALL, "img_size": 28, "patch_size": 14}

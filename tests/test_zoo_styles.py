@@ -10,11 +10,11 @@ import torch
 from safetensors.torch import save_file
 
 import zoo_models
-from compress.errors import InputError
-from compress.load import load_compressed
-from compress.pipeline import apply
+from compress.core.errors import InputError
+from compress.load.model import load_compressed
+from compress.run.pipeline import apply
 from compress.recipe import parse_recipe
-from compress.sources.common import logits_of
+from compress.load.sources.common import logits_of
 from conftest import make_image_zip, random_bn_stats
 
 # nn.TransformerEncoderLayer reads linear1/linear2.weight in its forward (the fast-path check), so lowrank may not

@@ -5,7 +5,7 @@ from typing import Literal, Protocol
 
 from torch import nn
 
-from ..modules import ViTBlock
+from ..core.modules import ViTBlock
 
 LayerKind = Literal["attn", "mlp", "conv", "stem", "head"]
 

@@ -7,8 +7,8 @@ import re
 import torch
 from torch import nn
 
-from ..errors import InputError
-from ..modules import ViTBlock
+from ..core.errors import InputError
+from ..core.modules import ViTBlock
 from .base import set_module
 from .vit_struct import geometry, map_blocks
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from timm.models.resnet import ResNet
 from torch import nn
 
-from ..errors import InputError
+from ..core.errors import InputError
 
 
 def resnet_blocks(model: nn.Module) -> list[nn.Module]:

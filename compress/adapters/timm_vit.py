@@ -6,8 +6,8 @@ from timm.models.vision_transformer import Block as TimmBlock
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from ..errors import InputError
-from ..modules import Attention, SeparateQK, SeparateVO, ViTBlock
+from ..core.errors import InputError
+from ..core.modules import Attention, SeparateQK, SeparateVO, ViTBlock
 
 
 def _split_linear(src: nn.Linear, start: int, stop: int) -> nn.Linear:

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..errors import InputError
-from ..modules import SeparateQK, SeparateVO, ViTBlock
+from ..core.errors import InputError
+from ..core.modules import SeparateQK, SeparateVO, ViTBlock
 
 
 class UserAdapter:

@@ -14,8 +14,8 @@ import inspect
 import torch
 from torch import nn
 
-from ..errors import InputError
-from ..modules import Attention, Scale, SeparateQK, SeparateVO, TableBias, ViTBlock, _heads
+from ..core.errors import InputError
+from ..core.modules import Attention, Scale, SeparateQK, SeparateVO, TableBias, ViTBlock, _heads
 
 TOL = 1e-4
 

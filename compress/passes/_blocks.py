@@ -6,8 +6,9 @@ from typing import Annotated, Callable, Literal, Union
 import torch
 from pydantic import BeforeValidator, NonNegativeInt
 
-from ..errors import InputError
-from ..registry import PassResult
+from ..core.errors import InputError
+from ..core.registry import PassResult
+
 
 def _blocks(v):
     if v == "all" or (isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in v)):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import heapq
 
-from ..errors import InputError
+from ..core.errors import InputError
 
 
 def _within(cost: float, target: float, total: float) -> bool:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..metrics import count_flops
+from ..measure.metrics import count_flops
 
 
 def whole_cost(model: nn.Module, budget: str, size: tuple) -> float:

@@ -10,10 +10,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import InputError
-from ..registry import PassResult
-from ..tied import TiedConv
+from ..core.errors import InputError
+from ..core.registry import PassResult
 from ._blocks import select
+from .tied import TiedConv
 
 
 def _pair(blk) -> tuple[str, str, str, str]:

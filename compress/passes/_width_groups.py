@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..modules import SeparateQK, SeparateVO
-from ..probe import capture
+from ..core.modules import SeparateQK, SeparateVO
+from ..core.probe import capture
 from . import _width_fit as fit
 
 

@@ -17,9 +17,9 @@ from torch import nn
 
 from ..adapters.base import set_module
 from ..adapters.generic import _ATTN, _block_lists
-from ..errors import InputError
-from ..modules import ViTBlock
-from ..registry import PassResult
+from ..core.errors import InputError
+from ..core.modules import ViTBlock
+from ..core.registry import PassResult
 from ._scope import whole_cost
 
 CHECK_TOL = 1e-5  # of the output scale: the independence check is exact maths in float64

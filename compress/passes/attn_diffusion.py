@@ -6,9 +6,9 @@ bias, not a compressor (+1 parameter per block).
 """
 from __future__ import annotations
 
-from ..errors import InputError
-from ..modules import Attention, DiffusedValue
-from ..registry import PassConfig, PassContext, PassResult, register_pass
+from ..core.errors import InputError
+from ..core.modules import Attention, DiffusedValue
+from ..core.registry import PassConfig, PassContext, PassResult, register_pass
 from ._blocks import BlockSel, select
 
 

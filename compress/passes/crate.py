@@ -11,8 +11,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..modules import MSSA, Attention, SeparateQK, SeparateVO
-from ..registry import PassConfig, PassContext, PassResult, register_pass
+from ..core.modules import MSSA, Attention, SeparateQK, SeparateVO
+from ..core.registry import PassConfig, PassContext, PassResult, register_pass
 from ._blocks import BlockSel, select
 
 

@@ -13,11 +13,12 @@ from torch import nn
 
 from ..adapters.base import set_module
 from ..adapters.generic import structural_layers
-from ..errors import InputError
-from ..limits import release
-from ..rsslog import mark
-from ..registry import PassConfig, PassContext, PassResult, register_pass
-from ._lowrank_alloc import greedy as _allocate, uniform as _uniform
+from ..core.errors import InputError
+from ..core.limits import release
+from ..core.registry import PassConfig, PassContext, PassResult, register_pass
+from ..core.rsslog import mark
+from ._lowrank_alloc import greedy as _allocate
+from ._lowrank_alloc import uniform as _uniform
 from ._scope import layer_share, whole_cost
 
 Kind = Literal["attn", "mlp", "conv", "stem", "head"]

@@ -10,9 +10,9 @@ from typing import Optional
 
 from pydantic import Field, model_validator
 
-from ..errors import InputError
-from ..probe import greedy_mlp_skip
-from ..registry import PassConfig, PassContext, PassResult, register_pass
+from ..core.errors import InputError
+from ..core.probe import greedy_mlp_skip
+from ..core.registry import PassConfig, PassContext, PassResult, register_pass
 from ._blocks import BlockSelOrAuto, select
 
 

@@ -12,9 +12,9 @@ from typing import Literal, Optional
 import torch
 from pydantic import PositiveInt, model_validator
 
-from ..errors import InputError
-from ..modules import MergedQK, SeparateQK, SymmetricQK
-from ..registry import PassConfig, PassContext, PassResult, register_pass
+from ..core.errors import InputError
+from ..core.modules import MergedQK, SeparateQK, SymmetricQK
+from ..core.registry import PassConfig, PassContext, PassResult, register_pass
 from ._blocks import BlockSel, rewrite_attention
 
 

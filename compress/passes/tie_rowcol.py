@@ -10,12 +10,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import InputError
-from ..probe import capture
-from ..registry import PassConfig, PassContext, PassResult, register_pass
-from ..tied import TiedMLP
+from ..core.errors import InputError
+from ..core.probe import capture
+from ..core.registry import PassConfig, PassContext, PassResult, register_pass
 from ._blocks import BlockSel, select
 from ._tie_resnet import tie_resnet
+from .tied import TiedMLP
 
 NO_FLOPS = "FLOPs do not fall: tying shares weights, not computation (it buys file size, not latency)"
 

@@ -11,10 +11,10 @@ from typing import Literal
 
 import torch
 
-from ..errors import InputError
-from ..modules import FoldedVO, MergedQK, RemovedVO, SeparateQK, SeparateVO, SymmetricQK
-from ..probe import capture
-from ..registry import PassConfig, PassContext, PassResult, register_pass
+from ..core.errors import InputError
+from ..core.modules import FoldedVO, MergedQK, RemovedVO, SeparateQK, SeparateVO, SymmetricQK
+from ..core.probe import capture
+from ..core.registry import PassConfig, PassContext, PassResult, register_pass
 from ._blocks import BlockSel, rewrite_attention, select
 
 

@@ -15,13 +15,13 @@ import torch.nn.functional as F
 from pydantic import Field, PositiveInt, model_validator
 from torch import nn
 
-from ..errors import InputError
-from ..modules import SeparateQK, SeparateVO
-from ..probe import capture, kl
-from ..registry import PassConfig, PassContext, PassResult, register_pass
+from ..core.errors import InputError
+from ..core.modules import SeparateQK, SeparateVO
+from ..core.probe import capture, kl
+from ..core.registry import PassConfig, PassContext, PassResult, register_pass
 from ._scope import layer_share, whole_cost
-from ._width_mlp import mlp_width
 from ._width_groups import Group, Link, QKCut, SelectCut, Stream, StreamCut, VOCut, refit_reader
+from ._width_mlp import mlp_width
 
 Kind = Literal["mlp", "qk", "vo", "conv", "residual"]
 Fraction = Annotated[float, Field(gt=0, le=1)]

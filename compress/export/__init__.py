@@ -1,0 +1,1 @@
+"""Export: safetensors and ONNX writers, each verified; fusion, int8, older runtimes."""

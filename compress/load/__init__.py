@@ -1,0 +1,1 @@
+"""Load: checkpoints and data -> (model, adapter). Never executes pickled code."""

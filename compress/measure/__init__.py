@@ -1,0 +1,1 @@
+"""Measure: params, FLOPs, latency, accuracy and their sampling error; the block analysis."""

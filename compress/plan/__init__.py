@@ -1,0 +1,1 @@
+"""Plan: a recipe's `target:` becomes an ordinary recipe, chosen by measuring candidates."""

@@ -1,0 +1,1 @@
+"""Run: the commands that drive the stages (apply's pipeline, batch, verify, inspect, analyze) and OUT."""
