@@ -18,7 +18,7 @@ from compress.load.data import calibration_batch
 from compress.load.model import load
 
 from .bench import FULL, ROOT, SHARED, _save, recipe_dict, row_of, run_one
-from compress.plan.search import Candidates
+from compress.planner.search import Candidates
 
 VARIANTS = [(m, a) for m in ("whitened_svd", "svd") for a in ("greedy", "uniform")]
 

@@ -30,7 +30,7 @@ from compress.recipe import parse_recipe
 from compress.report.write import machine_info
 
 from compress.core.errors import TargetError
-from compress.plan.search import Candidates, describe, plan, width_candidates
+from compress.planner.search import Candidates, describe, plan, width_candidates
 
 from . import contenders, gpu, scaling
 from .render import render
@@ -122,7 +122,7 @@ def run_one(name: str, recipe: dict, ckpt: Path, work: Path, log) -> dict:
 
 
 def plan_budget(loaded, calib, cands: Candidates, budget: float, log) -> tuple[dict | None, dict | None]:
-    """Ours = the planner (compress/plan/search.py) asked for a FLOP budget: lowest calibration KL among the strip,
+    """Ours = the planner (compress/planner/search.py) asked for a FLOP budget: lowest calibration KL among the strip,
     lowrank and width candidates that meet it. Returns the chosen row and the plan (or None, None)."""
     r = parse_recipe({"version": 1, "target": {"flops": budget}, "report": {"latency": None}})
     try:

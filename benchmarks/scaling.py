@@ -14,7 +14,7 @@ from compress.export.write import write_onnx
 from compress.load.model import Loaded
 from compress.measure.metrics import count_flops, count_params, latency
 from compress.run.pipeline import rewrite
-from compress.plan.search import WIDTH_LAYERS
+from compress.planner.search import WIDTH_LAYERS
 from compress.recipe import parse_recipe
 
 from . import nonzero_biases

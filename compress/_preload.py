@@ -10,5 +10,5 @@ import compress.run.batch_merge  # noqa: F401
 import compress.cli  # noqa: F401
 import compress.run.inspect  # noqa: F401
 import compress.run.pipeline  # noqa: F401
-import compress.plan.search  # noqa: F401
+import compress.planner.search  # noqa: F401
 import compress.run.verify  # noqa: F401

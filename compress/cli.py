@@ -34,7 +34,7 @@ def _errors(debug: bool):
 
             print(terminal_table(record), file=sys.stderr)
         if getattr(e, "plan", None) is not None:  # an unreachable target: the candidates that were measured
-            from .plan.search import table
+            from .planner.search import table
             from .report.write import align
 
             rows = table(e.plan)[0]
@@ -212,8 +212,8 @@ def plan(recipe: Path = typer.Argument(..., help="recipe YAML with a target: sec
         import yaml
 
         from .load.model import load
-        from .plan.search import calibration_pair, planned_recipe, summary
-        from .plan.search import plan as run_plan
+        from .planner.search import calibration_pair, planned_recipe, summary
+        from .planner.search import plan as run_plan
         from .recipe import load_recipe
         from .report.write import align, left_out_text
         from .run.outdir import write_text_atomic

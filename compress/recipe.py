@@ -204,7 +204,7 @@ class Gates(_Strict):
 
 
 class TargetSpec(_Strict):
-    """What the result must achieve; the planner (compress/plan/search.py) chooses passes and export variant to get there."""
+    """What the result must achieve; the planner (compress/planner/search.py) chooses passes and export variant to get there."""
 
     speedup: Optional[PositiveFloat] = Field(None, description="teacher/student ONNX p50 latency at `batch`")
     batch: PositiveInt = Field(8, description="batch size the speedup / latency_ms target is measured at")

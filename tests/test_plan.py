@@ -9,7 +9,7 @@ import yaml
 from compress.core.errors import InputError
 from compress.load.model import load
 from compress.run.pipeline import apply
-from compress.plan.search import calibration_pair, plan, planned_recipe, table
+from compress.planner.search import calibration_pair, plan, planned_recipe, table
 from compress.recipe import load_recipe, parse_recipe
 from compress.report.write import left_out_text, plan_md
 from tests.conftest import FAST, run_cli, save_timm_dir, tiny_vit, tiny_vit_args, write_recipe
@@ -137,7 +137,7 @@ def test_target_and_gate_that_disagree_are_refused():
 def test_aim_interpolates_between_timed_files_and_extends_beyond_the_deepest():
     """Latency ~ a + b·FLOPs: with files on such a line, the aim is the level where it reaches the speed needed,
     whether the deepest file met it (aim shallower, where KL is lower) or not (aim deeper); flat: no aim."""
-    from compress.plan.search import _aim, _inverse_speed
+    from compress.planner.search import _aim, _inverse_speed
 
     def line(a):
         return lambda f: a + (1 - a) * f  # 1/speedup, 1 at the teacher's FLOPs
@@ -151,7 +151,7 @@ def test_aim_interpolates_between_timed_files_and_extends_beyond_the_deepest():
     assert _aim([(0.5, 1.0), (1.0, 1.0)], need) is None
     # between a file that meets (0.4) and one that does not (0.6): the aim stays STEP inside that bracket, even
     # when the line through them puts it at the edge (0.6 missed by a hair), and none is left in a narrow one
-    from compress.plan.search import STEP
+    from compress.planner.search import STEP
 
     assert 0.4 < _aim([(0.4, 0.55), (0.6, 0.7), (1.0, 1.0)], need) < 0.6
     assert _aim([(0.4, 0.5), (0.6, 1 / need + 1e-4), (1.0, 1.0)], need) == pytest.approx(0.6 - STEP)
@@ -172,7 +172,7 @@ def test_speed_search_times_deepest_files_first_and_misses_no_better_candidate(d
     does not speed up the teacher (a ResNet's convs), no candidate's int8 file is timed, only the teacher's. The
     first file re-timed as the gate will time it runs 3% slower there and is dropped: the search goes on, and
     the choice is a file whose re-timing held."""
-    import compress.plan.search as planner
+    import compress.planner.search as planner
 
     a = {"width": 0.3, "lowrank": 0.5, "mlp_strip": 0.1, "qk_merge": 0.0, "vo": 0.0}
 
@@ -208,7 +208,7 @@ def test_accuracy_misses_try_the_next_candidate_then_name_every_attempt(deep_vit
     """With attempts: 2, a run that misses the top-1 gate moves to the next candidate; when that misses too,
     exit 4 names both candidates and what each missed, and carries the plan table and the last run's record."""
     from compress.core.errors import GateError
-    from compress.plan.search import run_target
+    from compress.planner.search import run_target
 
     r = parse_recipe(_recipe("{flops: 0.6, attempts: 2}"))
     ran = []
@@ -230,7 +230,7 @@ def test_accuracy_misses_try_the_next_candidate_then_name_every_attempt(deep_vit
 def test_a_variant_whose_fp32_file_meets_the_target_too_is_not_ranked(monkeypatch, deep_vit, tmp_path):
     """Two files of one model both meet the target: the plain fp32 file is the plan, even when the int8 file's
     re-scored KL is a hair lower (the shared ResNet at 2.0x chose int8 by 1e-4 of KL; its int8 changes one MatMul)."""
-    import compress.plan.search as planner
+    import compress.planner.search as planner
 
     def fake_search(order, rows, variants, run):
         for i in order:
@@ -255,7 +255,7 @@ def test_a_variant_whose_fp32_file_meets_the_target_too_is_not_ranked(monkeypatc
 def test_each_attempt_is_a_different_model(monkeypatch, deep_vit):
     """A model's int8 file and its fp32 file distil alike (the shared ResNet's lowrank 0.554 missed the top-1 gate
     by 1.25 points as both): after a miss, the next attempt is the next *model*, not the same one's other file."""
-    import compress.plan.search as planner
+    import compress.planner.search as planner
     from compress.core.errors import GateError
 
     rows = [{"passes": [{"lowrank": {"target": 0.55}}], "variant": v, "model": [0.55, 0.5, 0.01], "kl": 0.01,
@@ -282,7 +282,7 @@ def test_each_attempt_is_a_different_model(monkeypatch, deep_vit):
 def test_an_int8_file_is_scored_on_the_held_out_images_like_the_fp32_rows(deep_vit, tmp_path):
     """The variant rows were once scored on the calibration images the refits fit (a ResNet's int8 width file:
     KL 0.007 against its own fp32 file's 0.11 held out), so the planner preferred int8 for the wrong reason."""
-    from compress.plan.search import Candidates, _export_row
+    from compress.planner.search import Candidates, _export_row
 
     r = parse_recipe(_recipe("{speedup: 1.2, batch: 2}"))
     loaded = load(str(deep_vit))
@@ -296,7 +296,7 @@ def test_an_int8_file_is_scored_on_the_held_out_images_like_the_fp32_rows(deep_v
 
 def test_an_int8_row_reuses_its_fp32_twins_export(deep_vit, tmp_path, monkeypatch):
     """The fp32 file of a model is exported (and parity-checked) once, whichever of its rows comes first."""
-    import compress.plan.search as planner
+    import compress.planner.search as planner
 
     r = parse_recipe(_recipe("{speedup: 1.2, batch: 2}"))
     loaded = load(str(deep_vit))
@@ -313,7 +313,7 @@ def test_an_int8_row_reuses_its_fp32_twins_export(deep_vit, tmp_path, monkeypatc
 def test_a_busy_machine_is_named_before_the_timings(deep_vit, monkeypatch):
     """Timings on a loaded machine are not the machine's (another process made the shared ViT's int8 file look
     1.65x where it is 1.35x idle): the planner says so before it times, and stays quiet on an idle machine."""
-    import compress.plan.search as planner
+    import compress.planner.search as planner
 
     r = parse_recipe(_recipe("{speedup: 0.5, batch: 2}"))  # the teacher meets it: only the teacher is timed
     loaded = load(str(deep_vit))
@@ -328,7 +328,7 @@ def test_a_busy_machine_is_named_before_the_timings(deep_vit, monkeypatch):
 def test_speed_is_met_with_a_margin_and_one_model_is_one_row(deep_vit):
     """A file at exactly the target speed does not meet it in the planner's timing (the gate times it again);
     two levels that round to the same ranks give one row, not the same file timed twice."""
-    from compress.plan.search import SPEED_MARGIN, Candidates, _meets
+    from compress.planner.search import SPEED_MARGIN, Candidates, _meets
 
     t = parse_recipe(_recipe("{speedup: 1.5, batch: 8}")).target
     row = {"flops_ratio": 0.5, "params_ratio": 0.5, "speedup": {"8": 1.5}}
@@ -341,7 +341,7 @@ def test_speed_is_met_with_a_margin_and_one_model_is_one_row(deep_vit):
     models = [(c["flops_ratio"], c["params_ratio"], c["kl"]) for c in rows]
     assert len(models) == len(set(models))
     assert any(next(iter(c["passes"][-1])) == "lowrank" for c in rows if c["passes"])
-    from compress.plan.search import _same
+    from compress.planner.search import _same
 
     int8 = {**rows[-1], "variant": "int8_dynamic"}  # an int8 export rescores "kl": the model is still the same one
     assert _same({**int8, "kl": int8["kl"] + 1}) == _same(int8)
@@ -350,7 +350,7 @@ def test_speed_is_met_with_a_margin_and_one_model_is_one_row(deep_vit):
 def test_the_choice_is_timed_again_as_the_gate_will_and_dropped_when_it_does_not_hold(monkeypatch, tmp_path):
     """The first meeting candidate re-times at 1.40x (the gate would refuse it): dropped, with a line that says
     so; the next re-times at 1.60x and is kept, with both timings in its row."""
-    import compress.plan.search as planner
+    import compress.planner.search as planner
 
     again = iter([1.40, 1.60])
 
@@ -395,7 +395,7 @@ def test_int8_static_is_a_default_variant_planned_only_with_real_calibration_ima
 def _search(deep_vit, monkeypatch, tmp_path, speed, variants: list[str], target: float, confirm=None):
     """The speed search with synthetic timings (`speed(row)`; re-timed the same unless `confirm(row, rows)` says how
     a re-timing goes): rows, log lines, ranked rows, the number of files the search timed and the feasible order."""
-    import compress.plan.search as planner
+    import compress.planner.search as planner
 
     def fake_export(cands, row, folder, recipe):
         row["bytes"] = 1
@@ -459,7 +459,7 @@ def test_an_int8_variant_beaten_at_the_teacher_has_no_candidate_timed(deep_vit, 
 def test_planned_recipe_keeps_int8_qat_only_for_a_distilled_int8_static_file():
     """export.int8_qat_steps fine-tunes a distilled student's int8_static file: a planned recipe that ships another
     variant, or the teacher's own file (no distill:), has it off, and every planned recipe parses."""
-    from compress.plan.search import planned_recipe
+    from compress.planner.search import planned_recipe
     from compress.recipe import parse_recipe
 
     r = parse_recipe({"version": 1, "target": {"flops": 0.5, "max_top1_drop": 1.0}, "report": {"eval_data": "x.zip"},

@@ -52,7 +52,7 @@ def _row(teacher_ms, file_ms) -> dict:
 def test_a_file_meets_a_speed_target_on_the_lower_end_of_its_interval():
     """Two files with the same point speedup (1.6x, 6.7% above a 1.5x target, more than the old 3% margin): timed
     quietly, the lower end meets the target; timed on a busy machine, it does not, and the planner says no."""
-    from compress.plan.search import _meets
+    from compress.planner.search import _meets
 
     t = _target()
     quiet, busy = _row(*_rounds(1.6, 0.01)), _row(*_rounds(1.6, 0.6, seed=3))
@@ -64,7 +64,7 @@ def test_a_file_meets_a_speed_target_on_the_lower_end_of_its_interval():
 
 
 def test_the_plan_table_shows_the_interval():
-    from compress.plan.table import _speed_text
+    from compress.planner.table import _speed_text
 
     row = _row(*_rounds(1.6, 0.05))
     iv = row["interval"]["8"]

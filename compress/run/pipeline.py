@@ -430,8 +430,8 @@ def apply(recipe: Recipe, ckpt: str, out: Path, *, data: str | None = None, dry_
         if recipe.target is None:
             record = _run(recipe, loaded, staging, data, train, work, dry_run, resume, device, ckpt, old, stages, log,
                           last=True)
-        else:  # plan first (compress/plan/search.py); an accuracy miss may retry the next candidate in a clean staging dir
-            from ..plan.search import run_target
+        else:  # plan first (compress/planner/search.py); an accuracy miss may retry the next candidate in a clean staging dir
+            from ..planner.search import run_target
 
             def attempt(planned: Recipe, extra: dict) -> dict:
                 for p in staging.iterdir() if staging is not None else ():
