@@ -120,19 +120,18 @@ def apply(recipe: Path = typer.Argument(..., help="recipe YAML"),
           debug: bool = typer.Option(False, "--debug", help="show tracebacks")):
     """Run a recipe on a checkpoint: rewrite, verify, export, measure, report."""
     with _errors(debug):
-        from .recipe import load_recipe
+        from . import api
         from .report.write import terminal_table
-        from .run.pipeline import apply as run
 
-        if device not in (None, "auto", "cpu", "cuda"):
+        if device not in api.DEVICES:
             raise InputError(f"--device {device!r}: use auto, cpu or cuda")
-        r = load_recipe(recipe, _json_arg(override, "--override"))
+        r = api.load_recipe(recipe, _json_arg(override, "--override"))
         _init_distributed(device or (r.distill.device if r.distill else "cpu"))
         name = r.name or f"{Path(ckpt.rstrip('/')).stem}-{recipe.stem}"
         out = out or Path("compressed") / name
         log = (lambda m: print(m, file=sys.stderr)) if as_json else (lambda m: print(m))
-        record = run(r, ckpt, out, data=data, dry_run=dry_run, overwrite=_overwrite(overwrite), resume=resume, device=device,
-                     inputs=(recipe,), log=log)
+        record = api.apply(r, ckpt, out, data=data, dry_run=dry_run, overwrite=_overwrite(overwrite), resume=resume,
+                           device=device, inputs=(recipe,), log=log)
         if _rank() != 0:
             return
         if as_json:
@@ -209,32 +208,15 @@ def plan(recipe: Path = typer.Argument(..., help="recipe YAML with a target: sec
          debug: bool = typer.Option(False, "--debug", help="show tracebacks")):
     """Measure candidate recipes against the recipe's target and write the chosen one as a plain recipe."""
     with _errors(debug):
-        import yaml
-
-        from .load.model import load
-        from .planner.search import calibration_pair, planned_recipe, summary
-        from .planner.search import plan as run_plan
-        from .recipe import load_recipe
+        from . import api
         from .report.write import align, left_out_text
-        from .run.outdir import write_text_atomic
 
-        r = load_recipe(recipe, _json_arg(override, "--override"))
-        if r.target is None:
-            raise InputError(f"{recipe}: no target: section to plan for; add e.g. 'target: {{speedup: 1.5, batch: 8}}'")
+        r = api.load_recipe(recipe, _json_arg(override, "--override"))
         out = out or Path(f"{r.name or Path(ckpt.rstrip('/')).stem}-plan.yaml")
-        _check_plan_out(out, {"recipe": recipe, "checkpoint": ckpt, "data": data or r.calibration.data}, overwrite)
-        loaded = load(ckpt, r.model)
-        calib_path = data if data is not None else r.calibration.data
         log = (lambda m: print(m, file=sys.stderr)) if as_json else print
-        if loaded.source.get("preprocess_warning"):
-            log(f"warning: {loaded.source['preprocess_warning']}")
-        calib, holdout = calibration_pair(calib_path, loaded.data_cfg, r.calibration, log)
-        result = run_plan(loaded, r, calib, log, holdout=holdout, real=calib_path is not None)
-        chosen = planned_recipe(r, result, result["choice"])
-        write_text_atomic(out, yaml.safe_dump(chosen, sort_keys=False))
-        kept = summary(result)
+        kept = api.plan(r, ckpt, out, data=data, overwrite=overwrite, log=log, inputs={"recipe": recipe})
         if as_json:
-            print(json.dumps({**kept, "recipe": chosen, "written": str(out)}, indent=2, default=str))
+            print(json.dumps(kept, indent=2, default=str))
             return
         print()
         print(align([tuple(x) for x in kept["table"]], left=(0, 1)))
@@ -244,22 +226,6 @@ def plan(recipe: Path = typer.Argument(..., help="recipe YAML with a target: sec
         print(f"{what} (planned in {kept['seconds']:.0f} s); wrote {out} (replay it with compress apply {out} {ckpt})")
 
 
-def _check_plan_out(out: Path, inputs: dict, overwrite: bool) -> None:
-    """Before any work: -o may replace an existing file only with --overwrite, and never one of the inputs (the
-    recipe's target: section would be lost to the plan written over it)."""
-    if out.is_dir():
-        raise InputError(f"-o {out} is a directory; give the path of the YAML file to write")
-    dst = out.resolve()
-    for what, item in inputs.items():
-        if item is not None and Path(item).exists() and Path(item).resolve() == dst:
-            raise InputError(f"-o {out} is the input {what} {item}; the plan would replace it, even with --overwrite: "
-                             "choose another -o")
-    if out.exists() and not overwrite:
-        raise InputError(f"-o {out} already exists; pass --overwrite to replace it or choose another -o")
-    if not out.parent.is_dir():  # found now, not after minutes of planning
-        raise InputError(f"-o {out}: the folder {out.parent} does not exist; create it or choose another -o")
-
-
 @app.command()
 def inspect(ckpt: str = typer.Argument(..., help="timm directory, weights file, or timm:NAME"),
             recipe: Optional[Path] = typer.Option(None, "--recipe", help="recipe whose model: section describes a weights file"),
@@ -267,12 +233,10 @@ def inspect(ckpt: str = typer.Argument(..., help="timm directory, weights file, 
             debug: bool = typer.Option(False, "--debug")):
     """Family, blocks, params, FLOPs, and what each pass would change."""
     with _errors(debug):
-        from .load.model import load
-        from .recipe import load_recipe
-        from .run.inspect import format_inspect, inspect_model
+        from . import api
+        from .run.inspect import format_inspect
 
-        spec = load_recipe(recipe).model if recipe else None
-        info = inspect_model(load(ckpt, spec))
+        info = api.inspect(ckpt, recipe=recipe)
         print(json.dumps(info, indent=2) if as_json else format_inspect(info))
 
 
@@ -362,7 +326,7 @@ def verify(out: Path = typer.Argument(..., help="a directory written by compress
            debug: bool = typer.Option(False, "--debug")):
     """Re-check a result: file hashes against report.json, model.onnx against the rebuilt safetensors (exit 0 / 3)."""
     with _errors(debug):
-        from .run.verify import verify as run
+        from .api import verify as run
 
         checked = run(out, images)
         par = checked.get("parity")

@@ -247,6 +247,16 @@ class Recipe(_Strict):
     gates: Gates = Field(default_factory=Gates)
     target: Optional[TargetSpec] = Field(None, description="plan the passes to meet this (compress plan); on top of passes:")
 
+    def __init__(self, **data):
+        """`compress.Recipe(version=1, passes=[...])` in Python: the checks and one-line messages of a YAML recipe
+        (an InputError, exit 2), and passes validated into their configs. parse_recipe comes through here too."""
+        _check_keys(data, Recipe, "")
+        try:
+            super().__init__(**data)
+        except ValidationError as e:
+            raise InputError(f"recipe: {_fmt(e, '')}") from None
+        self.passes = [s if isinstance(s, PassStep) else _parse_step(i, s) for i, s in enumerate(self.passes)]
+
     @model_validator(mode="after")
     def _target_fits(self):
         t, g = self.target, self.gates
@@ -346,13 +356,8 @@ def _parse_step(i: int, item: Any) -> PassStep:
 def parse_recipe(data: Any) -> Recipe:
     if not isinstance(data, dict):
         raise InputError(f"recipe: the top level must be a mapping with at least 'version: 1'; got {type(data).__name__}")
-    _check_keys(data, Recipe, "")
-    try:
-        recipe = Recipe.model_validate(data)
-    except ValidationError as e:
-        raise InputError(f"recipe: {_fmt(e, '')}") from None
-    recipe.passes = [_parse_step(i, item) for i, item in enumerate(recipe.passes)]
-    return recipe
+    _check_keys(data, Recipe, "")  # before any key reaches Recipe(**data): a YAML key may be a number
+    return Recipe.model_validate(data)  # Recipe.__init__ checks, words the errors and validates the passes
 
 
 def read_yaml(path: Path, what: str, hint: str) -> Any:

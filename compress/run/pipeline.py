@@ -196,7 +196,7 @@ def run_distill(recipe: Recipe, loaded, student, train, calib, ref, start, work:
     # returned the untrained start (77.8% top-1) at lr 5e-4; at 1e-4 (what sqrt(KL0) gives) it reached 79.4%
     lr = d.lr * (min(1.0, max(0.1, max(start_kl, 0.0) ** 0.5)) if d.lr_scale == "start_kl" else 1.0)
     frozen = d.batchnorm == "frozen" or d.batchnorm == "auto" and any(get_pass(s.name).fits_batchnorm for s in recipe.steps)
-    log(f"distill: {steps} steps of {d.batch_size} images on {dev} x{world} from {train.path}, lr {lr:.3g}"
+    log(f"distill: {steps} steps of {d.batch_size} images on {dev} x{world} from {_shown(train.path)}, lr {lr:.3g}"
         + (f" (= {d.lr:g} x {lr / d.lr:.3g}: starting KL {start_kl:.4g})" if d.lr_scale == "start_kl" else "")
         + (", BatchNorm statistics frozen" if frozen else ""))
     stats = distill(student, teacher, train, steps=steps, batch_size=d.batch_size, lr=lr, weight_decay=d.weight_decay,
@@ -211,6 +211,14 @@ def run_distill(recipe: Recipe, loaded, student, train, calib, ref, start, work:
         f"{stats['final_loss']:.4f}; calibration agreement {100 * before['agreement']:.1f}% -> {100 * after['agreement']:.1f}%")
     return {**stats, "data": str(train.path), "images": len(train), "calib_before": before, "calib_after": after,
             "lr": lr, "start_kl": start_kl, "batchnorm": "frozen" if frozen else "train"}
+
+
+def _shown(path) -> str:
+    """A path as the log prints it: relative to the working directory, so logs pasted into docs name no machine."""
+    try:
+        return os.path.relpath(path)
+    except ValueError:  # another drive (Windows)
+        return str(path)
 
 
 def _holdout(train, n: int, seed: int) -> torch.Tensor:
