@@ -44,7 +44,7 @@ def apply(recipe: RecipeLike, checkpoint: Union[str, Path], out: Union[str, Path
     """`compress apply`: rewrite, verify, export, measure and report into `out`; returns report.json's record.
 
     overwrite=True replaces an earlier compress result at `out`, "force" whatever is there. A missed gate raises
-    GateError (exit 4) after the files are written, with the record on `.record`. `inputs`: more files that `out`
+    GateError (exit 4) with the record on `.record`, and nothing is published. `inputs`: more files that `out`
     must not hold (the CLI's recipe file); a recipe path is one already."""
     from .run.pipeline import apply as run
 
