@@ -325,7 +325,7 @@ def _measure(recipe: Recipe, teacher, student, staging: Path, calib, cfg: dict, 
         onnx_files = {"teacher": folder / "teacher.onnx", "student": staging / "model.onnx",
                       **{v: staging / f"model.{v}.onnx" for v in variants(ex)}}
     if rep.eval_data is not None:
-        log(f"evaluating on {rep.eval_data}")
+        log(f"evaluating on {_shown(rep.eval_data)}")
         ds, dl = loader(rep.eval_data, cfg, limit=rep.eval_images)
         outputs = int(logits64(teacher, calib[:1]).shape[-1])
         warn = (f"{rep.eval_data} has {len(ds.classes)} class folders but the model has {outputs} outputs; "
