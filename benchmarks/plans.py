@@ -78,6 +78,12 @@ def _table(rows: list[list]) -> list[str]:
     return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(map(str, r)) + " |" for r in body]
 
 
+def _relative(line: str) -> str:
+    """A logged line with this checkout's absolute paths made relative to it (../shared/... for the shared data), so
+    the Markdown names no machine."""
+    return line.replace(f"{ROOT}/", "").replace(f"{ROOT.parent}/", "../")
+
+
 def markdown(res: dict) -> str:
     lines = ["## The planner: `compress plan` and `compress apply` with a `target:` (`python -m benchmarks.plans`)", "",
              f"{res['machine']}; onnxruntime {res['onnxruntime']}, torch {res['torch']}, 2 threads; load average "
@@ -88,8 +94,8 @@ def markdown(res: dict) -> str:
     for r in res["applies"]:
         lines += [f"### `compress apply {r['recipe']}` on {r['teacher']}", ""]
         if r["exit_code"] != 0:
-            lines += [f"exit {r['exit_code']}: `{r['error']}` (wall {r['wall_s']:.0f} s)", "", "```",
-                      *r.get("stderr_tail", []), "```", ""]
+            lines += [f"exit {r['exit_code']}: `{_relative(r['error'])}` (wall {r['wall_s']:.0f} s)", "", "```text",
+                      *map(_relative, r.get("stderr_tail", [])), "```", ""]
             continue
         drop = 100 * (r["teacher_top1"] - r["student_top1"])
         share = r["plan_seconds"] / r["stages_s"]["distill"] if r["stages_s"].get("distill") else None
@@ -104,8 +110,8 @@ def markdown(res: dict) -> str:
     for r in res["plans"]:
         lines += [f"### `compress plan` on {r['teacher']}, speedup {r['speedup']} at batch 8", ""]
         if r["exit_code"] != 0:
-            lines += [f"exit {r['exit_code']}: `{r['error']}` (wall {r['wall_s']:.0f} s)", "", "```",
-                      *r.get("stderr_tail", []), "```", ""]
+            lines += [f"exit {r['exit_code']}: `{_relative(r['error'])}` (wall {r['wall_s']:.0f} s)", "", "```text",
+                      *map(_relative, r.get("stderr_tail", [])), "```", ""]
             continue
         what = "the teacher already meets it" if r["met_by_teacher"] else f"chose **{r['choice']}**"
         distill = next((a["stages_s"]["distill"] for a in res["applies"] if a["teacher"] == r["teacher"]

@@ -21,7 +21,7 @@ OPTION = re.compile(r"(?<![\w-])(--?[A-Za-z][\w-]*)")
 def commands_block(text: str) -> list[str]:
     """The command lines of the first ``` block under '## Commands', continuation lines joined, comments dropped."""
     section = text.split("\n## Commands\n", 1)[1]
-    block = section.split("```", 2)[1]
+    block = section.split("```", 2)[1].removeprefix("text\n")  # a synopsis, not commands to run: tests/test_docs.py
     lines: list[str] = []
     for raw in block.splitlines():
         line = re.sub(r"\s#\s.*$", "", raw).rstrip()  # '   # what it does'
