@@ -103,12 +103,12 @@ def run_command(line: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(words, cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("page", PAGES, ids=_rel)
+RUN_PAGES = [p for p in PAGES if any(runs for _, runs in commands(p.read_text()))]
+
+
+@pytest.mark.parametrize("page", RUN_PAGES, ids=_rel)
 def test_every_command_on_the_page_runs(page, checkout):
-    cmds = commands(page.read_text())
-    run = [c for c, runs in cmds if runs]
-    if not run:
-        pytest.skip(f"{_rel(page)} shows no command a test can run")
+    run = [c for c, runs in commands(page.read_text()) if runs]
     work = _workdir(checkout, page.stem)
     for line in run:
         res = run_command(line, work)
