@@ -1,4 +1,4 @@
-"""Thin typer app: apply, inspect, analyze, batch, verify, runtime, schema. Errors print one line and exit non-zero (see README)."""
+"""Thin typer app: apply, inspect, analyze, batch, verify, runtime, schema. Errors print one line and exit non-zero (see docs/cli.md)."""
 from __future__ import annotations
 
 import json

@@ -40,7 +40,7 @@ def coding_rate(z: torch.Tensor, eps: float) -> float:
 
 @torch.no_grad()
 def analyze(model, adapter, x: torch.Tensor, eps: float = EPS) -> dict:
-    """Every DESIGN §4 measure per block; see README "Analysis" for definitions."""
+    """Every DESIGN §4 measure per block; see docs/analyze-verify.md for definitions."""
     if adapter.family != "vit":
         raise InputError(f"analyze measures transformer blocks; {adapter.name} models have none (use a ViT checkpoint)")
     if eps <= 0:

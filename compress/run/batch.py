@@ -51,7 +51,7 @@ class Zoo(BaseModel):
 
 def load_zoo(path: Path) -> list[dict]:
     """Parse and check the zoo file; returns one resolved job per entry (paths absolute)."""
-    data = read_yaml(path, "zoo", "see the README's batch section")
+    data = read_yaml(path, "zoo", "see docs/batch.md")
     if not isinstance(data, dict):
         raise InputError(f"zoo {path}: the top level must be a mapping with 'version: 1' and 'entries:'")
     try:
