@@ -1,0 +1,127 @@
+"""Token merging (ToMe, Bolya et al. ICLR 2023): bipartite soft matching with static shapes.
+
+The tokens after a protected prefix (class, distillation, register tokens: never merged) are split alternately into
+sets A (even positions) and B (odd). Each A token finds its most similar B token (cosine of the head-averaged keys);
+the r A tokens with the best matches are averaged into their B partners, weighted by how many original tokens each
+already stands for (`size`). Every shape depends on r alone, never on the data, so the ONNX graph is static.
+
+Exported ops: MatMul, ReduceMax/ArgMax, TopK, GatherElements, Equal/Cast and Concat. The scatter-add of ToMe's
+reference (`scatter_reduce`, ONNX ScatterElements with a reduction: opset 16+) is written as a one-hot matrix
+product, which every opset and onnxruntime release runs.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .modules import SeparateQK, ViTBlock, _heads
+
+
+def _normalise(metric: torch.Tensor) -> torch.Tensor:
+    """Unit rows in float32, whatever the model's dtype: an fp16 similarity would reorder near-ties."""
+    m = metric.float()
+    return m / m.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def bipartite_match(metric: torch.Tensor, r: int, prefix: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Which tokens merge. metric: (B, N, c) per-token features (keys averaged over heads).
+
+    Returns (unm_idx, src_idx, dst_idx): indices into A of the A tokens kept (B, na - r) and merged (B, r), and the
+    index into B of each merged token's partner (B, r). A and B count tokens after the prefix only."""
+    rest = _normalise(metric[:, prefix:])
+    a, b = rest[:, ::2], rest[:, 1::2]
+    scores = a @ b.transpose(-1, -2)  # (B, na, nb)
+    node_max, node_idx = scores.max(dim=-1)
+    edge_idx = torch.topk(node_max, a.shape[1], dim=-1).indices  # best matches first; TopK exports everywhere
+    unm_idx, src_idx = edge_idx[:, r:], edge_idx[:, :r]
+    dst_idx = node_idx.gather(dim=-1, index=src_idx)
+    return unm_idx, src_idx, dst_idx
+
+
+def _take(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """t[b, idx[b, i], :] for every b, i."""
+    return t.gather(dim=1, index=idx.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
+
+
+def merge_wavg(x: torch.Tensor, size: torch.Tensor | None, metric: torch.Tensor, r: int, prefix: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge r tokens of x (B, N, C) by size-weighted average; returns (x, size) with N - r tokens, the prefix
+    first, then the kept A tokens, then B. size: (B, N, 1) tokens each row stands for, None = all ones."""
+    if size is None:
+        size = torch.ones_like(x[..., :1])
+    unm_idx, src_idx, dst_idx = bipartite_match(metric, r, prefix)
+    both = torch.cat([x * size, size], dim=-1)  # sums of features and of sizes move together
+    rest = both[:, prefix:]
+    a, b = rest[:, ::2], rest[:, 1::2]
+    unm, src = _take(a, unm_idx), _take(a, src_idx)
+    onehot = (dst_idx.unsqueeze(-1) == torch.arange(b.shape[1], device=x.device)).to(both.dtype)  # (B, r, nb)
+    dst = b + onehot.transpose(1, 2) @ src  # scatter-add of the merged tokens into their partners
+    out = torch.cat([both[:, :prefix], unm, dst], dim=1)
+    size = out[..., -1:]
+    return out[..., :-1] / size, size
+
+
+def best_match_cosine(metric: torch.Tensor, prefix: int) -> torch.Tensor:
+    """(B,) mean over A tokens of the cosine to their best B partner: near 1 where merging costs little."""
+    rest = _normalise(metric[:, prefix:])
+    return (rest[:, ::2] @ rest[:, 1::2].transpose(-1, -2)).max(dim=-1).values.mean(dim=-1)
+
+
+def max_r(tokens: int, prefix: int) -> int:
+    """The most tokens one block merges (ToMe's bound): half of those after the prefix."""
+    return max(0, (tokens - prefix) // 2)
+
+
+class MergingBlock(ViTBlock):
+    """A ViTBlock that merges `r` tokens between its attention and its MLP, and whose attention is proportional:
+    log(size) added to the logits of each key, so a merged token weighs as the tokens it stands for.
+
+    The sizes travel from block to block in `state`, a plain dict shared by all blocks of the model (not a module:
+    nothing in the state dict); the first block starts it, the last clears it. With r = 0 in every block no size
+    exists and the block computes exactly what ViTBlock does. The weights keep ViTBlock's names."""
+
+    def __init__(self, blk: ViTBlock, r: int, prefix: int, state: dict, first: bool, last: bool):
+        super().__init__(blk.norm1, blk.attn, blk.ls1, blk.drop_path1, blk.norm2, blk.mlp, blk.ls2, blk.drop_path2)
+        self.r, self.prefix, self.first, self.last = int(r), int(prefix), first, last
+        self.__dict__["_state"] = state
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, prefix={self.prefix}"
+
+    def forward(self, x, attn_mask=None, is_causal: bool = False, rope=None, shared_rel_pos_bias=None,
+                shared_rel_pos=None):
+        if is_causal or rope is not None or shared_rel_pos_bias is not None or shared_rel_pos is not None:
+            raise NotImplementedError("token merging takes no RoPE or shared position bias (the pass refuses them)")
+        state = self._state
+        if self.first:
+            state["size"] = None
+        size = state.get("size")
+        a, score = self.attn, self.attn.score
+        h = self.norm1(x)
+        k = _heads(score.k(h), score.heads)
+        logits = (_heads(score.q(h), score.heads) * score.scale) @ k.transpose(-2, -1)
+        if size is not None:
+            logits = logits + size.log().transpose(1, 2).unsqueeze(1)  # (B, 1, 1, N): per key
+        if attn_mask is not None:
+            logits = logits.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else logits + attn_mask
+        x = x + self.drop_path1(self.ls1(a.proj_drop(a.value(a.attn_drop(logits.softmax(dim=-1)), h))))
+        if self.r > 0:
+            x, size = merge_wavg(x, size, k.mean(dim=1), self.r, self.prefix)
+            x = x.to(h.dtype)
+        state["size"] = None if self.last else size
+        if self.mlp is not None:
+            x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x
+
+
+def mergeable(blk: nn.Module) -> str | None:
+    """Why a block cannot merge tokens (a clause), or None."""
+    if not isinstance(blk, ViTBlock):
+        return f"is a {type(blk).__name__}, not a transformer block the adapters map"
+    score = getattr(blk.attn, "score", None)
+    if type(score) is not SeparateQK:
+        return (f"computes its attention scores with {type(score).__name__} (no separate keys to match tokens on: "
+                "put token_merge before qk_merge)")
+    if getattr(blk.attn, "rel_pos", None) is not None:
+        return "adds a relative position bias of fixed size N x N, which merged tokens no longer have"
+    return None
