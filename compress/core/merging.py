@@ -43,18 +43,32 @@ def _take(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return t.gather(dim=1, index=idx.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
 
 
-def merge_wavg(x: torch.Tensor, size: torch.Tensor | None, metric: torch.Tensor, r: int, prefix: int
+class TokenMatch(nn.Module):
+    """bipartite_match as a module, so the exported nodes carry its name ("/match/"): the fp16 variant keeps
+    them in float32 (export/write.py), since an fp16 similarity would reorder near-ties."""
+
+    def __init__(self, r: int, prefix: int):
+        super().__init__()
+        self.r, self.prefix = r, prefix
+
+    def forward(self, metric):
+        return bipartite_match(metric, self.r, self.prefix)
+
+
+def merge_wavg(x: torch.Tensor, size: torch.Tensor | None, idx: tuple, prefix: int
                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge r tokens of x (B, N, C) by size-weighted average; returns (x, size) with N - r tokens, the prefix
-    first, then the kept A tokens, then B. size: (B, N, 1) tokens each row stands for, None = all ones."""
+    """Merge tokens of x (B, N, C) by size-weighted average as `idx` (bipartite_match) says; returns (x, size)
+    with N - r tokens, the prefix first, then the kept A tokens, then B. size: (B, N, 1) tokens each row stands
+    for, None = all ones."""
     if size is None:
         size = torch.ones_like(x[..., :1])
-    unm_idx, src_idx, dst_idx = bipartite_match(metric, r, prefix)
+    unm_idx, src_idx, dst_idx = idx
     both = torch.cat([x * size, size], dim=-1)  # sums of features and of sizes move together
     rest = both[:, prefix:]
     a, b = rest[:, ::2], rest[:, 1::2]
     unm, src = _take(a, unm_idx), _take(a, src_idx)
-    onehot = (dst_idx.unsqueeze(-1) == torch.arange(b.shape[1], device=x.device)).to(both.dtype)  # (B, r, nb)
+    hit = dst_idx.unsqueeze(-1) == torch.arange(b.shape[1], device=x.device)  # (B, r, nb)
+    onehot = torch.where(hit, torch.ones_like(src[..., :1]), torch.zeros_like(src[..., :1]))  # no Cast: fp16-safe
     dst = b + onehot.transpose(1, 2) @ src  # scatter-add of the merged tokens into their partners
     out = torch.cat([both[:, :prefix], unm, dst], dim=1)
     size = out[..., -1:]
@@ -82,11 +96,17 @@ class MergingBlock(ViTBlock):
 
     def __init__(self, blk: ViTBlock, r: int, prefix: int, state: dict, first: bool, last: bool):
         super().__init__(blk.norm1, blk.attn, blk.ls1, blk.drop_path1, blk.norm2, blk.mlp, blk.ls2, blk.drop_path2)
-        self.r, self.prefix, self.first, self.last = int(r), int(prefix), first, last
+        self.prefix, self.first, self.last = int(prefix), first, last
+        self.match = TokenMatch(int(r), int(prefix))
         self.__dict__["_state"] = state
 
-    def extra_repr(self) -> str:
-        return f"r={self.r}, prefix={self.prefix}"
+    @property
+    def r(self) -> int:
+        return self.match.r
+
+    @r.setter
+    def r(self, value: int) -> None:
+        self.match.r = int(value)
 
     def forward(self, x, attn_mask=None, is_causal: bool = False, rope=None, shared_rel_pos_bias=None,
                 shared_rel_pos=None):
@@ -96,18 +116,24 @@ class MergingBlock(ViTBlock):
         if self.first:
             state["size"] = None
         size = state.get("size")
-        a, score = self.attn, self.attn.score
-        h = self.norm1(x)
-        k = _heads(score.k(h), score.heads)
-        logits = (_heads(score.q(h), score.heads) * score.scale) @ k.transpose(-2, -1)
+        a, h = self.attn, self.norm1(x)
+        fused = hasattr(a, "qkv_heads")  # export/fuse.py's one-MatMul form, swapped in for the export only
+        if fused:
+            q, k, v = a.qkv_heads(h)
+            scale = a.scale
+        else:
+            q, k = _heads(a.score.q(h), a.score.heads), _heads(a.score.k(h), a.score.heads)
+            scale = a.score.scale
+        logits = (q * scale) @ k.transpose(-2, -1)
         if size is not None:
             logits = logits + size.log().transpose(1, 2).unsqueeze(1)  # (B, 1, 1, N): per key
         if attn_mask is not None:
             logits = logits.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else logits + attn_mask
-        x = x + self.drop_path1(self.ls1(a.proj_drop(a.value(a.attn_drop(logits.softmax(dim=-1)), h))))
+        attn = logits.softmax(dim=-1)
+        out = a.output(attn, v) if fused else a.proj_drop(a.value(a.attn_drop(attn), h))
+        x = x + self.drop_path1(self.ls1(out))
         if self.r > 0:
-            x, size = merge_wavg(x, size, k.mean(dim=1), self.r, self.prefix)
-            x = x.to(h.dtype)
+            x, size = merge_wavg(x, size, self.match(k.mean(dim=1)), self.prefix)
         state["size"] = None if self.last else size
         if self.mlp is not None:
             x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))

@@ -362,7 +362,9 @@ def write_fp16(base: Path, path: Path, ref: torch.Tensor, x: torch.Tensor, *, to
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            proto = float16.convert_float_to_float16(onnx.load(str(base)), keep_io_types=True,
+            proto = onnx.load(str(base))
+            match = [n.name for n in proto.graph.node if "/match/" in n.name]  # token merging's similarity: float
+            proto = float16.convert_float_to_float16(proto, keep_io_types=True, node_block_list=match,
                                                      op_block_list=float16.DEFAULT_OP_BLOCK_LIST + FP16_KEEP_FLOAT)
         _save_proto(proto, tmp, sum(t.ByteSize() for t in proto.graph.initializer) > external_above)
         del proto
