@@ -11,6 +11,8 @@ product, which every opset and onnxruntime release runs.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -151,3 +153,12 @@ def mergeable(blk: nn.Module) -> str | None:
     if getattr(blk.attn, "rel_pos", None) is not None:
         return "adds a relative position bias of fixed size N x N, which merged tokens no longer have"
     return None
+
+
+def prefix_tokens(model: nn.Module, tokens: int) -> int:
+    """Class, distillation and register tokens: timm's `num_prefix_tokens`, else what is left of the token count
+    above a square patch grid."""
+    n = getattr(model, "num_prefix_tokens", None)
+    if isinstance(n, int) and not isinstance(n, bool):
+        return n
+    return tokens - math.isqrt(tokens) ** 2

@@ -10,14 +10,13 @@ the FLOPs kept; the same r everywhere, one more in the first blocks to come clos
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 from pydantic import Field, NonNegativeInt, model_validator
 from torch import nn
 
 from ..core.errors import InputError
-from ..core.merging import MergingBlock, max_r, mergeable
+from ..core.merging import MergingBlock, max_r, mergeable, prefix_tokens
 from ..core.registry import PassConfig, PassContext, PassResult, register_pass
 from ..measure.metrics import count_flops
 from ._blocks import BlockSel, select
@@ -42,15 +41,6 @@ class TokenMergeConfig(PassConfig):
 
     def is_exact(self) -> bool:
         return self.r == 0 or (self.schedule is not None and not any(self.schedule))
-
-
-def prefix_tokens(model, tokens: int) -> int:
-    """Class, distillation and register tokens: timm's `num_prefix_tokens`, else what is left of the token count
-    above a square patch grid."""
-    n = getattr(model, "num_prefix_tokens", None)
-    if isinstance(n, int) and not isinstance(n, bool):
-        return n
-    return tokens - math.isqrt(tokens) ** 2
 
 
 def counts(tokens: int, prefix: int, rs: list[int]) -> tuple[list[int], list[int]]:
