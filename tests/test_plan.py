@@ -174,7 +174,7 @@ def test_speed_search_times_deepest_files_first_and_misses_no_better_candidate(d
     the choice is a file whose re-timing held."""
     import compress.plan.search as planner
 
-    a = {"width": 0.3, "lowrank": 0.5, "mlp_strip": 0.1, "qk_merge": 0.0, "vo": 0.0}
+    a = {"width": 0.3, "lowrank": 0.5, "mlp_strip": 0.1, "qk_merge": 0.0, "vo": 0.0, "token_merge": 0.2}
 
     def speed(row):
         kind = next(iter(row["passes"][-1])) if row["passes"] else None
