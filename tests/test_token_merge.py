@@ -12,7 +12,7 @@ import torch
 
 from compress.adapters import detect
 from compress.core.errors import InputError
-from compress.core.merging import MergingBlock, bipartite_match, merge_wavg
+from compress.core.merging import MergingBlock, bipartite_match, merge_matrix, merge_wavg
 from compress.core.registry import PassContext
 from compress.export import runtimes
 from compress.load.model import load_compressed
@@ -68,15 +68,17 @@ def test_hand_made_input_merges_its_most_similar_pairs():
     unm, src, dst = bipartite_match(metric, 1, prefix=1)
     assert src.tolist() == [[1]] and dst.tolist() == [[3]]  # A1 -> B3: cosine 0.99995, the best
     assert sorted(unm.tolist()[0]) == [0, 2, 3]
-    out, size = merge_wavg(x, None, (unm, src, dst), prefix=1)
+    out, size = merge_wavg(x, None, merge_matrix((unm, src, dst), 9, prefix=1))
     assert out.shape == (1, 8, 2) and size.squeeze(-1).tolist() == [[1, 1, 1, 1, 1, 1, 1, 2]]
     assert torch.equal(out[0, 0], x[0, 0])  # the prefix first, untouched
     assert torch.allclose(out[0, -1], (x[0, 3] + x[0, 8]) / 2)  # A1 and B3 averaged into B3's place
     idx = bipartite_match(metric, 2, prefix=1)
     assert idx[1].tolist() == [[1, 0]] and idx[2].tolist() == [[3, 0]]  # then A0 -> B0 (cosine 0.8)
+    every = merge_matrix(bipartite_match(metric, 4, prefix=1), 9, prefix=1)  # all of A merged: the prefix stays
+    assert every.shape == (1, 5, 9) and every[0, 0, 0] == 1 and every.sum() == 9
     # sizes weigh the average: B3 already standing for 3 tokens pulls the merge 3:1 toward itself
     sizes = torch.tensor([1.0, 1, 1, 1, 1, 1, 1, 1, 3]).view(1, 9, 1)
-    out2, size2 = merge_wavg(x, sizes, (unm, src, dst), prefix=1)
+    out2, size2 = merge_wavg(x, sizes, merge_matrix((unm, src, dst), 9, prefix=1))
     assert torch.allclose(out2[0, -1], (x[0, 3] + 3 * x[0, 8]) / 4) and float(size2[0, -1]) == 4
 
 

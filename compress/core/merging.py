@@ -5,9 +5,9 @@ sets A (even positions) and B (odd). Each A token finds its most similar B token
 the r A tokens with the best matches are averaged into their B partners, weighted by how many original tokens each
 already stands for (`size`). Every shape depends on r alone, never on the data, so the ONNX graph is static.
 
-Exported ops: MatMul, ReduceMax/ArgMax, TopK, GatherElements, Equal/Cast and Concat. The scatter-add of ToMe's
-reference (`scatter_reduce`, ONNX ScatterElements with a reduction: opset 16+) is written as a one-hot matrix
-product, which every opset and onnxruntime release runs.
+Exported ops: MatMul, ReduceMax/ArgMax, TopK, GatherElements, Equal/Cast and Concat. ToMe's gathers and
+scatter-add (`scatter_reduce`, ONNX ScatterElements with a reduction: opset 16+) are one 0/1 matrix product here,
+which every opset and onnxruntime release runs (merge_matrix).
 """
 from __future__ import annotations
 
@@ -40,41 +40,49 @@ def bipartite_match(metric: torch.Tensor, r: int, prefix: int) -> tuple[torch.Te
     return unm_idx, src_idx, dst_idx
 
 
-def _take(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """t[b, idx[b, i], :] for every b, i."""
-    return t.gather(dim=1, index=idx.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
+def _rows(pos: torch.Tensor, n: int) -> torch.Tensor:
+    """One-hot rows (B, k, n) in float32 of token positions (B, k)."""
+    return (pos.unsqueeze(-1) == torch.arange(n, device=pos.device)).float()
+
+
+def merge_matrix(idx: tuple, n: int, prefix: int) -> torch.Tensor:
+    """The merge as a (B, n - r, n) 0/1 matrix in float32: row i sums the tokens that output token i stands for
+    (the prefix first, then the kept A tokens, then B with its partners). One MatMul applies it: no Expand chains
+    for the batch, no scatter (ScatterElements' reduction needs opset 16), every onnxruntime runs it."""
+    unm_idx, src_idx, dst_idx = idx
+    nb = (n - prefix) // 2
+    keep = prefix + 2 * unm_idx  # A token i sits at prefix + 2i, B token j at prefix + 2j + 1
+    if prefix:
+        keep = torch.cat([src_idx[:, :1] * 0 + torch.arange(prefix, device=keep.device), keep], dim=1)  # r >= 1
+    onehot = _rows(dst_idx, nb).transpose(1, 2)  # (B, nb, r)
+    eye_b = _rows(prefix + 1 + 2 * torch.arange(nb, device=keep.device), n)  # (nb, n): each B token itself
+    return torch.cat([_rows(keep, n), eye_b + onehot @ _rows(prefix + 2 * src_idx, n)], dim=1)
 
 
 class TokenMatch(nn.Module):
-    """bipartite_match as a module, so the exported nodes carry its name ("/match/"): the fp16 variant keeps
-    them in float32 (export/write.py), since an fp16 similarity would reorder near-ties."""
+    """bipartite_match and merge_matrix as a module, so the exported nodes carry its name ("/match/"): the fp16
+    variant keeps them in float32 (export/write.py), since an fp16 similarity would reorder near-ties."""
 
     def __init__(self, r: int, prefix: int):
         super().__init__()
         self.r, self.prefix = r, prefix
+        self.tokens: int | None = None  # at this block's input, set by the pass: the export's sizes as constants
 
     def forward(self, metric):
-        return bipartite_match(metric, self.r, self.prefix)
+        # traced, metric.shape[1] would be a Shape/Gather chain and arange a Range node in the file
+        n = self.tokens if self.tokens is not None and torch.jit.is_tracing() else metric.shape[1]
+        return merge_matrix(bipartite_match(metric, self.r, self.prefix), n, self.prefix)
 
 
-def merge_wavg(x: torch.Tensor, size: torch.Tensor | None, idx: tuple, prefix: int
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge tokens of x (B, N, C) by size-weighted average as `idx` (bipartite_match) says; returns (x, size)
-    with N - r tokens, the prefix first, then the kept A tokens, then B. size: (B, N, 1) tokens each row stands
-    for, None = all ones."""
+def merge_wavg(x: torch.Tensor, size: torch.Tensor | None, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge tokens of x (B, N, C) by size-weighted average as the merge matrix m says; returns (x, size) with
+    N - r tokens. size: (B, N, 1) tokens each row stands for, None = all ones."""
+    m = m.to(x.dtype)
     if size is None:
-        size = torch.ones_like(x[..., :1])
-    unm_idx, src_idx, dst_idx = idx
-    both = torch.cat([x * size, size], dim=-1)  # sums of features and of sizes move together
-    rest = both[:, prefix:]
-    a, b = rest[:, ::2], rest[:, 1::2]
-    unm, src = _take(a, unm_idx), _take(a, src_idx)
-    hit = dst_idx.unsqueeze(-1) == torch.arange(b.shape[1], device=x.device)  # (B, r, nb)
-    onehot = torch.where(hit, torch.ones_like(src[..., :1]), torch.zeros_like(src[..., :1]))  # no Cast: fp16-safe
-    dst = b + onehot.transpose(1, 2) @ src  # scatter-add of the merged tokens into their partners
-    out = torch.cat([both[:, :prefix], unm, dst], dim=1)
-    size = out[..., -1:]
-    return out[..., :-1] / size, size
+        size = m.sum(dim=-1, keepdim=True)
+        return (m @ x) / size, size
+    new = m @ size
+    return (m @ (x * size)) / new, new
 
 
 def best_match_cosine(metric: torch.Tensor, prefix: int) -> torch.Tensor:
@@ -135,7 +143,7 @@ class MergingBlock(ViTBlock):
         out = a.output(attn, v) if fused else a.proj_drop(a.value(a.attn_drop(attn), h))
         x = x + self.drop_path1(self.ls1(out))
         if self.r > 0:
-            x, size = merge_wavg(x, size, self.match(k.mean(dim=1)), self.prefix)
+            x, size = merge_wavg(x, size, self.match(k.mean(dim=1)))
         state["size"] = None if self.last else size
         if self.mlp is not None:
             x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))

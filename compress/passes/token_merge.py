@@ -144,8 +144,8 @@ def token_merge(model, adapter, cfg: TokenMergeConfig, ctx: PassContext) -> Pass
     got, after = counts(tokens, prefix, rs)
     if got != rs:
         notes.append(f"r clamped to at most half the mergeable tokens of each block: asked {rs}, merging {got}")
-    for b, r in zip(merged, got):
-        b.r = r
+    for b, r, n in zip(merged, got, [tokens, *after]):
+        b.r, b.match.tokens = r, n
     notes.append(f"{sum(got)} of {tokens - prefix} mergeable tokens merged ({prefix} prefix tokens kept); tokens after "
                  f"each block: {after}")
     return PassResult(model, notes, {"r": got, "prefix": prefix, "tokens_in": tokens, "tokens": after})
