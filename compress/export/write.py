@@ -408,7 +408,7 @@ def _write_int8(base: Path, path: Path, tmp: Path, mode: str, ref, x, *, min_agr
 
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from .quant import controlled_static, quantize_static
+    from .quant import controlled_static, float_nodes, quantize_static
 
     logging.getLogger().setLevel(logging.ERROR)  # the quantizer logs advice at WARNING on the root logger
     big = base.with_name(base.name + ".data").exists()  # a proto over 2 GiB cannot even be written in one file
@@ -418,7 +418,8 @@ def _write_int8(base: Path, path: Path, tmp: Path, mode: str, ref, x, *, min_agr
         # unevenly that one scale per tensor left it agreeing with its fp32 file on 44% of 128 held-out images
         # (per channel: 100%, at the same latency, and it runs on onnxruntime 1.16.3)
         quantize_dynamic(str(base), str(tmp), weight_type=QuantType.QInt8, use_external_data_format=big,
-                         op_types_to_quantize=["MatMul", "Conv"] if convs else ["MatMul"], per_channel=True)
+                         op_types_to_quantize=["MatMul", "Conv"] if convs else ["MatMul"], per_channel=True,
+                         nodes_to_exclude=float_nodes(base))
     elif bound is not None:
         extra["accuracy_control"] = rec = controlled_static(base, tmp, x, held if held is not None else x, bound,
                                                             threads=threads, big=big, reference=reference)
