@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import numpy as np
 import pytest
@@ -154,3 +155,16 @@ def test_export_parity_on_both_runtimes_replay_and_report(tmp_path):
     with torch.no_grad():
         ref = student(x).numpy()
     assert np.abs(y - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("arch, kw, words", [
+    ("beit_base_patch16_224", {}, "block 0 adds a relative position bias of fixed size N x N"),
+    ("beit_base_patch16_224", {"use_shared_rel_pos_bias": True, "use_rel_pos_bias": False}, "position bias shared by all blocks"),
+    ("eva02_tiny_patch14_224", {}, "block 0 rotates q and k by position (RoPE)"),
+])
+def test_families_that_cannot_merge_are_refused_in_one_line(arch, kw, words):
+    m = timm.create_model(arch, pretrained=False, img_size=32, patch_size=4, embed_dim=48, depth=2, num_heads=3,
+                          num_classes=5, **kw).eval()
+    with pytest.raises(InputError, match=re.escape(words)) as e:
+        _apply(m, TokenMergeConfig(r=4))
+    assert "\n" not in str(e.value)

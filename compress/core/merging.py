@@ -121,7 +121,7 @@ class MergingBlock(ViTBlock):
     def forward(self, x, attn_mask=None, is_causal: bool = False, rope=None, shared_rel_pos_bias=None,
                 shared_rel_pos=None):
         if is_causal or rope is not None or shared_rel_pos_bias is not None or shared_rel_pos is not None:
-            raise NotImplementedError("token merging takes no RoPE or shared position bias (the pass refuses them)")
+            raise NotImplementedError("a RoPE or a position bias shared by all blocks, of fixed size N x N")
         state = self._state
         if self.first:
             state["size"] = None
@@ -155,6 +155,8 @@ def mergeable(blk: nn.Module) -> str | None:
     if not isinstance(blk, ViTBlock):
         return f"is a {type(blk).__name__}, not a transformer block the adapters map"
     score = getattr(blk.attn, "score", None)
+    if hasattr(score, "rope") or type(score).__name__ == "RopeQK":
+        return "rotates q and k by position (RoPE), and merged tokens have no single position"
     if type(score) is not SeparateQK:
         return (f"computes its attention scores with {type(score).__name__} (no separate keys to match tokens on: "
                 "put token_merge before qk_merge)")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from pydantic import Field, NonNegativeInt, model_validator
 from torch import nn
 
@@ -106,6 +107,24 @@ def _for_target(model, blocks, sel, prefix, tokens, size, target: float) -> tupl
     return counts(tokens, prefix, _spread(lo, sel, len(blocks)))[0], flops(lo) / f0
 
 
+def _probe(model, adapter) -> None:
+    """One image through the merged model: a block called with what merging cannot take (a position bias shared by
+    all blocks, BEiT's) is refused here in one line, not in the middle of the pipeline."""
+    p = next(model.parameters())
+    size = adapter.input_size(model)
+    if size is None:
+        return
+    was = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros((1, *size), dtype=p.dtype))
+    except NotImplementedError as e:
+        raise InputError(f"token_merge: the model's forward gives its blocks {e}, which merged tokens no longer "
+                         "fit; use width or lowrank on this model") from None
+    finally:
+        model.train(was)
+
+
 @register_pass("token_merge", TokenMergeConfig, families={"vit", "other"}, vit_blocks=True,
                summary="merge r similar tokens per block (ToMe), size-weighted; fewer tokens shrink every per-token op "
                        "(approximate; exact at r = 0)")
@@ -146,6 +165,7 @@ def token_merge(model, adapter, cfg: TokenMergeConfig, ctx: PassContext) -> Pass
         notes.append(f"r clamped to at most half the mergeable tokens of each block: asked {rs}, merging {got}")
     for b, r, n in zip(merged, got, [tokens, *after]):
         b.r, b.match.tokens = r, n
+    _probe(model, adapter)
     notes.append(f"{sum(got)} of {tokens - prefix} mergeable tokens merged ({prefix} prefix tokens kept); tokens after "
                  f"each block: {after}")
     return PassResult(model, notes, {"r": got, "prefix": prefix, "tokens_in": tokens, "tokens": after})
