@@ -168,3 +168,16 @@ def test_families_that_cannot_merge_are_refused_in_one_line(arch, kw, words):
     with pytest.raises(InputError, match=re.escape(words)) as e:
         _apply(m, TokenMergeConfig(r=4))
     assert "\n" not in str(e.value)
+
+
+def test_analyze_reports_how_alike_each_blocks_keys_are():
+    """`tok match`: 1 where every token has the same key (block 1's k projection ignores its input), below 1 on
+    random keys."""
+    from compress.measure.analysis import analyze
+
+    model, _ = vit65(depth=2)
+    blocks = detect(model).vit_blocks(model)
+    with torch.no_grad():
+        blocks[1].attn.score.k.weight.zero_()
+    rows = analyze(model, detect(model), torch.randn(4, 3, 32, 32))["blocks"]
+    assert rows[0]["token_match"] < 0.95 and rows[1]["token_match"] == pytest.approx(1.0, abs=1e-6)
