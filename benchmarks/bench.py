@@ -208,7 +208,7 @@ def bench_teacher(ckpt: Path, cfg: dict, work: Path, log) -> dict:
             add("token-merge", b, tm and recipe_dict("token-merge", tm["passes"], cfg, distill=True, quantize=twin_q),
                 "token_merge cannot reach this budget", **kls(tm))
             combo = min((c for c in cands._width_then_merge(b, "vit") if c), key=lambda c: c["kl"], default=None)
-            add("width+token-merge", b, combo and recipe_dict("width+token-merge", combo["passes"], cfg, distill=True,
+            add("width+token-merge", b, combo and recipe_dict("width-token-merge", combo["passes"], cfg, distill=True,
                                                               quantize=twin_q),
                 "width cannot reach the root of this budget", **kls(combo))
             # not trained: its top-1 means nothing; its latency, timed interleaved with the teacher, is the bar
