@@ -20,24 +20,28 @@ from .modules import SeparateQK, ViTBlock, _heads
 
 
 def _normalise(metric: torch.Tensor) -> torch.Tensor:
-    """Unit rows in float32, whatever the model's dtype: an fp16 similarity would reorder near-ties."""
+    """Unit rows in float32, whatever the model's dtype: an fp16 similarity would reorder near-ties. (No clamp: a
+    key of norm 0 does not occur in a trained model, and every node costs time in a small graph.)"""
     m = metric.float()
-    return m / m.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return m / m.norm(dim=-1, keepdim=True)
+
+
+def _edges(metric: torch.Tensor, prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(edge_idx, node_idx): the A tokens ordered by their best match, best first (B, na), and each A token's best
+    B partner (B, na). metric: (B, N, c) per-token features (keys averaged over heads)."""
+    m = _normalise(metric)
+    a, b = m[:, prefix::2], m[:, prefix + 1::2]
+    node_max, node_idx = (a @ b.transpose(-1, -2)).max(dim=-1)  # (B, na) over the (B, na, nb) similarities
+    return torch.topk(node_max, a.shape[1], dim=-1).indices, node_idx  # TopK exports everywhere
 
 
 def bipartite_match(metric: torch.Tensor, r: int, prefix: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Which tokens merge. metric: (B, N, c) per-token features (keys averaged over heads).
-
-    Returns (unm_idx, src_idx, dst_idx): indices into A of the A tokens kept (B, na - r) and merged (B, r), and the
-    index into B of each merged token's partner (B, r). A and B count tokens after the prefix only."""
-    rest = _normalise(metric[:, prefix:])
-    a, b = rest[:, ::2], rest[:, 1::2]
-    scores = a @ b.transpose(-1, -2)  # (B, na, nb)
-    node_max, node_idx = scores.max(dim=-1)
-    edge_idx = torch.topk(node_max, a.shape[1], dim=-1).indices  # best matches first; TopK exports everywhere
-    unm_idx, src_idx = edge_idx[:, r:], edge_idx[:, :r]
-    dst_idx = node_idx.gather(dim=-1, index=src_idx)
-    return unm_idx, src_idx, dst_idx
+    """Which tokens merge: (unm_idx, src_idx, dst_idx), indices into A of the A tokens kept (B, na - r) and merged
+    (B, r), and the index into B of each merged token's partner (B, r). A and B count tokens after the prefix only:
+    A token i sits at prefix + 2i, B token j at prefix + 2j + 1."""
+    edge_idx, node_idx = _edges(metric, prefix)
+    src_idx = edge_idx[:, :r]
+    return edge_idx[:, r:], src_idx, node_idx.gather(dim=-1, index=src_idx)
 
 
 def _rows(pos: torch.Tensor, n: int) -> torch.Tensor:
@@ -45,18 +49,24 @@ def _rows(pos: torch.Tensor, n: int) -> torch.Tensor:
     return (pos.unsqueeze(-1) == torch.arange(n, device=pos.device)).float()
 
 
+def _matrix(edge_idx: torch.Tensor, dst_idx: torch.Tensor, r: int, n: int, prefix: int) -> torch.Tensor:
+    rows = _rows(prefix + 2 * edge_idx, n)  # (B, na, n): the A tokens, best match first
+    src, keep = rows[:, :r], rows[:, r:]
+    nb = (n - prefix) // 2
+    eye_b = _rows(prefix + 1 + 2 * torch.arange(nb, device=rows.device), n)  # (nb, n): each B token itself
+    dst = eye_b + _rows(dst_idx, nb).transpose(1, 2) @ src  # (B, nb, n): B tokens with their partners
+    if not prefix:
+        return torch.cat([keep, dst], dim=1)
+    first = src[:, :1] * 0 + torch.eye(prefix, n, device=rows.device)  # (B, prefix, n); r >= 1
+    return torch.cat([first, keep, dst], dim=1)
+
+
 def merge_matrix(idx: tuple, n: int, prefix: int) -> torch.Tensor:
     """The merge as a (B, n - r, n) 0/1 matrix in float32: row i sums the tokens that output token i stands for
     (the prefix first, then the kept A tokens, then B with its partners). One MatMul applies it: no Expand chains
     for the batch, no scatter (ScatterElements' reduction needs opset 16), every onnxruntime runs it."""
     unm_idx, src_idx, dst_idx = idx
-    nb = (n - prefix) // 2
-    keep = prefix + 2 * unm_idx  # A token i sits at prefix + 2i, B token j at prefix + 2j + 1
-    if prefix:
-        keep = torch.cat([src_idx[:, :1] * 0 + torch.arange(prefix, device=keep.device), keep], dim=1)  # r >= 1
-    onehot = _rows(dst_idx, nb).transpose(1, 2)  # (B, nb, r)
-    eye_b = _rows(prefix + 1 + 2 * torch.arange(nb, device=keep.device), n)  # (nb, n): each B token itself
-    return torch.cat([_rows(keep, n), eye_b + onehot @ _rows(prefix + 2 * src_idx, n)], dim=1)
+    return _matrix(torch.cat([src_idx, unm_idx], dim=1), dst_idx, src_idx.shape[1], n, prefix)
 
 
 class TokenMatch(nn.Module):
@@ -71,7 +81,9 @@ class TokenMatch(nn.Module):
     def forward(self, metric):
         # traced, metric.shape[1] would be a Shape/Gather chain and arange a Range node in the file
         n = self.tokens if self.tokens is not None and torch.jit.is_tracing() else metric.shape[1]
-        return merge_matrix(bipartite_match(metric, self.r, self.prefix), n, self.prefix)
+        edge_idx, node_idx = _edges(metric, self.prefix)
+        dst_idx = node_idx.gather(dim=-1, index=edge_idx[:, :self.r])
+        return _matrix(edge_idx, dst_idx, self.r, n, self.prefix)
 
 
 def merge_wavg(x: torch.Tensor, size: torch.Tensor | None, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
