@@ -30,7 +30,7 @@ from compress.recipe import parse_recipe
 from compress.report.write import machine_info
 
 from compress.core.errors import TargetError
-from compress.planner.search import Candidates, describe, plan, width_candidates
+from compress.planner.search import Candidates, describe, plan, token_merge_candidate, width_candidates
 
 from . import contenders, gpu, scaling
 from .render import render
@@ -203,6 +203,17 @@ def bench_teacher(ckpt: Path, cfg: dict, work: Path, log) -> dict:
         add("width", b, wid and recipe_dict("width", wid["passes"], cfg, distill=True, quantize=twin_q),
             "the width pass cannot reach this budget",
             **kls(wid), **kls(plain, "_no_refit"))
+        if loaded.adapter.family == "vit":  # fewer tokens (issue 42), and the same network on fewer tokens by hand
+            tm = cands.dry([token_merge_candidate(b)])
+            add("token-merge", b, tm and recipe_dict("token-merge", tm["passes"], cfg, distill=True, quantize=twin_q),
+                "token_merge cannot reach this budget", **kls(tm))
+            combo = min((c for c in cands._width_then_merge(b, "vit") if c), key=lambda c: c["kl"], default=None)
+            add("width+token-merge", b, combo and recipe_dict("width-token-merge", combo["passes"], cfg, distill=True,
+                                                              quantize=twin_q),
+                "width cannot reach the root of this budget", **kls(combo))
+            # not trained: its top-1 means nothing; its latency, timed interleaved with the teacher, is the bar
+            add("token-reference", b, recipe_dict("token-reference", [{"bench_token_keep": {"flops_ratio": b}}], cfg,
+                                                  distill=False))
         for name, rnd in (("torch-pruning", None), ("torch-pruning-r8", 8)):
             tp = {"flops_ratio": b, "search_steps": cfg["tp_search_steps"], **({"round_to": rnd} if rnd else {})}
             add(name, b, recipe_dict(name, [{"bench_torch_pruning": tp}], cfg, distill=True, quantize=twin_q))

@@ -80,6 +80,49 @@ def _prune(model: nn.Module, example: torch.Tensor, ratio: float, cfg) -> nn.Mod
     return model.eval()
 
 
+class TokenKeepConfig(PassConfig):
+    flops_ratio: float  # keep the most leading tokens whose FLOPs are at most this share of the input model's
+
+    def is_exact(self) -> bool:
+        return False
+
+
+class _KeepFirst:
+    """A forward pre-hook on the blocks: their input cut to its first n tokens (traced into the ONNX file)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __call__(self, module, args):
+        return (args[0][:, :self.n], *args[1:])
+
+
+@register_pass("bench_token_keep", TokenKeepConfig, families={"vit"},
+               summary="benchmark only: the first N tokens kept before the blocks, N for a FLOP share (token_merge's "
+                       "hand-built reference: the same network on fewer tokens)")
+def token_keep(model, adapter, cfg: TokenKeepConfig, ctx: PassContext) -> PassResult:
+    """The reference token_merge is judged against: every block runs on a fixed smaller token count from the
+    start, with no merging work at all. Needs the blocks in one `blocks` container (timm)."""
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, nn.Sequential):
+        raise InputError("bench_token_keep: needs a timm-style model whose blocks run as one nn.Sequential `blocks`")
+    size = adapter.input_size(model)
+    tokens = int(adapter.describe(model)["tokens"])
+    base = count_flops(model, size)
+    hook = None
+    lo, hi = 1, tokens  # the largest n whose FLOPs fit: bisection (FLOPs grow with n)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        hook = blocks.register_forward_pre_hook(_KeepFirst(mid))
+        fits = count_flops(model, size) <= cfg.flops_ratio * base
+        hook.remove()
+        lo, hi = (mid, hi) if fits else (lo, mid - 1)
+    blocks.register_forward_pre_hook(_KeepFirst(lo))
+    flops = count_flops(model, size)
+    return PassResult(model, [f"the blocks run on the first {lo} of {tokens} tokens: FLOPs {base:,} -> {flops:,} "
+                              f"({flops / base:.1%})"], {"tokens": lo, "of": tokens, "flops_ratio": flops / base})
+
+
 class ReinitConfig(PassConfig):
     seed: int = 0
 

@@ -13,7 +13,8 @@ from pathlib import Path
 KINDS = {"teacher": ("black", "*"), "ours": ("tab:blue", "o"), "torch-pruning": ("tab:orange", "s"),
          "svd": ("tab:green", "^"), "scratch": ("tab:gray", "x"), "int8-dynamic": ("tab:purple", "D"),
          "width": ("tab:red", "v"), "torch-pruning-r8": ("tab:brown", "P"), "int8-static": ("tab:pink", "d"),
-         "ours-int8": ("tab:cyan", "o"), "torch-pruning-int8": ("tab:olive", "s")}
+         "ours-int8": ("tab:cyan", "o"), "torch-pruning-int8": ("tab:olive", "s"),
+         "token-merge": ("gold", "h"), "width+token-merge": ("darkgoldenrod", "H")}
 
 
 def _rel(path: Path, md: Path) -> str:

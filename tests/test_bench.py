@@ -10,7 +10,7 @@ import pytest
 from conftest import CIFAR_TEST, CIFAR_TRAIN, REPO, VIT_TEACHER, need_shared
 
 KINDS = {"int8-dynamic", "int8-static", "ours", "ours-int8", "svd", "width", "torch-pruning", "torch-pruning-r8",
-         "torch-pruning-int8"}
+         "torch-pruning-int8", "token-merge", "width+token-merge", "token-reference"}
 
 
 @pytest.mark.slow
@@ -34,8 +34,9 @@ def test_bench_quick_runs_every_contender(tmp_path):
     t = teacher["teacher_row"]
     for r in rows:
         if r["contender"] in ran - {"int8-dynamic", "int8-static"}:
-            assert r["flops_ratio"] <= r["budget"] * 1.02, r  # every trained contender meets its FLOP budget
-            assert r["distill_steps"] == result["config"]["steps"]  # and gets the same distillation
+            assert r["flops_ratio"] <= r["budget"] * 1.02, r  # every contender meets its FLOP budget
+            if r["contender"] != "token-reference":  # the hand-built reference is timed, not trained
+                assert r["distill_steps"] == result["config"]["steps"]  # and gets the same distillation
             assert set(r["latency"]) == {"1", "8"}
     for kind in ("int8-dynamic", "int8-static"):
         int8 = next(r for r in rows if r["contender"] == kind)

@@ -174,7 +174,7 @@ def test_speed_search_times_deepest_files_first_and_misses_no_better_candidate(d
     the choice is a file whose re-timing held."""
     import compress.planner.search as planner
 
-    a = {"width": 0.3, "lowrank": 0.5, "mlp_strip": 0.1, "qk_merge": 0.0, "vo": 0.0}
+    a = {"width": 0.3, "lowrank": 0.5, "mlp_strip": 0.1, "qk_merge": 0.0, "vo": 0.0, "token_merge": 0.2}
 
     def speed(row):
         kind = next(iter(row["passes"][-1])) if row["passes"] else None
@@ -469,3 +469,33 @@ def test_planned_recipe_keeps_int8_qat_only_for_a_distilled_int8_static_file():
             {"passes": [], "variant": "int8_static"}]
     got = [parse_recipe(planned_recipe(r, {"rows": rows}, i)).export.int8_qat_steps for i in range(3)]
     assert got == [7, 0, 0]
+
+
+def test_token_merge_is_chosen_where_it_is_the_fastest_lowest_kl_file(deep_vit, monkeypatch, tmp_path):
+    """Synthetic timings in which a file with merged tokens (alone or on narrower layers) runs at its FLOP cut and
+    every other kind is held back by per-token work (speed 1/(a + (1 - a)·FLOPs), a = 0.45), and in which merging
+    costs the least KL: the search builds token_merge and width + token_merge candidates, times them, and chooses
+    one that merges tokens."""
+    import compress.planner.search as planner
+
+    def speed(row):
+        names = [next(iter(p)) for p in row["passes"]]
+        a = 0.0 if "token_merge" in names else 0.45
+        return 1 / (a + (1 - a) * row["flops_ratio"]) if names else 1.0
+
+    real_score = planner.Candidates.score
+
+    def score(self, row, out, predict):  # merging costs a tenth of the KL of any other rewrite at its FLOPs
+        real_score(self, row, out, predict)
+        if any("token_merge" in p for p in row["passes"]):
+            row["kl"] = row["kl"] * 0.1
+
+    monkeypatch.setattr(planner.Candidates, "score", score)
+    rows, _, ranked, _, _ = _search(deep_vit, monkeypatch, tmp_path, speed, ["fp32", "int8_dynamic"], 1.5)
+    kinds = {planner._kind(r)[0] for r in rows}
+    assert {"token_merge", planner.TM_WIDTH} <= kinds
+    assert any(r.get("tried") and planner._kind(r)[0] == "token_merge" for r in rows)
+    choice = rows[ranked[0]]
+    assert "token_merge" in [next(iter(p)) for p in choice["passes"]], planner.describe(choice)
+    faster = [r for r in rows if r["feasible"] and speed(r) >= 1.5 * (1 + planner.SPEED_MARGIN)]
+    assert choice["kl"] == min(r["kl"] for r in faster)

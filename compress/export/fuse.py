@@ -30,19 +30,27 @@ class FusedQKVAttention(nn.Module):
         self.qkv.weight, self.qkv.bias = nn.Parameter(w, requires_grad=False), nn.Parameter(b, requires_grad=False)
         self.proj, self.attn_drop, self.proj_drop = v.proj, attn.attn_drop, attn.proj_drop
 
-    def forward(self, x, attn_mask=None, is_causal: bool = False):
+    def qkv_heads(self, x):
+        """q, k, v as (B, H, N, dh); token merging (core/merging.py) reads k from here."""
         b, n, _ = x.shape
         h, dq, dv = self.heads, self.dq, self.dv
         qkv = self.qkv(x)
         if dq == dv:  # timm's form: one reshape and one transpose for all three
-            q, k, v = qkv.reshape(b, n, 3, h, dq // h).permute(2, 0, 3, 1, 4).unbind(0)
-        else:
-            q, k, v = (t.reshape(b, n, h, t.shape[-1] // h).transpose(1, 2) for t in qkv.split([dq, dq, dv], -1))
+            return qkv.reshape(b, n, 3, h, dq // h).permute(2, 0, 3, 1, 4).unbind(0)
+        return tuple(t.reshape(b, n, h, t.shape[-1] // h).transpose(1, 2) for t in qkv.split([dq, dq, dv], -1))
+
+    def output(self, attn, v):
+        """proj of the heads' attention-weighted values, attn: (B, H, N, N) after softmax."""
+        o = self.attn_drop(attn) @ v
+        b, h, n, dh = o.shape
+        return self.proj_drop(self.proj(o.transpose(1, 2).reshape(b, n, h * dh)))
+
+    def forward(self, x, attn_mask=None, is_causal: bool = False):
+        q, k, v = self.qkv_heads(x)
         logits = (q * self.scale) @ k.transpose(-2, -1)
         if attn_mask is not None:
             logits = logits.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else logits + attn_mask
-        o = self.attn_drop(logits.softmax(dim=-1)) @ v
-        return self.proj_drop(self.proj(o.transpose(1, 2).reshape(b, n, o.shape[1] * o.shape[3])))
+        return self.output(logits.softmax(dim=-1), v)
 
 
 def _fusable(m: nn.Module) -> bool:

@@ -63,6 +63,12 @@ def distance(f: dict, metric: str) -> float:
     return f["kl"] if metric == "kl" else 1.0 - f["agreement"]
 
 
+def float_nodes(base: Path) -> list[str]:
+    """Nodes that stay float in every int8 file: token merging's matching (`/match/`, core/merging.py), whose
+    similarities pick indices; quantized, they would pick other tokens than the float file does."""
+    return [n.name for n in light(base).graph.node if "/match/" in n.name]
+
+
 def quantize_static(base: Path, out: Path, x: torch.Tensor, method: str = "minmax", *, only: list[str] | None = None,
                     exclude: list[str] = (), big: bool = False) -> None:
     """onnxruntime's QDQ static quantization (per-channel int8 weights, uint8 activations) calibrated on x.
@@ -83,12 +89,13 @@ def quantize_static(base: Path, out: Path, x: torch.Tensor, method: str = "minma
     with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print their progress
         ort_quantize(str(base), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                      activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, use_external_data_format=big,
-                     calibrate_method=how, nodes_to_quantize=only, nodes_to_exclude=list(exclude))
+                     calibrate_method=how, nodes_to_quantize=only, nodes_to_exclude=[*exclude, *float_nodes(base)])
 
 
 def ranked_nodes(base: Path) -> list[tuple[str, str]]:
     """(name, op) of the layers the accuracy control ranks, in graph order."""
-    return [(n.name, n.op_type) for n in light(base).graph.node if n.op_type in RANKED_OPS and n.name]
+    return [(n.name, n.op_type) for n in light(base).graph.node if n.op_type in RANKED_OPS and n.name
+            and "/match/" not in n.name]
 
 
 class Scorer:

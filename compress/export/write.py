@@ -362,7 +362,9 @@ def write_fp16(base: Path, path: Path, ref: torch.Tensor, x: torch.Tensor, *, to
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            proto = float16.convert_float_to_float16(onnx.load(str(base)), keep_io_types=True,
+            proto = onnx.load(str(base))
+            match = [n.name for n in proto.graph.node if "/match/" in n.name]  # token merging's similarity: float
+            proto = float16.convert_float_to_float16(proto, keep_io_types=True, node_block_list=match,
                                                      op_block_list=float16.DEFAULT_OP_BLOCK_LIST + FP16_KEEP_FLOAT)
         _save_proto(proto, tmp, sum(t.ByteSize() for t in proto.graph.initializer) > external_above)
         del proto
@@ -406,7 +408,7 @@ def _write_int8(base: Path, path: Path, tmp: Path, mode: str, ref, x, *, min_agr
 
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from .quant import controlled_static, quantize_static
+    from .quant import controlled_static, float_nodes, quantize_static
 
     logging.getLogger().setLevel(logging.ERROR)  # the quantizer logs advice at WARNING on the root logger
     big = base.with_name(base.name + ".data").exists()  # a proto over 2 GiB cannot even be written in one file
@@ -416,7 +418,8 @@ def _write_int8(base: Path, path: Path, tmp: Path, mode: str, ref, x, *, min_agr
         # unevenly that one scale per tensor left it agreeing with its fp32 file on 44% of 128 held-out images
         # (per channel: 100%, at the same latency, and it runs on onnxruntime 1.16.3)
         quantize_dynamic(str(base), str(tmp), weight_type=QuantType.QInt8, use_external_data_format=big,
-                         op_types_to_quantize=["MatMul", "Conv"] if convs else ["MatMul"], per_channel=True)
+                         op_types_to_quantize=["MatMul", "Conv"] if convs else ["MatMul"], per_channel=True,
+                         nodes_to_exclude=float_nodes(base))
     elif bound is not None:
         extra["accuracy_control"] = rec = controlled_static(base, tmp, x, held if held is not None else x, bound,
                                                             threads=threads, big=big, reference=reference)

@@ -12,6 +12,7 @@ import torch
 
 from ..core.diskio import writing
 from ..core.errors import InputError
+from ..core.merging import best_match_cosine, prefix_tokens
 from ..core.probe import capture, greedy_mlp_skip, skip_kl
 
 OUTLIER = 3.0  # a token whose norm exceeds this multiple of its image's median token norm is an outlier
@@ -54,6 +55,8 @@ def analyze(model, adapter, x: torch.Tensor, eps: float = EPS) -> dict:
     logits = capture(model, [b.attn.score for b in blocks], x)
     hidden = capture(model, [b.mlp.fc1 for b in blocks if b.mlp is not None and hasattr(b.mlp, "fc1")], x)
     hidden_iter = iter(hidden)
+    keys = capture(model, [b.attn.score.k if hasattr(b.attn.score, "k") else b.attn.score for b in blocks], x)
+    prefix = prefix_tokens(model, int(ins[0].shape[1]))
     rows, prev_map = [], None
     for i, b in enumerate(blocks):
         xi, xo = ins[i], outs[i]
@@ -78,6 +81,9 @@ def analyze(model, adapter, x: torch.Tensor, eps: float = EPS) -> dict:
             "attn_cos_prev": float(torch.nn.functional.cosine_similarity(prev_map, amap, dim=-1).mean()) if i else None,
             "attn_cos_uniform": float(torch.nn.functional.cosine_similarity(uniform, amap, dim=-1).mean()),
             "outlier_tokens": float(1 - keep.double().mean()),
+            # token_merge's matching: each even token's best cosine among the odd ones, keys averaged over heads
+            "token_match": (float(best_match_cosine(keys[i].view(*keys[i].shape[:2], b.attn.score.heads, -1).mean(2),
+                                                    prefix).mean()) if hasattr(b.attn.score, "k") else None),
         }
         rows.append(row)
         prev_map = amap
@@ -93,7 +99,8 @@ COLUMNS = [("block", "block", "{}"), ("influence", "1-cos", "{:.3f}"), ("influen
            ("update_mlp", "|f|/|x| mlp", "{:.3f}"), ("skip_kl_attn", "skipKL attn", "{:.4f}"),
            ("skip_kl_mlp", "skipKL mlp", "{:.4f}"), ("coding_rate", "R(Z)", "{:.2f}"),
            ("mlp_sparsity", "mlp act<=0", "{:.3f}"), ("feature_cos_prev_cls", "cos prev CLS", "{:.3f}"),
-           ("attn_cos_prev", "A cos prev", "{:.3f}"), ("attn_cos_uniform", "A cos unif", "{:.3f}")]
+           ("attn_cos_prev", "A cos prev", "{:.3f}"), ("attn_cos_uniform", "A cos unif", "{:.3f}"),
+           ("token_match", "tok match", "{:.3f}")]
 
 
 def table(result: dict) -> list[tuple[str, ...]]:

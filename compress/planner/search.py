@@ -82,6 +82,14 @@ def width_candidates(t: float, family: str, budget: str) -> list[dict]:
                        "allocate": "uniform"}} for layers in WIDTH_LAYERS[family]]
 
 
+TM_WIDTH = "width+token_merge"  # the kind of a width file whose tokens are then merged
+
+
+def token_merge_candidate(t: float) -> dict:
+    """token_merge at a share of the FLOPs of the model it receives: the same r in every block."""
+    return {"token_merge": {"target": round(min(t, 1.0), 4)}}
+
+
 class Candidates:
     """Dry rewrites of one teacher on one calibration batch, memoised; a pass list that is refused is None.
 
@@ -162,11 +170,24 @@ class Candidates:
             held = fidelity(self.ref_holdout, predict(self.holdout))
             row.update(calib_kl=fid["kl"], kl=held["kl"], agreement=held["agreement"], scored_on="holdout")
 
+    def _width_then_merge(self, level: float, fam: str) -> list[dict]:
+        """width at the square root of the level (its fourth root where width cannot go that deep), then
+        token_merge to the level on the narrower model (its FLOP share is of the model it receives: the width
+        file's own share is taken out)."""
+        out = []
+        for layers in range(len(width_candidates(level, fam, "flops"))):
+            for w in (width_candidates(level ** 0.5, fam, "flops")[layers], width_candidates(level ** 0.25, fam, "flops")[layers]):
+                first = self.dry([w])
+                if first is not None and first["flops_ratio"] > level * SLACK:
+                    out.append(self.dry([w, token_merge_candidate(level / first["flops_ratio"])]))
+                    break
+        return out
+
     def enumerate(self, levels: list[tuple[str, float]], log, only: str | None = None,
                   windows: bool = True) -> list[dict]:
         """Every candidate: MLP strip windows (up to STRIP_WINDOWS blocks) and auto, exact passes where they pay,
         lowrank (each allocation, alone and on top of short strips) and width at each budget level; one row per
-        distinct model. `only` ("lowrank" or "width"): that kind at the levels, nothing else. `windows=False`
+        distinct model. `only` ("lowrank", "width", "token_merge" or TM_WIDTH): that kind at the levels, nothing else. `windows=False`
         leaves out the strip windows and the lowrank on top of them (a speed target: a one- or two-block strip cuts
         8-17% of the shared ViT's FLOPs, and no strip + lowrank file was ever the fastest at its KL)."""
         fam, passes = self.loaded.adapter.family, all_passes()
@@ -193,6 +214,11 @@ class Candidates:
                             found.append(self.dry(strips[k]["passes"] + [_lowrank(level / strips[k][f"{kind}_ratio"], a, kind)]))
             if "width" in passes and fam in WIDTH_LAYERS and only in (None, "width"):
                 found += [self.dry([w]) for w in width_candidates(level, fam, kind)]
+            if "token_merge" in passes and fam == "vit" and kind == "flops":  # merging keeps every parameter
+                if only in (None, "token_merge"):
+                    found.append(self.dry([token_merge_candidate(level)]))
+                if "width" in passes and only in (None, TM_WIDTH):
+                    found += self._width_then_merge(level, fam)
         unique = {}
         for c in found:
             if c is not None:  # the first pass list that gives a model names it (the shortest, strips first)
@@ -416,7 +442,10 @@ def _same(row: dict) -> tuple:
 
 def _kind(row: dict) -> tuple[str, str]:
     """What a row's speed is predicted from: its last pass (the one placed at FLOP levels) and its file variant."""
-    return (next(iter(row["passes"][-1])) if row["passes"] else "teacher", row["variant"])
+    names = [next(iter(p)) for p in row["passes"]]
+    if names[-2:] == ["width", "token_merge"]:  # fewer tokens on narrower layers: a speed line of its own
+        return (TM_WIDTH, row["variant"])
+    return (names[-1] if names else "teacher", row["variant"])
 
 
 def _points(rows: list[dict], t) -> dict[tuple, list[tuple[float, float]]]:
@@ -585,7 +614,7 @@ def _round(order: list[int], rows: list[dict], variants: list[str], run: tuple, 
     aims = []
     for k, p in pts.items():
         f = _aim(p, need)
-        if f is None or k[0] not in ("lowrank", "width"):
+        if f is None or k[0] not in ("lowrank", "width", "token_merge", TM_WIDTH):
             continue
         if min((r["kl"] for r in rows if _kind(r)[0] == k[0] and r["flops_ratio"] >= f), default=0.0) >= best:
             # every shallower file of this kind (either allocation: the shared ResNet's greedy lowrank files

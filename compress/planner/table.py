@@ -28,7 +28,7 @@ def describe(row: dict) -> str:
         if name == "mlp_strip":
             b = cfg["blocks"]
             parts.append(f"strip auto {cfg['fraction']}" if b == "auto" else "strip " + ",".join(map(str, b)))
-        elif name in ("lowrank", "width"):
+        elif name in ("lowrank", "width", "token_merge") and "target" in cfg:
             parts.append(f"{name} {cfg['target']:.3g} {cfg.get('allocate', '')}".strip())
         else:
             parts.append(f"{name} {cfg.get('mode', '')}".strip())

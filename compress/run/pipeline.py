@@ -75,6 +75,9 @@ def _check_recipe_needs(recipe: Recipe, data) -> None:
         raise InputError("gates min_speedup/max_size_ratio are measured on the ONNX file; add onnx to export.formats")
     if g.min_speedup is not None and r.latency is None:
         raise InputError("gate min_speedup needs report.latency; do not set it to null")
+    if recipe.distill is not None and recipe.distill.feature_weight > 0 and any(s.name == "token_merge" for s in recipe.steps):
+        raise InputError("distill.feature_weight matches block outputs token by token, and token_merge leaves fewer "
+                         "tokens in the student's blocks; set distill.feature_weight: 0 with token_merge")
     if "int8_static" in recipe.export.quantize and recipe.calibration.data is None and data is None:
         raise InputError("export.quantize int8_static calibrates on real images; set calibration.data or pass --data")
     if variants(recipe.export) and "onnx" not in recipe.export.formats:
