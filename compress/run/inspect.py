@@ -19,6 +19,7 @@ PROBES = {
     "lowrank": [{"target": 0.5, "layers": ["attn", "mlp", "conv"]}],
     "tie_rowcol": [{"blocks": "all"}],
     "width": [{"target": 0.5, "scope": "model", "allocate": "uniform"}],
+    "token_merge": [{"target": 0.5}],
 }
 
 
@@ -46,7 +47,11 @@ def inspect_model(loaded: Loaded) -> dict:
             info["passes"][name] = {"applies": False, "why": f"needs family {'/'.join(sorted(spec.families))}"}
             continue
         for label, probe in _probes(name, head):
-            cfg = spec.config_cls.model_validate(probe)
+            try:  # a pass with required settings and no probe here says so rather than failing the whole inspect
+                cfg = spec.config_cls.model_validate(probe)
+            except ValueError as e:
+                info["passes"][label] = {"applies": False, "why": f"no probe settings for it here ({str(e).splitlines()[0]})"}
+                continue
             try:
                 m = spec.fn(copy.deepcopy(model), adapter, cfg, PassContext(calib)).model
             except InputError as e:
