@@ -413,7 +413,7 @@ def apply(recipe: Recipe, ckpt: str, out: Path, *, data: str | None = None, dry_
     with stages("load"):
         loaded = load(ckpt, recipe.model)
     mark("load")
-    for key in ("read", "detected", "converted", "output", "note", "preprocess_note"):
+    for key in ("read", "detected", "converted", "torch_layers", "output", "note", "preprocess_note"):
         if loaded.source.get(key):
             log(f"load: {loaded.source[key]}")
     if loaded.source.get("preprocess_warning"):
