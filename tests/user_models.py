@@ -234,3 +234,24 @@ class TupleViT(nn.Module):
 
 def tuple_vit(num_classes: int = 5) -> nn.Module:
     return TupleViT(num_classes)
+
+
+class RmsMixer(nn.Module):
+    """torch's nn.RMSNorm (aten::rms_norm has no ONNX export at opset 18): written out for the export."""
+
+    def __init__(self, num_classes: int = 5, dim: int = 16):
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 8, 8)
+        self.norm = nn.RMSNorm(dim)
+        self.fc = nn.Linear(dim, dim)
+        self.norm2 = nn.RMSNorm(dim, eps=1e-6, elementwise_affine=False)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = x + self.fc(self.norm(x))
+        return self.head(self.norm2(x).mean(1))
+
+
+def rms_mixer(num_classes: int = 5) -> nn.Module:
+    return RmsMixer(num_classes)
