@@ -255,3 +255,27 @@ class RmsMixer(nn.Module):
 
 def rms_mixer(num_classes: int = 5) -> nn.Module:
     return RmsMixer(num_classes)
+
+
+class ColourProbe(nn.Module):
+    """1000 outputs; a red, green or blue image scores highest at output 1, 2 or 3 (ImageNet wnid label tests)."""
+
+    def __init__(self, num_classes: int = 1000):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.head = nn.Linear(3, num_classes)
+
+    def forward(self, x):
+        return self.head(self.conv(x).mean((2, 3)))
+
+
+def colour_probe(num_classes: int = 1000) -> nn.Module:
+    m = ColourProbe(num_classes)
+    with torch.no_grad():
+        m.conv.weight.copy_(torch.eye(3).view(3, 3, 1, 1))
+        m.conv.bias.zero_()
+        m.head.weight.zero_()
+        m.head.weight[1:4] = torch.eye(3)
+        m.head.bias.fill_(-100.0)
+        m.head.bias[1:4] = 0.0
+    return m

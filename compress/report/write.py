@@ -170,7 +170,8 @@ def _notes(record: dict) -> list[str]:
     summary = record.get("summary", {})
     return [n for n in (src.get("read"), src.get("note"), src.get("preprocess_note"), onnx.get("fixed_batch"),
                         onnx.get("traced_batch_baked") and f"exported with the dynamo exporter: {onnx['traced_batch_baked']} "
-                        "with the traced graph", summary.get("latency_note"), summary.get("eval", {}).get("warning")) if n]
+                        "with the traced graph", summary.get("latency_note"), summary.get("eval", {}).get("labels"),
+                        summary.get("eval", {}).get("warning")) if n]
 
 
 def _runs_md(a: dict) -> str:

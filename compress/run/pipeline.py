@@ -34,7 +34,7 @@ from ..distill.train import KeepBest, distill
 from ..export import runtimes
 from ..export.quant import bound_for
 from ..export.write import SLIM_AUTO_MAX, write_fp16, write_int8, write_onnx, write_safetensors
-from ..load.data import Unreadable, calibration_batch, dataset, loader, unreadable_warning
+from ..load.data import Unreadable, calibration_batch, chance_warning, dataset, imagenet_labels, loader, unreadable_warning
 from ..load.model import load
 from ..measure.accuracy import accuracy_gate, gate_basis
 from ..measure.metrics import (
@@ -320,14 +320,23 @@ def _measure(recipe: Recipe, teacher, student, staging: Path, calib, cfg: dict, 
         log(f"evaluating on {rep.eval_data}")
         ds, dl = loader(rep.eval_data, cfg, limit=rep.eval_images)
         outputs = int(logits64(teacher, calib[:1]).shape[-1])
+        mapped = imagenet_labels(ds, outputs)
+        if mapped:
+            log(f"labels: {mapped}")
         warn = (f"{rep.eval_data} has {len(ds.classes)} class folders but the model has {outputs} outputs; "
-                "top-1 assumes folder i (sorted by name) is output i" if ds.labeled and len(ds.classes) != outputs else None)
+                "top-1 assumes folder i (sorted by name) is output i"
+                if ds.labeled and len(ds.classes) != outputs and not mapped else None)
         if warn:
             log(f"warning: {warn}")
         models = {"teacher": teacher, "student": student,
                   **{v: ort_predictor(onnx_files[v], ex.dynamic_batch and artifacts["onnx"]["dynamic_batch"])
                      for v in variants(ex) if v in onnx_files}}
-        summary["eval"] = ev = {"data": str(rep.eval_data), **evaluate(models, dl), **({"warning": warn} if warn else {})}
+        ev = {"data": str(rep.eval_data), **evaluate(models, dl), **({"labels": mapped} if mapped else {})}
+        low = chance_warning(ev, len(ds.classes), rep.eval_data)
+        if low:
+            log(f"warning: {low}")
+        warn = "; ".join(w for w in (warn, low) if w)
+        summary["eval"] = ev = {**ev, **({"warning": warn} if warn else {})}
         skipped = unreadable_warning("evaluation", ev["skipped"], ev.get("first_unreadable"), rep.eval_data)
         if skipped:
             log(skipped)
