@@ -222,9 +222,10 @@ def plan(recipe: Path = typer.Argument(..., help="recipe YAML with a target: sec
         if r.target is None:
             raise InputError(f"{recipe}: no target: section to plan for; add e.g. 'target: {{speedup: 1.5, batch: 8}}'")
         out = out or Path(f"{r.name or Path(ckpt.rstrip('/')).stem}-plan.yaml")
-        _check_plan_out(out, {"recipe": recipe, "checkpoint": ckpt, "data": data or r.calibration.data}, overwrite)
+        _check_plan_out(out, {"recipe": recipe, "checkpoint": ckpt, "data": r.calibration_source(data)}, overwrite)
+        r.check_calibration(data)
         loaded = load(ckpt, r.model)
-        calib_path = data if data is not None else r.calibration.data
+        calib_path = r.calibration_source(data)
         log = (lambda m: print(m, file=sys.stderr)) if as_json else print
         if loaded.source.get("preprocess_warning"):
             log(f"warning: {loaded.source['preprocess_warning']}")

@@ -200,7 +200,8 @@ def calibration_batch(path, data_cfg: dict, n: int, seed: int, *, holdout: bool 
     """
     if path is None:
         g = torch.Generator().manual_seed(seed + holdout)
-        return torch.randn((n, *data_cfg["input_size"]), generator=g), f"{n} random N(0,1) inputs (seed {seed + holdout})"
+        return torch.randn((n, *data_cfg["input_size"]), generator=g), (f"{n} random N(0,1) inputs (seed {seed + holdout}; "
+                                                                         "agreement on them is not a fidelity figure)")
     ds, dl = loader(path, data_cfg, limit=n, batch_size=n, phase=0.5 if holdout else 0.0)
     x, _, bad = next(iter(dl))
     if x is None:

@@ -75,8 +75,9 @@ def _check_recipe_needs(recipe: Recipe, data) -> None:
         raise InputError("gates min_speedup/max_size_ratio are measured on the ONNX file; add onnx to export.formats")
     if g.min_speedup is not None and r.latency is None:
         raise InputError("gate min_speedup needs report.latency; do not set it to null")
-    if "int8_static" in recipe.export.quantize and recipe.calibration.data is None and data is None:
+    if "int8_static" in recipe.export.quantize and recipe.calibration_source(data) is None:
         raise InputError("export.quantize int8_static calibrates on real images; set calibration.data or pass --data")
+    recipe.check_calibration(data)
     if variants(recipe.export) and "onnx" not in recipe.export.formats:
         raise InputError("export.precision fp16 / export.quantize make ONNX variants; add onnx to export.formats")
     runtimes.fit_check(recipe.export)
@@ -470,7 +471,7 @@ def _run_in(recipe: Recipe, loaded, staging: Path | None, data, train, work: Pat
             device: str | None, ckpt: str, old, stages: Stages, log, extra: dict | None, last: bool, tmp: Path) -> dict:
     teacher, cfg = loaded.model, loaded.data_cfg
     size = tuple(cfg["input_size"])
-    calib_path = data if data is not None else recipe.calibration.data
+    calib_path = recipe.calibration_source(data)  # any images the run is given, unless calibration.data says otherwise
     train_batch = recipe.distill.batch_size if recipe.distill is not None and not torch.cuda.is_available() else None
     memory = check_memory(teacher, size, calib_images=recipe.calibration.images, train_batch=train_batch)
     planned = extra is not None and "plan" in extra  # the planner read (and warned about) these images already
@@ -490,6 +491,7 @@ def _run_in(recipe: Recipe, loaded, staging: Path | None, data, train, work: Pat
         loaded.model = teacher = None
     record = {"compress_version": __version__, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "source": loaded.source, "input_size": list(size), "calibration": calib_desc,
+              **({"calibration_random": True} if calib_path is None else {}),
               "recipe": recipe.resolved(), "passes": ledger, **({"memory_estimate": memory} if memory else {}),
               **(extra or {})}
     summary = {"params": _ratio(teacher_params, count_params(student)),
