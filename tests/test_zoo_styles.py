@@ -45,7 +45,7 @@ def _run(tmp_path, name: str, passes: list, kwargs: dict | None = None, name_out
     ckpt = tmp_path / "w.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt))
     recipe = {"version": 1, "model": {"arch": f"zoo_models:{name}", "kwargs": kwargs or {}, "img_size": 32},
-              "passes": passes, "report": {"latency": None}, "export": FAST, **extra}
+              "passes": passes, "report": {"latency": None}, "export": FAST, "calibration": {"data": "random"}, **extra}
     out = tmp_path / name_out
     return model, apply(parse_recipe(recipe), str(ckpt), out, log=lambda *_: None), out
 
