@@ -77,9 +77,10 @@ def plan(recipe: RecipeLike, checkpoint: Union[str, Path], out: Union[str, Path,
         raise InputError(f"{where}: no target: section to plan for; add e.g. 'target: {{speedup: 1.5, batch: 8}}'")
     if out is not None:
         out = Path(out)
-        _check_plan_out(out, {**inputs, "checkpoint": str(checkpoint), "data": data or r.calibration.data}, overwrite)
+        _check_plan_out(out, {**inputs, "checkpoint": str(checkpoint), "data": r.calibration_source(data)}, overwrite)
+    r.check_calibration(data)
     loaded = load(str(checkpoint), r.model)
-    calib_path = data if data is not None else r.calibration.data
+    calib_path = r.calibration_source(data)
     if loaded.source.get("preprocess_warning"):
         log(f"warning: {loaded.source['preprocess_warning']}")
     calib, holdout = calibration_pair(calib_path, loaded.data_cfg, r.calibration, log)

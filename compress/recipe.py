@@ -81,9 +81,18 @@ class ModelSpec(_Strict):
 
 
 class CalibrationSpec(_Strict):
-    data: Optional[Path] = Field(None, description="ImageFolder dir or zip; random inputs when absent")
+    data: Optional[Path] = Field(None, description="ImageFolder dir or zip; when absent the run's other images "
+                                 "(--data, distill.data); `random`: seeded N(0,1) inputs, asked for explicitly")
+    random: bool = Field(False, description="set by `data: random`: fit on random inputs (not a fidelity figure)")
     images: PositiveInt = 16
     seed: int = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _random(cls, v):
+        if isinstance(v, dict) and v.get("data") == "random":
+            v = {**v, "data": None, "random": True}
+        return v
 
 
 def _as_list(v):
@@ -286,6 +295,25 @@ class Recipe(_Strict):
             if mine is not None and theirs is not None and theirs != mine:
                 raise ValueError(f"target and gates.{key} disagree ({mine} vs {theirs}); state it once, in target")
         return self
+
+    def calibration_source(self, data=None):
+        """Where calibration images come from: --data, else calibration.data, else distill.data (any images the run is
+        given); None: random inputs."""
+        if data is not None or self.calibration.data is not None or self.calibration.random:
+            return data if data is not None else self.calibration.data
+        return self.distill.data if self.distill is not None else None
+
+    def check_calibration(self, data=None) -> None:
+        """Refuse, in one line, data-fitted passes (and the planner) with no images at all, unless random inputs are
+        asked for: fitted on noise they lose many points while the run reports agreement on that noise."""
+        if self.calibration_source(data) is not None or self.calibration.random:
+            return
+        needs = [f"{s.name} ({why})" for s in self.steps if (why := s.config.needs_data())]
+        if self.target is not None:
+            needs.append("target (the planner fits and scores its candidates on calibration images)")
+        if needs:
+            raise InputError(f"no calibration images: {'; '.join(needs)}; give calibration.data, distill.data or "
+                             "--data, or set calibration: {data: random} to fit on random inputs (not a fidelity figure)")
 
     @property
     def steps(self) -> list[PassStep]:

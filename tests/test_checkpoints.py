@@ -213,7 +213,8 @@ def test_parameter_free_shortcut_block_is_listed_unmapped(tmp_path):
     assert list(conv["blocks"]) == ["layer1.0"]  # the empty-Sequential identity shortcut maps
     assert len(conv["unmapped"]) == 1 and conv["unmapped"][0].startswith("layer1.1 (part shortcut (PadShortcut)")
     with pytest.raises(InputError, match=r"blocks layer1\.1 \(part shortcut \(PadShortcut\).*could not be mapped"):
-        convert(tmp_path, ckpt, spec, m, (3, 32, 32), passes=[{"tie_rowcol": {}}], name="tied")
+        convert(tmp_path, ckpt, spec, m, (3, 32, 32), passes=[{"tie_rowcol": {}}], name="tied",
+                calibration={"data": "random"})
 
 
 def test_verify_ok_and_tampered(tmp_path):

@@ -75,7 +75,7 @@ def test_structural_layers_are_the_called_plain_layers_by_kind(arch):
 def test_export_lowrank_and_reload_on_a_generic_model(tmp_path, relpos_dir):
     out = tmp_path / "out"
     rec = parse_recipe({"version": 1, "passes": [{"lowrank": {"target": 0.5, "scope": "model", "multiple": 4}}],
-                        "report": {"latency": None}})
+                        "calibration": {"data": "random"}, "report": {"latency": None}})
     record = apply(rec, str(relpos_dir), out, log=lambda m: None)
     assert 0.4 < record["summary"]["flops"]["ratio"] <= 0.52
     rep = json.loads((out / "report.json").read_text())

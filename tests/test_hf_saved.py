@@ -59,7 +59,8 @@ def to_bin_shards(folder) -> None:
 
 
 def run(tmp_path, folder, passes=(), name="out"):
-    recipe = {"version": 1, "passes": list(passes), "report": {"latency": None}, "export": FAST}
+    recipe = {"version": 1, "passes": list(passes), "report": {"latency": None}, "export": FAST,
+              "calibration": {"data": "random"}}
     out = tmp_path / name
     return apply(parse_recipe(recipe), str(folder), out, log=lambda *_: None), out
 

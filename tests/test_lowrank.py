@@ -185,7 +185,7 @@ def test_apply_exports_and_load_compressed_replays_the_ranks(tmp_path, family):
         model, size = {"arch": "timm:resnet18", "num_classes": 10, "img_size": 32}, (3, 32, 32)
         passes = [{"lowrank": {"target": 0.5, "layers": ["conv"]}}]
     rec = parse_recipe({"version": 1, **({"model": model} if model else {}), "passes": passes,
-                        "report": {"latency": None}})
+                        "calibration": {"data": "random"}, "report": {"latency": None}})
     out = tmp_path / "out"
     record = apply(rec, str(ckpt), out, log=lambda m: None)
     assert record["summary"]["flops"]["ratio"] < 0.75
@@ -296,7 +296,7 @@ def test_apply_says_how_many_of_the_selected_layers_were_factorised(tmp_path):
 
     ckpt = save_timm_dir(tiny_vit(depth=2), "vit_tiny_patch16_224", tiny_vit_args(), tmp_path / "vit")
     recipe = write_recipe(tmp_path / "r.yaml", "version: 1\npasses:\n  - lowrank: {target: 0.6, multiple: 2, layers: [mlp]}\n"
-                                               "export: {formats: [safetensors]}\nreport: {latency: null}\n")
+                                               "calibration: {data: random}\nexport: {formats: [safetensors]}\nreport: {latency: null}\n")
     res = run_cli("apply", recipe, ckpt, "-o", tmp_path / "out")
     assert res.returncode == 0, res.stderr
     teacher = tiny_vit(depth=2)

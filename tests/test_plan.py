@@ -23,7 +23,7 @@ def deep_vit(tmp_path_factory):
 
 
 def _recipe(target: str, extra: str = FAST) -> dict:
-    return yaml.safe_load(f"version: 1\ncalibration: {{images: 8, seed: 0}}\ntarget: {target}\n" + extra)
+    return yaml.safe_load(f"version: 1\ncalibration: {{data: random, images: 8, seed: 0}}\ntarget: {target}\n" + extra)
 
 
 def _plan(ckpt, data: dict):

@@ -29,7 +29,8 @@ LAT = {"batch_sizes": [1], "threads": 1, "warmup": 1, "runs": 3}
 
 
 def _recipe(**report):
-    return parse_recipe({"version": 1, "passes": [{"lowrank": {"target": 0.7}}], "report": {"latency": LAT, **report}})
+    return parse_recipe({"version": 1, "passes": [{"lowrank": {"target": 0.7}}], "calibration": {"data": "random"},
+                         "report": {"latency": LAT, **report}})
 
 
 def test_in_place_rewrite_matches_the_copying_one_and_models_are_freed_before_timing(tmp_path, vit_dir, image_zip,

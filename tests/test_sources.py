@@ -62,6 +62,7 @@ def hf_dir(tmp_path, cls: str, config: dict, image_size: int | None = None):
 
 def run(tmp_path, ckpt, passes, model=None, name="out", onnx=True):
     recipe = {"version": 1, "passes": passes, "report": LAT, **({"model": model} if model else {}),
+              "calibration": {"data": "random"},  # random weights: random inputs, asked for
               **({} if onnx else {"export": {"formats": ["safetensors"]}})}
     out = tmp_path / name
     rep = apply(parse_recipe(recipe), str(ckpt), out, log=lambda *_: None)

@@ -37,7 +37,7 @@ def _folder(tmp_path, arch, args=None):
 
 
 def _run(tmp_path, folder, step):
-    recipe = parse_recipe({"version": 1, "passes": [step], "report": {"latency": None}})
+    recipe = parse_recipe({"version": 1, "passes": [step], "report": {"latency": None}, "calibration": {"data": "random"}})
     return apply(recipe, str(folder), tmp_path / "out", log=lambda *_: None)
 
 

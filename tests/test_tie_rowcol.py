@@ -160,7 +160,7 @@ def test_apply_stores_the_tied_matrix_once_and_reloads(tmp_path, family):
         model = {"arch": "timm:resnet18", "num_classes": 10, "img_size": 32, "kwargs": NARROW}
         size, tie = (3, 32, 32), {"staged": True}
     rec = parse_recipe({"version": 1, **({"model": model} if model else {}), "passes": [{"tie_rowcol": tie}],
-                        "export": {"slim": True}, "report": {"latency": None}})
+                        "calibration": {"data": "random"}, "export": {"slim": True}, "report": {"latency": None}})
     out = tmp_path / "out"
     record = apply(rec, str(ckpt), out, log=lambda m: None)
     s = record["summary"]
@@ -194,7 +194,7 @@ def test_resnet50_runs_through_both_passes_and_exports(tmp_path):
     save_file(full.state_dict(), str(ckpt))
     rec = parse_recipe({"version": 1, "model": {"arch": "timm:resnet50", "num_classes": 10, "img_size": 64},
                         "passes": [{"tie_rowcol": {"staged": True}}, {"lowrank": {"target": 0.5, "layers": ["conv"]}}],
-                        "export": {"slim": True}, "report": {"latency": None}})
+                        "calibration": {"data": "random"}, "export": {"slim": True}, "report": {"latency": None}})
     out = tmp_path / "out"
     record = apply(rec, str(ckpt), out, log=lambda msg: None)
     assert record["artifacts"]["onnx"]["parity"]["rel_diff"] <= 1e-4

@@ -195,7 +195,7 @@ def test_apply_exports_and_load_compressed_replays_the_widths(tmp_path, family):
         model, size = {"arch": "timm:resnet26", "num_classes": 10, "img_size": 32}, (3, 32, 32)
         passes = [{"width": {"target": 0.5, **({"layers": ["conv", "residual"]} if "residual" in family else {})}}]
     rec = parse_recipe({"version": 1, **({"model": model} if model else {}), "passes": passes,
-                        "report": {"latency": None}})
+                        "calibration": {"data": "random"}, "report": {"latency": None}})
     out = tmp_path / "out"
     record = apply(rec, str(ckpt), out, log=lambda m: None)
     assert record["summary"]["flops"]["ratio"] < 0.8

@@ -64,7 +64,7 @@ def test_generic_width_is_replayed_by_load_compressed(tmp_path):
     folder = save_timm_dir(_seeded("eva02_tiny_patch14_224", P14), "eva02_tiny_patch14_224", P14, tmp_path / "eva")
     out = tmp_path / "out"
     rec = parse_recipe({"version": 1, "passes": [{"width": {"target": 0.5, "scope": "model", "multiple": 2}}],
-                        "report": {"latency": None}})
+                        "calibration": {"data": "random"}, "report": {"latency": None}})
     record = apply(rec, str(folder), out, log=lambda m: None)
     assert abs(record["summary"]["flops"]["ratio"] - 0.5) <= 0.02
     model = load_compressed(out)

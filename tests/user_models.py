@@ -176,3 +176,106 @@ def cifar_resnet(num_classes: int = 5, in_chans: int = 3) -> nn.Module:
 
 def small_cnn(num_classes: int = 10, in_chans: int = 1) -> nn.Module:
     return SmallCNN(num_classes, in_chans)
+
+
+class TorchViT(nn.Module):
+    """A ViT built from torch's own nn.TransformerEncoder (fast path, raw in_proj_weight): rebuilt at load."""
+
+    def __init__(self, num_classes: int = 5, dim: int = 16, depth: int = 2, heads: int = 2, norm_first: bool = True,
+                 batch_first: bool = True, activation: str = "gelu"):
+        super().__init__()
+        self.batch_first = batch_first
+        self.patch = nn.Conv2d(3, dim, 8, 8)
+        self.pos = nn.Parameter(torch.zeros(1, 4, dim))
+        layer = nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.0, activation=activation,
+                                           batch_first=batch_first, norm_first=norm_first)
+        self.encoder = nn.TransformerEncoder(layer, depth, norm=nn.LayerNorm(dim), enable_nested_tensor=False)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2) + self.pos
+        x = self.encoder(x if self.batch_first else x.transpose(0, 1))
+        return self.head(x.mean(1 if self.batch_first else 0))
+
+
+def torch_vit(num_classes: int = 5, **kw) -> nn.Module:
+    return TorchViT(num_classes, **kw)
+
+
+class TupleBlock(nn.Module):
+    """Returns (tokens, attention weights), as many third-party ViTs do: no neutral form, but plain Linears."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x):
+        a, w = self.attn(self.norm1(x), self.norm1(x), self.norm1(x))
+        x = x + a
+        return x + self.mlp(self.norm2(x)), w
+
+
+class TupleViT(nn.Module):
+    def __init__(self, num_classes: int = 5, dim: int = 16, depth: int = 2, heads: int = 2):
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 8, 8)
+        self.pos = nn.Parameter(torch.zeros(1, 4, dim))
+        self.blocks = nn.ModuleList(TupleBlock(dim, heads) for _ in range(depth))
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2) + self.pos
+        for blk in self.blocks:
+            x, _ = blk(x)
+        return self.head(x.mean(1))
+
+
+def tuple_vit(num_classes: int = 5) -> nn.Module:
+    return TupleViT(num_classes)
+
+
+class RmsMixer(nn.Module):
+    """torch's nn.RMSNorm (aten::rms_norm has no ONNX export at opset 18): written out for the export."""
+
+    def __init__(self, num_classes: int = 5, dim: int = 16):
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 8, 8)
+        self.norm = nn.RMSNorm(dim)
+        self.fc = nn.Linear(dim, dim)
+        self.norm2 = nn.RMSNorm(dim, eps=1e-6, elementwise_affine=False)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = x + self.fc(self.norm(x))
+        return self.head(self.norm2(x).mean(1))
+
+
+def rms_mixer(num_classes: int = 5) -> nn.Module:
+    return RmsMixer(num_classes)
+
+
+class ColourProbe(nn.Module):
+    """1000 outputs; a red, green or blue image scores highest at output 1, 2 or 3 (ImageNet wnid label tests)."""
+
+    def __init__(self, num_classes: int = 1000):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.head = nn.Linear(3, num_classes)
+
+    def forward(self, x):
+        return self.head(self.conv(x).mean((2, 3)))
+
+
+def colour_probe(num_classes: int = 1000) -> nn.Module:
+    m = ColourProbe(num_classes)
+    with torch.no_grad():
+        m.conv.weight.copy_(torch.eye(3).view(3, 3, 1, 1))
+        m.conv.bias.zero_()
+        m.head.weight.zero_()
+        m.head.weight[1:4] = torch.eye(3)
+        m.head.bias.fill_(-100.0)
+        m.head.bias[1:4] = 0.0
+    return m

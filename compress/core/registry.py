@@ -19,6 +19,11 @@ class PassConfig(BaseModel):
     def is_exact(self) -> bool:  # overridden by passes whose exactness depends on the mode
         raise NotImplementedError
 
+    def needs_data(self) -> str | None:
+        """What this configuration fits on calibration images, or None: such a pass refuses to fit on random inputs
+        unless the recipe asks for them (calibration: {data: random}); fitted on noise it loses far more."""
+        return None
+
 
 @dataclass
 class PassContext:

@@ -19,6 +19,7 @@ from ..core.rsslog import mark
 from ..load.frozen import one_input
 from ..measure.metrics import fidelity, ort_run, ort_session
 from . import runtimes
+from .decompose import refusal, written_out
 from .fuse import fused_qkv
 from .onnx_lean import NotLean, export_lean, light
 from .quant import Bound
@@ -54,6 +55,16 @@ def to_onnx(model: nn.Module, path: Path, input_size, *, opset: int, dynamic_bat
     lean: the weights streamed in after the export (onnx_lean.py: a file to measure, not to ship), in one file
     (False) or in NAME.data (True); None: a plain export.
     """
+    try:
+        with written_out(model):  # operators the exporter lacks, in plain ops (decompose.py)
+            _to_onnx(model, path, input_size, opset=opset, dynamic_batch=dynamic_batch, fold_batchnorm=fold_batchnorm,
+                     lean=lean)
+    except torch.onnx.errors.OnnxExporterError as e:
+        raise (refusal(e, opset) or e) from None
+    onnx.checker.check_model(str(path))
+
+
+def _to_onnx(model, path: Path, input_size, *, opset, dynamic_batch, fold_batchnorm, lean) -> None:
     sample = torch.zeros((1, *input_size))
     axes = {"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
     mode = torch.onnx.TrainingMode.EVAL if fold_batchnorm else torch.onnx.TrainingMode.PRESERVE  # model is in eval
@@ -68,7 +79,6 @@ def to_onnx(model: nn.Module, path: Path, input_size, *, opset: int, dynamic_bat
         warnings.simplefilter("ignore")
         torch.onnx.export(model.eval(), (sample,), str(path), dynamo=False, opset_version=opset, training=mode,
                           input_names=["input"], output_names=["logits"], dynamic_axes=axes)
-    onnx.checker.check_model(str(path))
 
 
 def _weights(path: Path) -> int:

@@ -200,7 +200,8 @@ def calibration_batch(path, data_cfg: dict, n: int, seed: int, *, holdout: bool 
     """
     if path is None:
         g = torch.Generator().manual_seed(seed + holdout)
-        return torch.randn((n, *data_cfg["input_size"]), generator=g), f"{n} random N(0,1) inputs (seed {seed + holdout})"
+        return torch.randn((n, *data_cfg["input_size"]), generator=g), (f"{n} random N(0,1) inputs (seed {seed + holdout}; "
+                                                                         "agreement on them is not a fidelity figure)")
     ds, dl = loader(path, data_cfg, limit=n, batch_size=n, phase=0.5 if holdout else 0.0)
     x, _, bad = next(iter(dl))
     if x is None:
@@ -209,3 +210,31 @@ def calibration_batch(path, data_cfg: dict, n: int, seed: int, *, holdout: bool 
     if warn and log is not None:
         log(warn)
     return x, f"{len(x)} images from {path}" + (f" ({len(bad)} unreadable skipped, first {bad[0]})" if bad else "")
+
+
+WNID = re.compile(r"n\d{8}")
+
+
+def imagenet_labels(ds: ImageFolderData, outputs: int) -> str | None:
+    """Class folders named by ImageNet wnids (n01440764, ...) on a 1000-way model: each image's label becomes its
+    class's index in the standard ImageNet order (timm's ImageNetInfo), not the folder's rank among those present
+    (a subset such as ImageWoof would otherwise be scored against classes 0-9). Returns what was done, or None."""
+    if not ds.labeled or outputs != 1000 or not all(WNID.fullmatch(c) for c in ds.classes):
+        return None
+    from timm.data import ImageNetInfo
+
+    index = {w: i for i, w in enumerate(ImageNetInfo().label_names())}
+    if not all(c in index for c in ds.classes):
+        return None
+    ds.labels = [index[ds.classes[i]] if i >= 0 else i for i in ds.labels]
+    return (f"the {len(ds.classes)} class folders are ImageNet wnids: labels are their indices among the model's 1000 "
+            "outputs in the standard ImageNet order (timm ImageNetInfo), not the sorted folder positions")
+
+
+def chance_warning(ev: dict, classes: int, path) -> str | None:
+    """One line when the teacher's own top-1 is under twice chance: the labels most likely do not name its classes."""
+    top1 = ev.get("teacher_top1")
+    if top1 is None or not classes or top1 >= 2 / classes:
+        return None
+    return (f"the teacher's own top-1 on {path} is {100 * top1:.1f}%, under twice chance ({200 / classes:.1f}% for "
+            f"{classes} classes): the folder labels and the model's classes may not match, so top-1 figures mean little")

@@ -50,6 +50,10 @@ class LowRankConfig(PassConfig):
     def is_exact(self) -> bool:
         return False
 
+    def needs_data(self) -> str | None:
+        return ("method whitened_svd fits each factorisation to calibration activations (method: svd does not)"
+                if self.method == "whitened_svd" else None)
+
 
 def _shape(layer: nn.Module) -> tuple[int, int]:
     """(out, in) of the layer's weight as a matrix: a conv is (C_out, C_in*k*k)."""

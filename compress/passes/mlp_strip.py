@@ -29,6 +29,9 @@ class MLPStripConfig(PassConfig):
     def is_exact(self) -> bool:
         return False
 
+    def needs_data(self) -> str | None:
+        return "blocks: auto ranks blocks by KL on calibration images" if self.blocks == "auto" else None
+
 
 def _auto(model, adapter, cfg: MLPStripConfig, ctx: PassContext) -> tuple[list[int], list[str], dict]:
     if ctx.replay is not None:

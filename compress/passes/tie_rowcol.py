@@ -27,6 +27,9 @@ class TieRowColConfig(PassConfig):
     def is_exact(self) -> bool:
         return False
 
+    def needs_data(self) -> str | None:
+        return "it fits its scales on calibration activations"
+
 
 def _mlp_inputs(model, mlps: dict[int, nn.Module], calib: torch.Tensor) -> dict[int, torch.Tensor]:
     """Each MLP's input tokens on the calibration batch, flattened to (tokens, d)."""

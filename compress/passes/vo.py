@@ -26,6 +26,9 @@ class VOConfig(PassConfig):
     def is_exact(self) -> bool:
         return self.mode == "fold"
 
+    def needs_data(self) -> str | None:
+        return "mode remove fits alpha on calibration tokens" if self.mode == "remove" else None
+
 
 def fold_vo(value: SeparateVO) -> FoldedVO:
     """Fold in float64, cast back to the layer's dtype."""

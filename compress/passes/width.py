@@ -51,6 +51,9 @@ class WidthConfig(PassConfig):
     def is_exact(self) -> bool:
         return False
 
+    def needs_data(self) -> str | None:
+        return "it ranks channels and refits their consumers on calibration activations"
+
 
 # ------------------------------------------------------------------ where the widths are
 def _chain(model, adapter) -> tuple[list[nn.Module], list[str]]:

@@ -342,7 +342,7 @@ def plan(loaded, recipe: Recipe, calib, log=print, cands: Candidates | None = No
     exported = timed or t.size_mb is not None
     batches = sorted({*recipe.report.latency.batch_sizes, t.batch}) if timed else []
     variants = list(t.variants) if exported else ["fp32"]
-    if "int8_static" in variants and not (real if real is not None else recipe.calibration.data is not None):
+    if "int8_static" in variants and not (real if real is not None else recipe.calibration_source() is not None):
         variants.remove("int8_static")
         log("plan: int8_static is not planned: it calibrates on real images (set calibration.data or pass --data)")
     teacher = {"flops": cands.flops0, "params": cands.params0}
@@ -703,7 +703,7 @@ def run_target(recipe: Recipe, loaded, data, run, log) -> dict:
     after distillation, try the next candidate, up to target.attempts, and say so in the record."""
     from ..core.errors import GateError
 
-    calib_path = data if data is not None else recipe.calibration.data
+    calib_path = recipe.calibration_source(data)
     calib, holdout = calibration_pair(calib_path, loaded.data_cfg, recipe.calibration, log)
     result = plan(loaded, recipe, calib, log, holdout=holdout, real=calib_path is not None)
     tries, models = [], set()

@@ -149,6 +149,9 @@ def terminal_table(record: dict) -> str:
     return text
 
 
+RANDOM = "on random inputs, not a fidelity figure"
+
+
 def _ledger_md(record: dict) -> list[str]:
     out = ["| # | pass | exact | params | FLOPs | check | what changed |", "|---|---|---|---|---|---|---|"]
     for i, e in enumerate(record["passes"]):
@@ -159,6 +162,8 @@ def _ledger_md(record: dict) -> list[str]:
             check = f"exact: max rel Δlogit {e['verified']['rel_diff']:.1e} (tol {e['verified']['tolerance']:.0e})"
         else:
             check = f"approx: agreement {100 * e['vs_teacher']['agreement']:.1f}%, KL {e['vs_teacher']['kl']:.3g}"
+            if record.get("calibration_random"):
+                check += f" {RANDOM}"
         out.append(f"| {i} | {e['pass']} | {'yes' if e['exact'] else 'no'} | {_num(e['params'][0])} → {_num(e['params'][1])} "
                    f"| {_num(e['flops'][0])} → {_num(e['flops'][1])} | {check} | {'; '.join(e['changes'])} |")
     return out
@@ -170,7 +175,8 @@ def _notes(record: dict) -> list[str]:
     summary = record.get("summary", {})
     return [n for n in (src.get("read"), src.get("note"), src.get("preprocess_note"), onnx.get("fixed_batch"),
                         onnx.get("traced_batch_baked") and f"exported with the dynamo exporter: {onnx['traced_batch_baked']} "
-                        "with the traced graph", summary.get("latency_note"), summary.get("eval", {}).get("warning")) if n]
+                        "with the traced graph", summary.get("latency_note"), summary.get("eval", {}).get("labels"),
+                        summary.get("eval", {}).get("warning")) if n]
 
 
 def _runs_md(a: dict) -> str:
@@ -227,8 +233,8 @@ def markdown(record: dict) -> str:
                   f"{d['steps']} steps of {d['batch_size']} images from `{d['data']}` ({d['images']} images) on "
                   f"{d['device']} x{d['world_size']}: {d['seconds']:.1f} s, {d['images_per_s']:.0f} images/s, "
                   f"final loss {d['final_loss']:.4f}{f' ({notes})' if notes else ''}.",
-                  f"Teacher agreement on the calibration batch: {100 * b['agreement']:.1f}% before, "
-                  f"{100 * a['agreement']:.1f}% after (KL {b['kl']:.3g} -> {a['kl']:.3g})."]
+                  f"Teacher agreement on the calibration batch{f' ({RANDOM})' if record.get('calibration_random') else ''}: "
+                  f"{100 * b['agreement']:.1f}% before, {100 * a['agreement']:.1f}% after (KL {b['kl']:.3g} -> {a['kl']:.3g})."]
     if record.get("learned"):
         lines += ["", "## Learned pass parameters", "", "Values the passes left to training, as exported"
                   + (" (after distillation)." if d else " (no distillation: still their start values)."), "",

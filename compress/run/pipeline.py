@@ -34,7 +34,7 @@ from ..distill.train import KeepBest, distill
 from ..export import runtimes
 from ..export.quant import bound_for
 from ..export.write import SLIM_AUTO_MAX, write_fp16, write_int8, write_onnx, write_safetensors
-from ..load.data import Unreadable, calibration_batch, dataset, loader, unreadable_warning
+from ..load.data import Unreadable, calibration_batch, chance_warning, dataset, imagenet_labels, loader, unreadable_warning
 from ..load.model import load
 from ..measure.accuracy import accuracy_gate, gate_basis
 from ..measure.metrics import (
@@ -78,8 +78,9 @@ def _check_recipe_needs(recipe: Recipe, data) -> None:
     if recipe.distill is not None and recipe.distill.feature_weight > 0 and any(s.name == "token_merge" for s in recipe.steps):
         raise InputError("distill.feature_weight matches block outputs token by token, and token_merge leaves fewer "
                          "tokens in the student's blocks; set distill.feature_weight: 0 with token_merge")
-    if "int8_static" in recipe.export.quantize and recipe.calibration.data is None and data is None:
+    if "int8_static" in recipe.export.quantize and recipe.calibration_source(data) is None:
         raise InputError("export.quantize int8_static calibrates on real images; set calibration.data or pass --data")
+    recipe.check_calibration(data)
     if variants(recipe.export) and "onnx" not in recipe.export.formats:
         raise InputError("export.precision fp16 / export.quantize make ONNX variants; add onnx to export.formats")
     runtimes.fit_check(recipe.export)
@@ -331,14 +332,23 @@ def _measure(recipe: Recipe, teacher, student, staging: Path, calib, cfg: dict, 
         log(f"evaluating on {_shown(rep.eval_data)}")
         ds, dl = loader(rep.eval_data, cfg, limit=rep.eval_images)
         outputs = int(logits64(teacher, calib[:1]).shape[-1])
+        mapped = imagenet_labels(ds, outputs)
+        if mapped:
+            log(f"labels: {mapped}")
         warn = (f"{rep.eval_data} has {len(ds.classes)} class folders but the model has {outputs} outputs; "
-                "top-1 assumes folder i (sorted by name) is output i" if ds.labeled and len(ds.classes) != outputs else None)
+                "top-1 assumes folder i (sorted by name) is output i"
+                if ds.labeled and len(ds.classes) != outputs and not mapped else None)
         if warn:
             log(f"warning: {warn}")
         models = {"teacher": teacher, "student": student,
                   **{v: ort_predictor(onnx_files[v], ex.dynamic_batch and artifacts["onnx"]["dynamic_batch"])
                      for v in variants(ex) if v in onnx_files}}
-        summary["eval"] = ev = {"data": str(rep.eval_data), **evaluate(models, dl), **({"warning": warn} if warn else {})}
+        ev = {"data": str(rep.eval_data), **evaluate(models, dl), **({"labels": mapped} if mapped else {})}
+        low = chance_warning(ev, len(ds.classes), rep.eval_data)
+        if low:
+            log(f"warning: {low}")
+        warn = "; ".join(w for w in (warn, low) if w)
+        summary["eval"] = ev = {**ev, **({"warning": warn} if warn else {})}
         skipped = unreadable_warning("evaluation", ev["skipped"], ev.get("first_unreadable"), rep.eval_data)
         if skipped:
             log(skipped)
@@ -424,7 +434,7 @@ def apply(recipe: Recipe, ckpt: str, out: Path, *, data: str | None = None, dry_
     with stages("load"):
         loaded = load(ckpt, recipe.model)
     mark("load")
-    for key in ("read", "detected", "converted", "output", "note", "preprocess_note"):
+    for key in ("read", "detected", "converted", "torch_layers", "output", "note", "preprocess_note"):
         if loaded.source.get(key):
             log(f"load: {loaded.source[key]}")
     if loaded.source.get("preprocess_warning"):
@@ -472,7 +482,7 @@ def _run_in(recipe: Recipe, loaded, staging: Path | None, data, train, work: Pat
             device: str | None, ckpt: str, old, stages: Stages, log, extra: dict | None, last: bool, tmp: Path) -> dict:
     teacher, cfg = loaded.model, loaded.data_cfg
     size = tuple(cfg["input_size"])
-    calib_path = data if data is not None else recipe.calibration.data
+    calib_path = recipe.calibration_source(data)  # any images the run is given, unless calibration.data says otherwise
     train_batch = recipe.distill.batch_size if recipe.distill is not None and not torch.cuda.is_available() else None
     memory = check_memory(teacher, size, calib_images=recipe.calibration.images, train_batch=train_batch)
     planned = extra is not None and "plan" in extra  # the planner read (and warned about) these images already
@@ -492,6 +502,7 @@ def _run_in(recipe: Recipe, loaded, staging: Path | None, data, train, work: Pat
         loaded.model = teacher = None
     record = {"compress_version": __version__, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "source": loaded.source, "input_size": list(size), "calibration": calib_desc,
+              **({"calibration_random": True} if calib_path is None else {}),
               "recipe": recipe.resolved(), "passes": ledger, **({"memory_estimate": memory} if memory else {}),
               **(extra or {})}
     summary = {"params": _ratio(teacher_params, count_params(student)),

@@ -22,6 +22,7 @@ from ...adapters.base import set_module
 from ...adapters.user import UserAdapter
 from ...core.errors import InputError, VerificationError
 from .common import CONVERT_TOL, Converted, LogitsOnly, check_same, fit, logits_of, logits_only, random_input, rel_diff
+from .torch_layers import rebuild_torch_layers
 from .user_blocks import fit_vit_block, res_block, res_parts, vit_block, vit_parts
 
 
@@ -177,7 +178,9 @@ def read(arch: str, kwargs: dict, num_classes, img_size, sd: dict, weights) -> C
     model = logits_only(model, size)  # your keys stay in `before`: the save-back writes them without the wrapper
     returns = model.returns if isinstance(model, LogitsOnly) else None
     original = copy.deepcopy(model)
+    torch_layers = rebuild_torch_layers(model, size)
     adapter, record = convert(model, arch, size)
+    record["torch_layers"] = torch_layers["rebuilt"]
     try:
         diff = check_same(original, model, size, f"model.arch '{arch}'")
     except Exception as e:  # noqa: BLE001 - each block matched alone, the whole does not (its forward reads them otherwise)
@@ -188,6 +191,7 @@ def read(arch: str, kwargs: dict, num_classes, img_size, sd: dict, weights) -> C
         record = {"family": None, "blocks": {}, "unmapped": [f"all blocks (converted, the whole model {why})"],
                   "tokens": None, "input_size": list(size), "module_types": kinds}
         adapter = UserAdapter("other", [], record["unmapped"], size, None)
+        torch_layers = {"rebuilt": [], "kept": []}
         before = {id(t): (k.removeprefix("model.") if returns else k, t) for k, t in model.state_dict(keep_vars=True).items()}
         diff = 0.0
     back = _origin(model, before)
@@ -200,7 +204,12 @@ def read(arch: str, kwargs: dict, num_classes, img_size, sd: dict, weights) -> C
                 + "); it loads, exports and distills, but passes that rewrite blocks cannot run on it")
     converted = (f"{len(adapter.blocks)} {record['family']} blocks converted in place, each checked on its real input; "
                  f"whole model max |Δlogit| {diff:.1e} of the scale" if record["family"] else None)
+    rebuilt, kept = torch_layers["rebuilt"], torch_layers["kept"]
+    plain = (", ".join(filter(None, [
+        f"torch layers {', '.join(rebuilt)} rebuilt as plain modules (each checked on its real input)" if rebuilt else "",
+        f"left as torch's: {', '.join(kept)}" if kept else ""])) or None)
     source = {"read_as": f"user:{arch}", "converted": converted, "note": note, "unmapped": record["unmapped"],
+              "torch_layers": plain,
               "output": f"forward returns a {returns}; the logits are taken everywhere (one ONNX output)" if returns else None}
     args = {**kwargs, **({"num_classes": num_classes} if num_classes else {})}
     base = {"builder": "user", "arch": arch, "kwargs": args, "conversion": record, **({"returns": returns} if returns else {})}
@@ -268,6 +277,7 @@ def rebuild(base: dict) -> tuple[nn.Module, UserAdapter]:
     if base.get("returns"):
         model = LogitsOnly(model, base["returns"])
     rec = base["conversion"]
+    rebuild_torch_layers(model, tuple(rec["input_size"]), only=rec.get("torch_layers", []))
     adapter, _ = convert(model, base["arch"], tuple(rec["input_size"]), choices=rec)
     adapter.unmapped = rec["unmapped"]
     return model, adapter

@@ -22,6 +22,9 @@ def split(w: torch.Tensor, b, parts: int) -> list[nn.Linear]:
     for i, wi in enumerate(w.chunk(parts)):
         lin = nn.Linear(wi.shape[1], wi.shape[0], bias=b is not None)
         lin.split_from = (id(w), id(b) if b is not None else None, i, parts)  # for saving back in your layout
+        if parts == 1 and getattr(w, "split_from", None) is not None:  # itself a part of yours (torch_layers' q, k, v)
+            lin.split_from = w.split_from
+        lin.weight.split_from = lin.split_from
         lin.weight.data.copy_(wi)
         if b is not None:
             lin.bias.data.copy_(b.chunk(parts)[i])
