@@ -11,6 +11,7 @@ plan is Torch-Pruning's pruning history (root layer, indices), so `load_compress
 from __future__ import annotations
 
 import copy
+import re
 
 import numpy as np
 import torch
@@ -110,6 +111,11 @@ def _units(tp, group, full: int) -> list[list[int]] | None:
             by = {}
             for i, r in zip(idxs, roots):
                 by.setdefault(i % size, []).append(r)
+        elif isinstance(m, tp.ops._SplitOp) and m.offsets and len({b - a for a, b in zip(m.offsets, m.offsets[1:])}) == 1:
+            size = m.offsets[1] - m.offsets[0]  # equal parts (chunk): each part keeps the same positions
+            by = {}
+            for i, r in zip(idxs, roots):
+                by.setdefault(i % size, []).append(r)
         else:
             continue
         for rs in by.values():
@@ -120,6 +126,28 @@ def _units(tp, group, full: int) -> list[list[int]] | None:
         out.setdefault(find(i), []).append(i)
     units = list(out.values())
     return units if len({len(u) for u in units}) == 1 else None
+
+
+def _opaque(tp, dg, group) -> str | None:
+    """An op the group's channels pass through that Torch-Pruning takes as elementwise but is not: an autograd node
+    the trace cannot see into (a Python autograd.Function, activation checkpointing: its grad_fn name has no torch op
+    number), which may mix channels or hide layers, or F.pad over the channels (a ResNet's option-A shortcut), whose
+    amounts are constants in forward."""
+    for item in group.items:
+        m = item.dep.target.module
+        if not isinstance(m, tp.ops._ElementWiseOp):
+            continue
+        if not re.search(r"Backward\d+$", str(m._grad_fn)):
+            return str(m._grad_fn)
+        fn = getattr(dg.module2node.get(m), "grad_fn", None)
+        pad = getattr(fn, "_saved_pad", None) if str(m._grad_fn).startswith("ConstantPadNd") else None
+        if pad is not None and any(pad[4:6]):
+            return "F.pad over channels"
+    return None
+
+
+def _splits(tp, group) -> bool:
+    return any(isinstance(item.dep.target.module, tp.ops._SplitOp) for item in group.items)
 
 
 def _importance(tp, group, full: int, energy: dict) -> torch.Tensor:
@@ -208,12 +236,29 @@ def _cost_model(tp, layers, groups, names) -> tuple:
     return cost
 
 
+class _Inconsistent(Exception):
+    """The pruned model does not run: a coupling the trace missed (a split written with fixed sizes, Res2Net-style)."""
+
+
 def graph_width(model: nn.Module, cfg, ctx) -> PassResult:
-    """Plan, prune and refit (see the module docstring)."""
-    from .width import _uniform  # the allocation the family path uses, over this path's cost model
-    tp = _tp()
+    """Plan, prune and refit (see the module docstring); where the pruned model does not run, once more with the
+    channels that reach a split left whole, then a refusal."""
     if cfg.budget != "flops":
         raise InputError("width: on a traced channel graph the budget is flops; set budget: flops, or use lowrank")
+    try:
+        return _graph_width(copy.deepcopy(model), cfg, ctx, splits=True)
+    except _Inconsistent:
+        pass
+    try:
+        return _graph_width(model, cfg, ctx, splits=False)
+    except _Inconsistent as e:
+        raise InputError(f"width: the channel groups Torch-Pruning traced in this {type(model).__name__} do not prune "
+                         f"consistently ({e}); lowrank is the pass for this model") from None
+
+
+def _graph_width(model: nn.Module, cfg, ctx, splits: bool) -> PassResult:
+    from .width import _uniform  # the allocation the family path uses, over this path's cost model
+    tp = _tp()
     calib = ctx.calib
     teacher = copy.deepcopy(model)
     layers = _layers(model, calib[:16])
@@ -224,10 +269,14 @@ def graph_width(model: nn.Module, cfg, ctx) -> PassResult:
     raw = list(dg.get_all_groups(ignored_layers=[head] if head is not None else [],
                                  root_module_types=[nn.Conv2d, nn.Linear]))
     energy = {id(m): e for _, m, _, e in layers}
-    groups, units, cuts, scores = [], {}, {}, {}
+    groups, units, cuts, scores, opaque = [], {}, {}, {}, set()
     for group in raw:
         root = group[0].dep.target.module
         full = len(group[0].idxs)
+        op = _opaque(tp, dg, group)
+        if op is not None or (not splits and _splits(tp, group)):
+            opaque.add(op or "split")
+            continue
         u = _units(tp, group, full)
         if u is None or len(u) < 2:
             continue
@@ -237,9 +286,11 @@ def graph_width(model: nn.Module, cfg, ctx) -> PassResult:
         cuts[name] = _Unit(name, full, _allowed(u, full, cfg.multiple))
         scores[name] = _importance(tp, group, full, energy)
     if not groups:
-        raise InputError(f"width: Torch-Pruning's dependency graph of this {type(model).__name__} holds no channel "
-                         "group that can be narrowed (every conv feeds the output or an untraced operation); lowrank "
-                         "is the pass for this model")
+        through = [o for o in opaque if o != "split"]
+        why = (f"every channel group passes through {', '.join(sorted(through))}, which its trace cannot see into"
+               if through else "no channel group can be narrowed")
+        raise InputError(f"width: Torch-Pruning's dependency graph of this {type(model).__name__}: {why}; lowrank is "
+                         "the pass for this model (it factorises any Linear/Conv2d and keeps every channel)")
     names = [dg._module2name[g[0].dep.target.module] for g, _ in groups]
     cost = _cost_model(tp, layers, groups, names)
     fulls = {nm: cuts[nm].full for nm in names}
@@ -287,10 +338,8 @@ def graph_width(model: nn.Module, cfg, ctx) -> PassResult:
     try:
         with torch.no_grad():
             model(calib[:2])
-    except Exception as e:  # noqa: BLE001 - a coupling the trace missed: refuse rather than write a broken model
-        raise InputError(f"width: the channel groups Torch-Pruning traced in this {type(model).__name__} do not "
-                         f"prune consistently ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}); lowrank "
-                         "is the pass for this model") from None
+    except Exception as e:  # noqa: BLE001 - a coupling the trace missed: retried or refused, never written
+        raise _Inconsistent(f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}") from None
     refit, skipped = (_refit(model, teacher, layers, keep_in, keep_out, calib, cfg.ridge) if cfg.refit else (0, 0))
     kept = cost(widths)
     share = (kept + (whole - selected)) / whole
@@ -303,6 +352,8 @@ def graph_width(model: nn.Module, cfg, ctx) -> PassResult:
                f"{'refit of ' + str(refit) + ' plain consumers' if cfg.refit else 'no refit'}"
                f"{f', {skipped} grouped consumers sliced only' if skipped else ''}): the narrowed layers keep "
                f"{kept / selected:.1%} of their flops, the model {share:.1%}"]
+    if opaque:
+        changes.append("left whole: the channels that pass through " + ", ".join(sorted(opaque)))
     changes += [f"{nm} (conv): width {widths[nm]}/{fulls[nm]}" for nm in names if widths[nm] < fulls[nm]]
     return PassResult(model, changes, details)
 

@@ -407,7 +407,7 @@ def _convnet(model: nn.Module) -> bool:
     """Convs past a stem and no attention: the traced graph's case (a ViT's heads are the family code's)."""
     convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
     attention = any(isinstance(m, nn.MultiheadAttention) or hasattr(m, "num_heads") for m in model.modules())
-    return convs >= 3 and not attention
+    return convs >= 2 and not attention
 
 
 def _family_width(model, adapter, cfg: WidthConfig, ctx: PassContext) -> PassResult:
