@@ -146,8 +146,10 @@ def _opaque(tp, dg, group) -> str | None:
     return None
 
 
-def _splits(tp, group) -> bool:
-    return any(isinstance(item.dep.target.module, tp.ops._SplitOp) for item in group.items)
+def _through(tp, group, kind: str) -> bool:
+    """The group's channels reach a split / a reshape."""
+    op = {"split": tp.ops._SplitOp, "reshape": tp.ops._ReshapeOp}[kind]
+    return any(isinstance(item.dep.target.module, op) for item in group.items)
 
 
 def _importance(tp, group, full: int, energy: dict) -> torch.Tensor:
@@ -241,22 +243,22 @@ class _Inconsistent(Exception):
 
 
 def graph_width(model: nn.Module, cfg, ctx) -> PassResult:
-    """Plan, prune and refit (see the module docstring); where the pruned model does not run, once more with the
-    channels that reach a split left whole, then a refusal."""
+    """Plan, prune and refit (see the module docstring). Where the pruned model does not run, once more with the
+    channels that reach a split left whole (a split written with fixed sizes), then also those that reach a reshape
+    (ResNeSt's radix softmax: Torch-Pruning does not couple its attention to the channels it weighs), then a refusal."""
     if cfg.budget != "flops":
         raise InputError("width: on a traced channel graph the budget is flops; set budget: flops, or use lowrank")
-    try:
-        return _graph_width(copy.deepcopy(model), cfg, ctx, splits=True)
-    except _Inconsistent:
-        pass
-    try:
-        return _graph_width(model, cfg, ctx, splits=False)
-    except _Inconsistent as e:
-        raise InputError(f"width: the channel groups Torch-Pruning traced in this {type(model).__name__} do not prune "
-                         f"consistently ({e}); lowrank is the pass for this model") from None
+    levels = [(), ("split",), ("split", "reshape")]
+    for i, whole in enumerate(levels):
+        try:
+            return _graph_width(copy.deepcopy(model) if i + 1 < len(levels) else model, cfg, ctx, whole)
+        except _Inconsistent as e:
+            why = e
+    raise InputError(f"width: the channel groups Torch-Pruning traced in this {type(model).__name__} do not prune "
+                     f"consistently ({why}); lowrank is the pass for this model")
 
 
-def _graph_width(model: nn.Module, cfg, ctx, splits: bool) -> PassResult:
+def _graph_width(model: nn.Module, cfg, ctx, whole: tuple) -> PassResult:
     from .width import _uniform  # the allocation the family path uses, over this path's cost model
     tp = _tp()
     calib = ctx.calib
@@ -274,8 +276,9 @@ def _graph_width(model: nn.Module, cfg, ctx, splits: bool) -> PassResult:
         root = group[0].dep.target.module
         full = len(group[0].idxs)
         op = _opaque(tp, dg, group)
-        if op is not None or (not splits and _splits(tp, group)):
-            opaque.add(op or "split")
+        op = op or next((k for k in whole if _through(tp, group, k)), None)
+        if op is not None:
+            opaque.add(op)
             continue
         u = _units(tp, group, full)
         if u is None or len(u) < 2:
@@ -286,7 +289,7 @@ def _graph_width(model: nn.Module, cfg, ctx, splits: bool) -> PassResult:
         cuts[name] = _Unit(name, full, _allowed(u, full, cfg.multiple))
         scores[name] = _importance(tp, group, full, energy)
     if not groups:
-        through = [o for o in opaque if o != "split"]
+        through = [o for o in opaque if o not in ("split", "reshape")]
         why = (f"every channel group passes through {', '.join(sorted(through))}, which its trace cannot see into"
                if through else "no channel group can be narrowed")
         raise InputError(f"width: Torch-Pruning's dependency graph of this {type(model).__name__}: {why}; lowrank is "
