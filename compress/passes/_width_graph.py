@@ -242,24 +242,24 @@ class _Inconsistent(Exception):
     """The pruned model does not run: a coupling the trace missed (a split written with fixed sizes, Res2Net-style)."""
 
 
-def graph_width(model: nn.Module, cfg, ctx) -> PassResult:
+def graph_width(model: nn.Module, cfg, ctx, uniform) -> PassResult:
     """Plan, prune and refit (see the module docstring). Where the pruned model does not run, once more with the
     channels that reach a split left whole (a split written with fixed sizes), then also those that reach a reshape
-    (ResNeSt's radix softmax: Torch-Pruning does not couple its attention to the channels it weighs), then a refusal."""
+    (ResNeSt's radix softmax: Torch-Pruning does not couple its attention to the channels it weighs), then a refusal.
+    `uniform`: width.py's allocation (groups, cuts, target, cost) -> widths, given by the caller (no import cycle)."""
     if cfg.budget != "flops":
         raise InputError("width: on a traced channel graph the budget is flops; set budget: flops, or use lowrank")
     levels = [(), ("split",), ("split", "reshape")]
     for i, whole in enumerate(levels):
         try:
-            return _graph_width(copy.deepcopy(model) if i + 1 < len(levels) else model, cfg, ctx, whole)
+            return _graph_width(copy.deepcopy(model) if i + 1 < len(levels) else model, cfg, ctx, whole, uniform)
         except _Inconsistent as e:
             why = e
     raise InputError(f"width: the channel groups Torch-Pruning traced in this {type(model).__name__} do not prune "
                      f"consistently ({why}); lowrank is the pass for this model")
 
 
-def _graph_width(model: nn.Module, cfg, ctx, whole: tuple) -> PassResult:
-    from .width import _uniform  # the allocation the family path uses, over this path's cost model
+def _graph_width(model: nn.Module, cfg, ctx, whole: tuple, uniform) -> PassResult:
     tp = _tp()
     calib = ctx.calib
     teacher = copy.deepcopy(model)
@@ -311,7 +311,7 @@ def _graph_width(model: nn.Module, cfg, ctx, whole: tuple) -> PassResult:
             raise InputError(f"width: target {cfg.target} is out of reach: at the smallest widths (multiple "
                              f"{cfg.multiple}) the {'model keeps' if cfg.scope == 'model' else 'selected layers keep'}"
                              f" {least / total:.0%} of the flops; raise target or lower multiple")
-        widths = _uniform([cuts[nm] for nm in names], cuts, target, cost)
+        widths = uniform([cuts[nm] for nm in names], cuts, target, cost)
     # prune: per group, the units with the least importance go; kept original indices tracked for the refit
     keep_out, keep_in = {}, {}
     for (group, full), nm in zip(groups, names):
@@ -351,7 +351,8 @@ def _graph_width(model: nn.Module, cfg, ctx, whole: tuple) -> PassResult:
                                                                       for n, o, idx in dg.pruning_history()],
                          "group_norm": gn},
                "groups": {nm: {"kind": "conv", "width": [fulls[nm], widths[nm]], "heads": 1} for nm in names}}
-    changes = [f"width (traced channel graph, {len(names)} groups, uniform allocation, "
+    how = "uniform allocation" + ("" if cfg.allocate == "uniform" else f" (allocate {cfg.allocate} is the family path's)")
+    changes = [f"width (traced channel graph, {len(names)} groups, {how}, "
                f"{'refit of ' + str(refit) + ' plain consumers' if cfg.refit else 'no refit'}"
                f"{f', {skipped} grouped consumers sliced only' if skipped else ''}): the narrowed layers keep "
                f"{kept / selected:.1%} of their flops, the model {share:.1%}"]

@@ -393,14 +393,14 @@ def width(model, adapter, cfg: WidthConfig, ctx: PassContext) -> PassResult:
         return graph_replay(model, ctx.replay)
     if adapter.family == "other":  # no family: a CNN by its traced channel graph, else the MLPs found by structure
         if _convnet(model) and "conv" in cfg.layers:
-            return graph_width(model, cfg, ctx)
+            return graph_width(model, cfg, ctx, _uniform)
         return mlp_width(model, adapter, cfg, ctx)
     if adapter.family != "resnet" or ctx.replay is not None or "conv" not in cfg.layers:
         return _family_width(model, adapter, cfg, ctx)
     try:  # blocks the family code knows (its stage-wide residual cut); where it refuses, the traced graph
         return _family_width(model, adapter, cfg, ctx)
     except InputError:
-        return graph_width(model, cfg, ctx)
+        return graph_width(model, cfg, ctx, _uniform)
 
 
 def _convnet(model: nn.Module) -> bool:
