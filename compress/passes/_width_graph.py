@@ -340,7 +340,9 @@ def _graph_width(model: nn.Module, cfg, ctx, whole: tuple, uniform) -> PassResul
     _gn_fix(model, gn)
     try:
         with torch.no_grad():
-            model(calib[:2])
+            got, want = model(calib[:2]), teacher(calib[:2])
+        if torch.is_tensor(want) and (not torch.is_tensor(got) or got.shape != want.shape):
+            raise RuntimeError(f"the output's shape became {tuple(got.shape) if torch.is_tensor(got) else type(got)}")
     except Exception as e:  # noqa: BLE001 - a coupling the trace missed: retried or refused, never written
         raise _Inconsistent(f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}") from None
     refit, skipped = (_refit(model, teacher, layers, keep_in, keep_out, calib, cfg.ridge) if cfg.refit else (0, 0))
