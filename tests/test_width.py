@@ -162,14 +162,19 @@ def test_anti_aliased_blocks_narrow_around_their_blur_filter():
         assert half.model(x).shape == (5, 10)
 
 
-def test_group_norm_blocks_are_refused_with_the_pass_that_applies():
-    """GroupNorm's statistics span channels (timm resnet50_gn): a channel cannot go alone, so width says lowrank."""
+def test_group_norm_blocks_narrow_by_the_traced_graph_in_whole_groups():
+    """GroupNorm's statistics span channels (timm resnet50_gn): the family code refuses, the traced channel graph
+    (_width_graph.py) narrows whole groups and meets the budget."""
     torch.manual_seed(0)
     gn = ResNet(block=Bottleneck, layers=[1, 1, 1, 1], num_classes=10,
                 norm_layer=lambda c, **kw: torch.nn.GroupNorm(4, c)).eval()
-    with pytest.raises(InputError, match="normalise with GroupNorm.*lowrank is the pass") as e:
-        _run(gn, "resnet", target=0.5)
-    assert "\n" not in str(e.value)
+    res = _run(gn, "resnet", target=0.5, scope="model")
+    assert "traced channel graph" in res.changes[0]
+    assert count_flops(res.model, (3, 32, 32)) / count_flops(gn, (3, 32, 32)) == pytest.approx(0.5, abs=0.02)
+    before = {n: m.num_channels // m.num_groups for n, m in gn.named_modules() if isinstance(m, torch.nn.GroupNorm)}
+    after = {n: (m.num_channels // m.num_groups, m.num_channels % m.num_groups)
+             for n, m in res.model.named_modules() if isinstance(m, torch.nn.GroupNorm)}
+    assert after == {n: (c, 0) for n, c in before.items()}
 
 
 def test_unreachable_target_is_refused_in_one_line():

@@ -97,11 +97,10 @@ def test_style_takes_a_rewriting_pass(tmp_path, name):
     assert rep["artifacts"]["onnx"]["parity"]["rel_diff"] <= 1e-4
 
 
-@pytest.mark.parametrize("name", ["fused_qkv_named", "per_head_qkv", "conv_bias_bn", pytest.param(
-    "avgpool_pad_shortcut", marks=pytest.mark.xfail(strict=True, raises=InputError, reason="width refuses (exit 2) while one block (its "
-                                                    "shortcut computed in forward) is left as written"))])
+@pytest.mark.parametrize("name", ["fused_qkv_named", "per_head_qkv", "conv_bias_bn", "avgpool_pad_shortcut", "preact"])
 def test_width_where_it_applies(tmp_path, name):
-    """Structured pruning on mapped styles (multiples of 4: the widths here are 8-32)."""
+    """Structured pruning on mapped styles (multiples of 4: the widths here are 8-32); a ResNet whose shortcut pads
+    channels in forward, and a pre-activation one, by the traced channel graph."""
     model, rep, out = _run(tmp_path, name, [{"width": {"keep": 0.5, "multiple": 4}}])
     assert rep["summary"]["flops"]["student"] < rep["summary"]["flops"]["teacher"]
     assert rep["artifacts"]["onnx"]["parity"]["rel_diff"] <= 1e-4

@@ -21,6 +21,7 @@ from ..core.probe import capture, kl
 from ..core.registry import PassConfig, PassContext, PassResult, register_pass
 from ._scope import layer_share, whole_cost
 from ._width_groups import Group, Link, QKCut, SelectCut, Stream, StreamCut, VOCut, refit_reader
+from ._width_graph import graph_replay, graph_width
 from ._width_mlp import mlp_width
 
 Kind = Literal["mlp", "qk", "vo", "conv", "residual"]
@@ -391,8 +392,29 @@ def _channel_free_blur(model) -> None:
                summary="narrower dense layers: keep MLP units / head dims / inner channels, refit by least squares",
                fits_batchnorm=True)  # a refit conv's fitted constant lives in its BatchNorm's running mean
 def width(model, adapter, cfg: WidthConfig, ctx: PassContext) -> PassResult:
-    if adapter.family == "other":  # no family: the MLPs found by structure (_width_mlp.py)
+    if ctx.replay is not None and "graph" in ctx.replay:
+        return graph_replay(model, ctx.replay)
+    if adapter.family == "other":  # no family: a CNN by its traced channel graph, else the MLPs found by structure
+        if _convnet(model) and "conv" in cfg.layers:
+            return graph_width(model, cfg, ctx, _uniform)
         return mlp_width(model, adapter, cfg, ctx)
+    if adapter.family != "resnet" or ctx.replay is not None or "conv" not in cfg.layers:
+        return _family_width(model, adapter, cfg, ctx)
+    try:  # blocks the family code knows (its stage-wide residual cut); where it refuses, the traced graph
+        return _family_width(model, adapter, cfg, ctx)
+    except InputError:
+        return graph_width(model, cfg, ctx, _uniform)
+
+
+def _convnet(model: nn.Module) -> bool:
+    """Convs past a stem and no attention: the traced graph's case (a ViT's heads are the family code's)."""
+    convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    attention = any(isinstance(m, nn.MultiheadAttention) or hasattr(m, "num_heads") for m in model.modules())
+    return convs >= 2 and not attention
+
+
+def _family_width(model, adapter, cfg: WidthConfig, ctx: PassContext) -> PassResult:
+    """The ViT heads/MLPs and ResNet blocks the family code recognises (DESIGN §9)."""
     if adapter.family == "resnet":
         _channel_free_blur(model)
         norms = sorted({type(m).__name__ for b in adapter.res_blocks(model) for n in ("bn1", "bn2", "bn3")
