@@ -193,6 +193,11 @@ def _run_entry(entry, job: dict, out: Path, manifest: Manifest, log, scratch: Pa
 
     try:
         proc = _start(entry, cmd, keep, scratch)
+    except forkrun.StatusLost as e:  # never a number it did not exit with: failed, and --resume retries it
+        seconds = round(time.perf_counter() - t0, 1)
+        manifest.update(name, state="failed", exit_code=None, seconds=seconds, error=f"exit status lost ({e})", files=None)
+        log(f"failed  {name}: exit status lost; --resume retries it")
+        return
     finally:
         with RUNNING_LOCK:
             for p in mine:
