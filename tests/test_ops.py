@@ -28,10 +28,12 @@ def _sleep_then_exit_3():
 def test_a_status_the_forkserver_loses_is_the_childs_own(tmp_path):
     """Item 2: multiprocessing reports 255 when the forkserver loses a child's status; the child's own pipe tells."""
     forkcli.start()
-    proc = forkrun.spawn(_sleep_then_exit_3, [], tmp_path, None, tmp_path / "o", tmp_path / "e")
-    time.sleep(0.3)
-    os.kill(multiprocessing.forkserver._forkserver._forkserver_pid, signal.SIGKILL)  # loses every status it held
-    assert forkrun.wait(proc, 30) == 3
+
+    def kill_forkserver(proc):  # it loses every status it held
+        time.sleep(0.3)
+        os.kill(multiprocessing.forkserver._forkserver._forkserver_pid, signal.SIGKILL)
+
+    assert forkrun.run(_sleep_then_exit_3, [], tmp_path, timeout=30, started=kill_forkserver).returncode == 3
 
 
 def test_hundreds_of_forked_runs_with_kills_never_get_a_wrong_status(tmp_path):
