@@ -74,3 +74,40 @@ def terminate_like_interrupt() -> None:
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _raise_terminated)
+
+
+_HOLD_AFTER_PUBLISH = [False]
+
+
+def hold_after_publish() -> None:
+    """The CLI's: once OUT is published the process exits 0 whatever signal comes after (see `publishing`)."""
+    _HOLD_AFTER_PUBLISH[0] = True
+
+
+class publishing:
+    """Hold SIGINT/SIGTERM from just before OUT's rename: a signal then is remembered, not raised, so a complete
+    OUT is never reported as a failure (a scheduler recording 143 and a rerun finding "already exists"). If the
+    publish fails, the handlers come back and a held signal is delivered (130/143 as before); if it succeeds, the
+    CLI keeps them held until it exits 0, and any other caller gets them back, a held one delivered."""
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        self.old, self.pending = {}, []
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self.old[s] = signal.signal(s, lambda n, f: self.pending.append(n))
+        return self
+
+    def __exit__(self, kind, value, tb):
+        import os
+        import signal
+
+        if kind is None and _HOLD_AFTER_PUBLISH[0]:
+            return False
+        for s, h in self.old.items():
+            signal.signal(s, h)
+        for n in self.pending:
+            os.kill(os.getpid(), n)
+        return False
