@@ -126,6 +126,7 @@ def apply(recipe: Path = typer.Argument(..., help="recipe YAML"),
     with _errors(debug):
         from .recipe import load_recipe
         from .report.write import terminal_table
+        from .run.outdir import resolve_out
         from .run.pipeline import apply as run
 
         if device not in (None, "auto", "cpu", "cuda"):
@@ -133,7 +134,7 @@ def apply(recipe: Path = typer.Argument(..., help="recipe YAML"),
         r = load_recipe(recipe, _json_arg(override, "--override"))
         _init_distributed(device or (r.distill.device if r.distill else "cpu"))
         name = r.name or f"{Path(ckpt.rstrip('/')).stem}-{recipe.stem}"
-        out = out or Path("compressed") / name
+        out = resolve_out(out or Path("compressed") / name)  # once, first: `-o .`, a symlink, a name too long
         log = (lambda m: print(m, file=sys.stderr)) if as_json else (lambda m: print(m))
         record = run(r, ckpt, out, data=data, dry_run=dry_run, overwrite=_overwrite(overwrite), resume=resume, device=device,
                      inputs=(recipe,), log=log)
@@ -357,7 +358,9 @@ def batch(zoo: list[Path] = typer.Argument(..., help="zoo YAML: version, entries
         else:
             if len(zoo) != 1:
                 raise InputError(f"batch takes one zoo file, got {len(zoo)} paths; to join shard outputs add --merge")
-            summary = run_batch(zoo[0], out, entry=main, jobs=jobs, resume=resume, shard=parse_shard(shard) if shard else None)
+            from .run.outdir import resolve_out
+
+            summary = run_batch(zoo[0], resolve_out(out), entry=main, jobs=jobs, resume=resume, shard=parse_shard(shard) if shard else None)
         print()
         print(align(summary_rows(summary), left=(0, 6)))
         failed = [n for n, e in summary["entries"].items() if e["state"] != "done"]

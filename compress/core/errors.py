@@ -42,6 +42,28 @@ def read_json(path: Path, fix: str, error: type = InputError):
         raise error(f"{path}: not valid JSON ({e}); {fix}") from None
 
 
+def not_a_file(path: Path) -> str | None:
+    """What a path that is no regular file is, in words (the fix differs: a folder, a pipe, a loop); None when
+    there is simply nothing there."""
+    import errno
+    import os
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "is a symlink loop (a link that points back to itself)"
+        if e.errno == errno.EACCES:
+            return "cannot be reached (permission denied)"
+        return "is a dangling symlink (its target is missing)" if os.path.islink(path) else None
+    if stat.S_ISDIR(mode):
+        return "is a directory, not a file"
+    if stat.S_ISFIFO(mode):
+        return "is a pipe, not a file (save it to a file first)"
+    return "is not a regular file (a device or socket)"
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (a scheduler's stop: Kubernetes eviction, Slurm time limit), handled like Ctrl-C (exit 143)."""
 
