@@ -215,6 +215,8 @@ def _init_distributed(device: str) -> None:
         except Exception as e:  # noqa: BLE001 - torch's store and gloo raise several types for one cause
             failed.append(e)
 
+    print(f"rendezvous: rank {world['rank']} of {world['world_size']} waiting for the others at {world['master_addr']}:"
+          f"{world['master_port']} (at most {timeout:g} s)", file=sys.stderr, flush=True)
     t = threading.Thread(target=join, daemon=True, name="rendezvous")
     t.start()
     while t.is_alive():
