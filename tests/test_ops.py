@@ -291,7 +291,7 @@ def test_paths_that_are_no_regular_file_are_named_for_what_they_are(tmp_path, vi
     _one_error_line(run_cli("apply", tmp_path / "loop", vit_dir), "recipe", "symlink loop")
     _one_error_line(run_cli("inspect", tmp_path / "fifo"), "checkpoint", "is a pipe")
     _one_error_line(run_cli("inspect", tmp_path / "loop"), "checkpoint", "symlink loop")
-    line = _one_error_line(run_cli("inspect", tmp_path / "random.pt"), "not a PyTorch checkpoint", "no data.pkl")
+    line = _one_error_line(run_cli("inspect", tmp_path / "random.pt"), "not a PyTorch checkpoint", "without data.pkl")
     assert "pickled" not in line and "run code" not in line
     assert recipe.is_file()
 

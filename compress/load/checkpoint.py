@@ -88,9 +88,9 @@ def _zip_problem(path: Path) -> str | None:
         with zipfile.ZipFile(path) as z:
             names = z.namelist()
     except (zipfile.BadZipFile, OSError, ValueError) as e:
-        return f"a corrupt or truncated zip archive ({e})"
+        return f"not a PyTorch checkpoint: a corrupt or truncated zip archive ({e})"
     if not any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
-        return f"a zip archive but not a PyTorch checkpoint (no data.pkl among its {len(names)} entries)"
+        return f"not a PyTorch checkpoint: a zip archive without data.pkl among its {len(names)} entries"
     return None
 
 
