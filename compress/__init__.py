@@ -4,6 +4,7 @@ The Python API (docs/python-api.md) is loaded on first use (PEP 562), so `import
 neither torch nor the CLI: `compress.apply`, `compress.plan`, `compress.inspect`, `compress.verify`,
 `compress.load_compressed`, `compress.load_recipe`, `compress.Recipe` and the errors (`compress.CompressError`, ...).
 """
+from .core import offline  # noqa: F401 - before anything imports onnxruntime: no telemetry, no network
 from .core.version import __version__  # noqa: F401
 
 _API = ("apply", "plan", "inspect", "verify", "load_compressed", "load_recipe", "Recipe", "CompressError",

@@ -51,7 +51,9 @@ def apply(recipe: RecipeLike, checkpoint: Union[str, Path], out: Union[str, Path
     if device not in DEVICES:
         raise InputError(f"--device {device!r}: use auto, cpu or cuda")
     inputs = (*inputs, *((Path(recipe),) if isinstance(recipe, (str, Path)) else ()))
-    return run(load_recipe(recipe, overrides), str(checkpoint), Path(out), data=data, dry_run=dry_run,
+    from .run.outdir import resolve_out
+
+    return run(load_recipe(recipe, overrides), str(checkpoint), resolve_out(Path(out)), data=data, dry_run=dry_run,
                overwrite=overwrite, resume=resume, device=device, inputs=inputs, log=log)
 
 
@@ -122,6 +124,8 @@ def verify(out: Union[str, Path], images: int = 8) -> dict:
     was checked; a mismatch raises VerificationError (exit 3)."""
     from .run.verify import verify as run
 
+    if isinstance(images, bool) or not isinstance(images, int) or images < 1:
+        raise InputError(f"images {images!r}: give a whole number of at least 1 (the inputs compared)")
     return run(Path(out), images)
 
 

@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from .core.errors import CompressError, InputError, Terminated, terminate_like_interrupt
+from .core.errors import CompressError, InputError, Terminated, hold_after_publish, terminate_like_interrupt
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Turn pretrained ViT/ResNet checkpoints into smaller, faster, verified models.")
@@ -18,7 +18,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 @contextmanager
 def _errors(debug: bool):
     terminate_like_interrupt()
+    hold_after_publish()  # a signal that lands once OUT is published no longer turns exit 0 into 130/143
     try:
+        from .core import envvars
+
+        envvars.check()  # every environment variable read anywhere, checked before any work
         yield
         try:
             sys.stdout.flush()  # a full device or a closed pipe on stdout shows here, inside this handler
@@ -122,13 +126,14 @@ def apply(recipe: Path = typer.Argument(..., help="recipe YAML"),
     with _errors(debug):
         from . import api
         from .report.write import terminal_table
+        from .run.outdir import resolve_out
 
         if device not in api.DEVICES:
             raise InputError(f"--device {device!r}: use auto, cpu or cuda")
         r = api.load_recipe(recipe, _json_arg(override, "--override"))
         _init_distributed(device or (r.distill.device if r.distill else "cpu"))
         name = r.name or f"{Path(ckpt.rstrip('/')).stem}-{recipe.stem}"
-        out = out or Path("compressed") / name
+        out = resolve_out(out or Path("compressed") / name)  # once, first: `-o .`, a symlink, a name too long
         log = (lambda m: print(m, file=sys.stderr)) if as_json else (lambda m: print(m))
         record = api.apply(r, ckpt, out, data=data, dry_run=dry_run, overwrite=_overwrite(overwrite), resume=resume,
                            device=device, inputs=(recipe,), log=log)
@@ -183,18 +188,43 @@ def _rank() -> int:
 
 
 def _init_distributed(device: str) -> None:
-    """Under torchrun (WORLD_SIZE > 1) join the process group: NCCL on GPUs, gloo on CPUs."""
-    import os
+    """Under torchrun (WORLD_SIZE > 1) join the process group: NCCL on GPUs, gloo on CPUs. The rendezvous waits
+    at most COMPRESS_RENDEZVOUS_TIMEOUT_S (a peer that never comes is one line, exit 2), in a helper thread so
+    that SIGTERM/SIGINT still stop the run while it waits (torch waits in C++, where no Python handler runs)."""
+    import threading
+    from datetime import timedelta
 
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    from .core import envvars
+
+    world = envvars.world()
+    if world is None:
         return
     import torch
     import torch.distributed as dist
 
     gpu = device != "cpu" and torch.cuda.is_available()
     if gpu:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group("nccl" if gpu else "gloo")
+        torch.cuda.set_device(world["local_rank"])
+    timeout = envvars.rendezvous_timeout()
+    failed: list = []
+
+    def join():
+        try:
+            dist.init_process_group("nccl" if gpu else "gloo", timeout=timedelta(seconds=timeout))
+        except Exception as e:  # noqa: BLE001 - torch's store and gloo raise several types for one cause
+            failed.append(e)
+
+    print(f"rendezvous: rank {world['rank']} of {world['world_size']} waiting for the others at {world['master_addr']}:"
+          f"{world['master_port']} (at most {timeout:g} s)", file=sys.stderr, flush=True)
+    t = threading.Thread(target=join, daemon=True, name="rendezvous")
+    t.start()
+    while t.is_alive():
+        t.join(0.1)  # the main thread stays in Python: a signal's handler runs here
+    if failed:
+        first = (str(failed[0]).strip().splitlines() or [type(failed[0]).__name__])[0][:200]
+        raise InputError(f"rank {world['rank']} of {world['world_size']}: no rendezvous with the other ranks at "
+                         f"{world['master_addr']}:{world['master_port']} within {timeout:g} s ({first}); start every "
+                         "rank (torchrun does), or raise COMPRESS_RENDEZVOUS_TIMEOUT_S")
 
 
 @app.command()
@@ -244,7 +274,7 @@ def inspect(ckpt: str = typer.Argument(..., help="timm directory, weights file, 
 def analyze(ckpt: str = typer.Argument(..., help="timm directory, weights file, or timm:NAME (a ViT)"),
             data: Optional[str] = typer.Option(None, "--data", help="calibration images (ImageFolder dir or zip); "
                                                "random inputs without it"),
-            images: int = typer.Option(128, "--images", help="calibration images"),
+            images: int = typer.Option(128, "--images", min=1, help="calibration images"),
             eps: float = typer.Option(0.5, "--eps", help="coding-rate distortion epsilon"),
             out: Optional[Path] = typer.Option(None, "-o", "--out", help="output directory [./analysis/<name>]"),
             as_json: bool = typer.Option(False, "--json", help="print analysis.json on stdout"),
@@ -255,6 +285,8 @@ def analyze(ckpt: str = typer.Argument(..., help="timm directory, weights file, 
         from .report.write import align
         from .run.analyze import run
 
+        if not 0 < eps < float("inf"):
+            raise InputError(f"--eps {eps}: use a positive number, e.g. --eps 0.5")
         out = out or Path("analysis") / Path(ckpt.rstrip("/")).stem
         result = run(ckpt, data, images, eps, out)
         if as_json:
@@ -272,7 +304,7 @@ def analyze(ckpt: str = typer.Argument(..., help="timm directory, weights file, 
 def batch(zoo: list[Path] = typer.Argument(..., help="zoo YAML: version, entries (checkpoint, recipe, name, overrides); "
                                            "with --merge: the shard output folders"),
           out: Path = typer.Option(Path("compressed/batch"), "-o", "--out", help="output directory"),
-          jobs: int = typer.Option(1, "--jobs", help="entries converted at once, each in its own process"),
+          jobs: int = typer.Option(1, "--jobs", min=1, help="entries converted at once, each in its own process"),
           resume: bool = typer.Option(False, "--resume", help="skip entries done and verified; retry the rest"),
           shard: Optional[str] = typer.Option(None, "--shard", help="i/n: run only shard i (0 <= i < n) of the "
                                               "zoo's entries, assigned by a hash of the entry name"),
@@ -292,7 +324,9 @@ def batch(zoo: list[Path] = typer.Argument(..., help="zoo YAML: version, entries
         else:
             if len(zoo) != 1:
                 raise InputError(f"batch takes one zoo file, got {len(zoo)} paths; to join shard outputs add --merge")
-            summary = run_batch(zoo[0], out, entry=main, jobs=jobs, resume=resume, shard=parse_shard(shard) if shard else None)
+            from .run.outdir import resolve_out
+
+            summary = run_batch(zoo[0], resolve_out(out), entry=main, jobs=jobs, resume=resume, shard=parse_shard(shard) if shard else None)
         print()
         print(align(summary_rows(summary), left=(0, 6)))
         failed = [n for n, e in summary["entries"].items() if e["state"] != "done"]
@@ -322,7 +356,7 @@ def runtime_prepare(version: str = typer.Argument("1.16", help="an export.min_ru
 
 @app.command()
 def verify(out: Path = typer.Argument(..., help="a directory written by compress apply"),
-           images: int = typer.Option(8, "--images", help="inputs for the ONNX vs safetensors comparison"),
+           images: int = typer.Option(8, "--images", min=1, help="inputs for the ONNX vs safetensors comparison"),
            debug: bool = typer.Option(False, "--debug")):
     """Re-check a result: file hashes against report.json, model.onnx against the rebuilt safetensors (exit 0 / 3)."""
     with _errors(debug):
@@ -350,8 +384,38 @@ def main():
     # typer has no option with an optional value: --overwrite=force is read as the flag, then told apart here
     _ARGV[:] = sys.argv[1:]
     sys.argv[1:] = ["--overwrite" if a == "--overwrite=force" else a for a in sys.argv[1:]]
-    app()
+    sys.exit(_run_app())
 
 
-if __name__ == "__main__":
-    main()
+def _run_app() -> int:
+    """The app with click's own exits taken over, so that every command (help and schema included) ends the same
+    way: a usage error is one `error:` line (exit 2), not a box; stdout that cannot be written (a full disk,
+    /dev/full, a closed pipe) is one line, exit 2, not a traceback."""
+    try:
+        from typer._click import exceptions as cx  # typer >= 0.2x carries its own click
+    except ImportError:
+        from click import exceptions as cx
+
+    try:
+        try:
+            code = app(standalone_mode=False, prog_name="compress")
+        finally:
+            sys.stdout.flush()
+    except cx.NoArgsIsHelpError as e:  # `compress` alone: its help, as before (exit 2)
+        print(e.format_message(), file=sys.stderr)
+        return 2
+    except cx.UsageError as e:
+        cmd = e.ctx.command_path if e.ctx is not None else "compress"
+        print(f"error: {e.format_message().rstrip('.')}; see `{cmd} --help`", file=sys.stderr)
+        return 2
+    except typer.Abort:
+        print("error: interrupted; nothing was published", file=sys.stderr)
+        return 130
+    except cx.ClickException as e:
+        print(f"error: {e.format_message()}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if not _disk_problem(e):
+            raise
+        return 2
+    return code if isinstance(code, int) else 0

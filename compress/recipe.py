@@ -21,7 +21,7 @@ from pydantic import (
 
 from . import passes as _passes  # noqa: F401  (registers the passes)
 from .core import yaml_strict
-from .core.errors import InputError
+from .core.errors import InputError, not_a_file
 from .core.registry import PassConfig, all_passes, get_pass
 
 
@@ -391,9 +391,13 @@ def parse_recipe(data: Any) -> Recipe:
 def read_yaml(path: Path, what: str, hint: str) -> Any:
     """A YAML file's data, or one line naming the file, the line and the problem."""
     if not path.is_file():
-        raise InputError(f"{what} file not found: {path}; check the path ({hint})")
+        why = not_a_file(path)
+        raise InputError(f"{what} {path} {why}; check the path ({hint})" if why else
+                         f"{what} file not found: {path}; check the path ({hint})")
     try:
         return yaml_strict.load(path.read_text())
+    except yaml_strict.AliasBombError as e:
+        raise InputError(f"{what} {path}: {e}") from None
     except yaml_strict.DuplicateKeyError as e:  # the last would win silently: say which, where, and the fix
         raise InputError(f"{what} {path}: {e}; the second would silently replace the first: keep one") from None
     except (yaml.YAMLError, UnicodeDecodeError) as e:

@@ -117,7 +117,7 @@ def test_kill_batch_then_resume_leaves_nothing_partial(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the batch finished before it could be killed"
-    time.sleep(1)  # the running child dies with its parent (PR_SET_PDEATHSIG)
+    time.sleep(1)  # the running child dies with its batch (its death pipe, compress/run/forkrun.py)
     m = _manifest(out)
     states = [e["state"] for e in m.values()]
     assert "running" in states and "done" in states

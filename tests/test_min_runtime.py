@@ -120,8 +120,11 @@ def test_prepare_is_the_installer_and_says_so_in_one_line_when_offline(tmp_path)
 def test_prepare_on_a_prepared_cache_installs_nothing(tmp_path):
     """`make setup` runs it every time: where the runtime is there it only says so (no pip, works offline)."""
     home = tmp_path / "cache" / f"ort-{OLD}"
-    home.mkdir(parents=True)
+    (home / "bin").mkdir(parents=True)
     (home / ".ready").write_text(OLD + "\n")
+    python = home / "bin" / "python"  # a cache is checked by running its python: this one runs and names the release
+    python.write_text(f"#!/bin/sh\necho {OLD}\n")
+    python.chmod(0o755)
     res = _cli("runtime", "prepare", "1.16", env=_offline(tmp_path))
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == f"onnxruntime {OLD} ready: {home / 'bin' / 'python'}"

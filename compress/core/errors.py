@@ -42,6 +42,28 @@ def read_json(path: Path, fix: str, error: type = InputError):
         raise error(f"{path}: not valid JSON ({e}); {fix}") from None
 
 
+def not_a_file(path: Path) -> str | None:
+    """What a path that is no regular file is, in words (the fix differs: a folder, a pipe, a loop); None when
+    there is simply nothing there."""
+    import errno
+    import os
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "is a symlink loop (a link that points back to itself)"
+        if e.errno == errno.EACCES:
+            return "cannot be reached (permission denied)"
+        return "is a dangling symlink (its target is missing)" if os.path.islink(path) else None
+    if stat.S_ISDIR(mode):
+        return "is a directory, not a file"
+    if stat.S_ISFIFO(mode):
+        return "is a pipe, not a file (save it to a file first)"
+    return "is not a regular file (a device or socket)"
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (a scheduler's stop: Kubernetes eviction, Slurm time limit), handled like Ctrl-C (exit 143)."""
 
@@ -74,3 +96,40 @@ def terminate_like_interrupt() -> None:
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _raise_terminated)
+
+
+_HOLD_AFTER_PUBLISH = [False]
+
+
+def hold_after_publish() -> None:
+    """The CLI's: once OUT is published the process exits 0 whatever signal comes after (see `publishing`)."""
+    _HOLD_AFTER_PUBLISH[0] = True
+
+
+class publishing:
+    """Hold SIGINT/SIGTERM from just before OUT's rename: a signal then is remembered, not raised, so a complete
+    OUT is never reported as a failure (a scheduler recording 143 and a rerun finding "already exists"). If the
+    publish fails, the handlers come back and a held signal is delivered (130/143 as before); if it succeeds, the
+    CLI keeps them held until it exits 0, and any other caller gets them back, a held one delivered."""
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        self.old, self.pending = {}, []
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self.old[s] = signal.signal(s, lambda n, f: self.pending.append(n))
+        return self
+
+    def __exit__(self, kind, value, tb):
+        import os
+        import signal
+
+        if kind is None and _HOLD_AFTER_PUBLISH[0]:
+            return False
+        for s, h in self.old.items():
+            signal.signal(s, h)
+        for n in self.pending:
+            os.kill(os.getpid(), n)
+        return False

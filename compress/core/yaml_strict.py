@@ -9,7 +9,8 @@ from typing import Any
 
 import yaml
 
-MERGE_TAG = "tag:yaml.org,2002:merge"  # `<<: *base`: keys that follow it override the merged ones on purpose
+MERGE_TAG = "tag:yaml.org,2002:merge"
+MAX_VALUES = 100_000  # values in the document once every alias is expanded: recipes hold hundreds  # `<<: *base`: keys that follow it override the merged ones on purpose
 
 
 class DuplicateKeyError(yaml.YAMLError):
@@ -21,10 +22,20 @@ class DuplicateKeyError(yaml.YAMLError):
         self.key, self.first, self.second = key, first, second
 
 
+class AliasBombError(yaml.YAMLError):
+    """Aliases (`*name`) expand the document past MAX_VALUES values: a 1 KB "billion laughs" is gigabytes once any
+    reader (a validator, an error message, json.dumps) walks it."""
+
+
 class StrictLoader(yaml.SafeLoader):
-    """SafeLoader whose construct_mapping refuses a key seen before in the same mapping."""
+    """SafeLoader whose construct_mapping refuses a key seen before in the same mapping, and that refuses a
+    document whose aliases expand it past MAX_VALUES values (counted on the node graph, before building it)."""
 
     def construct_document(self, node):
+        size = _expanded_size(node)
+        if size > MAX_VALUES:
+            raise AliasBombError(f"its aliases (*name) expand it to more than {MAX_VALUES:,} values; write the values "
+                                 "out, or repeat them without nesting aliases inside aliases")
         self._paths = _paths(node)  # each mapping node's path from the top, for the error line
         try:
             return super().construct_document(node)
@@ -44,6 +55,30 @@ class StrictLoader(yaml.SafeLoader):
                     raise DuplicateKeyError(f"{where}.{key}" if where else str(key), seen[key], line)
                 seen[key] = line
         return super().construct_mapping(node, deep=deep)
+
+
+def _expanded_size(root) -> int:
+    """How many values the document holds with every alias expanded: a node reached twice counts twice (its size
+    memoised, so a deep bomb costs as many steps as it has nodes, not values). Stops counting at MAX_VALUES + 1."""
+    sizes: dict[int, int] = {}
+    open_: set[int] = set()  # collections whose children are being counted: reaching one again is a cycle
+    todo = [(root, False)]
+    while todo:
+        node, children_done = todo.pop()
+        if id(node) in sizes:
+            continue
+        kids = ([v for kv in node.value for v in kv] if isinstance(node, yaml.MappingNode)
+                else list(node.value) if isinstance(node, yaml.SequenceNode) else [])
+        if children_done or not kids:
+            open_.discard(id(node))
+            sizes[id(node)] = min(MAX_VALUES + 1, 1 + sum(sizes.get(id(k), 1) for k in kids))
+            continue
+        if id(node) in open_:  # a recursive alias (`&a [*a]`): endless once expanded
+            return MAX_VALUES + 1
+        open_.add(id(node))
+        todo.append((node, True))
+        todo += [(k, False) for k in kids if id(k) not in sizes]
+    return sizes[id(root)]
 
 
 def _paths(root) -> dict[int, str]:

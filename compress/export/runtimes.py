@@ -114,11 +114,32 @@ def find(min_runtime: str) -> OldRuntime:
     saying how to prepare it when it is not there."""
     rt = RUNTIMES[min_runtime]
     home = _home(rt)
+    how = (f"run `compress runtime prepare {min_runtime}` (`make setup` does) where the package registry is reachable, "
+           "or set export.min_runtime_check: warn (or export.min_runtime: null)")
     if not (home / ".ready").exists():
-        raise InputError(f"onnxruntime {rt.release} for export.min_runtime is not prepared in {home}; run "
-                         f"`compress runtime prepare {min_runtime}` (`make setup` does) where the package registry "
-                         "is reachable, or set export.min_runtime_check: warn (or export.min_runtime: null)")
+        raise InputError(f"onnxruntime {rt.release} for export.min_runtime is not prepared in {home}; {how}")
+    broken = _broken(home / "bin" / "python", rt)
+    if broken:
+        raise InputError(f"onnxruntime {rt.release} in {home} is broken ({broken}); {how.split(' (')[0]} to "
+                         "repair it")
     return OldRuntime(rt.release, home / "bin" / "python", rt)
+
+
+def _broken(python: Path, rt: Runtime) -> str | None:
+    """Why the cached venv cannot run files, found by running its interpreter (files that exist prove nothing: a
+    pyenv upgrade or an image copy leaves bin/python a dangling link); None when it runs and finds onnxruntime
+    at the expected version (its metadata, read without importing it: a few tens of ms)."""
+    code = "import importlib.metadata as m; print(m.version('onnxruntime'))"
+    try:
+        done = subprocess.run([str(python), "-I", "-c", code], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"its python {python} does not run: {getattr(e, 'strerror', None) or e}"
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines() or [f"exit code {done.returncode}"]
+        return f"its python {python} fails: {lines[-1][:160]}"
+    if done.stdout.strip() != rt.release:
+        return f"it holds onnxruntime {done.stdout.strip()!r}, not {rt.release}"
+    return None
 
 
 def prepare(min_runtime: str, log=print) -> OldRuntime:
@@ -128,7 +149,11 @@ def prepare(min_runtime: str, log=print) -> OldRuntime:
     home = _home(rt)
     how = f"run `compress runtime prepare {min_runtime}` again where the package registry is reachable"
     if (home / ".ready").exists():
-        return find(min_runtime)
+        broken = _broken(home / "bin" / "python", rt)
+        if broken is None:
+            return find(min_runtime)
+        log(f"runtime: the cache in {home} is broken ({broken}); rebuilding it")
+        (home / ".ready").unlink(missing_ok=True)  # not ready: a run now stops naming this command, not fails later
     base = _python_for(rt)
     if base is None:
         raise InputError(f"onnxruntime {rt.release} has wheels for Python 3.{'/3.'.join(map(str, rt.pythons))} only and "

@@ -11,7 +11,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from ..core.errors import InputError, read_json
+from ..core.errors import InputError, not_a_file, read_json
 from . import unpickle
 from .unpickle import numpy_globals
 
@@ -59,6 +59,11 @@ def _load(path: Path, fmt: str) -> tuple[object, list[str]]:
             raise InputError(f"cannot read {path}: not a valid safetensors file, truncated or corrupt ({e}); "
                              "re-export or re-download it") from None
 
+    if fmt == "torch-zip":  # a zip that is no PyTorch checkpoint is said as such, not as "pickled objects"
+        why = _zip_problem(path)
+        if why:
+            raise InputError(f"cannot read {path}: {why}; pass a PyTorch checkpoint or .safetensors file, or re-export it")
+
     def refuse(name: str | None):
         what = f" (it references {name})" if name else ""
         raise InputError(f"refusing to load {path}: it holds pickled Python objects beyond tensors, which could run "
@@ -74,6 +79,19 @@ def _load(path: Path, fmt: str) -> tuple[object, list[str]]:
             AttributeError, IndexError, TypeError) as e:
         raise InputError(f"cannot read {path}: truncated or not a PyTorch checkpoint "
                          f"({str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__}); re-export it") from None
+
+
+def _zip_problem(path: Path) -> str | None:
+    """Why a file that starts like a zip is not a PyTorch checkpoint (None: it may be one): every torch.save zip
+    holds ARCHIVE/data.pkl; a corrupt or foreign zip used to reach the pickle reader and be called dangerous."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        return f"not a PyTorch checkpoint: a corrupt or truncated zip archive ({e})"
+    if not any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+        return f"not a PyTorch checkpoint: a zip archive without data.pkl among its {len(names)} entries"
+    return None
 
 
 def _is_sd(d) -> bool:
@@ -160,7 +178,9 @@ def to_float32(sd: dict) -> tuple[dict, str | None]:
 
 def _check(path: Path) -> None:
     if not path.is_file():
-        raise InputError(f"checkpoint not found: {path}; check the path")
+        why = not_a_file(path)  # a FIFO, a folder, a symlink loop: said as such, not "not found"
+        raise InputError(f"checkpoint {path} {why}; pass the weights file itself" if why else
+                         f"checkpoint not found: {path}; check the path")
     if path.stat().st_size == 0:
         raise InputError(f"checkpoint {path} is empty (0 bytes); re-export or re-download it")
 

@@ -5,6 +5,7 @@ import io
 import os
 import re
 import signal
+import sys
 import time
 import zipfile
 from pathlib import Path
@@ -70,11 +71,28 @@ class ImageFolderData(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         try:
-            img = Image.open(io.BytesIO(self._read(self.names[i])))
-            img = img.convert(self.mode)
+            img = to_mode(Image.open(io.BytesIO(self._read(self.names[i]))), self.mode, self.names[i])
         except (UnidentifiedImageError, OSError, ValueError, zipfile.BadZipFile, Image.DecompressionBombError):
             return Unreadable(self.names[i])
         return self.transform(img), self.labels[i]
+
+
+def to_mode(img, mode: str, name: str):
+    """The image as 8-bit L or RGB. PIL's convert() clips 16- and 32-bit integer grayscale ("I;16", "I") to 255
+    instead of scaling it: a 16-bit PNG became white. Those are scaled by their bit depth here; float images have
+    no agreed range and are refused in one line."""
+    import numpy as np
+
+    if img.mode.startswith("I;16") or img.mode == "I":
+        a = np.asarray(img, dtype=np.int64)
+        if img.mode == "I" and a.min() >= 0 and a.max() > 65535:
+            raise InputError(f"image {name}: 32-bit integer grayscale is not supported; save it as 8- or 16-bit")
+        shift = 8 if img.mode.startswith("I;16") or a.max() > 255 else 0  # 'I' from a 16-bit PNG: 16-bit values
+        img = Image.fromarray(np.clip(a >> shift, 0, 255).astype(np.uint8), "L")
+    elif img.mode == "F":
+        raise InputError(f"image {name}: floating-point pixels (mode F) have no agreed range; save it as an 8- or "
+                         "16-bit PNG or JPEG")
+    return img.convert(mode)
 
 
 class Augmented(torch.utils.data.Dataset):
@@ -209,6 +227,10 @@ def calibration_batch(path, data_cfg: dict, n: int, seed: int, *, holdout: bool 
     warn = unreadable_warning("held-out images" if holdout else "calibration", len(bad), bad[0] if bad else None, path)
     if warn and log is not None:
         log(warn)
+    if len(ds) < n:  # fewer than asked is the user's to know: a fit on 1 image where 16 were meant looks the same
+        short = (f"warning: {n} {'held-out' if holdout else 'calibration'} images asked but {path} holds only "
+                 f"{len(ds)}: using those; add images or ask for fewer (calibration.images, --images)")
+        (log or (lambda m: print(m, file=sys.stderr)))(short)
     return x, f"{len(x)} images from {path}" + (f" ({len(bad)} unreadable skipped, first {bad[0]})" if bad else "")
 
 

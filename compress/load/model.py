@@ -17,7 +17,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from ..adapters import Adapter, detect
-from ..core.errors import InputError, read_json
+from ..core.errors import InputError, not_a_file, read_json
 from ..core.registry import PassContext, get_pass
 from ..passes.applicable import why_not
 from ..recipe import ModelSpec, parse_recipe
@@ -103,7 +103,8 @@ def _load(ckpt: str, spec: ModelSpec | None = None) -> Loaded:
         return _load_hub(ckpt)
     path = Path(ckpt)
     if not path.exists():
-        raise InputError(f"checkpoint not found: {path}; check the path")
+        why = not_a_file(path)  # a symlink loop or a dangling link is not "not found"
+        raise InputError(f"checkpoint {path} {why}; check the path" if why else f"checkpoint not found: {path}; check the path")
     config = None
     if path.is_dir():
         config = _read_config(path)

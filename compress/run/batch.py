@@ -132,10 +132,7 @@ class Manifest:
     @classmethod
     def open(cls, path: Path, resume: bool) -> "Manifest":
         if resume and path.is_file():
-            try:
-                return cls(path, json.loads(path.read_text())["entries"])
-            except (json.JSONDecodeError, KeyError) as e:
-                raise InputError(f"--resume: {path} is unreadable ({e}); run without --resume") from None
+            return cls(path, read_manifest(path))
         return cls(path, {})
 
     def update(self, name: str, **fields) -> None:
@@ -145,6 +142,23 @@ class Manifest:
 
     def save(self) -> None:
         write_text_atomic(self.path, json.dumps({"version": 1, "entries": self.entries}, indent=2))
+
+
+def read_manifest(path: Path) -> dict:
+    """manifest.json's entries, checked: {"version": 1, "entries": {name: {...}}}; anything else is one line."""
+    fix = f"move {path.parent} aside, or run without --resume into an empty -o"
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"--resume: {path} is not valid JSON ({e}); {fix}") from None
+    except OSError as e:
+        raise InputError(f"--resume: cannot read {path} ({e.strerror or e}); {fix}") from None
+    entries = data.get("entries") if isinstance(data, dict) else None
+    if not (isinstance(data, dict) and data.get("version") == 1 and isinstance(entries, dict)
+            and all(isinstance(e, dict) for e in entries.values())):
+        raise InputError(f"--resume: {path} is not a compress batch manifest (expected {{\"version\": 1, \"entries\": "
+                         f"{{NAME: {{...}}}}}}); {fix}")
+    return entries
 
 
 def _die_with_parent() -> None:
@@ -193,6 +207,11 @@ def _run_entry(entry, job: dict, out: Path, manifest: Manifest, log, scratch: Pa
 
     try:
         proc = _start(entry, cmd, keep, scratch)
+    except forkrun.StatusLost as e:  # never a number it did not exit with: failed, and --resume retries it
+        seconds = round(time.perf_counter() - t0, 1)
+        manifest.update(name, state="failed", exit_code=None, seconds=seconds, error=f"exit status lost ({e})", files=None)
+        log(f"failed  {name}: exit status lost; --resume retries it")
+        return
     finally:
         with RUNNING_LOCK:
             for p in mine:
@@ -237,6 +256,11 @@ def run_batch(zoo_path: Path, out: Path, *, entry, jobs: int, resume: bool, shar
                             *[j["checkpoint"] for j in entries if Path(j["checkpoint"]).exists()]], out)
     if out.exists() and not resume and any(out.iterdir()):
         raise InputError(f"output {out} already exists; pass --resume to continue that batch or choose another -o")
+    if resume and out.is_dir() and any(out.iterdir()):  # a folder that is not a batch's: never written into
+        if not (out / "manifest.json").is_file():
+            raise InputError(f"--resume: {out} holds no manifest.json, so it is not the output of a compress batch; "
+                             "choose the batch's -o, or an empty or new one")
+        read_manifest(out / "manifest.json")
     held = claim(out, "force")  # OUT's lock for the whole batch: a second batch to it stops at once; its staging
     try:  # folder beside OUT holds the entries' output while they run
         return _run_held(entry, entries, zoo_path, out, jobs=jobs, resume=resume, shard=shard, log=log, scratch=held.staging)

@@ -3,14 +3,18 @@
 `compress batch` runs each entry this way, as the tests run the CLI: a child still has its own pid, exit code,
 stdout and stderr (written to files), and a crash or out-of-memory there takes nothing else down, but it does not
 pay the ~4-8 s of imports (torch, timm, torchvision, onnx) a fresh `python -m compress` costs. The fork server is a
-multiprocessing forkserver that imports `compress._preload` once; it exits when the process that started it ends,
-and a child started with `die_with_parent` is killed then too. Where no forkserver exists (not POSIX),
-`available()` is False and callers start `python -m compress` instead.
+multiprocessing forkserver that imports `compress._preload` once; it exits when the process that started it ends.
+
+The forkserver is the children's parent, not the caller, so neither its lifetime nor its bookkeeping is trusted:
+- a child started with `die_with_parent` watches the read end of its own pipe, whose write end only the caller
+  holds; EOF (the caller died, SIGKILL included) makes the child kill its process group at once;
+- each child writes its exit status on its own pipe before it exits. The forkserver reports 255 when it loses a
+  child's status; a status neither the child nor a signal gave is `StatusLost`, never a number.
+Where no forkserver exists (not POSIX), `available()` is False and callers start `python -m compress` instead.
 """
 from __future__ import annotations
 
 import atexit
-import ctypes
 import multiprocessing
 import multiprocessing.connection
 import multiprocessing.forkserver
@@ -21,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 MAIN = str(Path(__file__).parents[1] / "__main__.py")
@@ -30,14 +35,26 @@ def available() -> bool:
     return "forkserver" in multiprocessing.get_all_start_methods()
 
 
-def _child(entry, args: list, cwd: str, env: dict, out: str, err: str, die_with_parent: bool) -> None:
+class StatusLost(RuntimeError):
+    """A forked run ended and neither it nor a signal left an exit status (the forkserver lost it)."""
+
+
+def _watch(death) -> None:
+    """In the child: block on the death pipe; EOF means the caller is gone, so this run and its group end now."""
+    try:
+        death.recv_bytes()
+    except (EOFError, OSError):
+        pass
+    os.killpg(0, signal.SIGKILL)
+
+
+def _child(entry, args: list, cwd: str, env: dict, out: str, err: str, death, status) -> None:
     """Become `python -m compress ARGS` run in cwd with env, stdout/stderr into the files out/err: entry() is the
-    CLI's main (passed in by the caller, so this module needs no import of the CLI that drives it)."""
-    if die_with_parent:  # the fork server ends with the process that started it: so does this run
-        try:
-            ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except OSError:
-            pass
+    CLI's main (passed in by the caller, so this module needs no import of the CLI that drives it). `death`: the
+    read end of the caller's pipe (None: live on); `status`: where the exit code goes before exit."""
+    if death is not None:  # its own process group (the latency child, ort runners), killed whole with the caller
+        os.setpgid(0, 0)
+        threading.Thread(target=_watch, args=(death,), daemon=True).start()
     os.chdir(cwd)
     os.environ.clear()
     os.environ.update(env)
@@ -59,7 +76,10 @@ def _child(entry, args: list, cwd: str, env: dict, out: str, err: str, die_with_
         atexit._run_exitfuncs()  # what the interpreter does at exit (multiprocessing's own exit skips it)
         sys.stdout.flush()
         sys.stderr.flush()
-    os._exit(code)
+    try:
+        status.send_bytes(code.to_bytes(4, "little", signed=True))
+    finally:
+        os._exit(code)
 
 
 _ctx = None
@@ -87,14 +107,49 @@ def start() -> None:
 
 def spawn(entry, args: list, cwd: Path, env: dict | None, out: Path, err: Path, die_with_parent: bool = False):
     """Start the CLI (entry: its main) with args in a forked child writing to the files out/err; returns the multiprocessing
-    Process (.pid, .kill() = SIGKILL, .join(), .exitcode: negative for a signal, as subprocess's returncode)."""
+    Process (.pid, .kill() = SIGKILL, .exitcode: negative for a signal) with `.returncode()` (see `wait`).
+    die_with_parent: the child ends (with its process group) the moment this process ends, however it ends."""
     start()
     out.touch()
     err.touch()
+    death_r, death_w = _ctx.Pipe(duplex=False) if die_with_parent else (None, None)
+    status_r, status_w = _ctx.Pipe(duplex=False)
     proc = _ctx.Process(target=_child, args=(entry, [str(a) for a in args], str(cwd), dict(os.environ if env is None else env),
-                                             str(out), str(err), die_with_parent))
-    proc.start()
+                                             str(out), str(err), death_r, status_w))
+    try:
+        proc.start()
+    finally:
+        for end in (death_r, status_w):  # the child's ends: only the child holds them now
+            if end is not None:
+                end.close()
+    proc._death, proc._status = death_w, status_r  # kept open as long as the Process object lives
     return proc
+
+
+def wait(proc, timeout: float | None = None) -> int | None:
+    """The child's exit code (negative: the signal that killed it), or None while it runs after `timeout`.
+    The code the child sent on its own pipe wins; without one, only a signal is believed: a plain number from the
+    forkserver then is one it made up (255 when it lost the status), raised as StatusLost."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    left = lambda: None if deadline is None else max(0.0, deadline - time.monotonic())  # noqa: E731
+    st = proc._status
+    ready = multiprocessing.connection.wait([st, proc.sentinel], left())
+    if not ready:
+        return None
+    if st not in ready:  # the forkserver says it ended: its code holds only if the child wrote nothing
+        proc.join(0)
+        if proc.exitcode is not None and proc.exitcode < 0 and not st.poll(0):
+            return proc.exitcode
+        if not multiprocessing.connection.wait([st], left()):
+            return None  # the forkserver died or lost it, the child may still run: wait on its own pipe
+    try:
+        return int.from_bytes(st.recv_bytes(), "little", signed=True)
+    except (EOFError, OSError):
+        pass
+    proc.join(left())  # the child closed its pipe unreported: a signal, else no status at all
+    if proc.exitcode is not None and proc.exitcode < 0:
+        return proc.exitcode
+    raise StatusLost(f"the forked run (pid {proc.pid}) ended without an exit status (forkserver said {proc.exitcode})")
 
 
 def run(entry, args: list, cwd: Path, env: dict | None = None, timeout: float | None = 600,
@@ -108,9 +163,9 @@ def run(entry, args: list, cwd: Path, env: dict | None = None, timeout: float | 
         proc = spawn(entry, args, cwd, env, out, err, die_with_parent)
         if started is not None:
             started(proc)
-        proc.join(timeout)
-        if proc.exitcode is None:
+        code = wait(proc, timeout)
+        if code is None:
             proc.kill()
             proc.join()
             raise subprocess.TimeoutExpired(["compress", *args], timeout)
-        return subprocess.CompletedProcess(["compress", *args], proc.exitcode, out.read_text(), err.read_text())
+        return subprocess.CompletedProcess(["compress", *args], code, out.read_text(), err.read_text())

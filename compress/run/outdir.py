@@ -44,6 +44,36 @@ def write_text_atomic(path: Path, text: str) -> None:
         os.replace(tmp, path)
 
 
+SIBLING_EXTRA = len(".unpublished-") + 8  # the longest name compress makes beside OUT: OUT.unpublished-XXXXXXXX
+
+
+def resolve_out(out: Path) -> Path:
+    """OUT decided once, before any work. `.`, `..` and the like become the folder they name; a symlink is followed
+    (the `current -> v3` layout: v3 is replaced, the link stays); OUT may not be the current directory or hold it
+    (the run swaps OUT in whole by renames, which a shell standing in it would not see); a name too long for the
+    names compress makes beside it (staging, lock, old) is refused naming the user's name, not ours."""
+    given = Path(out)
+    if given.name in ("", ".", "..") or given.is_symlink():
+        out = Path(os.path.realpath(given))
+    else:
+        out = given
+    real, cwd = Path(os.path.realpath(out)), Path(os.getcwd()).resolve()
+    if real == cwd or real in cwd.parents:
+        raise InputError(f"output {given} is the current directory{'' if real == cwd else ' or holds it'}; compress "
+                         "replaces OUT as a whole, so name a new folder, e.g. -o result")
+    parent = next((p for p in [real.parent, *real.parent.parents] if p.is_dir()), Path("/"))
+    try:
+        name_max = os.pathconf(parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    size = len(os.fsencode(out.name))
+    if size + SIBLING_EXTRA > name_max:
+        raise InputError(f"output name {out.name[:32]}... is {size} bytes: too long; compress writes beside it under "
+                         f"names {SIBLING_EXTRA} bytes longer and this file system allows {name_max}: choose a name "
+                         f"of at most {name_max - SIBLING_EXTRA} bytes")
+    return out
+
+
 def check_inputs_untouched(inputs: list, out: Path) -> None:
     """The output may neither be, contain, nor sit inside any input (checkpoint, recipe, data)."""
     dst = out.resolve()

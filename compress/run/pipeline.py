@@ -22,7 +22,7 @@ import yaml
 from safetensors.torch import save_model
 
 from ..core.diskio import nbytes, writing
-from ..core.errors import GateError, InputError, VerificationError
+from ..core.errors import GateError, InputError, VerificationError, publishing
 from ..core.limits import check_memory, release
 from ..core.locks import scratch_dir
 from ..core.modules import learned_parameters
@@ -461,7 +461,8 @@ def apply(recipe: Recipe, ckpt: str, out: Path, *, data: str | None = None, dry_
 
             record = run_target(recipe, loaded, data, attempt, log)  # its seconds are in record["plan"]
         if held is not None:
-            publish(held)
+            with publishing():  # from just before the rename: a signal after it cannot make a complete OUT fail
+                publish(held)
             shutil.rmtree(work, ignore_errors=True)
         return record
     finally:
