@@ -38,7 +38,7 @@ from tests.conftest import CIFAR_TRAIN, SHARED, VIT_TEACHER, REPO, need_shared
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 COMMAND = re.compile(r"^(compress|make|python -m|torchrun)\b")
 NOT_RUN = "# not run by tests:"
-MAX_NOT_RUN = 20
+MAX_NOT_RUN = 22  # 20, then docs/operations.md: a batch retry and a two-rank torchrun
 FENCE = re.compile(r"^```(\S*)\s*$")
 
 

@@ -116,7 +116,7 @@ def test_apply_exports_with_parity_and_load_compressed_replays(tmp_path):
     ckpt = tmp_path / "w.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt))
     rec = parse_recipe({"version": 1, "model": {"arch": "graph_models:coupled", "img_size": 32},
-                        "passes": [{"width": {"target": 0.5, "scope": "model", "multiple": 2}}],
+                        "passes": [{"width": {"target": 0.5, "scope": "model", "multiple": 2}}], "calibration": {"data": "random"},
                         "report": {"latency": None}, "export": {"min_runtime": None, "slim": False}})
     out = tmp_path / "out"
     record = apply(rec, str(ckpt), out, log=lambda *_: None)
