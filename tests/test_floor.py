@@ -143,12 +143,18 @@ def test_extra_forward_arguments_do_not_reach_the_exporter(tmp_path):
     assert "forward" not in vars(model)
 
 
-def test_width_on_grouped_convs_names_lowrank_in_one_line():
+def test_width_on_grouped_convs_goes_through_the_traced_graph():
+    """ResNeXt's grouped convs were refused ("lowrank is the pass") by the family code; the traced channel graph
+    (passes/_width_graph.py) now narrows them, cutting every group alike, to the FLOP target."""
     torch.manual_seed(0)
     model = timm.create_model("resnext50_32x4d", pretrained=False, num_classes=5, layers=[1, 1, 1, 1]).eval()
+    from compress.measure.metrics import count_flops
     from compress.passes.width import WidthConfig, width
     from compress.core.registry import PassContext
 
-    with pytest.raises(InputError, match="grouped convs .* lowrank is the pass") as e:
-        width(model, detect(model), WidthConfig(target=0.5, scope="model"), PassContext(torch.randn(2, 3, 32, 32)))
-    assert "\n" not in str(e.value)
+    x = torch.randn(2, 3, 32, 32)
+    res = width(model, detect(model), WidthConfig(target=0.5, scope="model"), PassContext(x))
+    assert abs(count_flops(res.model, (3, 32, 32)) / count_flops(model, (3, 32, 32)) - 0.5) <= 0.02
+    groups = [m.groups for m in res.model.modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
+    assert groups and all(g == 32 for g in groups)  # whole groups narrowed, none dropped
+    assert res.model(x).shape == (2, 5)
