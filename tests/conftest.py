@@ -45,6 +45,11 @@ def tiny_vit(seed: int = 0, **kw) -> torch.nn.Module:
     """
     torch.manual_seed(seed)
     m = timm.create_model("vit_tiny_patch16_224", pretrained=False, **tiny_vit_args(**kw))
+    return spread_weights(m)
+
+
+def spread_weights(m: torch.nn.Module) -> torch.nn.Module:
+    """Fan-in scaled weights and random biases (see tiny_vit): peaked attention, every bias path exercised."""
     with torch.no_grad():
         for name, p in m.named_parameters():
             if p.dim() >= 2:

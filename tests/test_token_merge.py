@@ -22,7 +22,7 @@ from compress.passes.qk_merge import QKMergeConfig, qk_merge
 from compress.passes.token_merge import TokenMergeConfig, token_merge
 from compress.recipe import load_recipe
 from compress.run.pipeline import apply
-from tests.conftest import make_image_zip, save_timm_dir, tiny_vit_args
+from tests.conftest import make_image_zip, save_timm_dir, spread_weights, tiny_vit_args
 
 
 def vit65(seed: int = 0, depth: int = 3, arch: str = "vit_tiny_patch16_224", **extra):
@@ -30,15 +30,7 @@ def vit65(seed: int = 0, depth: int = 3, arch: str = "vit_tiny_patch16_224", **e
     args = {**tiny_vit_args(heads=3, depth=depth), "img_size": 32, "patch_size": 4, **extra}
     torch.manual_seed(seed)
     m = timm.create_model(arch, pretrained=False, **args)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if p.dim() >= 2:
-                p.normal_(0, 1.5 / p[0].numel() ** 0.5)
-            elif "norm" in name and name.endswith("weight"):
-                p.normal_(1, 0.1)
-            elif name != "head.bias":
-                p.normal_(0, 0.5)
-    return m.eval(), args
+    return spread_weights(m), args
 
 
 def _apply(model, cfg, fn=token_merge):
