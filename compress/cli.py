@@ -396,6 +396,14 @@ def _run_app() -> int:
     except ImportError:
         from click import exceptions as cx
 
+    import rich.console
+
+    def broken_pipe(console):  # rich's own handler exits 1 in silence; as an OSError, typer's and ours below see it
+        import errno
+
+        raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+
+    rich.console.Console.on_broken_pipe = broken_pipe
     try:
         try:
             code = app(standalone_mode=False, prog_name="compress")
@@ -418,4 +426,11 @@ def _run_app() -> int:
         if not _disk_problem(e):
             raise
         return 2
+    except SystemExit as e:  # typer ends a closed stdout pipe itself (exit 1, silent) after wrapping stdout
+        if e.code == 1 and type(sys.stdout).__name__ == "PacifyFlushWrapper":
+            import errno
+
+            _disk_problem(BrokenPipeError(errno.EPIPE, "Broken pipe"))
+            return 2
+        raise
     return code if isinstance(code, int) else 0

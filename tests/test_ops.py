@@ -252,6 +252,20 @@ def test_a_full_stdout_is_one_line_exit_2(args):
     _one_error_line(res, "cannot write to standard output", "no space left")
 
 
+@pytest.mark.parametrize("args", [["--help"], ["apply", "--help"]])
+def test_a_closed_stdout_pipe_is_one_line_exit_2(args):
+    """Item 8: help into a pipe whose reader has gone (`| head -c 1`) was exit 1 in silence (rich and typer each
+    end a broken pipe with exit 1)."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        res = subprocess.run([sys.executable, "-m", "compress", *args], cwd=REPO, stdout=write, stderr=subprocess.PIPE,
+                             text=True, timeout=120)
+    finally:
+        os.close(write)
+    _one_error_line(res, "cannot write to standard output", "broken pipe")
+
+
 SIGNAL_AFTER_PUBLISH = """
 import os, signal, sys
 import compress.run.pipeline as p
