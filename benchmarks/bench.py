@@ -41,8 +41,11 @@ SHARED = Path(os.environ.get("COMPRESS_SHARED", ROOT.parent / "shared")) / "data
 FULL = {"budgets": [0.75, 0.5, 0.3], "steps": 150, "batch_size": 64, "eval_images": 2000, "calib_images": 128,
         "latency": {"batch_sizes": [1, 8], "threads": 2, "warmup": 5, "runs": 30}, "teachers": None,
         "scaling": ["vit_small_patch16_224", "vit_base_patch16_224", "resnet50"], "scaling_runs": 30, "scaling_warmup": 10, "tp_search_steps": 8, "workers": 1,
+        "token_extras": True,
         "gpu": {"batch_size": 256, "steps": 50, "warmup": 10, "workers": 8}}
-QUICK = {"budgets": [0.75], "steps": 2, "batch_size": 8, "eval_images": 64, "calib_images": 8,
+# quick: every contender kind once, but not the width+token-merge combination (width and token_merge each run alone;
+# the suite's longest test would grow by a distilled run)
+QUICK = {"token_extras": False, "budgets": [0.75], "steps": 2, "batch_size": 8, "eval_images": 64, "calib_images": 8,
          "latency": {"batch_sizes": [1, 8], "threads": 2, "warmup": 1, "runs": 3}, "teachers": ["vit_cifar10"],
          "scaling": ["vit_tiny_patch16_224"], "scaling_runs": 2, "scaling_warmup": 1, "tp_search_steps": 4, "workers": 0,
          "gpu": {"batch_size": 32, "steps": 3, "warmup": 1, "workers": 2},
@@ -207,10 +210,12 @@ def bench_teacher(ckpt: Path, cfg: dict, work: Path, log) -> dict:
             tm = cands.dry([token_merge_candidate(b)])
             add("token-merge", b, tm and recipe_dict("token-merge", tm["passes"], cfg, distill=True, quantize=twin_q),
                 "token_merge cannot reach this budget", **kls(tm))
+        if loaded.adapter.family == "vit" and cfg.get("token_extras", True):
             combo = min((c for c in cands._width_then_merge(b, "vit") if c), key=lambda c: c["kl"], default=None)
             add("width+token-merge", b, combo and recipe_dict("width-token-merge", combo["passes"], cfg, distill=True,
                                                               quantize=twin_q),
                 "width cannot reach the root of this budget", **kls(combo))
+        if loaded.adapter.family == "vit":
             # not trained: its top-1 means nothing; its latency, timed interleaved with the teacher, is the bar
             add("token-reference", b, recipe_dict("token-reference", [{"bench_token_keep": {"flops_ratio": b}}], cfg,
                                                   distill=False))

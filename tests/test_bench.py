@@ -10,7 +10,7 @@ import pytest
 from conftest import CIFAR_TEST, CIFAR_TRAIN, REPO, VIT_TEACHER, need_shared
 
 KINDS = {"int8-dynamic", "int8-static", "ours", "ours-int8", "svd", "width", "torch-pruning", "torch-pruning-r8",
-         "torch-pruning-int8", "token-merge", "width+token-merge", "token-reference"}
+         "torch-pruning-int8", "token-merge", "token-reference"}  # width+token-merge: full runs only
 
 
 @pytest.mark.slow
