@@ -42,7 +42,7 @@ def test_hundreds_of_forked_runs_with_kills_never_get_a_wrong_status(tmp_path):
     forkcli.start()
     rng = random.Random(37)
     plan = [(i, ["schema"] if i % 2 else ["inspect", str(tmp_path / "missing")], i % 4 == 3 and rng.uniform(0, 0.4))
-            for i in range(150)]
+            for i in range(250)]
 
     def one(item):
         i, args, kill_after = item
