@@ -36,11 +36,11 @@ bench: setup  # BENCHMARKS.md + benchmarks/results/ (about an hour on 2 cores)
 bench-quick: setup  # smoke run of every contender kind (a couple of minutes); output in a temp dir
 	$(BIN)/python -m benchmarks.bench --quick
 
-# Four workers (one file each at a time, one torch thread each) on 2 cores: many tests wait on a child process
-# (batch, chaos, CLI runs): with two, the cores were ~60% busy (16m19s user over a 15m20s run). Then the tests that
+# Three workers (one file each at a time, one torch thread each) on 2 cores: measured, the suite keeps 2 cores only
+# ~60% busy with two, because many tests wait on a child process (batch, chaos, CLI runs). Then the tests that
 # assert a measured speed alone: a speed gate timed while another test runs would measure the other test.
 test: setup
-	$(BIN)/python -m pytest -q -n 4 --dist loadfile -m "not timed" --durations=8 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n 3 --dist loadfile -m "not timed" --durations=8 $(PYTEST_ARGS)
 	$(BIN)/python -m pytest -q -m timed --durations=4 $(PYTEST_ARGS)
 
 test-fast: setup
