@@ -371,6 +371,30 @@ def test_the_choice_is_timed_again_as_the_gate_will_and_dropped_when_it_does_not
     assert len(said) == 1 and "1.40x at batch 8 when timed again" in said[0]
 
 
+def test_a_choice_whose_retiming_only_just_meets_is_dropped(monkeypatch, tmp_path):
+    """Re-timed at 1.53x with a tight spread (its interval's lower end above 1.5x), a file still clears a 1.5x
+    target by less than RETIME_MARGIN: dropped, since the gate times it again minutes later; at 1.60x it is kept."""
+    import compress.planner.search as planner
+
+    again = iter([1.53, 1.60])
+
+    def fake_latency(paths, size, *, batch_sizes, threads, warmup, runs, keep_times=False):
+        s = next(again)
+        jitter = [1.0 + 0.001 * (i % 3) for i in range(runs)]
+        times = {"teacher": [10.0 * s * j for j in jitter], **{k: [10.0 * j for j in jitter] for k in paths if k != "teacher"}}
+        return {k: {str(b): {"p50_ms": sorted(v)[len(v) // 2], "times_ms": v} for b in batch_sizes} for k, v in times.items()}
+
+    monkeypatch.setattr(planner, "latency", fake_latency)
+    r = parse_recipe(_recipe("{speedup: 1.5, batch: 8}"))
+    rows = [{"passes": [{"width": {"target": f}}], "variant": "fp32", "flops_ratio": f, "params_ratio": f,
+             "model": [f, f, 0.01], "speedup": {"8": 1.6}} for f in (0.5, 0.45)]
+    said = []
+    kept = [planner._confirm(row, tmp_path, tmp_path / "t.onnx", r, [8], r.target, {"p50_ms": 16.0}, (3, 16, 16),
+                             said.append) for row in rows]
+    assert rows[0]["confirm"]["interval"]["8"]["lo"] >= 1.5  # the interval alone would have kept it
+    assert kept == [False, True] and len(said) == 1 and "measured 1.53x (lower end 1.53x)" in said[0]
+
+
 def test_int8_static_is_a_default_variant_planned_only_with_real_calibration_images(deep_vit):
     """Every target may ship static int8 by default; on random calibration inputs (which the pipeline refuses to
     calibrate it on) the planner leaves it out and says why. The teacher's own int8_static file as the plan

@@ -36,6 +36,10 @@ SLACK = 1.0
 # file: 1.52x in the plan, 1.38x in the report; a 1.60x choice timed 1.42x at load average 2.9). A row timed without
 # its run times (none in practice) needs this margin above the target instead
 SPEED_MARGIN = 0.03
+# The re-timing that confirms a choice (_confirm) must also clear the target by this share at its p50: a file and
+# its distilled twin timed minutes apart drift more than one timing's interval says (CI, 2-core host: the demo's
+# choice confirmed at 1.55x with its lower end at the 1.5x target, then the gate timed the distilled file at 1.493x)
+RETIME_MARGIN = 0.05
 CONFIRM = 3  # meeting candidates re-timed, best first, as the gate will time them, until one still meets
 # How much faster than its FLOP cut a file can run (DESIGN §8): fp32 tracks FLOPs; int8 dynamic speeds
 # ViT MatMuls up about 2x. Candidates beyond these bounds are not worth exporting and timing.
@@ -426,11 +430,13 @@ def _confirm(r: dict, folder: Path, tpath: Path, recipe: Recipe, batches: list[i
     spread = timing_intervals(res, r["variant"])
     held = _meets({**r, "speedup": again, "p50_ms": p50, "interval": spread}, t,
                   {**tref, "p50_ms": res["teacher"][bs]["p50_ms"]})
+    held = held and (t.speedup is None or again[bs] >= t.speedup * (1 + RETIME_MARGIN)) and (
+        t.latency_ms is None or p50[bs] * (1 + RETIME_MARGIN) <= t.latency_ms)
     r["confirm"] = {"speedup": again, "p50_ms": p50, "interval": spread, "meets": held}
     if not held:
         lo = f" (lower end {spread[bs]['lo']:.2f}x)" if bs in spread else ""
         log(f"plan: {describe(r)} measured {again[bs]:.2f}x{lo} at batch {t.batch} when timed again as the gate "
-            "will time it; dropped")
+            f"will time it (a choice clears the target by {RETIME_MARGIN:.0%} there); dropped")
     return held
 
 
