@@ -41,7 +41,8 @@ def test_coverage_quick_converts_one_model_per_family(tmp_path):
     def cli(args):  # the real CLI in a child process, forked from one that has imported compress already
         return forkcli.run(args, REPO, child_env(), timeout=TIMEOUT_S)
 
-    assert main(["--quick", "--recipes", "export,width,lowrank", "--out", str(tmp_path)], cli=cli) == 0
+    # export and width (the pass this harness tracks); lowrank on these families has tests of its own
+    assert main(["--quick", "--recipes", "export,width", "--out", str(tmp_path)], cli=cli) == 0
     data = json.loads((tmp_path / "coverage.json").read_text())
     assert len(data["rows"]) == sum(c.quick for c in CASES) and not data["complete"]
     for row in data["rows"]:
@@ -49,6 +50,6 @@ def test_coverage_quick_converts_one_model_per_family(tmp_path):
         assert row["cells"]["export"]["rc"] == 0, row
         assert row["cells"]["export"]["flops"] == pytest.approx(1.0)
         assert all(c["rc"] in (0, 2) for c in row["cells"].values()), row  # never a crash or a failed verification
-        assert ok(row["cells"]["width"], True) or ok(row["cells"]["lowrank"], True), row  # the acceptance's bar
+        assert ok(row["cells"]["width"], True), row  # within 2% of the 0.5 budget
     md = (tmp_path / "COVERAGE.md").read_text()
     assert all(row["label"] in md for row in data["rows"])
