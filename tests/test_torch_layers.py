@@ -79,11 +79,19 @@ def test_torch_encoder_vit_lowrank_width_export_and_save_back(tmp_path):
 
 
 @pytest.mark.parametrize("factory,kw", [("torch_vit", {"norm_first": False, "batch_first": False}), ("tuple_vit", {})])
-def test_post_norm_and_tuple_blocks_take_lowrank(tmp_path, factory, kw):
-    """Blocks with no neutral form (post-norm, sequence-first, returning tuples) still expose plain Linears."""
+def test_post_norm_and_tuple_blocks_take_lowrank_and_width(tmp_path, factory, kw):
+    """Blocks with no neutral form (post-norm, sequence-first, returning tuples) still expose plain Linears:
+    lowrank factorises them; width narrows their MLPs (found by structure, checked independent), says the heads
+    stay whole, and the result exports with parity and replays."""
     ckpt, _, spec = _ckpt(tmp_path, factory, kw)
     out, rep = run(tmp_path, ckpt, LOWRANK, model=spec)
     assert rep["passes"][0]["params"][1] < rep["passes"][0]["params"][0]
+    check_result(out, rep, (3, 16, 16))
+    out, rep = run(tmp_path, ckpt, [{"width": {"keep": 0.5, "multiple": 4}}], model=spec, name="width")
+    p = rep["passes"][0]
+    assert p["params"][1] < p["params"][0] and len(p["details"]["mlps"]) == 2
+    assert all(m["width"] == [32, 16] for m in p["details"]["mlps"].values())
+    assert any("qk, vo kept at full width" in c for c in p["changes"]), p["changes"]
     check_result(out, rep, (3, 16, 16))
     loaded = load(str(ckpt), parse_recipe({"version": 1, "model": spec}).model)
     assert loaded.source["base"]["conversion"]["torch_layers"] == (["encoder"] if factory == "torch_vit"

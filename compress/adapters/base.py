@@ -8,6 +8,13 @@ from torch import nn
 from ..core.modules import ViTBlock
 
 LayerKind = Literal["attn", "mlp", "conv", "stem", "head"]
+# where attention modules keep their head count: timm, torch, vit-pytorch (lucidrains), HF, nanoGPT-style code
+HEAD_ATTRS = ("num_heads", "heads", "n_heads", "num_attention_heads", "nhead", "n_head")
+
+
+def heads_of(m: nn.Module) -> int | None:
+    """The module's head count when it keeps one as an int attribute (an attention module), else None."""
+    return next((v for a in HEAD_ATTRS if isinstance(v := getattr(m, a, None), int) and not isinstance(v, bool)), None)
 
 
 class Adapter(Protocol):

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..core.errors import InputError
 from ..core.modules import ViTBlock
-from .base import set_module
+from .base import heads_of, set_module
 from .vit_struct import geometry, map_blocks
 
 # a layer inside a module named like this, or inside one that knows its head count, is attention
@@ -25,13 +25,25 @@ def module_types(model: nn.Module, limit: int = 8) -> str:
     return ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
 
 
+def _period(types: list[type]) -> int | None:
+    """The shortest p that repeats the sequence at least twice (types[i] == types[i % p]), else None."""
+    return next((p for p in range(1, len(types) // 2 + 1)
+                 if len(types) % p == 0 and all(t is types[i % p] for i, t in enumerate(types))), None)
+
+
 def _block_lists(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """ModuleList / Sequential containers of >= 2 modules of one type: the model's repeated blocks."""
+    """ModuleList / Sequential containers of >= 2 modules of one type: the model's repeated blocks. Also a list that
+    repeats a sequence of types holding an attention module: post-LN transformers keep their sub-layers flat
+    (vit-pytorch's keel ViT: [Attention, FeedForward] x depth), each sub-layer then counts as a block."""
     out = []
     for n, m in model.named_modules():
-        if isinstance(m, (nn.ModuleList, nn.Sequential)) and len(m) >= 2 and len({type(c) for c in m}) == 1:
-            if not isinstance(m[0], (nn.Linear, nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.GELU, nn.Dropout, nn.Identity)):
-                out.append((n, m))
+        if not isinstance(m, (nn.ModuleList, nn.Sequential)) or len(m) < 2:
+            continue
+        p = _period([type(c) for c in m])
+        if p is None or (p > 1 and not any(heads_of(c) for c in list(m)[:p])):
+            continue
+        if not isinstance(m[0], (nn.Linear, nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.GELU, nn.Dropout, nn.Identity)):
+            out.append((n, m))
     return out
 
 
@@ -84,7 +96,7 @@ def structural_layers(model: nn.Module, sample: torch.Tensor) -> list[tuple[str,
     if not called:
         return []
     blocks = [n for n, _ in _block_lists(model)]
-    heads = {n for n, m in model.named_modules() if n and (hasattr(m, "num_heads") or hasattr(m, "num_attention_heads"))}
+    heads = {n for n, m in model.named_modules() if n and heads_of(m)}
     inside = {n: any(n.startswith(b + ".") for b in blocks if b) for n in called}
     first_block = next((i for i, n in enumerate(called) if inside[n]), len(called))
     last = model.get_submodule(called[-1])

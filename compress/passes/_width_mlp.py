@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from ..adapters.base import set_module
+from ..adapters.base import heads_of, set_module
 from ..adapters.generic import _ATTN, _block_lists
 from ..core.errors import InputError
 from ..core.modules import ViTBlock
@@ -40,7 +40,7 @@ def _candidates(model: nn.Module) -> list[Pair]:
     for name, m in model.named_modules():
         if not name or not any(name.startswith(b + ".") for b in inside) or isinstance(m, ViTBlock):
             continue
-        if _ATTN.search(name) or hasattr(m, "num_heads"):
+        if _ATTN.search(name) or heads_of(m):
             continue
         lin = [(n, c) for n, c in m.named_children() if type(c) is nn.Linear]
         if len(lin) not in (2, 3):

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from pydantic import Field, PositiveInt, model_validator
 from torch import nn
 
+from ..adapters.base import heads_of
 from ..core.errors import InputError
 from ..core.modules import SeparateQK, SeparateVO
 from ..core.probe import capture, kl
@@ -394,6 +395,10 @@ def _channel_free_blur(model) -> None:
 def width(model, adapter, cfg: WidthConfig, ctx: PassContext) -> PassResult:
     if ctx.replay is not None and "graph" in ctx.replay:
         return graph_replay(model, ctx.replay)
+    if ctx.replay is not None and "mlps" in ctx.replay:
+        return mlp_width(model, adapter, cfg, ctx)
+    if adapter.family == "vit" and getattr(adapter, "unmapped", None):
+        return _unmapped_vit(model, adapter, cfg, ctx)
     if adapter.family == "other":  # no family: a CNN by its traced channel graph, else the MLPs found by structure
         if _convnet(model) and "conv" in cfg.layers:
             return graph_width(model, cfg, ctx, _uniform)
@@ -406,10 +411,23 @@ def width(model, adapter, cfg: WidthConfig, ctx: PassContext) -> PassResult:
         return graph_width(model, cfg, ctx, _uniform)
 
 
+def _unmapped_vit(model, adapter, cfg: WidthConfig, ctx: PassContext) -> PassResult:
+    """Transformer blocks with no neutral form (post-norm, sequence-first, blocks returning tuples): their MLPs are
+    found by structure and checked independent on real inputs (_width_mlp.py), which needs no block wiring. Head
+    widths need the block's attention written out as q.k and v->proj: kept, and said so."""
+    res = mlp_width(model, adapter, cfg, ctx)
+    kept = [k for k in cfg.layers if k in ("qk", "vo")]
+    if kept:
+        res.changes.insert(1, f"width: {', '.join(kept)} kept at full width: blocks {', '.join(adapter.unmapped)} "
+                              "have no neutral ViT form (pre-norm x + attn(norm1 x), then + mlp(norm2 x)), so only "
+                              "their MLPs narrow")
+    return res
+
+
 def _convnet(model: nn.Module) -> bool:
     """Convs past a stem and no attention: the traced graph's case (a ViT's heads are the family code's)."""
     convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
-    attention = any(isinstance(m, nn.MultiheadAttention) or hasattr(m, "num_heads") for m in model.modules())
+    attention = any(isinstance(m, nn.MultiheadAttention) or heads_of(m) for m in model.modules())
     return convs >= 2 and not attention
 
 

@@ -8,11 +8,11 @@ from timm.layers import Mlp
 from timm.models.resnet import BasicBlock, Bottleneck
 from torch import nn
 
+from ...adapters.base import heads_of
 from ...core.modules import Attention, SeparateQK, SeparateVO, ViTBlock
 from .common import CONVERT_TOL, rel_diff
 
 ACTS = {"gelu": nn.GELU, "gelu_tanh": partial(nn.GELU, approximate="tanh"), "relu": nn.ReLU, "silu": nn.SiLU}
-HEAD_ATTRS = ("num_heads", "heads", "n_heads", "num_attention_heads", "nhead", "n_head")
 
 
 # ----------------------------------------------------------------------------- ViT-like blocks
@@ -66,7 +66,7 @@ def attention_parts(m: nn.Module, d: int):
     if mha is not None and mha.in_proj_weight is not None and mha.embed_dim == d:
         return (*split(mha.in_proj_weight, mha.in_proj_bias, 3), mha.out_proj, mha.num_heads)
     lins = [c for c in m.children() if isinstance(c, nn.Linear)]
-    heads = next((getattr(m, a) for a in HEAD_ATTRS if isinstance(getattr(m, a, None), int)), None)
+    heads = heads_of(m)
     fused = [c for c in lins if c.in_features == d and c.out_features == 3 * d]
     square = [c for c in lins if c.in_features == d and c.out_features == d]
     if len(fused) == 1 and len(square) == 1:
