@@ -37,7 +37,7 @@ def variants(loaded: Loaded) -> dict[str, list]:
     return out
 
 
-def run_arch(arch: str, *, runs: int, threads: int, work: Path, log, warmup: int = 10) -> dict:
+def run_arch(arch: str, *, runs: int, threads: int, work: Path, log, warmup: int = 10, slim: bool = True) -> dict:
     torch.manual_seed(0)
     model = nonzero_biases(timm.create_model(arch, pretrained=False, num_classes=1000).eval())
     size = (3, 224, 224)
@@ -49,7 +49,7 @@ def run_arch(arch: str, *, runs: int, threads: int, work: Path, log, warmup: int
         student, _, _, _ = rewrite(loaded, parse_recipe({"version": 1, "passes": passes}), calib, log=lambda _m: None)
         convert = time.perf_counter() - t0
         files[name] = work / f"{arch}-{name}.onnx"
-        art = write_onnx(student, files[name], calib[:2], opset=18, dynamic_batch=True, tol=1e-4, slim=True)
+        art = write_onnx(student, files[name], calib[:2], opset=18, dynamic_batch=True, tol=1e-4, slim=slim)
         rows[name] = {"passes": passes, "params": count_params(student), "flops": count_flops(student, size),
                       "onnx_bytes": art["bytes"], "convert_s": round(convert, 2)}
         log(f"  {arch} {name}: {rows[name]['flops'] / 1e9:.2f} GFLOPs, converted in {convert:.1f} s")
@@ -66,11 +66,11 @@ def run_arch(arch: str, *, runs: int, threads: int, work: Path, log, warmup: int
             "variants": rows}
 
 
-def run(archs: list[str], *, runs: int, threads: int, work: Path, log, warmup: int = 10) -> list[dict]:
+def run(archs: list[str], *, runs: int, threads: int, work: Path, log, warmup: int = 10, slim: bool = True) -> list[dict]:
     out = []
     for arch in archs:
         try:
-            out.append(run_arch(arch, runs=runs, threads=threads, work=work, log=log, warmup=warmup))
+            out.append(run_arch(arch, runs=runs, threads=threads, work=work, log=log, warmup=warmup, slim=slim))
         except Exception as e:  # noqa: BLE001 - recorded in the table, and fails the run
             log(f"  {arch} FAILED: {type(e).__name__}: {e}")
             out.append({"arch": arch, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=6)})

@@ -228,3 +228,17 @@ def test_hf_hub_id_offline_fails_at_once(monkeypatch):
     monkeypatch.setattr(ld, "_hub_reachable", lambda: False)
     with pytest.raises(InputError, match="cannot reach the model hub to fetch hf:google/vit-base-patch16-224.*local"):
         load("hf:google/vit-base-patch16-224")
+
+
+def test_a_dotted_factory_reaches_a_class_method(tmp_path):
+    """`module:Class.method`, as EfficientNet-PyTorch is built (`EfficientNet.from_name(...)`); a missing part of
+    the dotted name is the same one line as a missing function."""
+    import user_models
+
+    m = jitter(user_models.TinyResNet.from_name("small"))
+    save_file(m.state_dict(), str(tmp_path / "w.safetensors"))
+    spec = {"arch": "user_models:TinyResNet.from_name", "kwargs": {"name": "small"}, "img_size": 32}
+    loaded = load(str(tmp_path / "w.safetensors"), parse_recipe({"version": 1, "model": spec}).model)
+    assert loaded.model.fc.in_features == 32
+    with pytest.raises(InputError, match="has no callable 'TinyResNet.from_nam'"):
+        load(str(tmp_path / "w.safetensors"), parse_recipe({"version": 1, "model": {**spec, "arch": "user_models:TinyResNet.from_nam"}}).model)

@@ -84,6 +84,11 @@ class TinyResNet(nn.Module):
     def forward(self, x):
         return self.fc(self.body(self.stem(x)).mean((2, 3)))
 
+    @classmethod
+    def from_name(cls, name: str, num_classes: int = 5):
+        """A class's own factory, as EfficientNet-PyTorch's `EfficientNet.from_name('efficientnet-lite1')`."""
+        return cls(num_classes, width={"tiny": 8, "small": 16}[name])
+
 
 def vit(num_classes: int = 5, post_norm_block: int = -1) -> nn.Module:
     return TinyViT(num_classes, post_norm_block=post_norm_block)

@@ -39,7 +39,9 @@ def make(arch: str, kwargs: dict, num_classes=None) -> nn.Module:
     finally:
         if added:
             sys.path.remove(cwd)
-    fn = getattr(module, fn_name, None)
+    fn = module  # a dotted name reaches a class's factory method: `efficientnet_lite_pytorch:EfficientNet.from_name`
+    for part in fn_name.split("."):
+        fn = getattr(fn, part, None)
     if not callable(fn):
         raise InputError(f"model.arch '{arch}': {mod_name} has no callable {fn_name!r}")
     args = {**kwargs, **({"num_classes": num_classes} if num_classes else {})}
