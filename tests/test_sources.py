@@ -242,3 +242,16 @@ def test_a_dotted_factory_reaches_a_class_method(tmp_path):
     assert loaded.model.fc.in_features == 32
     with pytest.raises(InputError, match="has no callable 'TinyResNet.from_nam'"):
         load(str(tmp_path / "w.safetensors"), parse_recipe({"version": 1, "model": {**spec, "arch": "user_models:TinyResNet.from_nam"}}).model)
+
+
+def test_inspect_of_a_model_of_no_family_lists_every_pass(tmp_path):
+    """A CNN no family knows (`module:factory`): inspect tries every pass; the symmetric qk_merge asked the model's
+    width before finding no transformer blocks, and the whole inspect was exit 1 (EfficientNet-Lite1)."""
+    from compress import api
+
+    m = jitter(__import__("graph_models").coupled("all"))
+    save_file(m.state_dict(), str(tmp_path / "w.safetensors"))
+    recipe = {"version": 1, "model": {"arch": "graph_models:coupled", "kwargs": {"kind": "all"}, "img_size": 32}}
+    info = api.inspect(tmp_path / "w.safetensors", recipe=recipe)
+    assert info["passes"]["qk_merge symmetric"] == {"applies": False, "why": "this model has no transformer blocks"}
+    assert "flops" in info["passes"]["width"]

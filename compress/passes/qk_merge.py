@@ -106,6 +106,7 @@ def qk_merge(model, adapter, cfg: QKMergeConfig, ctx: PassContext) -> PassResult
     if cfg.mode == "exact":
         return rewrite_attention(model, adapter, cfg, part="score", kind=SeparateQK, convert=merge_qk, cost=_cost,
                                  label="qk_merge", verb="merged Q/K")
+    adapter.vit_blocks(model)  # no transformer blocks: their one-line refusal, before the width is asked for
     d = adapter.describe(model)["width"]
     if cfg.rank > d:
         raise InputError(f"qk_merge.rank {cfg.rank} exceeds the model width {d}; use a rank of at most {d}")
