@@ -255,3 +255,12 @@ def test_inspect_of_a_model_of_no_family_lists_every_pass(tmp_path):
     info = api.inspect(tmp_path / "w.safetensors", recipe=recipe)
     assert info["passes"]["qk_merge symmetric"] == {"applies": False, "why": "this model has no transformer blocks"}
     assert "flops" in info["passes"]["width"]
+
+
+def test_blocks_unmapped_for_one_reason_are_named_once():
+    """EfficientNet-Lite1's 21 blocks, one reason each, were a 5,000-character load note; now one group."""
+    from compress.adapters.user import unmapped_text
+
+    many = [f"_blocks.{i} (part _swish (ReLU6) is neither a conv+BN pair)" for i in range(21)]
+    assert unmapped_text(many) == "_blocks.0, _blocks.1, ..., _blocks.20 (21 blocks: part _swish (ReLU6) is neither a conv+BN pair)"
+    assert unmapped_text(["a (x)", "b (x)", "c (y)", "d"]) == "a, b (x); c (y); d"

@@ -7,6 +7,20 @@ from ..core.errors import InputError
 from ..core.modules import SeparateQK, SeparateVO, ViTBlock
 
 
+def unmapped_text(items: list[str]) -> str:
+    """Unmapped blocks ("NAME (WHY)") for one line: blocks that failed for the same reason named once, as
+    "first, ..., last (N blocks: WHY)" (EfficientNet-Lite1: 21 blocks, one reason, was a 5,000-character line)."""
+    groups: dict[str, list[str]] = {}
+    for item in items:
+        name, sep, why = item.partition(" (")
+        groups.setdefault(why[:-1] if sep and why.endswith(")") else "", []).append(name)
+    out = []
+    for why, names in groups.items():
+        shown = ", ".join(names) if len(names) <= 3 else f"{names[0]}, {names[1]}, ..., {names[-1]} ({len(names)} blocks"
+        out.append(shown + (f": {why})" if len(names) > 3 and why else ")" if len(names) > 3 else f" ({why})" if why else ""))
+    return "; ".join(out)
+
+
 class UserAdapter:
     """One instance per model: it knows where that model's blocks are and which could not be mapped."""
 
@@ -20,7 +34,7 @@ class UserAdapter:
 
     def _refuse_unmapped(self, what: str) -> None:
         if self.unmapped:
-            raise InputError(f"blocks {', '.join(self.unmapped)} of this model could not be mapped to the neutral {what} "
+            raise InputError(f"blocks {unmapped_text(self.unmapped)} of this model could not be mapped to the neutral {what} "
                              "form, so passes that rewrite blocks cannot run on it; use export/distill only, or "
                              "make those blocks standard")
 

@@ -16,6 +16,7 @@ from pydantic import Field, PositiveInt, model_validator
 from torch import nn
 
 from ..adapters.base import heads_of
+from ..adapters.user import unmapped_text
 from ..core.errors import InputError
 from ..core.modules import SeparateQK, SeparateVO
 from ..core.probe import capture, kl
@@ -418,7 +419,7 @@ def _unmapped_vit(model, adapter, cfg: WidthConfig, ctx: PassContext) -> PassRes
     res = mlp_width(model, adapter, cfg, ctx)
     kept = [k for k in cfg.layers if k in ("qk", "vo")]
     if kept:
-        res.changes.insert(1, f"width: {', '.join(kept)} kept at full width: blocks {', '.join(adapter.unmapped)} "
+        res.changes.insert(1, f"width: {', '.join(kept)} kept at full width: blocks {unmapped_text(adapter.unmapped)} "
                               "have no neutral ViT form (pre-norm x + attn(norm1 x), then + mlp(norm2 x)), so only "
                               "their MLPs narrow")
     return res

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ...adapters.base import set_module
-from ...adapters.user import UserAdapter
+from ...adapters.user import UserAdapter, unmapped_text
 from ...core.errors import InputError, VerificationError
 from .common import CONVERT_TOL, Converted, LogitsOnly, check_same, fit, logits_of, logits_only, random_input, rel_diff
 from .torch_layers import rebuild_torch_layers
@@ -197,12 +197,12 @@ def read(arch: str, kwargs: dict, num_classes, img_size, sd: dict, weights) -> C
         before = {id(t): (k.removeprefix("model.") if returns else k, t) for k, t in model.state_dict(keep_vars=True).items()}
         diff = 0.0
     back = _origin(model, before)
-    note = (f"blocks {', '.join(record['unmapped'])} could not be mapped; passes that rewrite {record['family']} blocks "
+    note = (f"blocks {unmapped_text(record['unmapped'])} could not be mapped; passes that rewrite {record['family']} blocks "
             "cannot run on this model" if record["unmapped"] else None)
     if record["family"] is None:
         note = (f"no ViT-like (2 LayerNorms + attention + 2-Linear MLP) or ResNet-like (conv+BN pairs + shortcut) blocks "
                 f"recognised (module types seen: {', '.join(record['module_types'][:12])}"
-                + (f"; unconverted: {', '.join(record['unmapped'])}" if record["unmapped"] else "")
+                + (f"; unconverted: {unmapped_text(record['unmapped'])}" if record["unmapped"] else "")
                 + "); it loads, exports and distills, but passes that rewrite blocks cannot run on it")
     converted = (f"{len(adapter.blocks)} {record['family']} blocks converted in place, each checked on its real input; "
                  f"whole model max |Δlogit| {diff:.1e} of the scale" if record["family"] else None)
