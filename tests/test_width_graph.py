@@ -134,3 +134,22 @@ def test_channels_through_an_opaque_op_are_refused_naming_it():
     with pytest.raises(InputError, match=r"_ReverseBackward.*lowrank is the pass") as e:
         _width(_model("untraceable"), target=0.5, scope="model", multiple=2)
     assert "\n" not in str(e.value)
+
+
+def test_the_planner_proposes_graph_width_for_a_model_of_no_family(tmp_path):
+    """A CNN no family knows (EfficientNet-Lite1 was one: only its int8 files were planned): the planner's width
+    candidates reach it through the traced graph, and a FLOP target is met by one."""
+    from compress.load.model import load
+    from compress.planner.search import calibration_pair, plan
+
+    save_file(_model("all").state_dict(), str(tmp_path / "w.safetensors"))
+    r = parse_recipe({"version": 1, "model": {"arch": "graph_models:coupled", "kwargs": {"kind": "all"}, "img_size": 32},
+                      "calibration": {"data": "random", "images": 8}, "target": {"flops": 0.6},
+                      "report": {"latency": None}})
+    loaded = load(str(tmp_path / "w.safetensors"), r.model)
+    assert loaded.adapter.family == "other"
+    calib, holdout = calibration_pair(None, loaded.data_cfg, r.calibration)
+    res = plan(loaded, r, calib, log=lambda _m: None, holdout=holdout)
+    width_rows = [x for x in res["rows"] if x["passes"] and "width" in x["passes"][-1]]
+    assert width_rows and all(x["flops_ratio"] <= 0.6 for x in width_rows)
+    assert any("width" in p for p in res["rows"][res["choice"]]["passes"])

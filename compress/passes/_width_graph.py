@@ -377,9 +377,8 @@ def _refit(model, teacher, layers, keep_in, keep_out, calib, ridge) -> tuple[int
         if isinstance(m, nn.Conv2d) and (m.groups != 1 or m.padding_mode != "zeros"):
             skipped += 1
             continue
-        x = capture(model, [m], calib, inputs=True)[0]
-        with torch.no_grad():
-            y = capture(teacher, [tnames[name]], calib)[0]
+        x = capture(model, [m], calib, inputs=True, stop=True)[0]
+        y = capture(teacher, [tnames[name]], calib, stop=True)[0]
         if id(m) in keep_out:
             y = y[:, keep_out[id(m)]] if isinstance(m, nn.Conv2d) else y[..., keep_out[id(m)]]
         if isinstance(m, nn.Conv2d):
