@@ -203,8 +203,8 @@ def read(arch: str, kwargs: dict, num_classes, img_size, sd: dict, weights) -> C
         note = (f"no ViT-like (2 LayerNorms + attention + 2-Linear MLP) or ResNet-like (conv+BN pairs + shortcut) blocks "
                 f"recognised (module types seen: {', '.join(record['module_types'][:12])}"
                 + (f"; unconverted: {unmapped_text(record['unmapped'])}" if record["unmapped"] else "")
-                + "); it loads, exports, distills and takes width and lowrank (layers found by tracing and structure), "
-                "but passes that rewrite blocks (mlp_strip, qk_merge, vo, ...) cannot run on it")
+                + "); it loads, exports and distills, passes that rewrite blocks (mlp_strip, qk_merge, vo, ...) cannot "
+                "run on it, and width and lowrank look for its layers by tracing and structure")
     converted = (f"{len(adapter.blocks)} {record['family']} blocks converted in place, each checked on its real input; "
                  f"whole model max |Δlogit| {diff:.1e} of the scale" if record["family"] else None)
     rebuilt, kept = torch_layers["rebuilt"], torch_layers["kept"]
