@@ -16,8 +16,10 @@ def unmapped_text(items: list[str]) -> str:
         groups.setdefault(why[:-1] if sep and why.endswith(")") else "", []).append(name)
     out = []
     for why, names in groups.items():
-        shown = ", ".join(names) if len(names) <= 3 else f"{names[0]}, {names[1]}, ..., {names[-1]} ({len(names)} blocks"
-        out.append(shown + (f": {why})" if len(names) > 3 and why else ")" if len(names) > 3 else f" ({why})" if why else ""))
+        if len(names) > 3:
+            out.append(f"{names[0]}, {names[1]}, ..., {names[-1]} ({len(names)} blocks" + (f": {why})" if why else ")"))
+        else:
+            out.append(", ".join(names) + (f" ({why})" if why else ""))
     return "; ".join(out)
 
 
