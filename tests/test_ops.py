@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import json
+import multiprocessing.connection
 import multiprocessing.forkserver
 import os
 import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -34,6 +36,42 @@ def test_a_status_the_forkserver_loses_is_the_childs_own(tmp_path):
         os.kill(multiprocessing.forkserver._forkserver._forkserver_pid, signal.SIGKILL)
 
     assert forkrun.run(_sleep_then_exit_3, [], tmp_path, timeout=30, started=kill_forkserver).returncode == 3
+
+
+def _sleep_long():
+    time.sleep(60)
+
+
+def test_a_start_in_another_thread_does_not_steal_a_killed_runs_status(tmp_path, monkeypatch):
+    """CI's StatusLost: Process.start() polls every live child; a start in another thread that had read a killed run's
+    status (slowed here between the read and its record) left this thread's read an EOF, recorded as 255."""
+    forkcli.start()
+    proc = forkrun.spawn(_sleep_long, [], tmp_path, None, tmp_path / "a.out", tmp_path / "a.err")
+    proc.kill()
+    multiprocessing.connection.wait([proc.sentinel], 30)
+    read = multiprocessing.forkserver.read_signed
+    reading = threading.Event()
+
+    def slow_read(fd):
+        value = read(fd)
+        if threading.current_thread().name == "starter":
+            reading.set()
+            time.sleep(0.5)
+        return value
+
+    monkeypatch.setattr(multiprocessing.forkserver, "read_signed", slow_read)
+    other = []
+    starter = threading.Thread(name="starter", target=lambda: other.append(
+        forkrun.spawn(_sleep_long, [], tmp_path, None, tmp_path / "b.out", tmp_path / "b.err")))
+    starter.start()
+    assert reading.wait(30)  # the starter is between its read of the killed run's status and its record
+    try:
+        assert forkrun.wait(proc, 30) == -signal.SIGKILL
+    finally:
+        starter.join(30)
+        for p in other:
+            p.kill()
+            forkrun.wait(p, 30)
 
 
 def test_hundreds_of_forked_runs_with_kills_never_get_a_wrong_status(tmp_path):

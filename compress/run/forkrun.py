@@ -84,6 +84,9 @@ def _child(entry, args: list, cwd: str, env: dict, out: str, err: str, death, st
 
 _ctx = None
 _lock = threading.Lock()
+_polls = threading.Lock()  # multiprocessing's Process.start() polls every live child (its _cleanup) from the caller's
+# thread: two polls of one child at once read its status twice, the second gets EOF and records 255 (CI saw
+# StatusLost for a killed run). Every start and every poll here holds this lock.
 
 
 def start() -> None:
@@ -117,13 +120,23 @@ def spawn(entry, args: list, cwd: Path, env: dict | None, out: Path, err: Path, 
     proc = _ctx.Process(target=_child, args=(entry, [str(a) for a in args], str(cwd), dict(os.environ if env is None else env),
                                              str(out), str(err), death_r, status_w))
     try:
-        proc.start()
+        with _polls:
+            proc.start()
     finally:
         for end in (death_r, status_w):  # the child's ends: only the child holds them now
             if end is not None:
                 end.close()
     proc._death, proc._status = death_w, status_r  # kept open as long as the Process object lives
     return proc
+
+
+def _exitcode(proc, timeout: float | None = 0.0) -> int | None:
+    """proc.exitcode once its sentinel is ready within timeout (None: still running). The wait is unlocked; only the
+    read of the status, which is quick once the sentinel is ready, holds `_polls`."""
+    if not multiprocessing.connection.wait([proc.sentinel], timeout):
+        return None
+    with _polls:
+        return proc.exitcode
 
 
 def wait(proc, timeout: float | None = None) -> int | None:
@@ -137,19 +150,19 @@ def wait(proc, timeout: float | None = None) -> int | None:
     if not ready:
         return None
     if st not in ready:  # the forkserver says it ended: its code holds only if the child wrote nothing
-        proc.join(0)
-        if proc.exitcode is not None and proc.exitcode < 0 and not st.poll(0):
-            return proc.exitcode
+        code = _exitcode(proc)
+        if code is not None and code < 0 and not st.poll(0):
+            return code
         if not multiprocessing.connection.wait([st], left()):
             return None  # the forkserver died or lost it, the child may still run: wait on its own pipe
     try:
         return int.from_bytes(st.recv_bytes(), "little", signed=True)
     except (EOFError, OSError):
         pass
-    proc.join(left())  # the child closed its pipe unreported: a signal, else no status at all
-    if proc.exitcode is not None and proc.exitcode < 0:
-        return proc.exitcode
-    raise StatusLost(f"the forked run (pid {proc.pid}) ended without an exit status (forkserver said {proc.exitcode})")
+    code = _exitcode(proc, left())  # the child closed its pipe unreported: a signal, else no status at all
+    if code is not None and code < 0:
+        return code
+    raise StatusLost(f"the forked run (pid {proc.pid}) ended without an exit status (forkserver said {code})")
 
 
 def run(entry, args: list, cwd: Path, env: dict | None = None, timeout: float | None = 600,
@@ -166,6 +179,6 @@ def run(entry, args: list, cwd: Path, env: dict | None = None, timeout: float | 
         code = wait(proc, timeout)
         if code is None:
             proc.kill()
-            proc.join()
+            _exitcode(proc, None)
             raise subprocess.TimeoutExpired(["compress", *args], timeout)
         return subprocess.CompletedProcess(["compress", *args], code, out.read_text(), err.read_text())
