@@ -58,11 +58,11 @@ class Split(nn.Module):
 
 
 class Grouped(nn.Module):
-    """ResNeXt-style grouped 3x3 between two 1x1s."""
+    """ResNeXt-style grouped 3x3 between two 1x1s: 4 groups (whole groups go), or 2 (each keeps fewer channels)."""
 
-    def __init__(self):
+    def __init__(self, groups: int = 4):
         super().__init__()
-        self.seq = nn.Sequential(_cbr(C, 2 * C, 1), _cbr(2 * C, 2 * C, 3, groups=4), _cbr(2 * C, C, 1))
+        self.seq = nn.Sequential(_cbr(C, 2 * C, 1), _cbr(2 * C, 2 * C, 3, groups=groups), _cbr(2 * C, C, 1))
 
     def forward(self, x):
         return self.seq(x)
@@ -114,7 +114,8 @@ class FixedSplit(Split):
         return self.out(torch.cat([self.left(a), self.right(b)], 1))
 
 
-BLOCKS = {"residual": Residual, "concat": Concat, "split": Split, "grouped": Grouped, "depthwise": Depthwise,
+BLOCKS = {"residual": Residual, "concat": Concat, "split": Split, "grouped": Grouped,
+          "grouped_few": lambda: Grouped(2), "depthwise": Depthwise,
           "groupnorm": GroupNormed, "se": SE,
           "fixed_split": FixedSplit}
 

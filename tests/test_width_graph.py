@@ -62,9 +62,13 @@ def _coupled(kind, m):
     if kind in ("split", "fixed_split"):
         return [(b.wide[0].out_channels, b.left[0].in_channels + b.right[0].in_channels),
                 (b.left[0].in_channels, b.right[0].in_channels)]
-    if kind == "grouped":
+    if kind == "grouped":  # whole groups go: each keeps its 8 channels in and out
         g = b.seq[1][0]
-        return [(g.groups, 4), (g.in_channels, b.seq[0][0].out_channels), (g.in_channels % 4, 0), (g.out_channels % 4, 0)]
+        return [(g.in_channels // g.groups, g.out_channels // g.groups, 8), (g.in_channels % g.groups, 0),
+                (g.in_channels, g.out_channels, b.seq[0][0].out_channels, b.seq[2][0].in_channels)]
+    if kind == "grouped_few":  # 2 groups: both stay, each loses the same positions
+        g = b.seq[1][0]
+        return [(g.groups, 2), (g.in_channels, b.seq[0][0].out_channels), (g.in_channels % 2, 0), (g.out_channels % 2, 0)]
     if kind == "depthwise":
         d = b.seq[1][0]
         return [(d.groups, d.in_channels, d.out_channels, b.seq[0][0].out_channels, b.seq[2].in_channels),
@@ -94,6 +98,8 @@ def test_each_coupling_narrows_consistently_and_keep_all_is_exact(kind):
         assert _rel(narrow(x), want) < 0.1
     if kind == "groupnorm":
         assert narrow.blocks[0].seq[0][1].num_groups < 4  # a group went, whole
+    if kind == "grouped":
+        assert narrow.blocks[0].seq[1][0].groups < 4 and any("/32" in c for c in res.changes)
     if kind == "fixed_split":  # torch.split(x, 16) in forward: the halves stay 16 wide, the branches narrow
         assert narrow.blocks[0].wide[0].out_channels == 32 and narrow.blocks[0].left[0].out_channels < 16
         assert any("left whole" in c and "split" in c for c in res.changes)

@@ -3,8 +3,9 @@
 The DependencyGraph (autograd tracing) finds the groups of channels that must go together: through residual adds,
 concatenations and splits, grouped and depthwise convs, BatchNorm/GroupNorm/LayerNorm, SE gates, the flatten before
 a classifier. What is ours: each channel's importance (its activation energy on the calibration batch times the
-energy of the consumer weights that read it), channel units (a GroupNorm's groups go whole, a grouped conv loses the
-same positions in every group), widths on `multiple`, a uniform allocation reaching the FLOP target through a cost
+energy of the consumer weights that read it), channel units (a GroupNorm's groups go whole; a grouped conv of 4 or more
+groups loses whole groups, its input and output side together, so its group width stays what its kernels are fast at;
+one of 2-3 groups loses the same positions in every group), widths on `multiple`, a uniform allocation reaching the FLOP target through a cost
 model of every conv/linear, and the ridge least-squares refit of each plain consumer to the teacher's outputs. The
 plan is Torch-Pruning's pruning history (root layer, indices), so `load_compressed` replays it on a fresh model.
 """
@@ -42,6 +43,67 @@ def _tp():
     return tp
 
 
+MIN_WHOLE = 4  # a grouped conv of this many groups or more loses whole groups (regnet_y_800mf: group width 16 -> 8
+# kept 32 groups and ran at 0.60 of the efficiency of the same network built narrower, which keeps width 16)
+
+
+def _whole_convs(model: nn.Module, head: nn.Module | None) -> list[str]:
+    """Grouped (not depthwise) convs that lose whole groups."""
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m is not head
+            and MIN_WHOLE <= m.groups < m.in_channels and m.out_channels % m.groups == 0]
+
+
+def _whole_pruner():
+    """Torch-Pruning's conv pruner for a conv losing whole groups: the output side slices the dropped groups' filters
+    and the group count follows; the input side only counts (each kept filter reads its own group's channels)."""
+    tp = _tp()
+
+    class WholeGroups(tp.pruner.function.ConvPruner):
+        def prune_out_channels(self, layer, idxs):
+            per = layer.out_channels // layer.groups
+            layer = super().prune_out_channels(layer, idxs)
+            layer.groups = layer.out_channels // per
+            return layer
+
+        def prune_in_channels(self, layer, idxs):
+            layer.in_channels -= len(idxs)
+            return layer
+    return WholeGroups()
+
+
+_WHOLE, _SUBS = None, {}  # the pruner; each conv class -> its marked subclass
+
+
+def _whole():
+    global _WHOLE
+    if _WHOLE is None:
+        _WHOLE = _whole_pruner()
+    return _WHOLE
+
+
+class _Marked:
+    """While open, the named convs are of a subclass of their own class (same forward) that Torch-Pruning's
+    customized_pruners maps to `_whole()`: it looks pruners up by exact class, not by instance."""
+
+    def __init__(self, model: nn.Module, names: list[str]):
+        self.mods = [model.get_submodule(n) for n in names]
+        self.classes = [type(m) for m in self.mods]
+        for c in self.classes:
+            _SUBS.setdefault(c, type(f"Whole{c.__name__}", (c,), {}))
+
+    def pruners(self) -> dict:
+        return {_SUBS[c]: _whole() for c in set(self.classes)}
+
+    def __enter__(self):
+        for m, c in zip(self.mods, self.classes):
+            m.__class__ = _SUBS[c]
+        return self
+
+    def __exit__(self, *exc):
+        for m, c in zip(self.mods, self.classes):
+            m.__class__ = c
+
+
 def _layers(model: nn.Module, x: torch.Tensor) -> list[tuple[str, nn.Module, float, torch.Tensor]]:
     """Every Conv2d/Linear called on x, in call order: (name, module, MACs per image, mean square of each input
     channel)."""
@@ -65,11 +127,11 @@ def _layers(model: nn.Module, x: torch.Tensor) -> list[tuple[str, nn.Module, flo
     return list(found.values())
 
 
-def _trace(model: nn.Module, x: torch.Tensor, head: nn.Module | None):
+def _trace(model: nn.Module, x: torch.Tensor, head: nn.Module | None, pruners: dict | None = None):
     tp = _tp()
     try:
         with torch.enable_grad():
-            return tp.DependencyGraph().build_dependency(model, example_inputs=x[:1],
+            return tp.DependencyGraph().build_dependency(model, example_inputs=x[:1], customized_pruners=pruners,
                                                          ignored_layers=None, verbose=False)
     except Exception as e:  # noqa: BLE001 - any failure to trace is the user's model, refused in one line
         what = (str(e).strip().splitlines() or [""])[0][:160]
@@ -79,11 +141,16 @@ def _trace(model: nn.Module, x: torch.Tensor, head: nn.Module | None):
 
 
 def _is_out(tp, fn) -> bool:
-    return fn in (tp.prune_conv_out_channels, tp.prune_linear_out_channels, tp.prune_depthwise_conv_out_channels)
+    return fn in (tp.prune_conv_out_channels, tp.prune_linear_out_channels, tp.prune_depthwise_conv_out_channels,
+                  _whole().prune_out_channels)
 
 
 def _is_in(tp, fn) -> bool:
-    return fn in (tp.prune_conv_in_channels, tp.prune_linear_in_channels)
+    return fn in (tp.prune_conv_in_channels, tp.prune_linear_in_channels, _whole().prune_in_channels)
+
+
+def _is_whole(m) -> bool:
+    return type(m) in _SUBS.values()
 
 
 def _units(tp, group, full: int) -> list[list[int]] | None:
@@ -109,8 +176,8 @@ def _units(tp, group, full: int) -> list[list[int]] | None:
         elif isinstance(m, nn.Conv2d) and 1 < m.groups < m.in_channels:  # grouped, not depthwise
             size = (m.out_channels if _is_out(tp, item.dep.handler) else m.in_channels) // m.groups
             by = {}
-            for i, r in zip(idxs, roots):
-                by.setdefault(i % size, []).append(r)
+            for i, r in zip(idxs, roots):  # whole groups, or the same position in every group
+                by.setdefault(i // size if _is_whole(m) else i % size, []).append(r)
         elif isinstance(m, tp.ops._SplitOp) and m.offsets and len({b - a for a, b in zip(m.offsets, m.offsets[1:])}) == 1:
             size = m.offsets[1] - m.offsets[0]  # equal parts (chunk): each part keeps the same positions
             by = {}
@@ -225,7 +292,8 @@ def _cost_model(tp, layers, groups, names) -> tuple:
             if _is_out(tp, fn):
                 width = m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
                 s_out[i, j] += len(item.idxs) / width
-            elif _is_in(tp, fn) and not (isinstance(m, nn.Conv2d) and m.groups == m.in_channels and m.groups > 1):
+            elif _is_in(tp, fn) and not (isinstance(m, nn.Conv2d) and m.groups == m.in_channels and m.groups > 1) \
+                    and not _is_whole(m):  # a conv losing whole groups costs per output group only
                 s_in[i, j] += len(item.idxs) / (m.in_channels if isinstance(m, nn.Conv2d) else m.in_features)
     macs = np.array([l[2] for l in layers])
     touched = (s_in.sum(1) + s_out.sum(1)) > 0
@@ -267,11 +335,55 @@ def _graph_width(model: nn.Module, cfg, ctx, whole: tuple, uniform) -> PassResul
     head = _head(layers, model, calib)
     gn = {n: m.num_channels // m.num_groups for n, m in model.named_modules()
           if isinstance(m, nn.GroupNorm) and m.num_groups > 1}
-    dg = _trace(model, calib, head)
+    marked = _whole_convs(model, head)
+    with _Marked(model, marked) as mk:  # the convs losing whole groups are of their marked class until pruned
+        return _graph_width_marked(model, teacher, layers, head, gn, marked, mk, cfg, ctx, whole, uniform)
+
+
+def _conv_groups(tp, m, item, units) -> list[int] | None:
+    """For each unit of a group, the one group of conv m whose channels it is (None: the units are not m's groups)."""
+    size = (m.out_channels if _is_out(tp, item.dep.handler) else m.in_channels) // m.groups
+    conv = dict(zip(item.root_idxs, item.idxs))
+    js = [{conv[r] // size for r in unit if r in conv} for unit in units]
+    if len(units) != m.groups or any(len(j) != 1 for j in js):
+        return None
+    out = [j.pop() for j in js]
+    return out if sorted(out) == list(range(m.groups)) else None
+
+
+def _links(tp, candidates: dict) -> tuple[dict, set]:
+    """Per conv losing whole groups: the group narrowing its input (A) and the one narrowing its output (B), which
+    must drop the same conv groups: {id(conv): (A, B, A's unit -> conv group, B's, groups)}. The second value: the
+    groups that stay whole because their partner cannot follow (not narrowable, not in units of whole conv groups,
+    shared with another such conv)."""
+    sides, owner = {}, {}
+    for nm, (group, _, _) in candidates.items():
+        for item in group.items:
+            m, fn = item.dep.target.module, item.dep.handler
+            side = ("B" if _is_out(tp, fn) else "A" if _is_in(tp, fn) else None) if _is_whole(m) else None
+            if side is not None:
+                sides.setdefault(id(m), (m, {"A": [], "B": []}))[1][side].append((nm, item))
+                owner.setdefault(nm, set()).add(id(m))
+    links, off = {}, set()
+    for key, (m, got) in sides.items():
+        both = got["A"] + got["B"]
+        ok = len(got["A"]) == 1 and len(got["B"]) == 1 and all(len(owner[nm]) == 1 for nm, _ in both)
+        maps = [_conv_groups(tp, m, item, candidates[nm][2]) for nm, item in both] if ok else [None]
+        if all(mp is not None for mp in maps):
+            links[key] = (got["A"][0][0], got["B"][0][0], maps[0], maps[1], m.groups)
+        else:
+            off.update(nm for nm, _ in both)
+    return links, off
+
+
+def _graph_width_marked(model, teacher, layers, head, gn, marked, mk, cfg, ctx, whole, uniform) -> PassResult:
+    tp = _tp()
+    calib = ctx.calib
+    dg = _trace(model, calib, head, mk.pruners())
     raw = list(dg.get_all_groups(ignored_layers=[head] if head is not None else [],
                                  root_module_types=[nn.Conv2d, nn.Linear]))
     energy = {id(m): e for _, m, _, e in layers}
-    groups, units, cuts, scores, opaque = [], {}, {}, {}, set()
+    groups, units, cuts, scores, opaque, candidates = [], {}, {}, {}, set(), {}
     for group in raw:
         root = group[0].dep.target.module
         full = len(group[0].idxs)
@@ -283,7 +395,12 @@ def _graph_width(model: nn.Module, cfg, ctx, whole: tuple, uniform) -> PassResul
         u = _units(tp, group, full)
         if u is None or len(u) < 2:
             continue
-        name = dg._module2name[root]
+        candidates[dg._module2name[root]] = (group, full, u)
+    links, off = _links(tp, candidates)
+    for name, (group, full, u) in candidates.items():
+        if name in off:
+            opaque.add("grouped convs whose input and output cannot lose the same groups")
+            continue
         groups.append((group, full))
         units[name] = u
         cuts[name] = _Unit(name, full, _allowed(u, full, cfg.multiple))
@@ -312,13 +429,26 @@ def _graph_width(model: nn.Module, cfg, ctx, whole: tuple, uniform) -> PassResul
                              f"{cfg.multiple}) the {'model keeps' if cfg.scope == 'model' else 'selected layers keep'}"
                              f" {least / total:.0%} of the flops; raise target or lower multiple")
         widths = uniform([cuts[nm] for nm in names], cuts, target, cost)
+    # a conv losing whole groups: its input and output groups keep the same conv groups, as many as the narrower
+    # asks, ranked by their summed (normalised) importance
+    forced = {}
+    for a, b, map_a, map_b, n_groups in links.values():
+        k = min(widths[a] // len(units[a][0]), widths[b] // len(units[b][0]))
+        joint = torch.zeros(n_groups, dtype=torch.float64)
+        for nm, mp in ((a, map_a), (b, map_b)):
+            per = torch.stack([scores[nm][unit].sum() for unit in units[nm]])
+            joint[torch.as_tensor(mp)] += per / per.sum().clamp_min(1e-30)
+        top = set(torch.argsort(joint, descending=True)[:k].tolist())
+        for nm, mp in ((a, map_a), (b, map_b)):
+            widths[nm] = k * len(units[nm][0])
+            forced[nm] = [i for i, j in enumerate(mp) if j in top]
     # prune: per group, the units with the least importance go; kept original indices tracked for the refit
     keep_out, keep_in = {}, {}
     for (group, full), nm in zip(groups, names):
         if widths[nm] >= full:
             continue
         u = units[nm]
-        rank = sorted(range(len(u)), key=lambda i: -float(scores[nm][u[i]].sum()))
+        rank = forced.get(nm) or sorted(range(len(u)), key=lambda i: -float(scores[nm][u[i]].sum()))
         kept = sorted(c for i in rank[:widths[nm] // len(u[0])] for c in u[i])
         drop = sorted(set(range(full)) - set(kept))
         root = group[0].dep.target.module
@@ -351,7 +481,7 @@ def _graph_width(model: nn.Module, cfg, ctx, whole: tuple, uniform) -> PassResul
     details = {"allocate": "uniform", "kept": round(kept / selected, 6), "budget": "flops",
                "graph": {"input": list(calib.shape[1:]), "history": [[n, bool(o), [int(i) for i in idx]]
                                                                       for n, o, idx in dg.pruning_history()],
-                         "group_norm": gn},
+                         "group_norm": gn, "whole_groups": marked},
                "groups": {nm: {"kind": "conv", "width": [fulls[nm], widths[nm]], "heads": 1} for nm in names}}
     how = "uniform allocation" + ("" if cfg.allocate == "uniform" else f" (allocate {cfg.allocate} is the family path's)")
     changes = [f"width (traced channel graph, {len(names)} groups, {how}, "
@@ -403,7 +533,8 @@ def graph_replay(model: nn.Module, details: dict) -> PassResult:
     """The recorded pruning history on a freshly built model (its weights are loaded afterwards)."""
     info = details["graph"]
     x = torch.zeros(1, *info["input"])
-    dg = _trace(model, x, None)
-    dg.load_pruning_history([[n, o, idx] for n, o, idx in info["history"]])
+    with _Marked(model, info.get("whole_groups", [])) as mk:  # absent in files written before whole-group cuts
+        dg = _trace(model, x, None, mk.pruners())
+        dg.load_pruning_history([[n, o, idx] for n, o, idx in info["history"]])
     _gn_fix(model, info["group_norm"])
     return PassResult(model, [], details)
