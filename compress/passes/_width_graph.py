@@ -3,11 +3,12 @@
 The DependencyGraph (autograd tracing) finds the groups of channels that must go together: through residual adds,
 concatenations and splits, grouped and depthwise convs, BatchNorm/GroupNorm/LayerNorm, SE gates, the flatten before
 a classifier. What is ours: each channel's importance (its activation energy on the calibration batch times the
-energy of the consumer weights that read it), channel units (a GroupNorm's groups go whole; a grouped conv of 4 or more
-groups loses whole groups, its input and output side together, so its group width stays what its kernels are fast at;
-one of 2-3 groups loses the same positions in every group), widths on `multiple`, a uniform allocation reaching the FLOP target through a cost
-model of every conv/linear, and the ridge least-squares refit of each plain consumer to the teacher's outputs. The
-plan is Torch-Pruning's pruning history (root layer, indices), so `load_compressed` replays it on a fresh model.
+energy of the consumer weights that read it), channel units (a GroupNorm's groups go whole; a grouped conv of 4 or
+more groups loses whole groups, its input and output side together, so each kept group stays as wide as its kernels
+were; one of 2-3 groups loses the same positions in every group), widths on `multiple`, a uniform allocation
+reaching the FLOP target through a cost model of every conv/linear, and the ridge least-squares refit of each plain
+consumer to the teacher's outputs. The plan is Torch-Pruning's pruning history (root layer, indices) and the names of
+the convs that lost whole groups, so `load_compressed` replays it on a fresh model.
 """
 from __future__ import annotations
 
