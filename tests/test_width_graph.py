@@ -159,3 +159,16 @@ def test_the_planner_proposes_graph_width_for_a_model_of_no_family(tmp_path):
     width_rows = [x for x in res["rows"] if x["passes"] and "width" in x["passes"][-1]]
     assert width_rows and all(x["flops_ratio"] <= 0.6 for x in width_rows)
     assert any("width" in p for p in res["rows"][res["choice"]]["passes"])
+
+
+def test_graph_widths_round_as_the_model_zoos_make_divisible():
+    """The traced graph's CNN widths round as timm's make_divisible (nearest, never below 0.9x); rounding down halved
+    mobilenet_v2's 16-wide early streams where the same network built narrower keeps them."""
+    from timm.layers import make_divisible
+
+    from compress.passes.width import _round
+
+    allowed = list(range(8, 129, 8))
+    for x in np.arange(5.0, 120.0, 0.37):
+        assert _round(allowed, x, 0.9) == make_divisible(x, 8), x
+    assert _round(allowed, 11.2, None) == 8 and _round(allowed, 11.2, 0.9) == 16
