@@ -13,6 +13,7 @@ the convs that lost whole groups, so `load_compressed` replays it on a fresh mod
 from __future__ import annotations
 
 import copy
+import functools
 import re
 
 import numpy as np
@@ -54,7 +55,8 @@ def _whole_convs(model: nn.Module, head: nn.Module | None) -> list[str]:
             and MIN_WHOLE <= m.groups < m.in_channels and m.out_channels % m.groups == 0]
 
 
-def _whole_pruner():
+@functools.cache
+def _whole():
     """Torch-Pruning's conv pruner for a conv losing whole groups: the output side slices the dropped groups' filters
     and the group count follows; the input side only counts (each kept filter reads its own group's channels)."""
     tp = _tp()
@@ -72,14 +74,7 @@ def _whole_pruner():
     return WholeGroups()
 
 
-_WHOLE, _SUBS = None, {}  # the pruner; each conv class -> its marked subclass
-
-
-def _whole():
-    global _WHOLE
-    if _WHOLE is None:
-        _WHOLE = _whole_pruner()
-    return _WHOLE
+_SUBS = {}  # each conv class -> its marked subclass
 
 
 class _Marked:
@@ -87,6 +82,7 @@ class _Marked:
     customized_pruners maps to `_whole()`: it looks pruners up by exact class, not by instance."""
 
     def __init__(self, model: nn.Module, names: list[str]):
+        self.names = names
         self.mods = [model.get_submodule(n) for n in names]
         self.classes = [type(m) for m in self.mods]
         for c in self.classes:
@@ -336,9 +332,8 @@ def _graph_width(model: nn.Module, cfg, ctx, whole: tuple, uniform) -> PassResul
     head = _head(layers, model, calib)
     gn = {n: m.num_channels // m.num_groups for n, m in model.named_modules()
           if isinstance(m, nn.GroupNorm) and m.num_groups > 1}
-    marked = _whole_convs(model, head)
-    with _Marked(model, marked) as mk:  # the convs losing whole groups are of their marked class until pruned
-        return _graph_width_marked(model, teacher, layers, head, gn, marked, mk, cfg, ctx, whole, uniform)
+    with _Marked(model, _whole_convs(model, head)) as mk:  # the convs losing whole groups: marked until pruned
+        return _graph_width_marked(model, teacher, layers, head, gn, mk, cfg, ctx, whole, uniform)
 
 
 def _conv_groups(tp, m, item, units) -> list[int] | None:
@@ -377,7 +372,7 @@ def _links(tp, candidates: dict) -> tuple[dict, set]:
     return links, off
 
 
-def _graph_width_marked(model, teacher, layers, head, gn, marked, mk, cfg, ctx, whole, uniform) -> PassResult:
+def _graph_width_marked(model, teacher, layers, head, gn, mk, cfg, ctx, whole, uniform) -> PassResult:
     tp = _tp()
     calib = ctx.calib
     dg = _trace(model, calib, head, mk.pruners())
@@ -400,7 +395,6 @@ def _graph_width_marked(model, teacher, layers, head, gn, marked, mk, cfg, ctx, 
     links, off = _links(tp, candidates)
     for name, (group, full, u) in candidates.items():
         if name in off:
-            opaque.add("grouped convs whose input and output cannot lose the same groups")
             continue
         groups.append((group, full))
         units[name] = u
@@ -449,7 +443,7 @@ def _graph_width_marked(model, teacher, layers, head, gn, marked, mk, cfg, ctx, 
         if widths[nm] >= full:
             continue
         u = units[nm]
-        rank = forced.get(nm) or sorted(range(len(u)), key=lambda i: -float(scores[nm][u[i]].sum()))
+        rank = forced[nm] if nm in forced else sorted(range(len(u)), key=lambda i: -float(scores[nm][u[i]].sum()))
         kept = sorted(c for i in rank[:widths[nm] // len(u[0])] for c in u[i])
         drop = sorted(set(range(full)) - set(kept))
         root = group[0].dep.target.module
@@ -482,7 +476,7 @@ def _graph_width_marked(model, teacher, layers, head, gn, marked, mk, cfg, ctx, 
     details = {"allocate": "uniform", "kept": round(kept / selected, 6), "budget": "flops",
                "graph": {"input": list(calib.shape[1:]), "history": [[n, bool(o), [int(i) for i in idx]]
                                                                       for n, o, idx in dg.pruning_history()],
-                         "group_norm": gn, "whole_groups": marked},
+                         "group_norm": gn, "whole_groups": mk.names},
                "groups": {nm: {"kind": "conv", "width": [fulls[nm], widths[nm]], "heads": 1} for nm in names}}
     how = "uniform allocation" + ("" if cfg.allocate == "uniform" else f" (allocate {cfg.allocate} is the family path's)")
     changes = [f"width (traced channel graph, {len(names)} groups, {how}, "
@@ -491,6 +485,9 @@ def _graph_width_marked(model, teacher, layers, head, gn, marked, mk, cfg, ctx, 
                f"{kept / selected:.1%} of their flops, the model {share:.1%}"]
     if opaque:
         changes.append("left whole: the channels that pass through " + ", ".join(sorted(opaque)))
+    if off:
+        changes.append(f"left whole: {len(off)} channel groups of grouped convs whose input and output sides cannot "
+                       "lose the same groups")
     changes += [f"{nm} (conv): width {widths[nm]}/{fulls[nm]}" for nm in names if widths[nm] < fulls[nm]]
     return PassResult(model, changes, details)
 
